@@ -1,0 +1,468 @@
+//! The `conveyor` command line.
+//!
+//! Exit codes: 0 success, 2 usage or config error, 1 anything else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use crate::config::{Config, ConfigError, Overrides};
+use crate::progress::{ProgressEvent, Status};
+use crate::queue::{Broker, Job};
+use crate::store::{JobRecord, Reader};
+use crate::telemetry::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "conveyor",
+    version,
+    about = "A Redis-backed, crash-safe, multi-stage job daemon"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Settings every command understands (flag > environment > file > default).
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Config file [default: config/conveyor.toml when it exists]
+    #[arg(long, env = "CONVEYOR_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Redis URL (redis://[user:password@]host:port[/db], rediss://, redis+unix://)
+    #[arg(
+        long,
+        env = "CONVEYOR_REDIS_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key
+    #[arg(long, env = "CONVEYOR_PREFIX", global = true)]
+    pub prefix: Option<String>,
+    /// SQLite file
+    #[arg(long, env = "CONVEYOR_DB", global = true)]
+    pub db: Option<PathBuf>,
+    /// Log format
+    #[arg(
+        long,
+        env = "CONVEYOR_LOG_FORMAT",
+        global = true,
+        value_enum,
+        default_value = "auto"
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon
+    Worker(WorkerArgs),
+    /// Push a job; prints its id
+    Enqueue(EnqueueArgs),
+    /// Show a job and its stages (from SQLite)
+    Job {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue depths, live workers, jobs by status
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow progress messages: of one job until it ends, or of all jobs
+    Watch {
+        id: Option<String>,
+        /// Print the raw JSON messages
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Stable id of this daemon [default: the host name]
+    #[arg(long, env = "CONVEYOR_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Queues in priority order, comma-separated
+    #[arg(long, env = "CONVEYOR_QUEUES", value_delimiter = ',')]
+    pub queues: Option<Vec<String>>,
+    /// Jobs run at once
+    #[arg(long, env = "CONVEYOR_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// Seconds running stages get on SIGTERM before their jobs are requeued
+    #[arg(long, env = "CONVEYOR_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// Job type (a `[jobs."TYPE"]` of the config)
+    pub kind: String,
+    /// Payload, as JSON
+    #[arg(long, default_value = "null")]
+    pub payload: String,
+    /// Queue [default: the job type's `queue`, else "default"]
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Job id [default: a new UUIDv7]
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Attempts before the job is dead-lettered [default: the job type's]
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Deadline of one attempt, all stages together
+    #[arg(long)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// A failure with its exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Self {
+        Self {
+            code: 2,
+            message: message.into(),
+        }
+    }
+    fn other(message: impl Into<String>) -> Self {
+        Self {
+            code: 1,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Self::usage(format!("config error: {e}"))
+    }
+}
+
+type CliResult = Result<(), Failure>;
+
+impl Cli {
+    pub fn overrides(&self) -> Overrides {
+        let mut o = Overrides {
+            redis_url: self.global.redis_url.clone(),
+            prefix: self.global.prefix.clone(),
+            db: self.global.db.clone(),
+            ..Default::default()
+        };
+        if let Command::Worker(w) = &self.command {
+            o.worker_id = w.worker_id.clone();
+            o.queues = w.queues.clone();
+            o.concurrency = w.concurrency;
+            o.shutdown_grace_secs = w.shutdown_grace_secs;
+        }
+        o
+    }
+
+    pub fn load_config(&self) -> Result<Config, Failure> {
+        Ok(Config::load(
+            self.global.config.as_deref(),
+            &self.overrides(),
+        )?)
+    }
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.load_config() {
+        Err(e) => Err(e),
+        Ok(config) => match &cli.command {
+            Command::Worker(_) => worker(config).await,
+            Command::Enqueue(args) => enqueue(&config, args).await,
+            Command::Job { id, json } => job(&config, id, *json),
+            Command::Status { json } => status(&config, *json).await,
+            Command::Watch { id, json } => watch(&config, id.as_deref(), *json).await,
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("conveyor: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn worker(config: Config) -> CliResult {
+    let token = crate::shutdown::on_signals()
+        .map_err(|e| Failure::other(format!("cannot install signal handlers: {e}")))?;
+    crate::worker::run(config, token).await.map_err(|e| {
+        tracing::error!(error = %e, "Worker failed to start");
+        Failure::other(e.to_string())
+    })
+}
+
+async fn connect(config: &Config) -> Result<Broker, Failure> {
+    // The command line fails fast rather than waiting out an outage.
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        Broker::connect(&config.redis.url, &config.redis.prefix),
+    )
+    .await
+    .map_err(|_| Failure::other("Redis did not answer within 5 s"))?
+    .map_err(|e| Failure::other(format!("cannot connect to Redis: {e}")))
+}
+
+async fn enqueue(config: &Config, args: &EnqueueArgs) -> CliResult {
+    let payload: Value = serde_json::from_str(&args.payload)
+        .map_err(|e| Failure::usage(format!("--payload is not valid JSON: {e}")))?;
+    let job_type = config.jobs.get(&args.kind);
+    if job_type.is_none() && !config.jobs.is_empty() {
+        let known: Vec<_> = config.jobs.keys().map(String::as_str).collect();
+        return Err(Failure::usage(format!(
+            "unknown job type `{}` (known: {})",
+            args.kind,
+            known.join(", ")
+        )));
+    }
+    let queue = args
+        .queue
+        .clone()
+        .or_else(|| job_type.map(|t| t.queue.clone()))
+        .unwrap_or_else(|| "default".into());
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    crate::queue::job::check_id(&id).map_err(|e| Failure::usage(format!("--id {e}")))?;
+    let mut job = Job::new(id.clone(), args.kind.clone(), payload);
+    job.max_attempts = args.max_attempts;
+    job.timeout_secs = args.timeout_secs;
+    let body = job.to_json();
+    if body.len() > config.worker.max_job_bytes {
+        return Err(Failure::usage(format!(
+            "job of {} bytes is over worker.max_job_bytes ({})",
+            body.len(),
+            config.worker.max_job_bytes
+        )));
+    }
+    let broker = connect(config).await?;
+    broker
+        .enqueue(&queue, &body)
+        .await
+        .map_err(|e| Failure::other(format!("enqueue failed: {e}")))?;
+    println!("{id}");
+    Ok(())
+}
+
+fn open_reader(config: &Config) -> Result<Reader, Failure> {
+    if !config.store.path.exists() {
+        return Err(Failure::other(format!(
+            "no database at {} (set --db or CONVEYOR_DB; it is created by the first worker)",
+            config.store.path.display()
+        )));
+    }
+    Reader::open(&config.store.path).map_err(|e| Failure::other(e.to_string()))
+}
+
+fn job(config: &Config, id: &str, json: bool) -> CliResult {
+    let reader = open_reader(config)?;
+    let job = reader
+        .job(id)
+        .map_err(|e| Failure::other(e.to_string()))?
+        .ok_or_else(|| {
+            Failure::other(format!("no job `{id}` in {}", config.store.path.display()))
+        })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&job).unwrap_or_default());
+    } else {
+        print!("{}", render_job(&job));
+    }
+    Ok(())
+}
+
+fn render_job(job: &JobRecord) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "job       {}", job.id);
+    let _ = writeln!(out, "type      {}", job.kind);
+    let _ = writeln!(out, "queue     {}", job.queue);
+    let _ = writeln!(out, "status    {}", job.status);
+    let _ = writeln!(out, "progress  {}%", job.progress);
+    let max = job
+        .max_attempts
+        .map(|m| format!(" of {m}"))
+        .unwrap_or_default();
+    let _ = writeln!(out, "attempt   {}{max}", job.attempt);
+    if let Some(w) = &job.worker_id {
+        let _ = writeln!(out, "worker    {w}");
+    }
+    let _ = writeln!(out, "created   {}", job.created_at);
+    if let Some(t) = &job.finished_at {
+        let _ = writeln!(out, "finished  {t}");
+    }
+    if let Some(e) = &job.error {
+        let _ = writeln!(out, "error     {e}");
+    }
+    let _ = writeln!(out, "stages");
+    for s in &job.stages {
+        let result = match &s.result {
+            Value::Null => String::new(),
+            v => v.to_string(),
+        };
+        let error = s
+            .error
+            .as_deref()
+            .map(|e| format!(" error: {e}"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "  {:<16} {:<12} {result}{error}", s.name, s.status);
+    }
+    out
+}
+
+async fn status(config: &Config, json: bool) -> CliResult {
+    let broker = connect(config).await?;
+    let report = crate::worker::status::collect(&broker, config)
+        .await
+        .map_err(|e| Failure::other(format!("Redis: {e}")))?;
+    let by_status = match Reader::open(&config.store.path) {
+        Ok(r) if config.store.path.exists() => r.counts_by_status().unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    if json {
+        let mut v = serde_json::to_value(&report).unwrap_or(Value::Null);
+        v["jobs_by_status"] = by_status
+            .iter()
+            .map(|(s, n)| (s.clone(), json!(n)))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:>8} {:>8} {:>10} {:>8}",
+        "QUEUE", "PENDING", "ACTIVE", "SCHEDULED", "DEAD"
+    );
+    for q in &report.queues {
+        println!(
+            "{:<20} {:>8} {:>8} {:>10} {:>8}",
+            q.name, q.pending, q.active, q.scheduled, q.dead
+        );
+    }
+    println!("\nWORKERS ({} live)", report.workers.len());
+    for w in &report.workers {
+        println!(
+            "  {:<24} host={} pid={} running={} completed={} failed={} queues={}",
+            w.id,
+            w.host,
+            w.pid,
+            w.running,
+            w.completed,
+            w.failed,
+            w.queues.join(",")
+        );
+    }
+    if !by_status.is_empty() {
+        println!("\nJOBS ({})", config.store.path.display());
+        for (s, n) in &by_status {
+            println!("  {s:<12} {n}");
+        }
+    }
+    Ok(())
+}
+
+async fn watch(config: &Config, id: Option<&str>, json: bool) -> CliResult {
+    let broker = connect(config).await?;
+    let mut pubsub = broker
+        .pubsub()
+        .await
+        .map_err(|e| Failure::other(format!("cannot subscribe: {e}")))?;
+    let channel = match id {
+        Some(id) => broker.keys().progress(id),
+        None => broker.keys().progress_pattern(),
+    };
+    pubsub
+        .psubscribe(&channel)
+        .await
+        .map_err(|e| Failure::other(format!("cannot subscribe: {e}")))?;
+    // Subscribed first, then the stored state: nothing falls in between.
+    if let Some(id) = id
+        && let Some(done) = final_state(config, id)
+    {
+        return finish_watch(id, &done);
+    }
+    let mut messages = pubsub.on_message();
+    let mut poll = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            msg = messages.next() => {
+                let Some(msg) = msg else {
+                    return Err(Failure::other("lost the Redis connection"));
+                };
+                let body: String = msg.get_payload().unwrap_or_default();
+                let event: Option<ProgressEvent> = serde_json::from_str(&body).ok();
+                if json {
+                    println!("{body}");
+                } else if let Some(ev) = &event {
+                    println!("{}", render_event(ev));
+                }
+                if let (Some(_), Some(ev)) = (id, &event)
+                    && ev.status.is_final()
+                {
+                    return if ev.status == Status::Completed { Ok(()) } else {
+                        Err(Failure::other(format!("job {}", ev.status.as_str())))
+                    };
+                }
+            }
+            // A missed final message (pub/sub is at-most-once) must not
+            // leave the watcher hanging: SQLite has the truth.
+            _ = poll.tick(), if id.is_some() => {
+                if let Some(id) = id && let Some(done) = final_state(config, id) {
+                    return finish_watch(id, &done);
+                }
+            }
+        }
+    }
+}
+
+fn final_state(config: &Config, id: &str) -> Option<String> {
+    let reader = Reader::open(&config.store.path).ok()?;
+    let job = reader.job(id).ok()??;
+    Status::parse(&job.status)
+        .filter(|s| s.is_final())
+        .map(|_| job.status)
+}
+
+fn finish_watch(id: &str, status: &str) -> CliResult {
+    println!("{id} {status}");
+    if status == "completed" {
+        Ok(())
+    } else {
+        Err(Failure::other(format!("job {status}")))
+    }
+}
+
+fn render_event(ev: &ProgressEvent) -> String {
+    let stage = match (&ev.stage, ev.stage_index) {
+        (Some(name), Some(i)) => format!(" [{}/{} {name}]", i + 1, ev.stages_total),
+        _ => String::new(),
+    };
+    let message = ev
+        .message
+        .as_deref()
+        .map(|m| format!(" {m}"))
+        .unwrap_or_default();
+    let short_ts = ev.ts.get(11..23).unwrap_or(&ev.ts);
+    format!(
+        "{short_ts} {} {:<9} {:>5.1}%{stage} {}{message}",
+        ev.job_id,
+        ev.status.as_str(),
+        ev.progress,
+        ev.event
+    )
+}

@@ -1,0 +1,532 @@
+//! Configuration: TOML file, environment and flags.
+//!
+//! Precedence is flag > environment > file > default. The file is parsed with
+//! unknown keys rejected; [`Config::validate`] then checks what serde cannot
+//! (empty stages, a stage with both `run` and `builtin`, a bad Redis URL...)
+//! and names the offending key, so a bad config stops the daemon at start
+//! with exit code 2 instead of failing later on a job.
+//!
+//! Every default lives in this file, next to the field it belongs to.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::pipeline::builtin;
+
+/// The path tried when no `--config` / `CONVEYOR_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "config/conveyor.toml";
+
+/// A configuration problem, reported with the key it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub redis: RedisConfig,
+    pub worker: WorkerConfig,
+    pub store: StoreConfig,
+    /// Job types by name: each one is a pipeline of stages.
+    pub jobs: BTreeMap<String, JobTypeConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`, `rediss://` or `redis+unix:///path`.
+    pub url: String,
+    /// Prefix of every key this daemon reads or writes (`P` in the contract).
+    pub prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: "conveyor".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Stable id of this daemon; its active lists are named after it, so a
+    /// daemon restarted with the same id recovers its own in-flight jobs.
+    /// Default: the host name.
+    pub id: Option<String>,
+    /// Queues served, in strict priority order.
+    pub queues: Vec<String>,
+    /// Jobs run at once by this daemon.
+    pub concurrency: usize,
+    /// On SIGTERM, how long running stages may go on before they are stopped
+    /// and their jobs put back.
+    pub shutdown_grace_secs: u64,
+    /// How long a stage process gets between SIGTERM and SIGKILL.
+    pub kill_grace_secs: u64,
+    /// How often the daemon refreshes its registration in Redis.
+    pub heartbeat_secs: u64,
+    /// A daemon whose registration is older than this is considered gone.
+    pub dead_after_secs: u64,
+    /// Server-side block of one BLMOVE when the queues are empty. It bounds
+    /// how long shutdown waits for the fetcher, because a BLMOVE cannot be
+    /// cancelled from the client without risking a lost reply.
+    pub fetch_block_ms: u64,
+    /// Messages larger than this are dead-lettered without being parsed.
+    pub max_job_bytes: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            id: None,
+            queues: vec!["default".into()],
+            concurrency: 5,
+            shutdown_grace_secs: 20,
+            kill_grace_secs: 5,
+            heartbeat_secs: 2,
+            dead_after_secs: 15,
+            fetch_block_ms: 1000,
+            max_job_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// SQLite file shared by the daemons of one host.
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: "data/conveyor.db".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobTypeConfig {
+    /// Queue `conveyor enqueue` pushes this type to when `--queue` is absent.
+    #[serde(default = "default_queue")]
+    pub queue: String,
+    /// Attempts before a job goes to the dead list (used by retries).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Deadline of a whole attempt, all stages together; none by default.
+    pub timeout_secs: Option<u64>,
+    pub stages: Vec<StageConfig>,
+}
+
+fn default_queue() -> String {
+    "default".into()
+}
+
+fn default_max_attempts() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    pub name: String,
+    /// An external program: argv, run per the stage protocol.
+    pub run: Option<Vec<String>>,
+    /// Or an in-process built-in (`noop`, `sleep`, `echo`, `fail`).
+    pub builtin: Option<String>,
+    /// Arguments of a built-in, e.g. `{ ms = 50 }` for `sleep`.
+    pub args: Option<toml::Table>,
+    /// Extra environment for an external program.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Share of the job's overall progress this stage accounts for.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    pub timeout_secs: Option<u64>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl StageConfig {
+    /// The built-in's arguments as JSON (empty object when none).
+    pub fn args_json(&self) -> Value {
+        match &self.args {
+            Some(table) => serde_json::to_value(table).unwrap_or(Value::Null),
+            None => Value::Object(Default::default()),
+        }
+    }
+}
+
+/// Values given on the command line or in the environment. `None` means
+/// "not given", so the file (or the default) stays in force.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub redis_url: Option<String>,
+    pub prefix: Option<String>,
+    pub db: Option<PathBuf>,
+    pub worker_id: Option<String>,
+    pub queues: Option<Vec<String>>,
+    pub concurrency: Option<usize>,
+    pub shutdown_grace_secs: Option<u64>,
+}
+
+impl Config {
+    /// Loads the file (the default path only if it exists), applies the
+    /// overrides and validates the result.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut config = match path {
+            Some(path) => Self::from_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Self::from_file(Path::new(DEFAULT_CONFIG_PATH))?
+            }
+            None => Self::default(),
+        };
+        config.apply(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = &o.redis_url {
+            self.redis.url = v.clone();
+        }
+        if let Some(v) = &o.prefix {
+            self.redis.prefix = v.clone();
+        }
+        if let Some(v) = &o.db {
+            self.store.path = v.clone();
+        }
+        if let Some(v) = &o.worker_id {
+            self.worker.id = Some(v.clone());
+        }
+        if let Some(v) = &o.queues {
+            self.worker.queues = v.clone();
+        }
+        if let Some(v) = o.concurrency {
+            self.worker.concurrency = v;
+        }
+        if let Some(v) = o.shutdown_grace_secs {
+            self.worker.shutdown_grace_secs = v;
+        }
+    }
+
+    /// The worker id in force: configured, or the host name.
+    pub fn worker_id(&self) -> String {
+        self.worker.id.clone().unwrap_or_else(hostname)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_redis()?;
+        self.validate_worker()?;
+        if self.store.path.as_os_str().is_empty() {
+            return Err(invalid("store.path", "must not be empty"));
+        }
+        for (name, job) in &self.jobs {
+            validate_job_type(name, job)?;
+        }
+        Ok(())
+    }
+
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        redis::Client::open(self.redis.url.as_str())
+            .map_err(|e| invalid("redis.url", format!("not a valid Redis URL: {e}")))?;
+        if self.redis.url.contains("#insecure") {
+            return Err(invalid(
+                "redis.url",
+                "`#insecure` (TLS without certificate checks) is refused",
+            ));
+        }
+        check_name("redis.prefix", &self.redis.prefix)
+    }
+
+    fn validate_worker(&self) -> Result<(), ConfigError> {
+        let w = &self.worker;
+        if let Some(id) = &w.id {
+            check_name("worker.id", id)?;
+        }
+        if w.queues.is_empty() {
+            return Err(invalid("worker.queues", "must name at least one queue"));
+        }
+        for (i, q) in w.queues.iter().enumerate() {
+            check_name(&format!("worker.queues[{i}]"), q)?;
+            if w.queues[..i].contains(q) {
+                return Err(invalid(
+                    format!("worker.queues[{i}]"),
+                    format!("queue `{q}` is listed twice"),
+                ));
+            }
+        }
+        if !(1..=4096).contains(&w.concurrency) {
+            return Err(invalid("worker.concurrency", "must be between 1 and 4096"));
+        }
+        if w.heartbeat_secs == 0 {
+            return Err(invalid("worker.heartbeat_secs", "must be at least 1"));
+        }
+        if w.dead_after_secs < 2 * w.heartbeat_secs {
+            return Err(invalid(
+                "worker.dead_after_secs",
+                "must be at least twice worker.heartbeat_secs",
+            ));
+        }
+        if !(10..=60_000).contains(&w.fetch_block_ms) {
+            return Err(invalid(
+                "worker.fetch_block_ms",
+                "must be between 10 and 60000",
+            ));
+        }
+        if w.max_job_bytes < 64 {
+            return Err(invalid("worker.max_job_bytes", "must be at least 64"));
+        }
+        Ok(())
+    }
+}
+
+fn validate_job_type(name: &str, job: &JobTypeConfig) -> Result<(), ConfigError> {
+    let key = format!("jobs.\"{name}\"");
+    if name.is_empty() {
+        return Err(invalid("jobs", "a job type name must not be empty"));
+    }
+    check_name(&format!("{key}.queue"), &job.queue)?;
+    if job.max_attempts == 0 {
+        return Err(invalid(format!("{key}.max_attempts"), "must be at least 1"));
+    }
+    if job.timeout_secs == Some(0) {
+        return Err(invalid(format!("{key}.timeout_secs"), "must be at least 1"));
+    }
+    if job.stages.is_empty() {
+        return Err(invalid(
+            format!("{key}.stages"),
+            "a job type needs at least one stage",
+        ));
+    }
+    for (i, stage) in job.stages.iter().enumerate() {
+        let key = format!("{key}.stages[{i}]");
+        if stage.name.trim().is_empty() {
+            return Err(invalid(format!("{key}.name"), "must not be empty"));
+        }
+        if job.stages[..i].iter().any(|s| s.name == stage.name) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!("stage name `{}` is used twice", stage.name),
+            ));
+        }
+        if stage.weight == 0 {
+            return Err(invalid(format!("{key}.weight"), "must be at least 1"));
+        }
+        if stage.timeout_secs == Some(0) {
+            return Err(invalid(format!("{key}.timeout_secs"), "must be at least 1"));
+        }
+        match (&stage.run, &stage.builtin) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    key,
+                    "has both `run` and `builtin`; a stage is one or the other",
+                ));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    key,
+                    "needs `run = [argv...]` or `builtin = \"name\"`",
+                ));
+            }
+            (Some(argv), None) => {
+                if argv.is_empty() || argv[0].is_empty() {
+                    return Err(invalid(format!("{key}.run"), "must name a program"));
+                }
+                if stage.args.is_some() {
+                    return Err(invalid(
+                        format!("{key}.args"),
+                        "`args` is for built-ins; pass arguments in `run`",
+                    ));
+                }
+            }
+            (None, Some(b)) => {
+                builtin::Builtin::parse(b, &stage.args_json())
+                    .map_err(|message| invalid(format!("{key}.builtin"), message))?;
+                if !stage.env.is_empty() {
+                    return Err(invalid(format!("{key}.env"), "`env` is for `run` stages"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Queue names, prefixes and worker ids become parts of Redis keys: keep
+/// them printable, without the separators and hash-tag braces the key
+/// layout relies on.
+fn check_name(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() {
+        return Err(invalid(key, "must not be empty"));
+    }
+    if value.len() > 128 {
+        return Err(invalid(key, "must be at most 128 characters"));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(invalid(
+            key,
+            format!("`{value}` contains {c:?}; use letters, digits, '-', '_' or '.'"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length and gethostname
+    // writes at most that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    let clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if clean.is_empty() {
+        "worker".into()
+    } else {
+        clean
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        match Config::from_toml(text) {
+            Err(e) => e,
+            Ok(c) => c.validate().unwrap_err().to_string(),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_field_in_job_type_is_named() {
+        let e = err("[jobs.x]\nstages = [{ name = \"a\", builtin = \"noop\" }]\nretries = 3\n");
+        assert!(e.contains("retries"), "{e}");
+    }
+
+    #[test]
+    fn empty_stages_are_refused() {
+        let e = err("[jobs.x]\nstages = []\n");
+        assert_eq!(
+            e,
+            "config key `jobs.\"x\".stages`: a job type needs at least one stage"
+        );
+    }
+
+    #[test]
+    fn run_and_builtin_together_are_refused() {
+        let e =
+            err("[jobs.x]\nstages = [{ name = \"a\", builtin = \"noop\", run = [\"true\"] }]\n");
+        assert!(e.starts_with("config key `jobs.\"x\".stages[0]`"), "{e}");
+        assert!(e.contains("both `run` and `builtin`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_builtin_and_bad_args_are_refused() {
+        let e = err("[jobs.x]\nstages = [{ name = \"a\", builtin = \"nope\" }]\n");
+        assert!(e.contains("stages[0].builtin") && e.contains("nope"), "{e}");
+        let e = err(
+            "[jobs.x]\nstages = [{ name = \"a\", builtin = \"sleep\", args = { ms = \"x\" } }]\n",
+        );
+        assert!(e.contains("stages[0].builtin") && e.contains("ms"), "{e}");
+    }
+
+    #[test]
+    fn bad_url_and_names_are_refused() {
+        let e = err("[redis]\nurl = \"http://x\"\n");
+        assert!(e.starts_with("config key `redis.url`"), "{e}");
+        let e = err("[worker]\nqueues = [\"a{b}\"]\n");
+        assert!(e.starts_with("config key `worker.queues[0]`"), "{e}");
+        let e = err("[worker]\nconcurrency = 0\n");
+        assert!(e.starts_with("config key `worker.concurrency`"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_stage_names_are_refused() {
+        let e = err(
+            "[jobs.x]\nstages = [{ name = \"a\", builtin = \"noop\" }, { name = \"a\", builtin = \"noop\" }]\n",
+        );
+        assert!(e.contains("stages[1].name"), "{e}");
+    }
+
+    #[test]
+    fn overrides_win_over_file() {
+        let mut c = Config::from_toml("[worker]\nconcurrency = 3\nqueues = [\"a\"]\n").unwrap();
+        c.apply(&Overrides {
+            concurrency: Some(7),
+            queues: Some(vec!["b".into(), "c".into()]),
+            ..Default::default()
+        });
+        assert_eq!(c.worker.concurrency, 7);
+        assert_eq!(c.worker.queues, ["b", "c"]);
+    }
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
+        let c = Config::from_file(&path).unwrap();
+        c.validate().unwrap();
+        assert!(c.jobs.contains_key("echo"));
+        assert_eq!(c.jobs["video.generate"].stages.len(), 4);
+    }
+}

@@ -1,0 +1,213 @@
+//! External program stages: the stage protocol.
+//!
+//! - stdin: one JSON object `{"id","type","payload","attempt","stage","results"}`,
+//!   plus `CONVEYOR_JOB_ID`, `CONVEYOR_JOB_TYPE`, `CONVEYOR_STAGE` and
+//!   `CONVEYOR_ATTEMPT` in the environment;
+//! - stdout: a JSON object line with `progress` (0-100) and an optional
+//!   `message` is a progress report; `{"result": ...}` sets the result (last
+//!   one wins); anything else, and stderr, is logged;
+//! - exit 0: done; 64 or 65: permanent failure; anything else: retryable.
+//!
+//! The program runs as the leader of its own process group, so that on
+//! timeout, cancel or shutdown the whole group (its children too) gets
+//! SIGTERM and, after the kill grace, SIGKILL; and so that a Ctrl-C on the
+//! daemon's terminal reaches the daemon only, which then decides.
+
+use std::collections::BTreeMap;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+use super::{BoxFuture, Stage, StageContext, StageError};
+
+/// How long output may go on after the program exited (a child it left
+/// behind may hold stdout) before the group is killed.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+/// Longest stdout/stderr line kept; longer lines are cut when logged.
+const MAX_LOG_LINE: usize = 2048;
+
+pub struct ExecStage {
+    argv: Vec<String>,
+    env: BTreeMap<String, String>,
+}
+
+impl ExecStage {
+    pub fn new(argv: Vec<String>, env: BTreeMap<String, String>) -> Self {
+        Self { argv, env }
+    }
+
+    fn command(&self, ctx: &StageContext) -> Command {
+        let mut cmd = Command::new(&self.argv[0]);
+        cmd.args(&self.argv[1..])
+            .envs(&self.env)
+            .env("CONVEYOR_JOB_ID", &ctx.job_id)
+            .env("CONVEYOR_JOB_TYPE", &ctx.job_type)
+            .env("CONVEYOR_STAGE", &ctx.stage)
+            .env("CONVEYOR_ATTEMPT", ctx.attempt.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            // Last resort if this future is dropped mid-run: the leader dies.
+            .kill_on_drop(true);
+        cmd
+    }
+
+    async fn run_program(&self, ctx: &StageContext) -> Result<Value, StageError> {
+        let mut child = self
+            .command(ctx)
+            .spawn()
+            .map_err(|e| StageError::retryable(format!("cannot start `{}`: {e}", self.argv[0])))?;
+        let pgid = child.id().map(|id| id as i32);
+
+        let mut stdin = child.stdin.take();
+        let input = ctx.input_json().to_string();
+        let feed = async move {
+            if let Some(stdin) = stdin.as_mut() {
+                // A program that does not read its input closes the pipe:
+                // that is its right, not an error.
+                let _ = stdin.write_all(input.as_bytes()).await;
+                let _ = stdin.write_all(b"\n").await;
+            }
+            drop(stdin);
+        };
+        let stdout = read_stdout(child.stdout.take(), ctx);
+        let stderr = log_lines(child.stderr.take(), ctx);
+        let output = async {
+            let ((), result, last_stderr) = tokio::join!(feed, stdout, stderr);
+            (result, last_stderr)
+        };
+        tokio::pin!(output);
+
+        // Output is read while the program runs (it may wait for its stdin
+        // to close, or block on a full stdout pipe).
+        let mut finished_output = None;
+        let exited = loop {
+            tokio::select! {
+                biased;
+                _ = ctx.cancel.cancelled() => break None,
+                out = &mut output, if finished_output.is_none() => finished_output = Some(out),
+                status = child.wait() => break Some(status),
+            }
+        };
+        let Some(status) = exited else {
+            stop_group(&mut child, pgid, ctx.kill_grace).await;
+            return Err(StageError::interrupted());
+        };
+        let status = status.map_err(|e| StageError::retryable(format!("wait failed: {e}")))?;
+        let (result, last_stderr) = match finished_output {
+            Some(out) => out,
+            None => match tokio::time::timeout(OUTPUT_DRAIN, &mut output).await {
+                Ok(out) => out,
+                Err(_) => {
+                    // Something the program started still holds its output open.
+                    if let Some(pgid) = pgid {
+                        signal_group(pgid, libc::SIGKILL);
+                    }
+                    output.await
+                }
+            },
+        };
+        classify(status, result, last_stderr)
+    }
+}
+
+impl Stage for ExecStage {
+    fn run<'a>(&'a self, ctx: &'a StageContext) -> BoxFuture<'a, Result<Value, StageError>> {
+        Box::pin(self.run_program(ctx))
+    }
+}
+
+fn classify(
+    status: ExitStatus,
+    result: Option<Value>,
+    last_stderr: Option<String>,
+) -> Result<Value, StageError> {
+    use std::os::unix::process::ExitStatusExt;
+    let detail = last_stderr.map(|l| format!(": {l}")).unwrap_or_default();
+    match (status.code(), status.signal()) {
+        (Some(0), _) => Ok(result.unwrap_or(Value::Null)),
+        (Some(code @ (64 | 65)), _) => Err(StageError::permanent(format!(
+            "exited with code {code} (permanent){detail}"
+        ))),
+        (Some(code), _) => Err(StageError::retryable(format!(
+            "exited with code {code}{detail}"
+        ))),
+        (None, Some(sig)) => Err(StageError::retryable(format!(
+            "killed by signal {sig}{detail}"
+        ))),
+        (None, None) => Err(StageError::retryable(format!("ended abnormally{detail}"))),
+    }
+}
+
+/// Reads protocol lines; returns the last `result` seen.
+async fn read_stdout(out: Option<impl AsyncRead + Unpin>, ctx: &StageContext) -> Option<Value> {
+    let out = out?;
+    let mut lines = BufReader::new(out).lines();
+    let mut result = None;
+    while let Ok(Some(line)) = lines.next_line().await {
+        match serde_json::from_str::<Value>(&line) {
+            Ok(Value::Object(mut o)) if o.contains_key("result") => {
+                result = o.remove("result");
+            }
+            Ok(Value::Object(o)) if o.get("progress").is_some_and(Value::is_number) => {
+                let pct = o["progress"].as_f64().unwrap_or(0.0);
+                let message = o.get("message").and_then(Value::as_str).map(str::to_owned);
+                ctx.progress(pct, message);
+            }
+            _ => tracing::info!(stream = "stdout", line = %clip(&line), "Stage output"),
+        }
+    }
+    result
+}
+
+/// Logs stderr lines; returns the last non-empty one for the error message.
+async fn log_lines(err: Option<impl AsyncRead + Unpin>, _ctx: &StageContext) -> Option<String> {
+    let err = err?;
+    let mut lines = BufReader::new(err).lines();
+    let mut last = None;
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::info!(stream = "stderr", line = %clip(&line), "Stage output");
+        if !line.trim().is_empty() {
+            last = Some(clip(&line).into_owned());
+        }
+    }
+    last
+}
+
+fn clip(line: &str) -> std::borrow::Cow<'_, str> {
+    if line.len() <= MAX_LOG_LINE {
+        return line.into();
+    }
+    let mut end = MAX_LOG_LINE;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &line[..end]).into()
+}
+
+/// SIGTERM to the group, SIGKILL after `grace`, then reap the leader.
+async fn stop_group(child: &mut Child, pgid: Option<i32>, grace: Duration) {
+    let Some(pgid) = pgid else {
+        let _ = child.kill().await;
+        return;
+    };
+    signal_group(pgid, libc::SIGTERM);
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        tracing::warn!(pgid, "Stage did not stop after SIGTERM; sending SIGKILL");
+    }
+    // Children of the leader may outlive it: the group gets SIGKILL anyway.
+    signal_group(pgid, libc::SIGKILL);
+    let _ = child.wait().await;
+}
+
+fn signal_group(pgid: i32, signal: i32) {
+    // SAFETY: killpg only sends a signal; the group id is the child's pid,
+    // which stays reserved while the group has members.
+    unsafe {
+        libc::killpg(pgid, signal);
+    }
+}

@@ -1,0 +1,253 @@
+//! Pipelines: a job type is an ordered list of stages.
+//!
+//! A stage is anything implementing [`Stage`]: an external program run per
+//! the stage protocol ([`exec::ExecStage`]) or an in-process built-in
+//! ([`builtin::Builtin`]). The runner (`worker::runner`) calls the stages in
+//! order, passing each one the results of those before it.
+
+pub mod builtin;
+pub mod exec;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, JobTypeConfig};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One step of a pipeline.
+pub trait Stage: Send + Sync + 'static {
+    /// Runs the stage for one job. Must return soon after `ctx.cancel` fires
+    /// (with [`StageError::interrupted`]); the job is then put back and the
+    /// stage runs again later, so stages must be idempotent.
+    fn run<'a>(&'a self, ctx: &'a StageContext) -> BoxFuture<'a, Result<Value, StageError>>;
+}
+
+/// Reports a stage's own progress (0-100 within the stage) and a message.
+pub type ProgressFn = Arc<dyn Fn(f64, Option<String>) + Send + Sync>;
+
+/// What a stage gets to work with.
+pub struct StageContext {
+    pub job_id: String,
+    pub job_type: String,
+    pub payload: Value,
+    pub attempt: u32,
+    pub stage: String,
+    /// Results of the earlier stages, by stage name.
+    pub results: Map<String, Value>,
+    /// Fires on shutdown (after the grace period), timeout or cancellation.
+    pub cancel: CancellationToken,
+    /// Time between SIGTERM and SIGKILL for a stage's processes.
+    pub kill_grace: Duration,
+    pub(crate) progress: ProgressFn,
+}
+
+impl StageContext {
+    pub fn progress(&self, percent: f64, message: Option<String>) {
+        (self.progress)(percent, message);
+    }
+
+    /// The JSON object an external stage reads on stdin.
+    pub fn input_json(&self) -> Value {
+        serde_json::json!({
+            "id": self.job_id,
+            "type": self.job_type,
+            "payload": self.payload,
+            "attempt": self.attempt,
+            "stage": self.stage,
+            "results": self.results,
+        })
+    }
+}
+
+/// How a stage failed; decides what happens to the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Worth another attempt (non-zero exit, signal, timeout, error).
+    Retryable,
+    /// Will fail again: no retry (exit 64/65, `fail` with `permanent`).
+    Permanent,
+    /// Stopped from outside (shutdown): not a failure, the job is put back.
+    Interrupted,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct StageError {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl StageError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            kind: FailureKind::Retryable,
+            message: message.into(),
+        }
+    }
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            kind: FailureKind::Permanent,
+            message: message.into(),
+        }
+    }
+    pub fn interrupted() -> Self {
+        Self {
+            kind: FailureKind::Interrupted,
+            message: "interrupted".into(),
+        }
+    }
+}
+
+/// A stage as configured, ready to run.
+pub struct StageSpec {
+    pub name: String,
+    pub weight: u32,
+    pub timeout: Option<Duration>,
+    pub imp: Arc<dyn Stage>,
+}
+
+/// A job type's stages and limits.
+pub struct Pipeline {
+    pub kind: String,
+    pub stages: Vec<StageSpec>,
+    pub max_attempts: u32,
+    pub timeout: Option<Duration>,
+    total_weight: u64,
+}
+
+impl Pipeline {
+    pub fn from_config(kind: &str, cfg: &JobTypeConfig) -> Result<Self, String> {
+        let stages = cfg
+            .stages
+            .iter()
+            .map(|s| {
+                let imp: Arc<dyn Stage> = match (&s.run, &s.builtin) {
+                    (Some(argv), _) => Arc::new(exec::ExecStage::new(argv.clone(), s.env.clone())),
+                    (None, Some(name)) => Arc::new(builtin::Builtin::parse(name, &s.args_json())?),
+                    (None, None) => return Err(format!("stage `{}` has nothing to run", s.name)),
+                };
+                Ok(StageSpec {
+                    name: s.name.clone(),
+                    weight: s.weight,
+                    timeout: s.timeout_secs.map(Duration::from_secs),
+                    imp,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let total_weight = stages.iter().map(|s| u64::from(s.weight)).sum();
+        Ok(Self {
+            kind: kind.to_owned(),
+            stages,
+            max_attempts: cfg.max_attempts,
+            timeout: cfg.timeout_secs.map(Duration::from_secs),
+            total_weight,
+        })
+    }
+
+    /// Whole-job progress (0-100) with `done` stages finished and stage
+    /// `done` at `within` percent.
+    pub fn overall_progress(&self, done: usize, within: f64) -> f64 {
+        if self.total_weight == 0 {
+            return 0.0;
+        }
+        let finished: u64 = self.stages[..done]
+            .iter()
+            .map(|s| u64::from(s.weight))
+            .sum();
+        let current = self
+            .stages
+            .get(done)
+            .map(|s| f64::from(s.weight) * within.clamp(0.0, 100.0) / 100.0)
+            .unwrap_or(0.0);
+        let p = (finished as f64 + current) * 100.0 / self.total_weight as f64;
+        (p * 10.0).round() / 10.0
+    }
+
+    /// Index of the first stage without a result in `results`.
+    pub fn resume_index(&self, results: &Map<String, Value>) -> usize {
+        self.stages
+            .iter()
+            .position(|s| !results.contains_key(&s.name))
+            .unwrap_or(self.stages.len())
+    }
+}
+
+/// Every job type this daemon can run.
+#[derive(Default, Clone)]
+pub struct Registry {
+    pipelines: HashMap<String, Arc<Pipeline>>,
+}
+
+impl Registry {
+    pub fn from_config(config: &Config) -> Result<Self, String> {
+        let mut pipelines = HashMap::new();
+        for (kind, cfg) in &config.jobs {
+            let p =
+                Pipeline::from_config(kind, cfg).map_err(|e| format!("jobs.\"{kind}\": {e}"))?;
+            pipelines.insert(kind.clone(), Arc::new(p));
+        }
+        Ok(Self { pipelines })
+    }
+
+    pub fn get(&self, kind: &str) -> Option<&Arc<Pipeline>> {
+        self.pipelines.get(kind)
+    }
+
+    pub fn kinds(&self) -> impl Iterator<Item = &str> {
+        self.pipelines.keys().map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipeline(weights: &[u32]) -> Pipeline {
+        let stages = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| StageSpec {
+                name: format!("s{i}"),
+                weight: *w,
+                timeout: None,
+                imp: Arc::new(builtin::Builtin::Noop),
+            })
+            .collect::<Vec<_>>();
+        Pipeline {
+            kind: "t".into(),
+            total_weight: weights.iter().map(|w| u64::from(*w)).sum(),
+            stages,
+            max_attempts: 1,
+            timeout: None,
+        }
+    }
+
+    #[test]
+    fn progress_is_weighted() {
+        let p = pipeline(&[1, 3]);
+        assert_eq!(p.overall_progress(0, 0.0), 0.0);
+        assert_eq!(p.overall_progress(0, 100.0), 25.0);
+        assert_eq!(p.overall_progress(1, 50.0), 62.5);
+        assert_eq!(p.overall_progress(2, 0.0), 100.0);
+        assert_eq!(p.overall_progress(1, 500.0), 100.0);
+    }
+
+    #[test]
+    fn resume_skips_finished_stages() {
+        let p = pipeline(&[1, 1, 1]);
+        let mut r = Map::new();
+        assert_eq!(p.resume_index(&r), 0);
+        r.insert("s0".into(), Value::Null);
+        assert_eq!(p.resume_index(&r), 1);
+        r.insert("s1".into(), Value::Null);
+        r.insert("s2".into(), Value::Null);
+        assert_eq!(p.resume_index(&r), 3);
+    }
+}

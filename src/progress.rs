@@ -1,0 +1,157 @@
+//! Progress publishing over Redis pub/sub.
+//!
+//! Every state change and progress report of a job is published as JSON on
+//! `P:progress:<job_id>`. Publishing is fire-and-forget: a stage hands its
+//! event to a bounded channel and goes on; one publisher task drains the
+//! channel and sends what it holds as one pipeline. One task on one
+//! connection, awaiting each pipeline before the next, keeps every job's
+//! messages in order. When Redis is slow and the channel fills, events are
+//! dropped (and counted) rather than blocking a stage: pub/sub is
+//! at-most-once anyway, and SQLite is the source of truth.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::queue::Keys;
+
+/// Events waiting to be published before new ones are dropped.
+const CHANNEL_CAPACITY: usize = 65_536;
+/// Most events sent in one pipeline.
+const BATCH: usize = 512;
+
+/// A job's state, as published and stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pending,
+    Scheduled,
+    Running,
+    Retrying,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Scheduled => "scheduled",
+            Status::Running => "running",
+            Status::Retrying => "retrying",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+    }
+
+    /// No further change is expected without an operator.
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+}
+
+/// One message on a job's progress channel (the contract's fields, plus
+/// `event` naming what happened and `seq`, increasing within one run of the
+/// job on one daemon).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgressEvent {
+    pub job_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub queue: String,
+    pub status: Status,
+    pub event: String,
+    pub stage: Option<String>,
+    pub stage_index: Option<usize>,
+    pub stages_total: usize,
+    /// Whole-job progress, 0-100, weighted by stage weights; never decreases.
+    pub progress: f64,
+    pub attempt: u32,
+    pub worker_id: String,
+    pub message: Option<String>,
+    pub ts: String,
+    pub seq: u64,
+}
+
+/// Cheap handle used by job tasks to publish events.
+#[derive(Clone)]
+pub struct Publisher {
+    tx: mpsc::Sender<(String, String)>,
+    keys: Keys,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Publisher {
+    /// Creates the handle and the task that does the publishing; the task
+    /// ends once every handle is dropped and the queue is drained.
+    pub fn new(keys: Keys, conn: ConnectionManager) -> (Self, PublisherTask) {
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let publisher = Self {
+            tx,
+            keys,
+            dropped: dropped.clone(),
+        };
+        (publisher, PublisherTask { rx, conn, dropped })
+    }
+
+    pub fn publish(&self, event: &ProgressEvent) {
+        let channel = self.keys.progress(&event.job_id);
+        let body = match serde_json::to_string(event) {
+            Ok(body) => body,
+            Err(_) => return,
+        };
+        if self.tx.try_send((channel, body)).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Events dropped so far because Redis could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Owns the publishing connection; see the module docs.
+pub struct PublisherTask {
+    rx: mpsc::Receiver<(String, String)>,
+    conn: ConnectionManager,
+    dropped: Arc<AtomicU64>,
+}
+
+impl PublisherTask {
+    pub async fn run(mut self) {
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut failures = 0u64;
+        while self.rx.recv_many(&mut batch, BATCH).await > 0 {
+            let mut pipe = redis::pipe();
+            for (channel, body) in &batch {
+                pipe.cmd("PUBLISH").arg(channel).arg(body).ignore();
+            }
+            match pipe.query_async::<()>(&mut self.conn).await {
+                Ok(()) => failures = 0,
+                Err(err) => {
+                    // Pub/sub is at-most-once: drop this batch and go on. Log
+                    // the first failure of a streak and then every 100th, so
+                    // an outage does not flood the log.
+                    self.dropped
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    if failures.is_multiple_of(100) {
+                        tracing::warn!(error = %err, dropped = batch.len(), "Progress publish failed");
+                    }
+                    failures += 1;
+                }
+            }
+            batch.clear();
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! The job envelope: parsing untrusted messages, and the JSON a daemon
+//! writes back when it requeues or dead-letters a job.
+//!
+//! A job is a JSON object `{"id", "type", "payload", "max_attempts",
+//! "timeout_secs", ...}`. Unknown fields are kept. The daemon's own
+//! bookkeeping (attempt, finished stages' results, last error) travels in one
+//! reserved field, `_conveyor`, so it never clashes with a producer's fields.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Name of the reserved field holding [`Meta`].
+pub const META_FIELD: &str = "_conveyor";
+/// Longest accepted job id.
+pub const MAX_ID_LEN: usize = 256;
+
+/// A message that is not a valid job. It goes to the dead list with
+/// [`Poison::reason`]; `object` keeps what could be parsed so the dead entry
+/// is the original job plus the reason.
+#[derive(Debug)]
+pub struct Poison {
+    pub reason: String,
+    pub object: Option<Map<String, Value>>,
+}
+
+impl Poison {
+    fn raw(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            object: None,
+        }
+    }
+}
+
+/// The daemon's bookkeeping inside a job (`_conveyor`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Meta {
+    /// 1-based number of the attempt this delivery belongs to (0 = never run).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub attempt: u32,
+    /// Results of finished stages, by stage name: the checkpoint a requeued
+    /// job resumes from.
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    pub results: Map<String, Value>,
+    /// How many times the job was put back unfinished (shutdown, recovery).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub requeues: u32,
+    /// Why the job is in the dead list.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// `None` when the producer did not set one; the daemon assigns one.
+    pub id: Option<String>,
+    pub kind: String,
+    pub payload: Value,
+    pub max_attempts: Option<u32>,
+    pub timeout_secs: Option<u64>,
+    pub meta: Meta,
+    /// Producer fields conveyor does not know, kept as they were.
+    pub extra: Map<String, Value>,
+}
+
+impl Job {
+    pub fn new(id: impl Into<String>, kind: impl Into<String>, payload: Value) -> Self {
+        Self {
+            id: Some(id.into()),
+            kind: kind.into(),
+            payload,
+            max_attempts: None,
+            timeout_secs: None,
+            meta: Meta::default(),
+            extra: Map::new(),
+        }
+    }
+
+    /// Parses an untrusted message. The size is checked before any parsing;
+    /// serde_json's recursion limit (128) bounds nesting.
+    pub fn parse(raw: &[u8], max_bytes: usize) -> Result<Self, Poison> {
+        if raw.len() > max_bytes {
+            return Err(Poison::raw(format!(
+                "message of {} bytes is over the limit of {max_bytes} bytes",
+                raw.len()
+            )));
+        }
+        let text = std::str::from_utf8(raw).map_err(|e| Poison::raw(format!("not UTF-8: {e}")))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| Poison::raw(format!("invalid JSON: {e}")))?;
+        let Value::Object(object) = value else {
+            return Err(Poison::raw(format!(
+                "a job must be a JSON object, got {}",
+                json_kind(&value)
+            )));
+        };
+        Self::from_object(object)
+    }
+
+    fn from_object(mut o: Map<String, Value>) -> Result<Self, Poison> {
+        macro_rules! bad {
+            ($o:expr, $($msg:tt)*) => {
+                return Err(Poison { reason: format!($($msg)*), object: Some($o) })
+            };
+        }
+        let kind = match o.get("type") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(Value::String(_)) => bad!(o, "`type` must not be empty"),
+            Some(v) => bad!(o, "`type` must be a string, got {}", json_kind(v)),
+            None => bad!(o, "missing `type`"),
+        };
+        let id = match o.get("id") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => match check_id(s) {
+                Ok(()) => Some(s.clone()),
+                Err(e) => bad!(o, "`id` {e}"),
+            },
+            Some(v) => bad!(o, "`id` must be a string, got {}", json_kind(v)),
+        };
+        let max_attempts = match o.get("max_attempts") {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_u64() {
+                Some(n @ 1..=1000) => Some(n as u32),
+                _ => bad!(o, "`max_attempts` must be an integer from 1 to 1000"),
+            },
+        };
+        let timeout_secs = match o.get("timeout_secs") {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_u64() {
+                Some(n) if n >= 1 => Some(n),
+                _ => bad!(o, "`timeout_secs` must be a positive integer"),
+            },
+        };
+        let meta = match o.get(META_FIELD) {
+            None | Some(Value::Null) => Meta::default(),
+            Some(v) => match Meta::deserialize(v) {
+                Ok(m) => m,
+                Err(e) => bad!(o, "`{META_FIELD}` is malformed: {e}"),
+            },
+        };
+        for key in ["id", "type", "max_attempts", "timeout_secs", META_FIELD] {
+            o.remove(key);
+        }
+        let payload = o.remove("payload").unwrap_or(Value::Null);
+        Ok(Self {
+            id,
+            kind,
+            payload,
+            max_attempts,
+            timeout_secs,
+            meta,
+            extra: o,
+        })
+    }
+
+    /// The id; only valid once the daemon assigned one to an id-less job.
+    pub fn id(&self) -> &str {
+        self.id.as_deref().unwrap_or("")
+    }
+
+    pub fn to_object(&self) -> Map<String, Value> {
+        let mut o = self.extra.clone();
+        if let Some(id) = &self.id {
+            o.insert("id".into(), Value::String(id.clone()));
+        }
+        o.insert("type".into(), Value::String(self.kind.clone()));
+        o.insert("payload".into(), self.payload.clone());
+        if let Some(n) = self.max_attempts {
+            o.insert("max_attempts".into(), n.into());
+        }
+        if let Some(n) = self.timeout_secs {
+            o.insert("timeout_secs".into(), n.into());
+        }
+        if self.meta != Meta::default() {
+            let meta = serde_json::to_value(&self.meta).unwrap_or(Value::Null);
+            o.insert(META_FIELD.into(), meta);
+        }
+        o
+    }
+
+    pub fn to_json(&self) -> String {
+        Value::Object(self.to_object()).to_string()
+    }
+}
+
+/// Ids end up in channel names, log lines and terminals: keep them printable.
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(format!("must be at most {MAX_ID_LEN} bytes"));
+    }
+    if id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("must not contain spaces or control characters".into());
+    }
+    Ok(())
+}
+
+/// The dead-list entry for a message that could not be run as a job: the
+/// original object with the reason in `_conveyor.error`, or, for a message
+/// that is not a JSON object, the raw text (or base64 for non-UTF-8 bytes).
+pub fn poison_entry(raw: &[u8], poison: Poison, worker_id: &str, now: &str) -> String {
+    use base64::Engine as _;
+    let mut object = match poison.object {
+        Some(o) => o,
+        None => {
+            let mut o = Map::new();
+            match std::str::from_utf8(raw) {
+                Ok(text) => o.insert("raw".into(), Value::String(text.to_owned())),
+                Err(_) => o.insert(
+                    "raw_base64".into(),
+                    base64::engine::general_purpose::STANDARD.encode(raw).into(),
+                ),
+            };
+            o
+        }
+    };
+    let mut meta = match object.get(META_FIELD).map(Meta::deserialize) {
+        Some(Ok(m)) => m,
+        _ => Meta::default(),
+    };
+    meta.error = Some(poison.reason);
+    meta.failed_at = Some(now.to_owned());
+    meta.worker_id = Some(worker_id.to_owned());
+    object.insert(
+        META_FIELD.into(),
+        serde_json::to_value(&meta).unwrap_or(Value::Null),
+    );
+    Value::Object(object).to_string()
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(s: &str) -> Result<Job, Poison> {
+        Job::parse(s.as_bytes(), 1024)
+    }
+
+    #[test]
+    fn minimal_job() {
+        let j = parse(r#"{"type":"echo"}"#).unwrap();
+        assert_eq!(j.kind, "echo");
+        assert_eq!(j.id, None);
+        assert_eq!(j.payload, Value::Null);
+    }
+
+    #[test]
+    fn round_trip_keeps_unknown_fields_and_meta() {
+        let src = json!({"id":"a","type":"t","payload":{"x":1},"max_attempts":2,
+            "custom":[1,2],"_conveyor":{"attempt":2,"results":{"s1":{"ok":true}}}});
+        let j = parse(&src.to_string()).unwrap();
+        assert_eq!(j.meta.attempt, 2);
+        assert_eq!(j.meta.results["s1"], json!({"ok":true}));
+        let back: Value = serde_json::from_str(&j.to_json()).unwrap();
+        assert_eq!(back, src);
+    }
+
+    #[test]
+    fn poison_reasons() {
+        let cases = [
+            ("{\"id\":", "invalid JSON"),
+            ("[1]", "must be a JSON object, got an array"),
+            ("{\"id\":\"x\"}", "missing `type`"),
+            ("{\"type\":5}", "`type` must be a string"),
+            ("{\"type\":\"t\",\"id\":7}", "`id` must be a string"),
+            (
+                "{\"type\":\"t\",\"id\":\"a b\"}",
+                "`id` must not contain spaces",
+            ),
+            ("{\"type\":\"t\",\"max_attempts\":0}", "`max_attempts`"),
+            (
+                "{\"type\":\"t\",\"_conveyor\":{\"attempt\":\"x\"}}",
+                "`_conveyor` is malformed",
+            ),
+        ];
+        for (raw, want) in cases {
+            let p = parse(raw).unwrap_err();
+            assert!(p.reason.contains(want), "{raw}: {}", p.reason);
+        }
+    }
+
+    #[test]
+    fn oversize_is_refused_before_parsing() {
+        let big = format!("{{\"type\":\"t\",\"payload\":\"{}\"}}", "x".repeat(2000));
+        let p = Job::parse(big.as_bytes(), 1024).unwrap_err();
+        assert!(p.reason.contains("over the limit"), "{}", p.reason);
+    }
+
+    #[test]
+    fn deep_nesting_is_poison_not_a_crash() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let p = Job::parse(deep.as_bytes(), 1 << 20).unwrap_err();
+        assert!(p.reason.contains("invalid JSON"), "{}", p.reason);
+    }
+
+    #[test]
+    fn poison_entries_keep_the_original() {
+        let p = parse("{\"id\":\"p1\",\"type\":\"nope\"}").unwrap();
+        let entry = poison_entry(
+            b"{}",
+            Poison {
+                reason: "unknown job type `nope`".into(),
+                object: Some(p.to_object()),
+            },
+            "w1",
+            "now",
+        );
+        let v: Value = serde_json::from_str(&entry).unwrap();
+        assert_eq!(v["id"], "p1");
+        assert_eq!(v["_conveyor"]["error"], "unknown job type `nope`");
+
+        let raw = b"\xff\xfe not utf8";
+        let p = Job::parse(raw, 1024).unwrap_err();
+        let v: Value = serde_json::from_str(&poison_entry(raw, p, "w1", "now")).unwrap();
+        assert!(v["raw_base64"].is_string());
+        assert!(v["_conveyor"]["error"].as_str().unwrap().contains("UTF-8"));
+
+        let p = parse("{\"id\":").unwrap_err();
+        let v: Value = serde_json::from_str(&poison_entry(b"{\"id\":", p, "w1", "now")).unwrap();
+        assert_eq!(v["raw"], "{\"id\":");
+    }
+}

@@ -1,0 +1,81 @@
+//! Every Redis key and channel name conveyor uses, built in one place.
+//!
+//! Per-queue keys carry the queue name as a Redis Cluster hash tag (`{Q}`),
+//! so all keys of one queue live in one slot and every multi-key script or
+//! `BLMOVE` on a queue stays atomic on a single Redis and on a cluster.
+
+/// Key builder for one prefix (`P` in the contract).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// LIST `P:{Q}:pending`: producers `LPUSH`, daemons take from the right.
+    pub fn pending(&self, queue: &str) -> String {
+        format!("{}:{{{queue}}}:pending", self.prefix)
+    }
+
+    /// LIST `P:{Q}:active:<worker>`: jobs a daemon has taken and not finished.
+    pub fn active(&self, queue: &str, worker: &str) -> String {
+        format!("{}:{{{queue}}}:active:{worker}", self.prefix)
+    }
+
+    /// ZSET `P:{Q}:scheduled`: delayed jobs and retries, score = due Unix ms.
+    pub fn scheduled(&self, queue: &str) -> String {
+        format!("{}:{{{queue}}}:scheduled", self.prefix)
+    }
+
+    /// LIST `P:{Q}:dead`: failed and unparsable jobs, each with its reason.
+    pub fn dead(&self, queue: &str) -> String {
+        format!("{}:{{{queue}}}:dead", self.prefix)
+    }
+
+    /// Pub/sub channel `P:progress:<job_id>`: every state change and progress report.
+    pub fn progress(&self, job_id: &str) -> String {
+        format!("{}:progress:{job_id}", self.prefix)
+    }
+
+    /// Pattern matching every job's progress channel.
+    pub fn progress_pattern(&self) -> String {
+        format!("{}:progress:*", self.prefix)
+    }
+
+    /// SET `P:workers`: ids of registered daemons.
+    pub fn workers(&self) -> String {
+        format!("{}:workers", self.prefix)
+    }
+
+    /// STRING `P:worker:<id>`: a daemon's registration (JSON), with a TTL the
+    /// heartbeat refreshes. Its absence means the daemon is gone.
+    pub fn worker(&self, worker: &str) -> String {
+        format!("{}:worker:{worker}", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_matches_the_contract() {
+        let k = Keys::new("conveyor");
+        assert_eq!(k.pending("default"), "conveyor:{default}:pending");
+        assert_eq!(k.active("default", "w1"), "conveyor:{default}:active:w1");
+        assert_eq!(k.scheduled("q"), "conveyor:{q}:scheduled");
+        assert_eq!(k.dead("q"), "conveyor:{q}:dead");
+        assert_eq!(k.progress("j1"), "conveyor:progress:j1");
+        assert_eq!(k.progress_pattern(), "conveyor:progress:*");
+        assert_eq!(k.worker("w1"), "conveyor:worker:w1");
+    }
+}

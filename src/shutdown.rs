@@ -1,0 +1,38 @@
+//! OS signals to a [`CancellationToken`].
+//!
+//! The library never installs signal handlers itself: [`crate::worker::run`]
+//! takes a token, so tests and embedders stop it the same way.
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+/// A token cancelled on the first SIGTERM or SIGINT. A second signal while
+/// draining is logged and otherwise ignored: the daemon is already putting
+/// jobs back, and systemd's `TimeoutStopSec` (then SIGKILL) is the hard stop.
+pub fn on_signals() -> std::io::Result<CancellationToken> {
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut first = true;
+        loop {
+            let name = tokio::select! {
+                Some(()) = term.recv() => "SIGTERM",
+                Some(()) = int.recv() => "SIGINT",
+                else => return,
+            };
+            if first {
+                tracing::info!(signal = name, "Stop requested: no new jobs; draining");
+                t.cancel();
+                first = false;
+            } else {
+                tracing::info!(
+                    signal = name,
+                    "Already draining; send SIGKILL to stop at once (jobs are then recovered at next start)"
+                );
+            }
+        }
+    });
+    Ok(token)
+}

@@ -1,0 +1,99 @@
+//! Schema and migrations. `PRAGMA user_version` holds how many entries of
+//! [`MIGRATIONS`] have been applied; each daemon applies the missing ones at
+//! start inside one `BEGIN IMMEDIATE` transaction, so several daemons
+//! starting together on one file migrate it exactly once.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+/// Append only: never edit an entry that has shipped.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: jobs, their attempts and stages.
+    "CREATE TABLE jobs (
+        id           TEXT PRIMARY KEY,
+        type         TEXT NOT NULL,
+        queue        TEXT NOT NULL,
+        status       TEXT NOT NULL,
+        attempt      INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER,
+        progress     REAL NOT NULL DEFAULT 0,
+        stage        TEXT,
+        payload      TEXT,
+        error        TEXT,
+        worker_id    TEXT,
+        created_at   TEXT NOT NULL,
+        updated_at   TEXT NOT NULL,
+        started_at   TEXT,
+        finished_at  TEXT
+     ) STRICT;
+     CREATE INDEX jobs_by_status ON jobs (status, updated_at);
+     CREATE TABLE attempts (
+        job_id      TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        attempt     INTEGER NOT NULL,
+        worker_id   TEXT NOT NULL,
+        status      TEXT NOT NULL,
+        started_at  TEXT NOT NULL,
+        finished_at TEXT,
+        error       TEXT,
+        PRIMARY KEY (job_id, attempt)
+     ) STRICT, WITHOUT ROWID;
+     CREATE TABLE stages (
+        job_id      TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        idx         INTEGER NOT NULL,
+        name        TEXT NOT NULL,
+        status      TEXT NOT NULL,
+        attempt     INTEGER NOT NULL DEFAULT 0,
+        started_at  TEXT,
+        finished_at TEXT,
+        result      TEXT,
+        error       TEXT,
+        PRIMARY KEY (job_id, idx)
+     ) STRICT, WITHOUT ROWID;",
+];
+
+/// The schema version this build writes.
+pub const VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Connection settings shared by the writer and readers.
+pub fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    // Several daemons share the file: wait for each other's write
+    // transactions instead of failing (rusqlite's default is 5 s too; set it
+    // here so the intent is visible).
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+/// Switches to WAL and applies missing migrations.
+pub fn migrate(conn: &mut Connection) -> Result<(), String> {
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .map_err(|e| format!("cannot enable WAL: {e}"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(format!("journal_mode is `{mode}`, WAL is required"));
+    }
+    // NORMAL in WAL: durable across process crashes (what a job queue on one
+    // host needs); a power loss may roll back the last transactions, which
+    // recovery then redoes from Redis.
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(|e| e.to_string())?;
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
+        .map_err(|e| e.to_string())?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| e.to_string())?;
+    let current: i64 = tx
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if current > VERSION {
+        return Err(format!(
+            "database schema version {current} is newer than this build ({VERSION}); upgrade conveyor"
+        ));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current.max(0) as usize) {
+        tx.execute_batch(sql)
+            .map_err(|e| format!("migration {} failed: {e}", i + 1))?;
+    }
+    tx.pragma_update(None, "user_version", VERSION)
+        .map_err(|e| e.to_string())?;
+    tx.commit().map_err(|e| e.to_string())
+}

@@ -1,0 +1,338 @@
+//! The daemon: fetch jobs, run them, shut down without losing any.
+//!
+//! Components, all spawned on one [`TaskTracker`]:
+//! - the fetch loop (this file): takes a free slot (semaphore permit), then
+//!   a job, and spawns the job's task with the permit;
+//! - job tasks ([`runner`]);
+//! - the progress publisher ([`crate::progress`]);
+//! - the heartbeat ([`registry::Heartbeat`]) and the systemd watchdog.
+//!
+//! Shutdown, in order (producers of work stop before its consumers):
+//! 1. the `shutdown` token fires (SIGTERM/SIGINT): the fetch loop stops
+//!    after its current `BLMOVE` returns (at most `fetch_block_ms`); a job
+//!    it still received goes straight back to pending;
+//! 2. running jobs get `shutdown_grace_secs` to finish;
+//! 3. then `stop_stages` fires: stages' process groups get SIGTERM, then
+//!    SIGKILL after `kill_grace_secs`; each unfinished job is recorded as
+//!    pending in SQLite and put back on the consuming end of its queue with
+//!    its finished stages' results;
+//! 4. anything still in this daemon's active lists goes back to pending;
+//!    the registration is removed, the publisher drained, SQLite closed.
+
+pub mod health;
+pub mod registry;
+pub mod runner;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::error::reconnect_backoff;
+use crate::pipeline::Registry;
+use crate::progress::Publisher;
+use crate::queue::{Broker, Destination, Fetched};
+use crate::store::Store;
+use health::Health;
+use runner::{JobEnv, Stats};
+
+/// Most jobs taken in one non-blocking round trip.
+const FETCH_BATCH: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot connect to Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("{0}")]
+    Register(#[from] registry::RegisterError),
+    #[error("job types: {0}")]
+    Registry(String),
+}
+
+/// Runs the daemon until `shutdown` fires, then drains as described in the
+/// module docs. Errors only at start (bad Redis, SQLite, worker id).
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let registry = Registry::from_config(&config).map_err(WorkerError::Registry)?;
+    let worker_id = config.worker_id();
+    let w = &config.worker;
+    let db = config.store.path.clone();
+    let (store, store_closer) = tokio::task::spawn_blocking(move || Store::open(&db))
+        .await
+        .map_err(|e| WorkerError::Registry(format!("SQLite open panicked: {e}")))??;
+    let broker = Broker::connect(&config.redis.url, &config.redis.prefix).await?;
+
+    let info = registry::WorkerInfo {
+        id: worker_id.clone(),
+        host: crate::config::hostname(),
+        pid: std::process::id(),
+        instance: uuid::Uuid::now_v7().to_string(),
+        started_at: crate::now_rfc3339(),
+        queues: w.queues.clone(),
+        concurrency: w.concurrency,
+        running: 0,
+        completed: 0,
+        failed: 0,
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let ttl = Duration::from_secs(w.dead_after_secs);
+    registry::register(&broker, &info, ttl).await?;
+    // Jobs a previous run of this id left behind (crash, SIGKILL) go back to
+    // pending; SQLite tells where each one stopped.
+    let recovered = recover_active(&broker, &w.queues, &worker_id).await;
+    if recovered > 0 {
+        tracing::warn!(worker_id = %worker_id, recovered, "Recovered jobs left by a previous run of this worker");
+    }
+
+    let tracker = TaskTracker::new();
+    let (publisher, publisher_task) = Publisher::new(broker.keys().clone(), broker.conn());
+    let publisher_handle = tokio::spawn(publisher_task.run());
+    let stop_stages = CancellationToken::new();
+    let env = Arc::new(JobEnv {
+        broker: broker.clone(),
+        store: store.clone(),
+        publisher,
+        registry,
+        worker_id: worker_id.clone(),
+        max_job_bytes: w.max_job_bytes,
+        kill_grace: Duration::from_secs(w.kill_grace_secs),
+        stop_stages: stop_stages.clone(),
+        stats: Stats::default(),
+    });
+    let health = Arc::new(Health::default());
+    health.redis_ok();
+    health.fetch_loop_alive();
+    let background = CancellationToken::new();
+    tracker.spawn(
+        registry::Heartbeat {
+            broker: broker.clone(),
+            info: info.clone(),
+            every: Duration::from_secs(w.heartbeat_secs),
+            ttl,
+            env: env.clone(),
+            health: health.clone(),
+        }
+        .run(background.clone()),
+    );
+    tracker.spawn(crate::notify::watchdog(health.clone(), background.clone()));
+
+    tracing::info!(worker_id = %worker_id, queues = ?w.queues, concurrency = w.concurrency,
+        pid = info.pid, version = %info.version, "worker_started");
+    crate::notify::ready();
+
+    let jobs = TaskTracker::new();
+    Fetcher {
+        env: env.clone(),
+        queues: w.queues.clone(),
+        slots: Arc::new(Semaphore::new(w.concurrency)),
+        block: Duration::from_millis(w.fetch_block_ms),
+        health,
+        jobs: jobs.clone(),
+    }
+    .run(shutdown.clone())
+    .await;
+
+    // Shutdown: the fetch loop has stopped taking jobs.
+    crate::notify::stopping();
+    let grace = Duration::from_secs(w.shutdown_grace_secs);
+    let drain_budget = grace + env.kill_grace + Duration::from_secs(10);
+    crate::notify::extend_timeout(drain_budget);
+    jobs.close();
+    let running = env.stats.running.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        running,
+        grace_secs = grace.as_secs(),
+        "Shutting down: waiting for running jobs"
+    );
+    if tokio::time::timeout(grace, jobs.wait()).await.is_err() {
+        let running = env.stats.running.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            running,
+            "Grace period over: stopping stages and requeueing their jobs"
+        );
+        stop_stages.cancel();
+        jobs.wait().await;
+    }
+
+    background.cancel();
+    tracker.close();
+    tracker.wait().await;
+    let left = recover_active(&broker, &config.worker.queues, &worker_id).await;
+    if left > 0 {
+        tracing::warn!(left, "Requeued jobs still listed as active");
+    }
+    if let Err(err) = registry::deregister(&broker, &worker_id).await {
+        tracing::warn!(error = %err, "Cannot remove worker registration; it expires by itself");
+    }
+    let stats = &env.stats;
+    let (completed, failed, requeued) = (
+        stats.completed.load(std::sync::atomic::Ordering::Relaxed),
+        stats.failed.load(std::sync::atomic::Ordering::Relaxed),
+        stats.requeued.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    let dropped = env.publisher.dropped();
+    drop(env);
+    drop(store);
+    let _ = publisher_handle.await;
+    store_closer.close().await;
+    tracing::info!(worker_id = %worker_id, completed, failed, requeued,
+        progress_events_dropped = dropped, "worker_shutdown_complete");
+    Ok(())
+}
+
+/// Moves every job in this worker's active lists back to pending.
+async fn recover_active(broker: &Broker, queues: &[String], worker: &str) -> u64 {
+    let mut total = 0;
+    for queue in queues {
+        match broker.recover_active(queue, worker).await {
+            Ok(n) => total += n,
+            Err(err) => tracing::error!(error = %err, queue = %queue,
+                "Cannot requeue active jobs; they will be recovered at next start"),
+        }
+    }
+    total
+}
+
+/// Takes jobs while slots are free; see the module docs.
+struct Fetcher {
+    env: Arc<JobEnv>,
+    queues: Vec<String>,
+    slots: Arc<Semaphore>,
+    block: Duration,
+    health: Arc<Health>,
+    jobs: TaskTracker,
+}
+
+impl Fetcher {
+    async fn run(self, shutdown: CancellationToken) {
+        let mut blocking = None;
+        let mut backoff = reconnect_backoff();
+        let mut failing = false;
+        let mut turn = 0usize;
+        loop {
+            let Some(permits) = self.take_slots(&shutdown).await else {
+                return;
+            };
+            let result = self.fetch(permits.len(), &mut blocking, &mut turn).await;
+            if shutdown.is_cancelled() {
+                // A job taken while the stop arrived is not started.
+                if let Ok(jobs) = result {
+                    self.put_back(jobs).await;
+                }
+                return;
+            }
+            match result {
+                Ok(jobs) => {
+                    self.health.redis_ok();
+                    if failing {
+                        tracing::info!("Redis reachable again; fetching");
+                        failing = false;
+                        backoff = reconnect_backoff();
+                    }
+                    self.spawn_jobs(jobs, permits);
+                }
+                Err(err) => {
+                    blocking = None;
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "Fetch failed");
+                    failing = true;
+                    drop(permits);
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for one free slot, then takes whatever other slots are free.
+    async fn take_slots(&self, shutdown: &CancellationToken) -> Option<Vec<OwnedSemaphorePermit>> {
+        let first = loop {
+            self.health.fetch_loop_alive();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return None,
+                permit = self.slots.clone().acquire_owned() => break permit.ok()?,
+                // All slots busy with long jobs is healthy: say so.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        };
+        let mut permits = vec![first];
+        while permits.len() < FETCH_BATCH {
+            match self.slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        Some(permits)
+    }
+
+    /// Up to `max` jobs without blocking, in priority order; when there are
+    /// none, one blocking BLMOVE on one queue (rotating over the queues).
+    async fn fetch(
+        &self,
+        max: usize,
+        blocking: &mut Option<redis::aio::MultiplexedConnection>,
+        turn: &mut usize,
+    ) -> redis::RedisResult<Vec<Fetched>> {
+        let broker = &self.env.broker;
+        let worker = &self.env.worker_id;
+        let jobs = broker.fetch_available(&self.queues, worker, max).await?;
+        if !jobs.is_empty() {
+            return Ok(jobs);
+        }
+        // With several queues, each block is shorter so that a job arriving
+        // on any queue waits at most `fetch_block_ms` in all.
+        let block = (self.block / self.queues.len() as u32).max(Duration::from_millis(10));
+        let conn = match blocking {
+            Some(conn) => conn,
+            None => blocking.insert(broker.blocking_connection(self.block).await?),
+        };
+        let queue = &self.queues[*turn % self.queues.len()];
+        *turn = turn.wrapping_add(1);
+        self.health.fetch_loop_alive();
+        let job = broker.fetch_blocking(conn, queue, worker, block).await?;
+        Ok(job.into_iter().collect())
+    }
+
+    fn spawn_jobs(&self, jobs: Vec<Fetched>, mut permits: Vec<OwnedSemaphorePermit>) {
+        for job in jobs {
+            let Some(permit) = permits.pop() else {
+                // Cannot happen: never more jobs than permits are fetched.
+                tracing::error!("Fetched more jobs than free slots");
+                break;
+            };
+            let env = self.env.clone();
+            self.jobs.spawn(async move {
+                runner::handle(env, job).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn put_back(&self, jobs: Vec<Fetched>) {
+        for job in jobs {
+            let moved = self
+                .env
+                .broker
+                .transition(
+                    &job.queue,
+                    &self.env.worker_id,
+                    &job.raw,
+                    Destination::Pending,
+                    &job.raw,
+                )
+                .await;
+            if let Err(err) = moved {
+                tracing::warn!(error = %err, "Cannot put back a job taken during shutdown; recovery will");
+            }
+        }
+    }
+}

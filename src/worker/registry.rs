@@ -1,0 +1,190 @@
+//! Worker registration and heartbeat.
+//!
+//! A daemon owns `P:worker:<id>` (its registration, JSON, with a TTL of
+//! `dead_after_secs`) and is a member of `P:workers`. The heartbeat
+//! refreshes the registration every `heartbeat_secs`; a key that expired
+//! means the daemon is gone.
+//!
+//! Two live daemons must never share an id: their active lists would be one
+//! list. At start a daemon refuses an id whose registration belongs to a
+//! live process, and takes over one whose process is dead on this host (its
+//! own previous run, killed), recovering the jobs it left behind.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::health::Health;
+use super::runner::Stats;
+use crate::queue::Broker;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    /// Random per process: tells this run from an earlier one with the same id.
+    pub instance: String,
+    pub started_at: String,
+    pub queues: Vec<String>,
+    pub concurrency: usize,
+    #[serde(default)]
+    pub running: u64,
+    #[serde(default)]
+    pub completed: u64,
+    #[serde(default)]
+    pub failed: u64,
+    pub version: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error(
+        "worker id `{id}` is in use by pid {pid} on host {host}; give each daemon its own --worker-id"
+    )]
+    InUse { id: String, pid: u32, host: String },
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// Registers `info`; see the module docs for the id rules. Returns whether
+/// an earlier run of this id had left a registration behind.
+pub async fn register(
+    broker: &Broker,
+    info: &WorkerInfo,
+    ttl: Duration,
+) -> Result<bool, RegisterError> {
+    let key = broker.keys().worker(&info.id);
+    let mut conn = broker.conn();
+    let body = serde_json::to_string(info).unwrap_or_default();
+    let ttl_ms = ttl.as_millis() as u64;
+    let mut took_over = false;
+    loop {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(&body)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async(&mut conn)
+            .await?;
+        if set.is_some() {
+            break;
+        }
+        let existing: Option<String> = conn.get(&key).await?;
+        let Some(existing) = existing else { continue };
+        match serde_json::from_str::<WorkerInfo>(&existing) {
+            Ok(other) if other.host == info.host && !pid_alive(other.pid) => {
+                tracing::warn!(
+                    previous_pid = other.pid,
+                    "Previous run of this worker id is gone; taking over"
+                );
+            }
+            Ok(other) if other.instance == info.instance => {}
+            Ok(other) => {
+                return Err(RegisterError::InUse {
+                    id: info.id.clone(),
+                    pid: other.pid,
+                    host: other.host,
+                });
+            }
+            Err(_) => tracing::warn!("Unreadable registration for this worker id; replacing it"),
+        }
+        took_over = true;
+        // Replace it only if it is still the one just judged.
+        let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
+    }
+    let _: () = conn.sadd(broker.keys().workers(), &info.id).await?;
+    Ok(took_over)
+}
+
+pub async fn deregister(broker: &Broker, id: &str) -> redis::RedisResult<()> {
+    let mut conn = broker.conn();
+    redis::pipe()
+        .del(broker.keys().worker(id))
+        .ignore()
+        .srem(broker.keys().workers(), id)
+        .ignore()
+        .query_async::<()>(&mut conn)
+        .await
+}
+
+/// Refreshes the registration until cancelled.
+pub struct Heartbeat {
+    pub broker: Broker,
+    pub info: WorkerInfo,
+    pub every: Duration,
+    pub ttl: Duration,
+    pub env: Arc<super::runner::JobEnv>,
+    pub health: Arc<Health>,
+}
+
+impl Heartbeat {
+    pub async fn run(mut self, token: CancellationToken) {
+        let mut tick = tokio::time::interval(self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let env = self.env.clone();
+            self.refresh_counts(&env.stats);
+            match self.beat().await {
+                Ok(()) => {
+                    self.health.redis_ok();
+                    if failing {
+                        tracing::info!("Heartbeat restored");
+                        failing = false;
+                    }
+                }
+                Err(err) if !failing => {
+                    tracing::warn!(error = %err, "Heartbeat failed; retrying each interval");
+                    failing = true;
+                }
+                Err(_) => {}
+            }
+            crate::notify::status(&format!(
+                "{} running, {} completed, {} failed",
+                self.info.running, self.info.completed, self.info.failed
+            ));
+        }
+    }
+
+    fn refresh_counts(&mut self, stats: &Stats) {
+        self.info.running = stats.running.load(Ordering::Relaxed);
+        self.info.completed = stats.completed.load(Ordering::Relaxed);
+        self.info.failed = stats.failed.load(Ordering::Relaxed);
+    }
+
+    async fn beat(&self) -> redis::RedisResult<()> {
+        let mut conn = self.broker.conn();
+        let body = serde_json::to_string(&self.info).unwrap_or_default();
+        redis::pipe()
+            .cmd("SET")
+            .arg(self.broker.keys().worker(&self.info.id))
+            .arg(body)
+            .arg("PX")
+            .arg(self.ttl.as_millis() as u64)
+            .ignore()
+            .sadd(self.broker.keys().workers(), &self.info.id)
+            .ignore()
+            .query_async(&mut conn)
+            .await
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}

@@ -1,0 +1,77 @@
+//! What `conveyor status` reports: queue depths and live workers, from Redis.
+
+use std::collections::BTreeSet;
+
+use redis::AsyncCommands;
+use serde::Serialize;
+
+use super::registry::WorkerInfo;
+use crate::config::Config;
+use crate::queue::Broker;
+
+#[derive(Debug, Serialize)]
+pub struct QueueStatus {
+    pub name: String,
+    pub pending: u64,
+    /// In the active lists of every registered worker.
+    pub active: u64,
+    pub scheduled: u64,
+    pub dead: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub queues: Vec<QueueStatus>,
+    /// Workers whose registration has not expired.
+    pub workers: Vec<WorkerInfo>,
+}
+
+/// Queues named by the config (served, or used by a job type) and by live
+/// workers; one pipeline of counts.
+pub async fn collect(broker: &Broker, config: &Config) -> redis::RedisResult<StatusReport> {
+    let keys = broker.keys();
+    let mut conn = broker.conn();
+    let ids: Vec<String> = conn.smembers(keys.workers()).await?;
+    let mut ids: Vec<String> = ids;
+    ids.sort();
+    let mut workers = Vec::new();
+    if !ids.is_empty() {
+        let regs: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(ids.iter().map(|id| keys.worker(id)).collect::<Vec<_>>())
+            .query_async(&mut conn)
+            .await?;
+        workers = regs
+            .into_iter()
+            .flatten()
+            .filter_map(|r| serde_json::from_str::<WorkerInfo>(&r).ok())
+            .collect();
+    }
+    let mut names: BTreeSet<String> = config.worker.queues.iter().cloned().collect();
+    names.extend(config.jobs.values().map(|j| j.queue.clone()));
+    names.extend(workers.iter().flat_map(|w| w.queues.iter().cloned()));
+    let names: Vec<String> = names.into_iter().collect();
+
+    let mut pipe = redis::pipe();
+    for q in &names {
+        pipe.llen(keys.pending(q))
+            .zcard(keys.scheduled(q))
+            .llen(keys.dead(q));
+        for id in &ids {
+            pipe.llen(keys.active(q, id));
+        }
+    }
+    let counts: Vec<u64> = pipe.query_async(&mut conn).await?;
+    let per_queue = 3 + ids.len();
+    let queues = names
+        .into_iter()
+        .zip(counts.chunks(per_queue))
+        .map(|(name, c)| QueueStatus {
+            name,
+            pending: c[0],
+            scheduled: c[1],
+            dead: c[2],
+            active: c[3..].iter().sum(),
+        })
+        .collect();
+    Ok(StatusReport { queues, workers })
+}
