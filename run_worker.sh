@@ -54,7 +54,7 @@ Environment (flags given to the daemon > environment > config file > default):
   CONVEYOR_WORKER_ID    worker id when no ID argument is given
   CONVEYOR_QUEUES       comma-separated queues to consume, in priority order
   CONVEYOR_CONCURRENCY  jobs run at once by one daemon
-  CONVEYOR_PREFIX       Redis key prefix (default: conveyor)
+  CONVEYOR_PREFIX       Redis key prefix (default: conveyor; conveyor-demo with --demo)
   CONVEYOR_BIN          conveyor binary to run instead of target/release/conveyor
   CONVEYOR_ENV_FILE     env file to load when -e is not given
   RUST_LOG              log filter, e.g. conveyor=info or conveyor=debug
@@ -456,8 +456,10 @@ run_demo() {
     fi
     export CONVEYOR_REDIS_URL=$url
 
-    # b) SQLite.
+    # b) SQLite, and a key prefix of its own: on a Redis that also serves
+    # real daemons, the demo neither takes their jobs nor gives them its own.
     export CONVEYOR_DB=${CONVEYOR_DB:-data/demo.db}
+    export CONVEYOR_PREFIX=${CONVEYOR_PREFIX:-conveyor-demo}
 
     # c) One daemon.
     local wid=demo-$$

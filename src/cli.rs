@@ -391,10 +391,17 @@ async fn watch(config: &Config, id: Option<&str>, json: bool) -> CliResult {
         .await
         .map_err(|e| Failure::other(format!("cannot subscribe: {e}")))?;
     // Subscribed first, then the stored state: nothing falls in between.
-    if let Some(id) = id
-        && let Some(done) = final_state(config, id)
-    {
-        return finish_watch(id, &done);
+    if let Some(id) = id {
+        match stored_state(config, id) {
+            Some(state) if is_final(&state.status) => return finish_watch(id, &state.status),
+            Some(state) if !json => println!(
+                "{id} {} {:.1}%{} (stored state; following live progress)",
+                state.status,
+                state.progress,
+                state.stage.map(|s| format!(" [{s}]")).unwrap_or_default()
+            ),
+            _ => {}
+        }
     }
     let mut messages = pubsub.on_message();
     let mut poll = tokio::time::interval(Duration::from_secs(1));
@@ -422,20 +429,26 @@ async fn watch(config: &Config, id: Option<&str>, json: bool) -> CliResult {
             // A missed final message (pub/sub is at-most-once) must not
             // leave the watcher hanging: SQLite has the truth.
             _ = poll.tick(), if id.is_some() => {
-                if let Some(id) = id && let Some(done) = final_state(config, id) {
-                    return finish_watch(id, &done);
+                if let Some(id) = id
+                    && let Some(state) = stored_state(config, id)
+                    && is_final(&state.status)
+                {
+                    return finish_watch(id, &state.status);
                 }
             }
         }
     }
 }
 
-fn final_state(config: &Config, id: &str) -> Option<String> {
-    let reader = Reader::open(&config.store.path).ok()?;
-    let job = reader.job(id).ok()??;
-    Status::parse(&job.status)
-        .filter(|s| s.is_final())
-        .map(|_| job.status)
+fn stored_state(config: &Config, id: &str) -> Option<JobRecord> {
+    if !config.store.path.exists() {
+        return None;
+    }
+    Reader::open(&config.store.path).ok()?.job(id).ok()?
+}
+
+fn is_final(status: &str) -> bool {
+    Status::parse(status).is_some_and(Status::is_final)
 }
 
 fn finish_watch(id: &str, status: &str) -> CliResult {

@@ -1,6 +1,6 @@
 //! Liveness of the fetch loop and of Redis, for the systemd watchdog.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Two timestamps, in milliseconds since the daemon started.
@@ -10,6 +10,9 @@ pub struct Health {
     fetch_loop: AtomicU64,
     /// Last successful Redis round trip.
     redis: AtomicU64,
+    /// Shutting down: the fetch loop is gone on purpose and the drain is
+    /// bounded by the grace periods, so the watchdog keeps being fed.
+    draining: AtomicBool,
 }
 
 impl Default for Health {
@@ -18,6 +21,7 @@ impl Default for Health {
             epoch: Instant::now(),
             fetch_loop: AtomicU64::new(0),
             redis: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
         }
     }
 }
@@ -35,11 +39,36 @@ impl Health {
         self.redis.store(self.now(), Ordering::Relaxed);
     }
 
-    /// Both seen within `window`.
+    pub fn draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Draining, or both seen within `window`.
     pub fn healthy(&self, window: Duration) -> bool {
+        if self.draining.load(Ordering::Relaxed) {
+            return true;
+        }
         let now = self.now();
         let window = window.as_millis() as u64;
         let fresh = |t: &AtomicU64| now.saturating_sub(t.load(Ordering::Relaxed)) <= window;
         fresh(&self.fetch_loop) && fresh(&self.redis)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_fetch_loop_is_unhealthy_unless_draining() {
+        let h = Health::default();
+        h.redis_ok();
+        h.fetch_loop_alive();
+        assert!(h.healthy(Duration::from_secs(10)));
+        std::thread::sleep(Duration::from_millis(20));
+        h.redis_ok();
+        assert!(!h.healthy(Duration::from_millis(5)));
+        h.draining();
+        assert!(h.healthy(Duration::from_millis(5)));
     }
 }

@@ -11,7 +11,9 @@
 //! 1. the `shutdown` token fires (SIGTERM/SIGINT): the fetch loop stops
 //!    after its current `BLMOVE` returns (at most `fetch_block_ms`); a job
 //!    it still received goes straight back to pending;
-//! 2. running jobs get `shutdown_grace_secs` to finish;
+//! 2. running stages get `shutdown_grace_secs` to finish; a job whose stage
+//!    finished does not start its next one but is requeued at once, resuming
+//!    there;
 //! 3. then `stop_stages` fires: stages' process groups get SIGTERM, then
 //!    SIGKILL after `kill_grace_secs`; each unfinished job is recorded as
 //!    pending in SQLite and put back on the consuming end of its queue with
@@ -101,6 +103,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         worker_id: worker_id.clone(),
         max_job_bytes: w.max_job_bytes,
         kill_grace: Duration::from_secs(w.kill_grace_secs),
+        draining: shutdown.clone(),
         stop_stages: stop_stages.clone(),
         stats: Stats::default(),
     });
@@ -131,11 +134,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         queues: w.queues.clone(),
         slots: Arc::new(Semaphore::new(w.concurrency)),
         block: Duration::from_millis(w.fetch_block_ms),
-        health,
+        health: health.clone(),
         jobs: jobs.clone(),
     }
     .run(shutdown.clone())
     .await;
+    health.draining();
 
     // Shutdown: the fetch loop has stopped taking jobs.
     crate::notify::stopping();

@@ -44,6 +44,8 @@ pub struct JobEnv {
     pub worker_id: String,
     pub max_job_bytes: usize,
     pub kill_grace: Duration,
+    /// Fires on SIGTERM: running stages may finish, no new stage starts.
+    pub draining: CancellationToken,
     /// Fires when the shutdown grace period is over: stages are stopped.
     pub stop_stages: CancellationToken,
     pub stats: Stats,
@@ -309,7 +311,10 @@ impl Run {
             .or(self.pipeline.timeout);
         let job_deadline = job_timeout.map(|t| (Instant::now() + t, t));
         for index in start..self.pipeline.stages.len() {
-            if self.env.stop_stages.is_cancelled() {
+            // Draining: the stage that was running finished; the next one
+            // would only be cut short by the end of the grace period, so the
+            // job goes back now, resuming here on the next daemon.
+            if self.env.draining.is_cancelled() {
                 return Outcome::Interrupted;
             }
             let stage = &self.pipeline.stages[index];
