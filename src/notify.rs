@@ -51,7 +51,9 @@ pub async fn watchdog(health: Arc<Health>, token: CancellationToken) {
             _ = token.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if health.healthy(interval / 2) {
+        // Alive within the whole interval: a wedge is noticed within about
+        // two intervals, and a BLMOVE block never looks like one.
+        if health.healthy(interval) {
             send(&[NotifyState::Watchdog]);
         }
     }

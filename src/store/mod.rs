@@ -416,13 +416,13 @@ fn finish(tx: &rusqlite::Transaction<'_>, f: &FinishJob) -> rusqlite::Result<()>
 }
 
 fn poison(tx: &rusqlite::Transaction<'_>, p: &PoisonJob) -> rusqlite::Result<()> {
+    // A bad message that reuses the id of a known job must not rewrite that
+    // job's history: the dead-list entry and the log carry its reason.
     tx.prepare_cached(
         "INSERT INTO jobs (id, type, queue, status, payload, error, worker_id,
                            created_at, updated_at, finished_at)
          VALUES (?1, ?2, ?3, 'failed', ?4, ?5, ?6, ?7, ?7, ?7)
-         ON CONFLICT (id) DO UPDATE SET
-            status = 'failed', error = excluded.error, worker_id = excluded.worker_id,
-            updated_at = excluded.updated_at, finished_at = excluded.finished_at",
+         ON CONFLICT (id) DO NOTHING",
     )?
     .execute(params![
         p.id,
@@ -638,6 +638,33 @@ mod tests {
         assert_eq!(reader.schema_version().unwrap(), schema::VERSION);
         drop(store);
         closer.close().await;
+    }
+
+    #[tokio::test]
+    async fn poison_with_a_known_id_leaves_the_job_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let (store, closer) = Store::open(&path).unwrap();
+        store.begin(begin_job("j1")).await.unwrap();
+        let poison = |id: &str| PoisonJob {
+            id: id.into(),
+            kind: "nope".into(),
+            queue: "default".into(),
+            payload: "null".into(),
+            error: "unknown job type `nope`".into(),
+            worker_id: "w1".into(),
+            at: "2026-01-01T00:00:03.000Z".into(),
+        };
+        store.poison(poison("j1")).await.unwrap();
+        store.poison(poison("p1")).await.unwrap();
+        drop(store);
+        closer.close().await;
+        let reader = Reader::open(&path).unwrap();
+        let j1 = reader.job("j1").unwrap().unwrap();
+        assert_eq!((j1.status.as_str(), j1.kind.as_str()), ("running", "t"));
+        let p1 = reader.job("p1").unwrap().unwrap();
+        assert_eq!(p1.status, "failed");
+        assert_eq!(p1.error.as_deref(), Some("unknown job type `nope`"));
     }
 
     #[tokio::test]

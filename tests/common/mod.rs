@@ -1,0 +1,710 @@
+//! Shared harness of the integration tests: a private Redis per test, the
+//! real `conveyor` binary as a daemon or a command, a progress subscriber and
+//! small polling helpers. Every test gets its own Redis, temp dir and key
+//! prefix, so the tests run in parallel.
+
+#![allow(dead_code)]
+
+use std::collections::hash_map::RandomState;
+use std::fs::File;
+use std::hash::{BuildHasher, Hasher};
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_conveyor");
+/// The crate root: daemons run there so `examples/stages/*.sh` resolve.
+pub const CRATE_ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+// ---------------------------------------------------------------- polling
+
+/// Polls `cond` every 25 ms until it holds or `timeout` passes; returns
+/// whether it held. Ends as soon as the condition is true.
+pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Like [`poll_until`], but panics with `what` when the time is up.
+pub fn wait_until(timeout: Duration, what: &str, cond: impl FnMut() -> bool) {
+    assert!(
+        poll_until(timeout, cond),
+        "timed out after {timeout:?} waiting for {what}"
+    );
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let mut out = None;
+    wait_until(timeout, what, || {
+        out = f();
+        out.is_some()
+    });
+    out.expect("set when the wait succeeded")
+}
+
+/// A random hex string (std's `RandomState` is randomly seeded per process,
+/// mixed with a counter, the pid and the time).
+pub fn random_hex() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("{:016x}", h.finish())
+}
+
+/// A key prefix of its own for one test.
+pub fn unique_prefix() -> String {
+    format!("t{}", random_hex())
+}
+
+// ---------------------------------------------------------------- Redis
+
+/// A private `redis-server` on a free loopback port, killed on drop.
+pub struct TestRedis {
+    child: Child,
+    port: u16,
+    dir: TempDir,
+}
+
+impl TestRedis {
+    pub fn start() -> Self {
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("temp dir for redis");
+            let port = {
+                let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+                l.local_addr().expect("local addr").port()
+            };
+            let log_path = dir.path().join("redis.log");
+            let log = File::create(&log_path).expect("redis log file");
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string()])
+                .args(["--bind", "127.0.0.1"])
+                .args(["--save", ""])
+                .args(["--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("dup log"))
+                .stderr(log)
+                .spawn()
+                .expect("start redis-server (is it installed?)");
+            let mut redis = TestRedis { child, port, dir };
+            if redis.wait_ready(Duration::from_secs(5)) {
+                return redis;
+            }
+            last_log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            // Drop kills it; try another port (someone took this one).
+        }
+        panic!("redis-server did not start after 5 tries; last log:\n{last_log}");
+    }
+
+    /// Waits until PING answers; false when the server exited or the time
+    /// ran out.
+    fn wait_ready(&mut self, timeout: Duration) -> bool {
+        let client = redis::Client::open(self.url()).expect("redis url");
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(200))
+                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).expect("redis url")
+    }
+
+    /// A new blocking connection, for inspection and raw pushes.
+    pub fn conn(&self) -> redis::Connection {
+        self.client()
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .expect("connect to the test redis")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------- daemon
+
+/// The real binary running `conveyor worker`, killed on drop. Its stderr
+/// (JSON logs) goes to a file; the log is printed when a test panics.
+pub struct Daemon {
+    child: Child,
+    pub worker_id: String,
+    log_path: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+/// Environment every spawned `conveyor` gets, with any `CONVEYOR_*` of the
+/// test runner's own environment removed first.
+fn base_command(redis_url: &str, prefix: &str, db: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("CONVEYOR_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.current_dir(CRATE_ROOT)
+        .env("CONVEYOR_REDIS_URL", redis_url)
+        .env("CONVEYOR_PREFIX", prefix)
+        .env("CONVEYOR_DB", db)
+        .env("CONVEYOR_LOG_FORMAT", "json")
+        .env("RUST_LOG", "conveyor=debug")
+        .stdin(Stdio::null());
+    cmd
+}
+
+impl Daemon {
+    /// Starts `conveyor worker --config C --worker-id W` and waits until it
+    /// logs `worker_started` (15 s at most).
+    pub fn start(
+        redis_url: &str,
+        prefix: &str,
+        db: &Path,
+        config: &Path,
+        worker_id: &str,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
+        let mut d = Self::spawn(redis_url, prefix, db, config, worker_id, &[], extra_env);
+        d.wait_started();
+        d
+    }
+
+    /// Starts the daemon without waiting for it to be ready.
+    pub fn spawn(
+        redis_url: &str,
+        prefix: &str,
+        db: &Path,
+        config: &Path,
+        worker_id: &str,
+        extra_args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> Self {
+        let log_dir = db.parent().expect("db path has a directory");
+        let log_path = log_dir.join(format!("worker-{worker_id}-{}.log", random_hex()));
+        let log = File::create(&log_path).expect("daemon log file");
+        let mut cmd = base_command(redis_url, prefix, db);
+        cmd.arg("worker")
+            .arg("--config")
+            .arg(config)
+            .args(["--worker-id", worker_id])
+            .args(extra_args)
+            .envs(extra_env.iter().copied())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log);
+        let child = cmd.spawn().expect("spawn conveyor worker");
+        Daemon {
+            child,
+            worker_id: worker_id.to_owned(),
+            log_path,
+            exited: None,
+        }
+    }
+
+    fn wait_started(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let log = self.log();
+            if log.contains("\"worker_started\"") {
+                return;
+            }
+            if self.has_exited() {
+                panic!(
+                    "daemon {} exited ({:?}) before it started; log:\n{log}",
+                    self.worker_id, self.exited
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "daemon {} did not log worker_started within 15 s; log:\n{log}",
+                    self.worker_id
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn signal(&self, sig: i32) {
+        if self.exited.is_none() {
+            // SAFETY: sends a signal to our own child, not yet reaped.
+            unsafe {
+                libc::kill(self.pid(), sig);
+            }
+        }
+    }
+
+    pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    pub fn sigkill(&self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    /// Whether the process has exited (reaping it if so).
+    pub fn has_exited(&mut self) -> bool {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().expect("try_wait");
+        }
+        self.exited.is_some()
+    }
+
+    /// Waits for the exit; panics (printing the log) after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        while !self.has_exited() {
+            if Instant::now() >= deadline {
+                panic!(
+                    "daemon {} did not exit within {timeout:?}; log:\n{}",
+                    self.worker_id,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.exited.expect("exited")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The parsed JSON log lines (other lines are skipped).
+    pub fn log_events(&self) -> Vec<Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if !self.has_exited() {
+            self.sigkill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "----- log of daemon {} -----\n{}\n----- end of log -----",
+                self.worker_id,
+                self.log()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------- per test
+
+/// Everything one test owns: its Redis, temp dir, key prefix, SQLite path
+/// and config file.
+pub struct Harness {
+    pub redis: TestRedis,
+    pub dir: TempDir,
+    pub prefix: String,
+    pub db: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Harness {
+    /// A harness whose config file holds `config_toml`.
+    pub fn new(config_toml: &str) -> Self {
+        let redis = TestRedis::start();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = dir.path().join("conveyor.db");
+        let config = dir.path().join("conveyor.toml");
+        std::fs::write(&config, config_toml).expect("write config");
+        Harness {
+            redis,
+            dir,
+            prefix: unique_prefix(),
+            db,
+            config,
+        }
+    }
+
+    /// A harness using a config file that exists already (e.g. the shipped one).
+    pub fn with_config_file(config: &Path) -> Self {
+        let mut h = Self::new("");
+        h.config = config.to_owned();
+        h
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Overwrites the config file.
+    pub fn write_config(&self, toml: &str) {
+        std::fs::write(&self.config, toml).expect("write config");
+    }
+
+    pub fn daemon(&self, worker_id: &str, extra_env: &[(&str, &str)]) -> Daemon {
+        Daemon::start(
+            &self.redis.url(),
+            &self.prefix,
+            &self.db,
+            &self.config,
+            worker_id,
+            extra_env,
+        )
+    }
+
+    pub fn spawn_daemon(
+        &self,
+        worker_id: &str,
+        extra_args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> Daemon {
+        Daemon::spawn(
+            &self.redis.url(),
+            &self.prefix,
+            &self.db,
+            &self.config,
+            worker_id,
+            extra_args,
+            extra_env,
+        )
+    }
+
+    /// Runs `conveyor --config C <args>` with this test's Redis, prefix and
+    /// database; waits at most 30 s.
+    pub fn cli(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = base_command(&self.redis.url(), &self.prefix, &self.db);
+        cmd.arg("--config").arg(&self.config).args(args);
+        cmd.envs(env.iter().copied());
+        run_with_timeout(cmd, Duration::from_secs(30))
+    }
+
+    /// Runs `conveyor <args>` (no `--config` added) with this test's Redis,
+    /// prefix and database; waits at most 30 s.
+    pub fn cli_without_config(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = base_command(&self.redis.url(), &self.prefix, &self.db);
+        cmd.args(args).envs(env.iter().copied());
+        run_with_timeout(cmd, Duration::from_secs(30))
+    }
+
+    /// `conveyor job ID --json`, parsed; `None` when the command fails
+    /// (e.g. no such job yet).
+    pub fn job(&self, id: &str) -> Option<Value> {
+        let out = self.cli(&["job", id, "--json"], &[]);
+        if !out.status.success() {
+            return None;
+        }
+        Some(serde_json::from_slice(&out.stdout).expect("job --json is JSON"))
+    }
+
+    /// `conveyor job ID --json`; panics when the job is not there.
+    pub fn job_ok(&self, id: &str) -> Value {
+        let out = self.cli(&["job", id, "--json"], &[]);
+        assert!(
+            out.status.success(),
+            "conveyor job {id} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("job --json is JSON")
+    }
+
+    /// The job's status in SQLite, read directly (cheaper than the CLI for
+    /// polling).
+    pub fn job_status(&self, id: &str) -> Option<String> {
+        self.sql_query(|c| c.query_row("SELECT status FROM jobs WHERE id = ?1", [id], |r| r.get(0)))
+    }
+
+    /// Status of one stage of a job in SQLite.
+    pub fn stage_status(&self, id: &str, stage: &str) -> Option<String> {
+        self.sql_query(|c| {
+            c.query_row(
+                "SELECT status FROM stages WHERE job_id = ?1 AND name = ?2",
+                [id, stage],
+                |r| r.get(0),
+            )
+        })
+    }
+
+    /// Number of jobs with `status` in SQLite (0 while there is no database).
+    pub fn count_status(&self, status: &str) -> u64 {
+        self.sql_query(|c| {
+            c.query_row(
+                "SELECT count(*) FROM jobs WHERE status = ?1",
+                [status],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .unwrap_or(0) as u64
+    }
+
+    /// Runs a read-only query; `None` when the database or row is missing.
+    pub fn sql_query<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
+    ) -> Option<T> {
+        if !self.db.exists() {
+            return None;
+        }
+        let conn = rusqlite::Connection::open_with_flags(
+            &self.db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .ok()?;
+        conn.busy_timeout(Duration::from_secs(5)).ok()?;
+        f(&conn).ok()
+    }
+
+    /// `conveyor status --json`, parsed.
+    pub fn status(&self) -> Value {
+        let out = self.cli(&["status", "--json"], &[]);
+        assert!(
+            out.status.success(),
+            "conveyor status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
+
+    // Keys of the contract.
+    pub fn pending_key(&self, queue: &str) -> String {
+        format!("{}:{{{queue}}}:pending", self.prefix)
+    }
+    pub fn active_key(&self, queue: &str, worker: &str) -> String {
+        format!("{}:{{{queue}}}:active:{worker}", self.prefix)
+    }
+    pub fn dead_key(&self, queue: &str) -> String {
+        format!("{}:{{{queue}}}:dead", self.prefix)
+    }
+    pub fn worker_key(&self, worker: &str) -> String {
+        format!("{}:worker:{worker}", self.prefix)
+    }
+
+    /// A whole list, left to right, as raw bytes.
+    pub fn lrange(&self, key: &str) -> Vec<Vec<u8>> {
+        redis::cmd("LRANGE")
+            .arg(key)
+            .arg(0)
+            .arg(-1)
+            .query(&mut self.redis.conn())
+            .expect("LRANGE")
+    }
+
+    /// A whole list, left to right, each element parsed as JSON.
+    pub fn lrange_json(&self, key: &str) -> Vec<Value> {
+        self.lrange(key)
+            .iter()
+            .map(|raw| {
+                serde_json::from_slice(raw).unwrap_or_else(|e| {
+                    panic!(
+                        "{key} holds non-JSON {:?}: {e}",
+                        String::from_utf8_lossy(raw)
+                    )
+                })
+            })
+            .collect()
+    }
+
+    pub fn llen(&self, key: &str) -> u64 {
+        redis::cmd("LLEN")
+            .arg(key)
+            .query(&mut self.redis.conn())
+            .expect("LLEN")
+    }
+
+    /// What any producer does: LPUSH one message onto a pending list.
+    pub fn lpush(&self, queue: &str, message: impl AsRef<[u8]>) {
+        let _: i64 = redis::cmd("LPUSH")
+            .arg(self.pending_key(queue))
+            .arg(message.as_ref())
+            .query(&mut self.redis.conn())
+            .expect("LPUSH");
+    }
+
+    /// A progress subscriber on `P:progress:*`, subscribed on return.
+    pub fn subscribe(&self) -> ProgressSub {
+        ProgressSub::start(&self.redis, &format!("{}:progress:*", self.prefix))
+    }
+}
+
+/// Runs a command to the end, killing it after `timeout`.
+pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
+    cmd.stdin(Stdio::null())
+        .stdout(File::create(&out_path).expect("stdout file"))
+        .stderr(File::create(&err_path).expect("stderr file"));
+    let mut child = cmd.spawn().expect("spawn command");
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} did not finish within {timeout:?}; stderr:\n{}",
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let read = |p: &Path| {
+        let mut v = Vec::new();
+        File::open(p)
+            .and_then(|mut f| f.read_to_end(&mut v))
+            .expect("read output");
+        v
+    };
+    Output {
+        status,
+        stdout: read(&out_path),
+        stderr: read(&err_path),
+    }
+}
+
+// ---------------------------------------------------------------- ledger
+
+/// Lines of a ledger file written by stage scripts (empty if absent).
+pub fn ledger_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// How many ledger lines start with `prefix` followed by a space or the end
+/// (`"S s1 job1"` matches lines `S s1 job1` and `S s1 job1 <pid>`).
+pub fn ledger_count(path: &Path, prefix: &str) -> usize {
+    ledger_lines(path)
+        .iter()
+        .filter(|l| *l == prefix || l.starts_with(&format!("{prefix} ")))
+        .count()
+}
+
+// ---------------------------------------------------------------- progress
+
+/// Collects progress messages from a pattern subscription in a thread of its
+/// own. The thread ends when its Redis goes away (end of the test).
+pub struct ProgressSub {
+    messages: Arc<Mutex<Vec<Value>>>,
+}
+
+impl ProgressSub {
+    pub fn start(redis: &TestRedis, pattern: &str) -> Self {
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let mut conn = redis.conn();
+        let pattern_owned = pattern.to_owned();
+        let sink = messages.clone();
+        std::thread::spawn(move || {
+            let mut pubsub = conn.as_pubsub();
+            // Returns once the server confirmed the subscription.
+            let subscribed = pubsub.psubscribe(&pattern_owned);
+            let ok = subscribed.is_ok();
+            let _ = ready_tx.send(subscribed.map_err(|e| e.to_string()));
+            if !ok {
+                return;
+            }
+            while let Ok(msg) = pubsub.get_message() {
+                let body: Vec<u8> = match msg.get_payload() {
+                    Ok(b) => b,
+                    Err(_) => continue,
+                };
+                let value = serde_json::from_slice(&body).unwrap_or_else(|_| {
+                    Value::String(format!(
+                        "unparsable message: {}",
+                        String::from_utf8_lossy(&body)
+                    ))
+                });
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(value);
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("subscriber thread answered")
+            .expect("PSUBSCRIBE succeeded");
+        // Belt and braces: the server counts the pattern.
+        let numpat: i64 = redis::cmd("PUBSUB")
+            .arg("NUMPAT")
+            .query(&mut redis.conn())
+            .expect("PUBSUB NUMPAT");
+        assert!(numpat >= 1, "pattern subscription not registered");
+        ProgressSub { messages }
+    }
+
+    /// Every message so far, in arrival order.
+    pub fn all(&self) -> Vec<Value> {
+        self.messages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The messages of one job, in arrival order.
+    pub fn for_job(&self, id: &str) -> Vec<Value> {
+        self.all()
+            .into_iter()
+            .filter(|m| m["job_id"] == id)
+            .collect()
+    }
+
+    /// Waits until a message of `id` has `status`; returns it.
+    pub fn wait_status(&self, id: &str, status: &str, timeout: Duration) -> Value {
+        wait_for(
+            timeout,
+            &format!("a progress message of {id} with status {status}"),
+            || self.for_job(id).into_iter().find(|m| m["status"] == status),
+        )
+    }
+}
