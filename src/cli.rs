@@ -77,12 +77,45 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Cancel a job: a pending or scheduled one never runs, a running one stops
+    Cancel { id: String },
+    /// Put a dead job back on its queue with fresh attempts
+    Retry { id: String },
+    /// The dead-letter lists
+    #[command(subcommand)]
+    Dead(DeadCommand),
     /// Follow progress messages: of one job until it ends, or of all jobs
     Watch {
         id: Option<String>,
         /// Print the raw JSON messages
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadCommand {
+    /// Show dead jobs, newest first
+    List {
+        #[arg(long)]
+        queue: Option<String>,
+        /// Entries shown per queue
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead jobs back on their queue with fresh attempts (all, or IDS)
+    Retry {
+        #[arg(long)]
+        queue: Option<String>,
+        ids: Vec<String>,
+    },
+    /// Delete dead jobs (all, or IDS)
+    Purge {
+        #[arg(long)]
+        queue: Option<String>,
+        ids: Vec<String>,
     },
 }
 
@@ -131,13 +164,13 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn usage(message: impl Into<String>) -> Self {
+    pub(crate) fn usage(message: impl Into<String>) -> Self {
         Self {
             code: 2,
             message: message.into(),
         }
     }
-    fn other(message: impl Into<String>) -> Self {
+    pub(crate) fn other(message: impl Into<String>) -> Self {
         Self {
             code: 1,
             message: message.into(),
@@ -151,7 +184,7 @@ impl From<ConfigError> for Failure {
     }
 }
 
-type CliResult = Result<(), Failure>;
+pub(crate) type CliResult = Result<(), Failure>;
 
 impl Cli {
     pub fn overrides(&self) -> Overrides {
@@ -188,6 +221,9 @@ pub async fn run(cli: Cli) -> ExitCode {
             Command::Job { id, json } => job(&config, id, *json),
             Command::Status { json } => status(&config, *json).await,
             Command::Watch { id, json } => watch(&config, id.as_deref(), *json).await,
+            Command::Cancel { id } => crate::admin::cancel(&config, id).await,
+            Command::Retry { id } => crate::admin::retry(&config, id).await,
+            Command::Dead(cmd) => crate::admin::dead(&config, cmd).await,
         },
     };
     match result {
@@ -208,7 +244,7 @@ async fn worker(config: Config) -> CliResult {
     })
 }
 
-async fn connect(config: &Config) -> Result<Broker, Failure> {
+pub(crate) async fn connect(config: &Config) -> Result<Broker, Failure> {
     // The command line fails fast rather than waiting out an outage.
     tokio::time::timeout(
         Duration::from_secs(5),

@@ -46,6 +46,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub worker: WorkerConfig,
     pub store: StoreConfig,
+    pub retry: RetryConfig,
     /// Job types by name: each one is a pipeline of stages.
     pub jobs: BTreeMap<String, JobTypeConfig>,
 }
@@ -94,6 +95,11 @@ pub struct WorkerConfig {
     pub fetch_block_ms: u64,
     /// Messages larger than this are dead-lettered without being parsed.
     pub max_job_bytes: usize,
+    /// A job whose daemon died this many times while running it goes to the
+    /// dead list instead of being run again (and crashing the next daemon).
+    pub max_crashes: u32,
+    /// How often scheduled jobs (retries) that are due move to pending.
+    pub promote_interval_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -108,6 +114,8 @@ impl Default for WorkerConfig {
             dead_after_secs: 15,
             fetch_block_ms: 1000,
             max_job_bytes: 1024 * 1024,
+            max_crashes: 3,
+            promote_interval_ms: 1000,
         }
     }
 }
@@ -127,15 +135,60 @@ impl Default for StoreConfig {
     }
 }
 
+/// Retry defaults; a job type, and a job, may override each of them.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts in all (the first run included) before the job goes to dead.
+    pub max_attempts: u32,
+    /// Delay before the second attempt; doubles with each attempt, with
+    /// jitter (a random 50-100 % of it, so retries of a batch spread out).
+    pub backoff_ms: u64,
+    /// Longest delay between attempts.
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            backoff_ms: 1000,
+            backoff_max_ms: 600_000,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// Delay before attempt `failed + 1`, `failed` >= 1, before jitter:
+    /// `backoff_ms * 2^(failed-1)`, at most `backoff_max_ms`.
+    pub fn delay_ms(&self, failed: u32) -> u64 {
+        let factor = 1u64
+            .checked_shl(failed.saturating_sub(1))
+            .unwrap_or(u64::MAX);
+        self.backoff_ms
+            .saturating_mul(factor)
+            .min(self.backoff_max_ms)
+    }
+
+    /// [`Self::delay_ms`] with jitter: uniformly 50-100 % of it.
+    pub fn jittered_delay_ms(&self, failed: u32) -> u64 {
+        let d = self.delay_ms(failed);
+        d / 2 + fastrand::u64(0..=d - d / 2)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobTypeConfig {
     /// Queue `conveyor enqueue` pushes this type to when `--queue` is absent.
     #[serde(default = "default_queue")]
     pub queue: String,
-    /// Attempts before a job goes to the dead list (used by retries).
-    #[serde(default = "default_max_attempts")]
-    pub max_attempts: u32,
+    /// Override of `retry.max_attempts`.
+    pub max_attempts: Option<u32>,
+    /// Override of `retry.backoff_ms`.
+    pub backoff_ms: Option<u64>,
+    /// Override of `retry.backoff_max_ms`.
+    pub backoff_max_ms: Option<u64>,
     /// Deadline of a whole attempt, all stages together; none by default.
     pub timeout_secs: Option<u64>,
     pub stages: Vec<StageConfig>,
@@ -143,10 +196,6 @@ pub struct JobTypeConfig {
 
 fn default_queue() -> String {
     "default".into()
-}
-
-fn default_max_attempts() -> u32 {
-    3
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -255,9 +304,19 @@ impl Config {
         self.worker.id.clone().unwrap_or_else(hostname)
     }
 
+    /// The retry policy of a job type (defaults, then its overrides).
+    pub fn retry_for(&self, job: &JobTypeConfig) -> RetryConfig {
+        RetryConfig {
+            max_attempts: job.max_attempts.unwrap_or(self.retry.max_attempts),
+            backoff_ms: job.backoff_ms.unwrap_or(self.retry.backoff_ms),
+            backoff_max_ms: job.backoff_max_ms.unwrap_or(self.retry.backoff_max_ms),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_redis()?;
         self.validate_worker()?;
+        validate_retry("retry", &self.retry)?;
         if self.store.path.as_os_str().is_empty() {
             return Err(invalid("store.path", "must not be empty"));
         }
@@ -317,6 +376,15 @@ impl Config {
         if w.max_job_bytes < 64 {
             return Err(invalid("worker.max_job_bytes", "must be at least 64"));
         }
+        if w.max_crashes == 0 {
+            return Err(invalid("worker.max_crashes", "must be at least 1"));
+        }
+        if !(10..=60_000).contains(&w.promote_interval_ms) {
+            return Err(invalid(
+                "worker.promote_interval_ms",
+                "must be between 10 and 60000",
+            ));
+        }
         Ok(())
     }
 }
@@ -327,9 +395,14 @@ fn validate_job_type(name: &str, job: &JobTypeConfig) -> Result<(), ConfigError>
         return Err(invalid("jobs", "a job type name must not be empty"));
     }
     check_name(&format!("{key}.queue"), &job.queue)?;
-    if job.max_attempts == 0 {
-        return Err(invalid(format!("{key}.max_attempts"), "must be at least 1"));
-    }
+    validate_retry(
+        &key,
+        &RetryConfig {
+            max_attempts: job.max_attempts.unwrap_or(1),
+            backoff_ms: job.backoff_ms.unwrap_or(0),
+            backoff_max_ms: job.backoff_max_ms.unwrap_or(u64::MAX),
+        },
+    )?;
     if job.timeout_secs == Some(0) {
         return Err(invalid(format!("{key}.timeout_secs"), "must be at least 1"));
     }
@@ -388,6 +461,22 @@ fn validate_job_type(name: &str, job: &JobTypeConfig) -> Result<(), ConfigError>
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn validate_retry(key: &str, r: &RetryConfig) -> Result<(), ConfigError> {
+    if !(1..=1000).contains(&r.max_attempts) {
+        return Err(invalid(
+            format!("{key}.max_attempts"),
+            "must be between 1 and 1000",
+        ));
+    }
+    if r.backoff_ms > r.backoff_max_ms {
+        return Err(invalid(
+            format!("{key}.backoff_ms"),
+            "must not be more than backoff_max_ms",
+        ));
     }
     Ok(())
 }
@@ -507,6 +596,41 @@ mod tests {
             "[jobs.x]\nstages = [{ name = \"a\", builtin = \"noop\" }, { name = \"a\", builtin = \"noop\" }]\n",
         );
         assert!(e.contains("stages[1].name"), "{e}");
+    }
+
+    #[test]
+    fn retry_defaults_and_overrides() {
+        let c = Config::from_toml(
+            "[retry]\nbackoff_ms = 100\n[jobs.x]\nmax_attempts = 5\nbackoff_max_ms = 300\n\
+             stages = [{ name = \"a\", builtin = \"noop\" }]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let r = c.retry_for(&c.jobs["x"]);
+        assert_eq!(
+            r,
+            RetryConfig {
+                max_attempts: 5,
+                backoff_ms: 100,
+                backoff_max_ms: 300
+            }
+        );
+        assert_eq!(
+            [r.delay_ms(1), r.delay_ms(2), r.delay_ms(3), r.delay_ms(60)],
+            [100, 200, 300, 300]
+        );
+        for failed in 1..10 {
+            let d = r.jittered_delay_ms(failed);
+            assert!(
+                d >= r.delay_ms(failed) / 2 && d <= r.delay_ms(failed),
+                "{d}"
+            );
+        }
+        let e = err("[retry]\nbackoff_ms = 10\nbackoff_max_ms = 5\n");
+        assert!(e.starts_with("config key `retry.backoff_ms`"), "{e}");
+        let e =
+            err("[jobs.x]\nmax_attempts = 0\nstages = [{ name = \"a\", builtin = \"noop\" }]\n");
+        assert!(e.starts_with("config key `jobs.\"x\".max_attempts`"), "{e}");
     }
 
     #[test]

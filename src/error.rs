@@ -39,13 +39,21 @@ pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-/// Backoff for one state change of one job (ack, requeue, dead-letter):
-/// about 30 s in all. Giving up is safe: the job stays in the active list,
-/// is recovered later, and SQLite deduplicates what was already finished.
-pub fn job_op_backoff() -> ExponentialBuilder {
+/// Backoff for one state change of one job (claim, ack, requeue,
+/// dead-letter): 50 ms doubling to 5 s, jittered, for as long as Redis is
+/// away; the caller stops at shutdown. A job's state is never dropped
+/// because Redis was down.
+pub fn job_op_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
         .with_max_delay(Duration::from_secs(5))
         .with_jitter()
-        .with_max_times(10)
+        .without_max_times()
+        .build()
+}
+
+/// `base` stretched by a random factor in [0.8, 1.2], so that periodic
+/// work of many daemons (promotion, reaping) does not run in lockstep.
+pub fn jittered(base: Duration) -> Duration {
+    base.mul_f64(0.8 + fastrand::f64() * 0.4)
 }

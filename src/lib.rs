@@ -17,8 +17,10 @@
 //! - [`shutdown`]: OS signals to a cancellation token.
 //! - [`telemetry`]: structured logs.
 //! - [`notify`]: systemd readiness, watchdog and status.
-//! - [`cli`]: the `conveyor` command line (the binary is a thin wrapper).
+//! - [`cli`]: the `conveyor` command line (the binary is a thin wrapper);
+//!   [`admin`]: its operator commands (cancel, retry, dead letters).
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -914,7 +914,6 @@ fn sigterm_lets_a_short_stage_finish_within_grace() {
 /// CONTRACT "Shutdown and crashes": a daemon killed without warning has its
 /// jobs recovered by any live daemon once its heartbeat expired.
 #[test]
-#[ignore = "issue 3 (crash recovery): a reaper recovers the jobs of a daemon whose heartbeat expired"]
 fn killed_daemons_jobs_are_recovered_by_another_live_daemon() {
     let h = Harness::new("");
     let ledger = h.path("ledger");
@@ -937,7 +936,6 @@ fn killed_daemons_jobs_are_recovered_by_another_live_daemon() {
 /// 0, 64, 65) is retried with backoff until `max_attempts`; status
 /// `retrying` in between.
 #[test]
-#[ignore = "issue 3 (retries): retryable failures are scheduled with backoff up to max_attempts"]
 fn retryable_failure_is_retried_up_to_max_attempts() {
     let h = Harness::new("");
     let marker = h.path("failed-once");
@@ -978,7 +976,7 @@ env = {{ MARKER = {} }}
 /// CONTRACT "Pipelines (config)": the example config of the contract
 /// (with `[retry]` and `worker.http`) is a valid config.
 #[test]
-#[ignore = "issues 3 and 6: the contract example's [retry] section and worker.http key"]
+#[ignore = "issue 6: the contract example's worker.http key"]
 fn contract_example_config_is_accepted() {
     let h = Harness::new(
         r#"
@@ -1023,7 +1021,7 @@ stages = [
 
 /// CONTRACT "CLI": the commands and options it lists exist.
 #[test]
-#[ignore = "issues 3, 5 and 6: cancel, retry, dead, doctor, dashboard and enqueue --delay"]
+#[ignore = "issues 5 and 6: doctor, dashboard and enqueue --delay"]
 fn contract_cli_commands_exist() {
     let h = Harness::new("");
     let mut missing = Vec::new();

@@ -1,13 +1,17 @@
 //! The Redis side of a queue, through the library (`conveyor::queue::Broker`)
-//! against a private Redis: the Lua scripts (transition, recover) and the
-//! fetch commands.
+//! against a private Redis: every branch of the Lua scripts (claim, settle,
+//! recover, promote), the fetch commands, cancellation and the dead list.
+//!
+//! "Changes nothing" is checked exactly: a snapshot of every key of the
+//! test's prefix is taken before and after the call.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{TestRedis, unique_prefix};
-use conveyor::queue::{Broker, Destination, Fetched};
+use conveyor::queue::{Broker, Claim, Fetched, Keys, Next};
 
 struct Ctx {
     redis: TestRedis,
@@ -28,54 +32,105 @@ async fn ctx() -> Ctx {
     }
 }
 
+/// The content of one Redis key, for exact comparisons.
+#[derive(Debug, Clone, PartialEq)]
+enum Val {
+    List(Vec<String>),
+    Hash(BTreeMap<String, String>),
+    Zset(Vec<(String, f64)>),
+    Str(String),
+}
+
 impl Ctx {
-    fn pending(&self, q: &str) -> String {
-        format!("{}:{{{q}}}:pending", self.prefix)
+    fn k(&self) -> &Keys {
+        self.broker.keys()
     }
-    fn active(&self, q: &str, w: &str) -> String {
-        format!("{}:{{{q}}}:active:{w}", self.prefix)
-    }
-    fn dead(&self, q: &str) -> String {
-        format!("{}:{{{q}}}:dead", self.prefix)
+
+    fn cmd<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> T {
+        cmd.query(&mut self.redis.conn()).expect("redis command")
     }
 
     /// A list, left to right, as strings.
     fn list(&self, key: &str) -> Vec<String> {
-        redis::cmd("LRANGE")
-            .arg(key)
-            .arg(0)
-            .arg(-1)
-            .query(&mut self.redis.conn())
-            .expect("LRANGE")
+        self.cmd(redis::cmd("LRANGE").arg(key).arg(0).arg(-1))
     }
 
     /// RPUSH each element (so the list reads left to right as given).
     fn set_list(&self, key: &str, items: &[&str]) {
-        let mut conn = self.redis.conn();
-        let _: () = redis::cmd("DEL").arg(key).query(&mut conn).unwrap();
+        let _: i64 = self.cmd(redis::cmd("DEL").arg(key));
         if !items.is_empty() {
-            let _: i64 = redis::cmd("RPUSH")
-                .arg(key)
-                .arg(items)
-                .query(&mut conn)
-                .unwrap();
+            let _: i64 = self.cmd(redis::cmd("RPUSH").arg(key).arg(items));
         }
     }
 
     fn lpush(&self, key: &str, item: &str) {
-        let _: i64 = redis::cmd("LPUSH")
-            .arg(key)
-            .arg(item)
-            .query(&mut self.redis.conn())
-            .unwrap();
+        let _: i64 = self.cmd(redis::cmd("LPUSH").arg(key).arg(item));
     }
 
     fn rpop(&self, key: &str) -> Option<String> {
-        redis::cmd("RPOP")
-            .arg(key)
-            .query(&mut self.redis.conn())
-            .unwrap()
+        self.cmd(redis::cmd("RPOP").arg(key))
     }
+
+    fn hash(&self, key: &str) -> BTreeMap<String, String> {
+        self.cmd(redis::cmd("HGETALL").arg(key))
+    }
+
+    fn hset(&self, key: &str, field: &str, value: &str) {
+        let _: i64 = self.cmd(redis::cmd("HSET").arg(key).arg(field).arg(value));
+    }
+
+    fn zset(&self, key: &str) -> Vec<(String, f64)> {
+        self.cmd(
+            redis::cmd("ZRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES"),
+        )
+    }
+
+    fn zadd(&self, key: &str, score: u64, member: &str) {
+        let _: i64 = self.cmd(redis::cmd("ZADD").arg(key).arg(score).arg(member));
+    }
+
+    /// Redis' clock in Unix ms, as the scripts compute it.
+    fn redis_now_ms(&self) -> u64 {
+        let (secs, micros): (u64, u64) = self.cmd(&mut redis::cmd("TIME"));
+        secs * 1000 + micros / 1000
+    }
+
+    /// Every key of this test's prefix with its content.
+    fn snapshot(&self) -> BTreeMap<String, Val> {
+        let mut conn = self.redis.conn();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.prefix))
+            .query(&mut conn)
+            .unwrap();
+        keys.into_iter()
+            .map(|key| {
+                let kind: String = redis::cmd("TYPE").arg(&key).query(&mut conn).unwrap();
+                let val = match kind.as_str() {
+                    "list" => Val::List(self.list(&key)),
+                    "hash" => Val::Hash(self.hash(&key)),
+                    "zset" => Val::Zset(self.zset(&key)),
+                    "string" => Val::Str(redis::cmd("GET").arg(&key).query(&mut conn).unwrap()),
+                    other => panic!("unexpected type {other} of {key}"),
+                };
+                (key, val)
+            })
+            .collect()
+    }
+}
+
+/// A job entry as a producer would push it.
+fn job(id: &str) -> String {
+    serde_json::json!({ "id": id, "type": "t", "payload": { "n": id } }).to_string()
+}
+
+fn map(v: &[(&str, &str)]) -> BTreeMap<String, String> {
+    v.iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect()
 }
 
 fn texts(jobs: &[Fetched]) -> Vec<(String, String)> {
@@ -90,152 +145,20 @@ fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
-#[tokio::test]
-async fn transition_to_pending_pushes_at_the_consuming_end() {
-    let c = ctx().await;
-    let (q, w) = ("default", "w1");
-    c.set_list(&c.active(q, w), &["a2", "x", "a1"]);
-    c.set_list(&c.pending(q), &["p2", "p1"]); // p1 is next (right end)
-    let moved = c
-        .broker
-        .transition(q, w, b"x", Destination::Pending, b"x-new")
-        .await
-        .unwrap();
-    assert!(moved);
-    assert_eq!(c.list(&c.active(q, w)), ["a2", "a1"]);
-    assert_eq!(c.list(&c.pending(q)), ["p2", "p1", "x-new"]);
-    assert_eq!(
-        c.rpop(&c.pending(q)).as_deref(),
-        Some("x-new"),
-        "taken next"
-    );
-    assert!(c.list(&c.dead(q)).is_empty());
-}
+const Q: &str = "default";
+const W: &str = "w1";
 
-#[tokio::test]
-async fn transition_to_dead_pushes_at_the_left() {
-    let c = ctx().await;
-    let (q, w) = ("default", "w1");
-    c.set_list(&c.active(q, w), &["x", "a1"]);
-    c.set_list(&c.dead(q), &["d1"]);
-    let moved = c
-        .broker
-        .transition(q, w, b"x", Destination::Dead, b"x-dead")
-        .await
-        .unwrap();
-    assert!(moved);
-    assert_eq!(c.list(&c.active(q, w)), ["a1"]);
-    assert_eq!(c.list(&c.dead(q)), ["x-dead", "d1"]);
-    assert!(c.list(&c.pending(q)).is_empty());
-}
-
-#[tokio::test]
-async fn transition_to_active_rewrites_in_place() {
-    let c = ctx().await;
-    let (q, w) = ("default", "w1");
-    c.set_list(&c.active(q, w), &["a2", "x", "a1"]);
-    let moved = c
-        .broker
-        .transition(q, w, b"x", Destination::Active, b"x-with-id")
-        .await
-        .unwrap();
-    assert!(moved);
-    let active = c.list(&c.active(q, w));
-    assert_eq!(active.len(), 3, "{active:?}");
-    assert_eq!(active, ["x-with-id", "a2", "a1"]);
-    assert!(c.list(&c.pending(q)).is_empty());
-    assert!(c.list(&c.dead(q)).is_empty());
-}
-
-#[tokio::test]
-async fn transition_removes_one_copy_only() {
-    let c = ctx().await;
-    let (q, w) = ("default", "w1");
-    c.set_list(&c.active(q, w), &["x", "x"]);
-    assert!(
-        c.broker
-            .transition(q, w, b"x", Destination::Pending, b"y")
-            .await
-            .unwrap()
-    );
-    assert_eq!(c.list(&c.active(q, w)), ["x"]);
-    assert_eq!(c.list(&c.pending(q)), ["y"]);
-}
-
-#[tokio::test]
-async fn transition_of_an_absent_element_pushes_nothing() {
-    let c = ctx().await;
-    let (q, w) = ("default", "w1");
-    c.set_list(&c.active(q, w), &["a1"]);
-    c.set_list(&c.pending(q), &["p1"]);
-    c.set_list(&c.dead(q), &["d1"]);
-    // Another worker's list holding the element does not count.
-    c.set_list(&c.active(q, "w2"), &["x"]);
-    for dest in [Destination::Pending, Destination::Dead, Destination::Active] {
-        let moved = c
-            .broker
-            .transition(q, w, b"x", dest, b"x-new")
-            .await
-            .unwrap();
-        assert!(!moved, "{dest:?}");
-        assert_eq!(c.list(&c.active(q, w)), ["a1"], "{dest:?}");
-        assert_eq!(c.list(&c.pending(q)), ["p1"], "{dest:?}");
-        assert_eq!(c.list(&c.dead(q)), ["d1"], "{dest:?}");
-        assert_eq!(c.list(&c.active(q, "w2")), ["x"], "{dest:?}");
-    }
-    // An empty (absent) active list too.
-    assert!(
-        !c.broker
-            .transition(q, "nobody", b"x", Destination::Pending, b"x-new")
-            .await
-            .unwrap()
-    );
-    assert_eq!(c.list(&c.pending(q)), ["p1"]);
-    assert!(c.list(&c.active(q, "nobody")).is_empty());
-}
-
-#[tokio::test]
-async fn recover_active_puts_jobs_back_oldest_taken_first() {
-    let c = ctx().await;
-    let (q, w) = ("default", "w1");
-    for job in ["a", "b", "c"] {
-        c.lpush(&c.pending(q), job);
-    }
-    let queues = vec![q.to_owned()];
-    let mut taken = Vec::new();
-    for _ in 0..3 {
-        let got = c.broker.fetch_available(&queues, w, 1).await.unwrap();
-        assert_eq!(got.len(), 1);
-        taken.extend(texts(&got).into_iter().map(|(_, raw)| raw));
-    }
-    assert_eq!(taken, ["a", "b", "c"], "FIFO");
-    assert!(c.list(&c.pending(q)).is_empty());
-    assert_eq!(c.list(&c.active(q, w)).len(), 3);
-    // A job a producer pushed meanwhile stays behind the recovered ones.
-    c.lpush(&c.pending(q), "new");
-
-    let n = c.broker.recover_active(q, w).await.unwrap();
-    assert_eq!(n, 3);
-    assert!(c.list(&c.active(q, w)).is_empty());
-    let order: Vec<String> = std::iter::from_fn(|| c.rpop(&c.pending(q))).collect();
-    assert_eq!(order, ["a", "b", "c", "new"]);
-
-    assert_eq!(
-        c.broker.recover_active(q, w).await.unwrap(),
-        0,
-        "nothing left"
-    );
-}
+// ---------------------------------------------------------------- fetch
 
 #[tokio::test]
 async fn fetch_available_follows_queue_priority() {
     let c = ctx().await;
-    let w = "w1";
+    let w = W;
     for job in ["h1", "h2"] {
-        c.lpush(&c.pending("hi"), job);
+        c.lpush(&c.k().pending("hi"), job);
     }
     for job in ["l1", "l2", "l3"] {
-        c.lpush(&c.pending("lo"), job);
+        c.lpush(&c.k().pending("lo"), job);
     }
     let queues = vec!["hi".to_owned(), "lo".to_owned()];
 
@@ -244,11 +167,11 @@ async fn fetch_available_follows_queue_priority() {
         texts(&got),
         pairs(&[("hi", "h1"), ("hi", "h2"), ("lo", "l1")])
     );
-    assert_eq!(c.list(&c.active("hi", w)), ["h2", "h1"]);
-    assert_eq!(c.list(&c.active("lo", w)), ["l1"]);
+    assert_eq!(c.list(&c.k().active("hi", w)), ["h2", "h1"]);
+    assert_eq!(c.list(&c.k().active("lo", w)), ["l1"]);
 
     // A new high-priority job comes before the remaining low ones.
-    c.lpush(&c.pending("hi"), "h3");
+    c.lpush(&c.k().pending("hi"), "h3");
     let got = c.broker.fetch_available(&queues, w, 1).await.unwrap();
     assert_eq!(texts(&got), pairs(&[("hi", "h3")]));
 
@@ -257,22 +180,22 @@ async fn fetch_available_follows_queue_priority() {
     assert_eq!(texts(&got), pairs(&[("lo", "l2"), ("lo", "l3")]));
     let got = c.broker.fetch_available(&queues, w, 10).await.unwrap();
     assert!(got.is_empty());
-    assert!(c.list(&c.pending("hi")).is_empty());
-    assert!(c.list(&c.pending("lo")).is_empty());
-    assert_eq!(c.list(&c.active("lo", w)), ["l3", "l2", "l1"]);
+    assert!(c.list(&c.k().pending("hi")).is_empty());
+    assert!(c.list(&c.k().pending("lo")).is_empty());
+    assert_eq!(c.list(&c.k().active("hi", w)), ["h3", "h2", "h1"]);
+    assert_eq!(c.list(&c.k().active("lo", w)), ["l3", "l2", "l1"]);
 }
 
 #[tokio::test]
 async fn fetch_blocking_times_out_empty_and_wakes_on_push() {
     let c = ctx().await;
-    let (q, w) = ("default", "w1");
     let block = Duration::from_millis(300);
     let mut conn = c.broker.blocking_connection(block).await.unwrap();
 
     let started = Instant::now();
     let got = c
         .broker
-        .fetch_blocking(&mut conn, q, w, block)
+        .fetch_blocking(&mut conn, Q, W, block)
         .await
         .unwrap();
     assert!(got.is_none());
@@ -286,7 +209,7 @@ async fn fetch_blocking_times_out_empty_and_wakes_on_push() {
     let long = Duration::from_secs(10);
     let mut conn = c.broker.blocking_connection(long).await.unwrap();
     let url = c.redis.url();
-    let pending = c.pending(q);
+    let pending = c.k().pending(Q);
     let pusher = std::thread::spawn(move || {
         let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
         // Push only once the BLMOVE is waiting.
@@ -307,14 +230,911 @@ async fn fetch_blocking_times_out_empty_and_wakes_on_push() {
     let started = Instant::now();
     let got = c
         .broker
-        .fetch_blocking(&mut conn, q, w, long)
+        .fetch_blocking(&mut conn, Q, W, long)
         .await
         .unwrap();
     pusher.join().unwrap();
     let got = got.expect("the pushed job");
-    assert_eq!(got.queue, q);
+    assert_eq!(got.queue, Q);
     assert_eq!(got.raw, b"late");
     assert!(started.elapsed() < Duration::from_secs(9), "sanity");
-    assert_eq!(c.list(&c.active(q, w)), ["late"]);
-    assert!(c.list(&c.pending(q)).is_empty());
+    assert_eq!(c.list(&c.k().active(Q, W)), ["late"]);
+    assert!(c.list(&c.k().pending(Q)).is_empty());
+}
+
+// ---------------------------------------------------------------- claim
+
+#[tokio::test]
+async fn claim_records_the_lease() {
+    let c = ctx().await;
+    let j1 = job("j1");
+    c.set_list(&c.k().active(Q, W), &["a2", &j1, "a1"]);
+    c.hset(&c.k().leases(Q), "other", "t-other");
+
+    let got = c
+        .broker
+        .claim(Q, W, j1.as_bytes(), j1.as_bytes(), "j1", "t1")
+        .await
+        .unwrap();
+    assert_eq!(got, Claim::Claimed { crashes: 0 });
+    assert_eq!(
+        c.hash(&c.k().leases(Q)),
+        map(&[("j1", "t1"), ("other", "t-other")])
+    );
+    // keep == raw: the entry is not touched.
+    assert_eq!(c.list(&c.k().active(Q, W)), ["a2", &j1, "a1"]);
+    assert!(c.hash(&c.k().crashes(Q)).is_empty());
+    assert!(c.hash(&c.k().cancelled(Q)).is_empty());
+
+    // Claiming again with the same token (a retried call) is no duplicate.
+    let got = c
+        .broker
+        .claim(Q, W, j1.as_bytes(), j1.as_bytes(), "j1", "t1")
+        .await
+        .unwrap();
+    assert_eq!(got, Claim::Claimed { crashes: 0 });
+    assert_eq!(
+        c.hash(&c.k().leases(Q)),
+        map(&[("j1", "t1"), ("other", "t-other")])
+    );
+    assert_eq!(c.list(&c.k().active(Q, W)), ["a2", &j1, "a1"]);
+}
+
+#[tokio::test]
+async fn claim_with_a_new_entry_rewrites_it_in_the_active_list() {
+    let c = ctx().await;
+    let raw = r#"{"type":"t","payload":{}}"#;
+    let keep = job("assigned");
+    c.set_list(&c.k().active(Q, W), &["a2", raw, "a1"]);
+
+    let got = c
+        .broker
+        .claim(Q, W, raw.as_bytes(), keep.as_bytes(), "assigned", "t1")
+        .await
+        .unwrap();
+    assert_eq!(got, Claim::Claimed { crashes: 0 });
+    // The rewritten entry replaces the taken one in place: the active list
+    // keeps the order the jobs were taken in.
+    assert_eq!(c.list(&c.k().active(Q, W)), ["a2", &keep, "a1"]);
+    assert_eq!(c.hash(&c.k().leases(Q)), map(&[("assigned", "t1")]));
+
+    // The same call retried after its reply was lost (the taken entry is no
+    // longer there, a cancellation arrived meanwhile): still claimed.
+    c.hset(&c.k().cancelled(Q), "assigned", "1");
+    let again = c
+        .broker
+        .claim(Q, W, raw.as_bytes(), keep.as_bytes(), "assigned", "t1")
+        .await
+        .unwrap();
+    assert_eq!(again, Claim::Claimed { crashes: 0 });
+    assert_eq!(c.list(&c.k().active(Q, W)), ["a2", &keep, "a1"]);
+    assert!(c.list(&c.k().pending(Q)).is_empty());
+}
+
+#[tokio::test]
+async fn claim_of_an_absent_entry_is_gone_and_changes_nothing() {
+    let c = ctx().await;
+    let j1 = job("j1");
+    c.set_list(&c.k().active(Q, W), &["a1"]);
+    // Another worker's list holding the entry does not count.
+    c.set_list(&c.k().active(Q, "w2"), &[&j1]);
+    c.hset(&c.k().crashes(Q), "j1", "2");
+    let before = c.snapshot();
+
+    for keep in [j1.clone(), job("j1-rewritten")] {
+        let got = c
+            .broker
+            .claim(Q, W, j1.as_bytes(), keep.as_bytes(), "j1", "t1")
+            .await
+            .unwrap();
+        assert_eq!(got, Claim::Gone);
+        assert_eq!(c.snapshot(), before);
+    }
+    // No active list at all.
+    let got = c
+        .broker
+        .claim(Q, "nobody", j1.as_bytes(), j1.as_bytes(), "j1", "t1")
+        .await
+        .unwrap();
+    assert_eq!(got, Claim::Gone);
+    assert_eq!(c.snapshot(), before);
+}
+
+#[tokio::test]
+async fn claim_while_another_token_holds_the_lease_is_a_duplicate() {
+    let c = ctx().await;
+    let raw = r#"{"type":"t"}"#;
+    let j1 = job("j1");
+    c.set_list(&c.k().active(Q, W), &[&j1, raw]);
+    c.set_list(&c.k().active(Q, "w2"), &[&j1]);
+    c.hset(&c.k().leases(Q), "j1", "t-live");
+    c.hset(&c.k().crashes(Q), "j1", "1");
+    // Duplicate wins over cancelled: the live delivery deals with that.
+    c.hset(&c.k().cancelled(Q), "j1", "123");
+    let before = c.snapshot();
+
+    for (raw, keep) in [(j1.as_str(), j1.as_str()), (raw, j1.as_str())] {
+        let got = c
+            .broker
+            .claim(Q, W, raw.as_bytes(), keep.as_bytes(), "j1", "t-dup")
+            .await
+            .unwrap();
+        assert_eq!(got, Claim::Duplicate, "raw {raw}");
+        assert_eq!(c.snapshot(), before, "raw {raw}");
+    }
+}
+
+#[tokio::test]
+async fn claim_of_a_cancelled_job_writes_no_lease() {
+    let c = ctx().await;
+    let raw = r#"{"type":"t"}"#;
+    let j1 = job("j1");
+    c.set_list(&c.k().active(Q, W), &[raw, "a1"]);
+    c.hset(&c.k().cancelled(Q), "j1", "1700000000000");
+    c.hset(&c.k().crashes(Q), "j1", "1");
+    let before = c.snapshot();
+
+    let got = c
+        .broker
+        .claim(Q, W, raw.as_bytes(), j1.as_bytes(), "j1", "t1")
+        .await
+        .unwrap();
+    assert_eq!(got, Claim::Cancelled);
+    // No lease, and the entry is not rewritten either.
+    assert_eq!(c.snapshot(), before);
+    assert!(c.hash(&c.k().leases(Q)).is_empty());
+    assert_eq!(c.list(&c.k().active(Q, W)), [raw, "a1"]);
+}
+
+#[tokio::test]
+async fn claim_reports_the_crash_count() {
+    let c = ctx().await;
+    let (j1, j2) = (job("j1"), job("j2"));
+    c.set_list(&c.k().active(Q, W), &[&j1, &j2]);
+    c.hset(&c.k().crashes(Q), "j1", "3");
+    c.hset(&c.k().crashes(Q), "other", "7");
+
+    let got = c
+        .broker
+        .claim(Q, W, j1.as_bytes(), j1.as_bytes(), "j1", "t1")
+        .await
+        .unwrap();
+    assert_eq!(got, Claim::Claimed { crashes: 3 });
+    let got = c
+        .broker
+        .claim(Q, W, j2.as_bytes(), j2.as_bytes(), "j2", "t2")
+        .await
+        .unwrap();
+    assert_eq!(got, Claim::Claimed { crashes: 0 });
+    // Claiming reads the count, it does not change it.
+    assert_eq!(
+        c.hash(&c.k().crashes(Q)),
+        map(&[("j1", "3"), ("other", "7")])
+    );
+    assert_eq!(c.hash(&c.k().leases(Q)), map(&[("j1", "t1"), ("j2", "t2")]));
+}
+
+// ---------------------------------------------------------------- settle
+
+/// An active list `[a2, j1, a1]` with j1 claimed by "t1", crash count 2,
+/// flagged cancelled; another job's lease, crash count and flag; and one
+/// entry in each of pending, dead and scheduled.
+fn settle_fixture(c: &Ctx) -> String {
+    let j1 = job("j1");
+    c.set_list(&c.k().active(Q, W), &["a2", &j1, "a1"]);
+    c.set_list(&c.k().pending(Q), &["p2", "p1"]);
+    c.set_list(&c.k().dead(Q), &["d1"]);
+    c.zadd(&c.k().scheduled(Q), 5, "s1");
+    c.hset(&c.k().leases(Q), "j1", "t1");
+    c.hset(&c.k().leases(Q), "other", "t-other");
+    c.hset(&c.k().crashes(Q), "j1", "2");
+    c.hset(&c.k().crashes(Q), "other", "1");
+    c.hset(&c.k().cancelled(Q), "j1", "100");
+    c.hset(&c.k().cancelled(Q), "other", "200");
+    j1
+}
+
+#[tokio::test]
+async fn settle_finish_forgets_the_job() {
+    let c = ctx().await;
+    let j1 = settle_fixture(&c);
+    let ok = c
+        .broker
+        .settle(Q, W, j1.as_bytes(), "j1", "t1", Next::Finish)
+        .await
+        .unwrap();
+    assert!(ok);
+    assert_eq!(c.list(&c.k().active(Q, W)), ["a2", "a1"]);
+    assert_eq!(c.hash(&c.k().leases(Q)), map(&[("other", "t-other")]));
+    assert_eq!(c.hash(&c.k().crashes(Q)), map(&[("other", "1")]));
+    assert_eq!(c.hash(&c.k().cancelled(Q)), map(&[("other", "200")]));
+    assert_eq!(c.list(&c.k().pending(Q)), ["p2", "p1"]);
+    assert_eq!(c.list(&c.k().dead(Q)), ["d1"]);
+    assert_eq!(c.zset(&c.k().scheduled(Q)), [("s1".to_owned(), 5.0)]);
+}
+
+#[tokio::test]
+async fn settle_requeue_pushes_at_the_consuming_end() {
+    let c = ctx().await;
+    let j1 = settle_fixture(&c);
+    let ok = c
+        .broker
+        .settle(Q, W, j1.as_bytes(), "j1", "t1", Next::Requeue(b"j1-back"))
+        .await
+        .unwrap();
+    assert!(ok);
+    assert_eq!(c.list(&c.k().active(Q, W)), ["a2", "a1"]);
+    assert_eq!(c.list(&c.k().pending(Q)), ["p2", "p1", "j1-back"]);
+    assert_eq!(
+        c.rpop(&c.k().pending(Q)).as_deref(),
+        Some("j1-back"),
+        "taken next"
+    );
+    // The lease goes; the job's story goes on, so its crash count and
+    // cancellation stay.
+    assert_eq!(c.hash(&c.k().leases(Q)), map(&[("other", "t-other")]));
+    assert_eq!(
+        c.hash(&c.k().crashes(Q)),
+        map(&[("j1", "2"), ("other", "1")])
+    );
+    assert_eq!(
+        c.hash(&c.k().cancelled(Q)),
+        map(&[("j1", "100"), ("other", "200")])
+    );
+    assert_eq!(c.list(&c.k().dead(Q)), ["d1"]);
+    assert_eq!(c.zset(&c.k().scheduled(Q)), [("s1".to_owned(), 5.0)]);
+}
+
+#[tokio::test]
+async fn settle_dead_pushes_at_the_left_and_forgets_the_crash_count() {
+    let c = ctx().await;
+    let j1 = settle_fixture(&c);
+    let ok = c
+        .broker
+        .settle(Q, W, j1.as_bytes(), "j1", "t1", Next::Dead(b"j1-dead"))
+        .await
+        .unwrap();
+    assert!(ok);
+    assert_eq!(c.list(&c.k().active(Q, W)), ["a2", "a1"]);
+    assert_eq!(c.list(&c.k().dead(Q)), ["j1-dead", "d1"]);
+    assert_eq!(c.hash(&c.k().leases(Q)), map(&[("other", "t-other")]));
+    assert_eq!(c.hash(&c.k().crashes(Q)), map(&[("other", "1")]));
+    assert_eq!(c.hash(&c.k().cancelled(Q)), map(&[("other", "200")]));
+    assert_eq!(c.list(&c.k().pending(Q)), ["p2", "p1"]);
+    assert_eq!(c.zset(&c.k().scheduled(Q)), [("s1".to_owned(), 5.0)]);
+}
+
+#[tokio::test]
+async fn settle_retry_schedules_by_redis_time() {
+    let c = ctx().await;
+    let j1 = settle_fixture(&c);
+    let delay_ms = 90_000;
+    let before = c.redis_now_ms();
+    let ok = c
+        .broker
+        .settle(
+            Q,
+            W,
+            j1.as_bytes(),
+            "j1",
+            "t1",
+            Next::Retry {
+                entry: b"j1-retry",
+                delay_ms,
+            },
+        )
+        .await
+        .unwrap();
+    let after = c.redis_now_ms();
+    assert!(ok);
+    assert_eq!(c.list(&c.k().active(Q, W)), ["a2", "a1"]);
+    let scheduled = c.zset(&c.k().scheduled(Q));
+    assert_eq!(scheduled.len(), 2, "{scheduled:?}");
+    assert_eq!(scheduled[0], ("s1".to_owned(), 5.0));
+    let (member, score) = &scheduled[1];
+    assert_eq!(member, "j1-retry");
+    assert_eq!(score.fract(), 0.0, "whole ms: {score}");
+    let score = *score as u64;
+    assert!(
+        (before + delay_ms..=after + delay_ms).contains(&score),
+        "score {score} not within [{}, {}]",
+        before + delay_ms,
+        after + delay_ms
+    );
+    // Not terminal: the lease goes, the crash count and flag stay.
+    assert_eq!(c.hash(&c.k().leases(Q)), map(&[("other", "t-other")]));
+    assert_eq!(
+        c.hash(&c.k().crashes(Q)),
+        map(&[("j1", "2"), ("other", "1")])
+    );
+    assert_eq!(
+        c.hash(&c.k().cancelled(Q)),
+        map(&[("j1", "100"), ("other", "200")])
+    );
+    assert_eq!(c.list(&c.k().pending(Q)), ["p2", "p1"]);
+    assert_eq!(c.list(&c.k().dead(Q)), ["d1"]);
+}
+
+#[tokio::test]
+async fn settle_drop_leaves_the_live_delivery_alone() {
+    let c = ctx().await;
+    let j1 = settle_fixture(&c);
+    // A second copy of j1, taken by this worker and found a duplicate of
+    // the live delivery "t1" (held elsewhere): never claimed, token "".
+    c.set_list(&c.k().active(Q, W), &[&j1, "a1"]);
+    let ok = c
+        .broker
+        .settle(Q, W, j1.as_bytes(), "j1", "", Next::Drop)
+        .await
+        .unwrap();
+    assert!(ok);
+    assert_eq!(c.list(&c.k().active(Q, W)), ["a1"]);
+    assert_eq!(
+        c.hash(&c.k().leases(Q)),
+        map(&[("j1", "t1"), ("other", "t-other")])
+    );
+    assert_eq!(
+        c.hash(&c.k().crashes(Q)),
+        map(&[("j1", "2"), ("other", "1")])
+    );
+    assert_eq!(
+        c.hash(&c.k().cancelled(Q)),
+        map(&[("j1", "100"), ("other", "200")])
+    );
+    assert_eq!(c.list(&c.k().pending(Q)), ["p2", "p1"]);
+    assert_eq!(c.list(&c.k().dead(Q)), ["d1"]);
+    assert_eq!(c.zset(&c.k().scheduled(Q)), [("s1".to_owned(), 5.0)]);
+}
+
+fn every_next() -> [Next<'static>; 5] {
+    [
+        Next::Finish,
+        Next::Drop,
+        Next::Dead(b"x-dead"),
+        Next::Requeue(b"x-back"),
+        Next::Retry {
+            entry: b"x-retry",
+            delay_ms: 1000,
+        },
+    ]
+}
+
+#[tokio::test]
+async fn settle_with_a_stale_token_changes_nothing() {
+    let c = ctx().await;
+    let j1 = settle_fixture(&c);
+    // j1 was recovered and claimed again by someone else.
+    c.hset(&c.k().leases(Q), "j1", "t-new");
+    let before = c.snapshot();
+    for next in every_next() {
+        let ok = c
+            .broker
+            .settle(Q, W, j1.as_bytes(), "j1", "t1", next)
+            .await
+            .unwrap();
+        assert!(!ok, "{next:?}");
+        assert_eq!(c.snapshot(), before, "{next:?}");
+    }
+    // No lease at all (recovered, not yet claimed again).
+    let _: i64 = c.cmd(redis::cmd("HDEL").arg(c.k().leases(Q)).arg("j1"));
+    let before = c.snapshot();
+    for next in every_next() {
+        let ok = c
+            .broker
+            .settle(Q, W, j1.as_bytes(), "j1", "t1", next)
+            .await
+            .unwrap();
+        assert!(!ok, "{next:?}");
+        assert_eq!(c.snapshot(), before, "{next:?}");
+    }
+    assert_eq!(c.list(&c.k().active(Q, W)), ["a2", &j1, "a1"]);
+}
+
+#[tokio::test]
+async fn settle_without_a_token_skips_the_lease_check() {
+    let c = ctx().await;
+    let j1 = settle_fixture(&c);
+    // Never claimed (e.g. an orphaned entry put back): "" settles whatever
+    // the lease says, and leaves the lease alone.
+    let ok = c
+        .broker
+        .settle(Q, W, j1.as_bytes(), "j1", "", Next::Requeue(j1.as_bytes()))
+        .await
+        .unwrap();
+    assert!(ok);
+    assert_eq!(c.list(&c.k().active(Q, W)), ["a2", "a1"]);
+    assert_eq!(c.list(&c.k().pending(Q)), ["p2", "p1", &j1]);
+    assert_eq!(
+        c.hash(&c.k().leases(Q)),
+        map(&[("j1", "t1"), ("other", "t-other")])
+    );
+    assert_eq!(
+        c.hash(&c.k().crashes(Q)),
+        map(&[("j1", "2"), ("other", "1")])
+    );
+
+    // A cancelled job dropped before it ran: Finish with "" forgets its
+    // crash count and cancellation, and no lease is touched.
+    c.set_list(&c.k().active(Q, W), &[&j1]);
+    let ok = c
+        .broker
+        .settle(Q, W, j1.as_bytes(), "j1", "", Next::Finish)
+        .await
+        .unwrap();
+    assert!(ok);
+    assert!(c.list(&c.k().active(Q, W)).is_empty());
+    assert_eq!(
+        c.hash(&c.k().leases(Q)),
+        map(&[("j1", "t1"), ("other", "t-other")])
+    );
+    assert_eq!(c.hash(&c.k().crashes(Q)), map(&[("other", "1")]));
+    assert_eq!(c.hash(&c.k().cancelled(Q)), map(&[("other", "200")]));
+
+    // An unparsable message (no id) to the dead list.
+    c.set_list(&c.k().active(Q, W), &["{bad"]);
+    let ok = c
+        .broker
+        .settle(Q, W, b"{bad", "", "", Next::Dead(b"{bad+reason"))
+        .await
+        .unwrap();
+    assert!(ok);
+    assert!(c.list(&c.k().active(Q, W)).is_empty());
+    assert_eq!(c.list(&c.k().dead(Q)), ["{bad+reason", "d1"]);
+    assert_eq!(
+        c.hash(&c.k().leases(Q)),
+        map(&[("j1", "t1"), ("other", "t-other")])
+    );
+    assert_eq!(c.hash(&c.k().crashes(Q)), map(&[("other", "1")]));
+    assert_eq!(c.hash(&c.k().cancelled(Q)), map(&[("other", "200")]));
+}
+
+#[tokio::test]
+async fn settle_of_an_absent_entry_changes_nothing() {
+    let c = ctx().await;
+    let j1 = settle_fixture(&c);
+    // The lease is right but the entry is in another worker's list only.
+    c.set_list(&c.k().active(Q, W), &["a2", "a1"]);
+    c.set_list(&c.k().active(Q, "w2"), &[&j1]);
+    let before = c.snapshot();
+    for token in ["t1", ""] {
+        for next in every_next() {
+            let ok = c
+                .broker
+                .settle(Q, W, j1.as_bytes(), "j1", token, next)
+                .await
+                .unwrap();
+            assert!(!ok, "{token:?} {next:?}");
+            assert_eq!(c.snapshot(), before, "{token:?} {next:?}");
+        }
+    }
+    // No active list at all.
+    let ok = c
+        .broker
+        .settle(Q, "nobody", j1.as_bytes(), "j1", "t1", Next::Requeue(b"x"))
+        .await
+        .unwrap();
+    assert!(!ok);
+    assert_eq!(c.snapshot(), before);
+}
+
+#[tokio::test]
+async fn settle_removes_one_copy_only() {
+    let c = ctx().await;
+    c.set_list(&c.k().active(Q, W), &["x", "x"]);
+    let ok = c
+        .broker
+        .settle(Q, W, b"x", "", "", Next::Requeue(b"y"))
+        .await
+        .unwrap();
+    assert!(ok);
+    assert_eq!(c.list(&c.k().active(Q, W)), ["x"]);
+    assert_eq!(c.list(&c.k().pending(Q)), ["y"]);
+}
+
+// ---------------------------------------------------------------- recover
+
+#[tokio::test]
+async fn recover_active_puts_jobs_back_oldest_taken_first() {
+    let c = ctx().await;
+    let (a, b, cc) = (job("a"), job("b"), job("c"));
+    for j in [&a, &b, &cc] {
+        c.lpush(&c.k().pending(Q), j);
+    }
+    let queues = vec![Q.to_owned()];
+    let mut taken = Vec::new();
+    for _ in 0..3 {
+        let got = c.broker.fetch_available(&queues, W, 1).await.unwrap();
+        assert_eq!(got.len(), 1);
+        taken.extend(texts(&got).into_iter().map(|(_, raw)| raw));
+    }
+    assert_eq!(taken, [a.as_str(), &b, &cc], "FIFO");
+    assert!(c.list(&c.k().pending(Q)).is_empty());
+    assert_eq!(c.list(&c.k().active(Q, W)), [cc.as_str(), &b, &a]);
+    // A job a producer pushed meanwhile stays behind the recovered ones.
+    c.lpush(&c.k().pending(Q), "new");
+
+    let n = c.broker.recover_active(Q, W, false).await.unwrap();
+    assert_eq!(n, 3);
+    assert!(c.list(&c.k().active(Q, W)).is_empty());
+    let order: Vec<String> = std::iter::from_fn(|| c.rpop(&c.k().pending(Q))).collect();
+    assert_eq!(order, [&a, &b, &cc, "new"]);
+
+    assert_eq!(
+        c.broker.recover_active(Q, W, true).await.unwrap(),
+        0,
+        "nothing left"
+    );
+    assert!(c.snapshot().is_empty(), "{:?}", c.snapshot());
+}
+
+/// An active list (oldest taken at the right) with claimed jobs "a" (crash
+/// count 2) and "c", unclaimed "b", an unparsable entry, JSON without a
+/// string id, and a JSON scalar; plus a lease and crash count of a job
+/// running elsewhere.
+fn recover_fixture(c: &Ctx) -> Vec<String> {
+    let entries = [
+        job("c"),
+        "not json".to_owned(),
+        job("b"),
+        r#"{"id":7,"type":"t"}"#.to_owned(),
+        r#"{"type":"t"}"#.to_owned(),
+        r#""a string""#.to_owned(),
+        job("a"),
+    ];
+    let refs: Vec<&str> = entries.iter().map(String::as_str).collect();
+    c.set_list(&c.k().active(Q, W), &refs);
+    c.set_list(&c.k().pending(Q), &["p1"]);
+    c.hset(&c.k().leases(Q), "a", &format!("{W}/ta"));
+    c.hset(&c.k().leases(Q), "c", &format!("{W}/tc"));
+    c.hset(&c.k().leases(Q), "elsewhere", "w-other/te");
+    c.hset(&c.k().crashes(Q), "a", "2");
+    c.hset(&c.k().crashes(Q), "elsewhere", "4");
+    entries.into()
+}
+
+#[tokio::test]
+async fn recover_active_counts_crashes_of_claimed_jobs_only() {
+    let c = ctx().await;
+    let entries = recover_fixture(&c);
+    let n = c.broker.recover_active(Q, W, true).await.unwrap();
+    assert_eq!(n, 7);
+    assert!(c.list(&c.k().active(Q, W)).is_empty());
+    // The right end (consumed next) is the oldest taken, as before.
+    let mut expected = vec!["p1".to_owned()];
+    expected.extend(entries.iter().cloned());
+    assert_eq!(c.list(&c.k().pending(Q)), expected);
+    assert_eq!(
+        c.hash(&c.k().leases(Q)),
+        map(&[("elsewhere", "w-other/te")])
+    );
+    assert_eq!(
+        c.hash(&c.k().crashes(Q)),
+        map(&[("a", "3"), ("c", "1"), ("elsewhere", "4")])
+    );
+}
+
+#[tokio::test]
+async fn recover_active_without_counting_crashes_only_drops_leases() {
+    let c = ctx().await;
+    let entries = recover_fixture(&c);
+    let n = c.broker.recover_active(Q, W, false).await.unwrap();
+    assert_eq!(n, 7);
+    assert!(c.list(&c.k().active(Q, W)).is_empty());
+    let mut expected = vec!["p1".to_owned()];
+    expected.extend(entries.iter().cloned());
+    assert_eq!(c.list(&c.k().pending(Q)), expected);
+    assert_eq!(
+        c.hash(&c.k().leases(Q)),
+        map(&[("elsewhere", "w-other/te")])
+    );
+    assert_eq!(
+        c.hash(&c.k().crashes(Q)),
+        map(&[("a", "2"), ("elsewhere", "4")])
+    );
+}
+
+#[tokio::test]
+async fn recover_active_moves_unparsable_entries() {
+    let c = ctx().await;
+    c.set_list(&c.k().active(Q, W), &["{bad", "", "\u{fffd}\u{0}"]);
+    let n = c.broker.recover_active(Q, W, true).await.unwrap();
+    assert_eq!(n, 3);
+    assert!(c.list(&c.k().active(Q, W)).is_empty());
+    assert_eq!(c.list(&c.k().pending(Q)), ["{bad", "", "\u{fffd}\u{0}"]);
+    assert!(c.hash(&c.k().leases(Q)).is_empty());
+    assert!(c.hash(&c.k().crashes(Q)).is_empty());
+}
+
+#[tokio::test]
+async fn recovery_ends_the_lease_of_the_lost_delivery() {
+    let c = ctx().await;
+    let j1 = job("j1");
+    c.lpush(&c.k().pending(Q), &j1);
+    let queues = vec![Q.to_owned()];
+    let got = c
+        .broker
+        .fetch_available(&queues, "w-dead", 1)
+        .await
+        .unwrap();
+    assert_eq!(texts(&got), pairs(&[(Q, &j1)]));
+    let claim = c
+        .broker
+        .claim(
+            Q,
+            "w-dead",
+            j1.as_bytes(),
+            j1.as_bytes(),
+            "j1",
+            "w-dead/t-old",
+        )
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Claimed { crashes: 0 });
+
+    // The reaper recovers it; another daemon takes and claims it.
+    assert_eq!(c.broker.recover_active(Q, "w-dead", true).await.unwrap(), 1);
+    let got = c.broker.fetch_available(&queues, "w2", 1).await.unwrap();
+    assert_eq!(texts(&got), pairs(&[(Q, &j1)]));
+    let claim = c
+        .broker
+        .claim(Q, "w2", j1.as_bytes(), j1.as_bytes(), "j1", "w2/t-new")
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Claimed { crashes: 1 });
+
+    // The first daemon was only slow: it can no longer settle anything.
+    let before = c.snapshot();
+    for next in every_next() {
+        let ok = c
+            .broker
+            .settle(Q, "w-dead", j1.as_bytes(), "j1", "w-dead/t-old", next)
+            .await
+            .unwrap();
+        assert!(!ok, "{next:?}");
+        assert_eq!(c.snapshot(), before, "{next:?}");
+    }
+    let ok = c
+        .broker
+        .settle(Q, "w2", j1.as_bytes(), "j1", "w2/t-new", Next::Finish)
+        .await
+        .unwrap();
+    assert!(ok);
+    assert!(c.snapshot().is_empty(), "{:?}", c.snapshot());
+}
+
+// ---------------------------------------------------------------- promote
+
+#[tokio::test]
+async fn promote_moves_due_jobs_only_within_the_limit() {
+    let c = ctx().await;
+    let sched = c.k().scheduled(Q);
+    let now = c.redis_now_ms();
+    c.zadd(&sched, now - 3000, "due1");
+    c.zadd(&sched, now - 2000, "due2");
+    c.zadd(&sched, now, "due3");
+    c.zadd(&sched, now + 60_000, "later");
+    c.set_list(&c.k().pending(Q), &["p1"]);
+
+    assert_eq!(c.broker.promote(Q, 2).await.unwrap(), 2);
+    // Earliest due first, behind what was pending already.
+    assert_eq!(c.list(&c.k().pending(Q)), ["due2", "due1", "p1"]);
+    assert_eq!(
+        c.zset(&sched),
+        [
+            ("due3".to_owned(), now as f64),
+            ("later".to_owned(), (now + 60_000) as f64)
+        ]
+    );
+
+    assert_eq!(c.broker.promote(Q, 10).await.unwrap(), 1);
+    assert_eq!(c.list(&c.k().pending(Q)), ["due3", "due2", "due1", "p1"]);
+    assert_eq!(
+        c.zset(&sched),
+        [("later".to_owned(), (now + 60_000) as f64)]
+    );
+
+    assert_eq!(c.broker.promote(Q, 10).await.unwrap(), 0);
+    assert_eq!(c.list(&c.k().pending(Q)), ["due3", "due2", "due1", "p1"]);
+    assert_eq!(
+        c.zset(&sched),
+        [("later".to_owned(), (now + 60_000) as f64)]
+    );
+
+    let order: Vec<String> = std::iter::from_fn(|| c.rpop(&c.k().pending(Q))).collect();
+    assert_eq!(order, ["p1", "due1", "due2", "due3"]);
+}
+
+#[tokio::test]
+async fn promote_of_an_empty_set_moves_nothing() {
+    let c = ctx().await;
+    assert_eq!(c.broker.promote(Q, 10).await.unwrap(), 0);
+    assert!(c.snapshot().is_empty());
+}
+
+// ---------------------------------------------------------------- revive
+
+#[tokio::test]
+async fn revive_moves_a_dead_entry_back_with_a_clean_slate() {
+    let c = ctx().await;
+    let dead_j1 = r#"{"id":"j1","_conveyor":{"error":"boom"}}"#;
+    c.set_list(&c.k().dead(Q), &["d2", dead_j1, "d1"]);
+    c.set_list(&c.k().pending(Q), &["p1"]);
+    c.hset(&c.k().crashes(Q), "j1", "2");
+    c.hset(&c.k().crashes(Q), "other", "1");
+    c.hset(&c.k().cancelled(Q), "j1", "100");
+    c.hset(&c.k().cancelled(Q), "other", "200");
+    c.hset(&c.k().leases(Q), "other", "t-other");
+
+    let j1 = job("j1");
+    let ok = c
+        .broker
+        .revive(Q, dead_j1.as_bytes(), "j1", j1.as_bytes())
+        .await
+        .unwrap();
+    assert!(ok);
+    assert_eq!(c.list(&c.k().dead(Q)), ["d2", "d1"]);
+    // Pushed where producers push: behind what is pending.
+    assert_eq!(c.list(&c.k().pending(Q)), [&j1, "p1"]);
+    assert_eq!(c.hash(&c.k().crashes(Q)), map(&[("other", "1")]));
+    assert_eq!(c.hash(&c.k().cancelled(Q)), map(&[("other", "200")]));
+    assert_eq!(c.hash(&c.k().leases(Q)), map(&[("other", "t-other")]));
+
+    // Gone now: nothing changes.
+    let before = c.snapshot();
+    let ok = c
+        .broker
+        .revive(Q, dead_j1.as_bytes(), "j1", j1.as_bytes())
+        .await
+        .unwrap();
+    assert!(!ok);
+    assert_eq!(c.snapshot(), before);
+}
+
+// ---------------------------------------------------------------- cancel
+
+#[tokio::test]
+async fn cancel_flags_every_queue_and_tells_the_daemons() {
+    let c = ctx().await;
+    let control = c.k().control();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let mut conn = c.redis.conn();
+    let channel = control.clone();
+    let listener = std::thread::spawn(move || {
+        let mut pubsub = conn.as_pubsub();
+        pubsub.subscribe(&channel).expect("SUBSCRIBE");
+        pubsub
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        ready_tx.send(()).unwrap();
+        let msg = pubsub.get_message().expect("a control message");
+        let payload: Vec<u8> = msg.get_payload().unwrap();
+        (msg.get_channel_name().to_owned(), payload)
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("subscribed");
+    c.hset(&c.k().cancelled("q1"), "older", "1");
+
+    let queues = vec!["q1".to_owned(), "q2".to_owned()];
+    c.broker.cancel(&queues, "j1", 1234).await.unwrap();
+
+    let (chan, payload) = listener.join().unwrap();
+    assert_eq!(chan, control);
+    let message: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(message, serde_json::json!({ "cancel": "j1" }));
+    assert_eq!(
+        c.hash(&c.k().cancelled("q1")),
+        map(&[("j1", "1234"), ("older", "1")])
+    );
+    assert_eq!(c.hash(&c.k().cancelled("q2")), map(&[("j1", "1234")]));
+    assert!(c.hash(&c.k().cancelled("q3")).is_empty());
+    let keys: Vec<String> = c.snapshot().into_keys().collect();
+    assert_eq!(keys, [c.k().cancelled("q1"), c.k().cancelled("q2")]);
+}
+
+// ---------------------------------------------------------------- check_runs
+
+#[tokio::test]
+async fn check_runs_reports_lease_and_cancellation() {
+    let c = ctx().await;
+    c.hset(&c.k().leases("q1"), "j1", "t1");
+    c.hset(&c.k().leases("q1"), "j2", "t2");
+    c.hset(&c.k().leases("q2"), "j1", "t9");
+    c.hset(&c.k().cancelled("q1"), "j2", "1");
+    c.hset(&c.k().cancelled("q1"), "j3", "1");
+
+    let run = |q: &str, id: &str, token: &str| (q.to_owned(), id.to_owned(), token.to_owned());
+    let runs = vec![
+        run("q1", "j1", "t1"),    // current, not cancelled
+        run("q1", "j2", "t-old"), // lease lost, cancelled
+        run("q1", "j2", "t2"),    // current, cancelled
+        run("q1", "j3", "t3"),    // no lease, cancelled
+        run("q1", "j4", "t4"),    // no lease, not cancelled
+        run("q2", "j1", "t1"),    // another queue's lease
+        run("q2", "j1", "t9"),
+        run("q2", "j2", "t2"), // cancelled on q1 only
+    ];
+    let got = c.broker.check_runs(&runs).await.unwrap();
+    assert_eq!(
+        got,
+        [
+            (true, false),
+            (false, true),
+            (true, true),
+            (false, true),
+            (false, false),
+            (false, false),
+            (true, false),
+            (false, false),
+        ]
+    );
+    assert!(c.broker.check_runs(&[]).await.unwrap().is_empty());
+}
+
+// ---------------------------------------------------------------- dead list
+
+#[tokio::test]
+async fn dead_list_listing_removal_and_purge() {
+    let c = ctx().await;
+    c.set_list(&c.k().dead(Q), &["d3", "d2", "d1", "d2"]);
+    c.set_list(&c.k().dead("other"), &["o1"]);
+
+    let as_text = |v: Vec<Vec<u8>>| -> Vec<String> {
+        v.into_iter()
+            .map(|e| String::from_utf8(e).unwrap())
+            .collect()
+    };
+    let all = c.broker.dead_entries(Q, 0, -1).await.unwrap();
+    assert_eq!(as_text(all), ["d3", "d2", "d1", "d2"]);
+    let page = c.broker.dead_entries(Q, 1, 2).await.unwrap();
+    assert_eq!(as_text(page), ["d2", "d1"]);
+    assert!(
+        c.broker
+            .dead_entries("none", 0, -1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // One copy, the newest first.
+    assert!(c.broker.remove_dead(Q, b"d2").await.unwrap());
+    assert_eq!(c.list(&c.k().dead(Q)), ["d3", "d1", "d2"]);
+    assert!(!c.broker.remove_dead(Q, b"absent").await.unwrap());
+    assert_eq!(c.list(&c.k().dead(Q)), ["d3", "d1", "d2"]);
+
+    assert_eq!(c.broker.purge_dead(Q).await.unwrap(), 3);
+    assert!(c.list(&c.k().dead(Q)).is_empty());
+    assert_eq!(c.broker.purge_dead(Q).await.unwrap(), 0);
+    assert_eq!(c.list(&c.k().dead("other")), ["o1"]);
+}
+
+#[tokio::test]
+async fn enqueue_pushes_at_the_producer_end() {
+    let c = ctx().await;
+    c.set_list(&c.k().pending(Q), &["p1"]);
+    c.broker.enqueue(Q, &job("j1")).await.unwrap();
+    assert_eq!(c.list(&c.k().pending(Q)), [job("j1").as_str(), "p1"]);
+}
+
+#[tokio::test]
+async fn recovering_a_duplicate_copy_leaves_the_live_delivery_alone() {
+    let c = ctx().await;
+    let j1 = job("j1");
+    // w1 runs j1; w2 took a duplicate copy (pushed twice by a producer) and
+    // died before dropping it.
+    c.set_list(&c.k().active(Q, "w1"), &[&j1]);
+    c.set_list(&c.k().active(Q, "w2"), &[&j1]);
+    let live = conveyor::queue::Broker::new_token("w1");
+    assert!(live.starts_with("w1/"));
+    c.hset(&c.k().leases(Q), "j1", &live);
+    assert_eq!(c.broker.recover_active(Q, "w2", true).await.unwrap(), 1);
+    assert_eq!(c.hash(&c.k().leases(Q)), map(&[("j1", live.as_str())]));
+    assert!(c.hash(&c.k().crashes(Q)).is_empty(), "no crash counted");
+    // w1 still settles its delivery.
+    let ok = c
+        .broker
+        .settle(Q, "w1", j1.as_bytes(), "j1", &live, Next::Finish)
+        .await
+        .unwrap();
+    assert!(ok);
 }

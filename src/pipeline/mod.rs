@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, JobTypeConfig};
+use crate::config::{Config, JobTypeConfig, RetryConfig};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -117,13 +117,17 @@ pub struct StageSpec {
 pub struct Pipeline {
     pub kind: String,
     pub stages: Vec<StageSpec>,
-    pub max_attempts: u32,
+    pub retry: RetryConfig,
     pub timeout: Option<Duration>,
     total_weight: u64,
 }
 
 impl Pipeline {
-    pub fn from_config(kind: &str, cfg: &JobTypeConfig) -> Result<Self, String> {
+    pub fn from_config(
+        kind: &str,
+        cfg: &JobTypeConfig,
+        retry: RetryConfig,
+    ) -> Result<Self, String> {
         let stages = cfg
             .stages
             .iter()
@@ -145,7 +149,7 @@ impl Pipeline {
         Ok(Self {
             kind: kind.to_owned(),
             stages,
-            max_attempts: cfg.max_attempts,
+            retry,
             timeout: cfg.timeout_secs.map(Duration::from_secs),
             total_weight,
         })
@@ -189,8 +193,8 @@ impl Registry {
     pub fn from_config(config: &Config) -> Result<Self, String> {
         let mut pipelines = HashMap::new();
         for (kind, cfg) in &config.jobs {
-            let p =
-                Pipeline::from_config(kind, cfg).map_err(|e| format!("jobs.\"{kind}\": {e}"))?;
+            let p = Pipeline::from_config(kind, cfg, config.retry_for(cfg))
+                .map_err(|e| format!("jobs.\"{kind}\": {e}"))?;
             pipelines.insert(kind.clone(), Arc::new(p));
         }
         Ok(Self { pipelines })
@@ -224,7 +228,7 @@ mod tests {
             kind: "t".into(),
             total_weight: weights.iter().map(|w| u64::from(*w)).sum(),
             stages,
-            max_attempts: 1,
+            retry: RetryConfig::default(),
             timeout: None,
         }
     }

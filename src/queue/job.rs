@@ -46,6 +46,11 @@ pub struct Meta {
     /// How many times the job was put back unfinished (shutdown, recovery).
     #[serde(skip_serializing_if = "is_zero")]
     pub requeues: u32,
+    /// How many times the job was revived from the dead list (`conveyor
+    /// retry`). A delivery of a job that SQLite knows as finished is a
+    /// duplicate unless it comes from a later revival.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub epoch: u32,
     /// Why the job is in the dead list.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -67,6 +72,9 @@ pub struct Job {
     pub payload: Value,
     pub max_attempts: Option<u32>,
     pub timeout_secs: Option<u64>,
+    /// Overrides of the job type's retry delays.
+    pub backoff_ms: Option<u64>,
+    pub backoff_max_ms: Option<u64>,
     pub meta: Meta,
     /// Producer fields conveyor does not know, kept as they were.
     pub extra: Map<String, Value>,
@@ -80,6 +88,8 @@ impl Job {
             payload,
             max_attempts: None,
             timeout_secs: None,
+            backoff_ms: None,
+            backoff_max_ms: None,
             meta: Meta::default(),
             extra: Map::new(),
         }
@@ -140,6 +150,16 @@ impl Job {
                 _ => bad!(o, "`timeout_secs` must be a positive integer"),
             },
         };
+        let mut backoff = [None, None];
+        for (slot, field) in backoff.iter_mut().zip(["backoff_ms", "backoff_max_ms"]) {
+            *slot = match o.get(field) {
+                None | Some(Value::Null) => None,
+                Some(v) => match v.as_u64() {
+                    Some(n) => Some(n),
+                    None => bad!(o, "`{field}` must be a non-negative integer"),
+                },
+            };
+        }
         let meta = match o.get(META_FIELD) {
             None | Some(Value::Null) => Meta::default(),
             Some(v) => match Meta::deserialize(v) {
@@ -147,7 +167,15 @@ impl Job {
                 Err(e) => bad!(o, "`{META_FIELD}` is malformed: {e}"),
             },
         };
-        for key in ["id", "type", "max_attempts", "timeout_secs", META_FIELD] {
+        for key in [
+            "id",
+            "type",
+            "max_attempts",
+            "timeout_secs",
+            "backoff_ms",
+            "backoff_max_ms",
+            META_FIELD,
+        ] {
             o.remove(key);
         }
         let payload = o.remove("payload").unwrap_or(Value::Null);
@@ -157,6 +185,8 @@ impl Job {
             payload,
             max_attempts,
             timeout_secs,
+            backoff_ms: backoff[0],
+            backoff_max_ms: backoff[1],
             meta,
             extra: o,
         })
@@ -179,6 +209,12 @@ impl Job {
         }
         if let Some(n) = self.timeout_secs {
             o.insert("timeout_secs".into(), n.into());
+        }
+        if let Some(n) = self.backoff_ms {
+            o.insert("backoff_ms".into(), n.into());
+        }
+        if let Some(n) = self.backoff_max_ms {
+            o.insert("backoff_max_ms".into(), n.into());
         }
         if self.meta != Meta::default() {
             let meta = serde_json::to_value(&self.meta).unwrap_or(Value::Null);
@@ -269,7 +305,7 @@ mod tests {
 
     #[test]
     fn round_trip_keeps_unknown_fields_and_meta() {
-        let src = json!({"id":"a","type":"t","payload":{"x":1},"max_attempts":2,
+        let src = json!({"id":"a","type":"t","payload":{"x":1},"max_attempts":2,"backoff_ms":5,
             "custom":[1,2],"_conveyor":{"attempt":2,"results":{"s1":{"ok":true}}}});
         let j = parse(&src.to_string()).unwrap();
         assert_eq!(j.meta.attempt, 2);
@@ -291,6 +327,7 @@ mod tests {
                 "`id` must not contain spaces",
             ),
             ("{\"type\":\"t\",\"max_attempts\":0}", "`max_attempts`"),
+            ("{\"type\":\"t\",\"backoff_ms\":-1}", "`backoff_ms`"),
             (
                 "{\"type\":\"t\",\"_conveyor\":{\"attempt\":\"x\"}}",
                 "`_conveyor` is malformed",

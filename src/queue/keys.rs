@@ -41,6 +41,29 @@ impl Keys {
         format!("{}:{{{queue}}}:dead", self.prefix)
     }
 
+    /// HASH `P:{Q}:leases`: job id -> fencing token of its current delivery.
+    /// Every state change of a delivery checks it (see `lua/settle.lua`).
+    pub fn leases(&self, queue: &str) -> String {
+        format!("{}:{{{queue}}}:leases", self.prefix)
+    }
+
+    /// HASH `P:{Q}:crashes`: job id -> times a daemon died while running it.
+    pub fn crashes(&self, queue: &str) -> String {
+        format!("{}:{{{queue}}}:crashes", self.prefix)
+    }
+
+    /// HASH `P:{Q}:cancelled`: job id -> when its cancellation was asked
+    /// (Unix ms). A cancelled job is dropped when it is next taken.
+    pub fn cancelled(&self, queue: &str) -> String {
+        format!("{}:{{{queue}}}:cancelled", self.prefix)
+    }
+
+    /// Pub/sub channel `P:control`: `{"cancel": "<job id>"}` messages to the
+    /// daemons.
+    pub fn control(&self) -> String {
+        format!("{}:control", self.prefix)
+    }
+
     /// Pub/sub channel `P:progress:<job_id>`: every state change and progress report.
     pub fn progress(&self, job_id: &str) -> String {
         format!("{}:progress:{job_id}", self.prefix)
@@ -51,7 +74,8 @@ impl Keys {
         format!("{}:progress:*", self.prefix)
     }
 
-    /// SET `P:workers`: ids of registered daemons.
+    /// HASH `P:workers`: worker id -> its queues and host (JSON), so that
+    /// the reaper knows which active lists a dead daemon left.
     pub fn workers(&self) -> String {
         format!("{}:workers", self.prefix)
     }
@@ -77,5 +101,9 @@ mod tests {
         assert_eq!(k.progress("j1"), "conveyor:progress:j1");
         assert_eq!(k.progress_pattern(), "conveyor:progress:*");
         assert_eq!(k.worker("w1"), "conveyor:worker:w1");
+        assert_eq!(k.leases("q"), "conveyor:{q}:leases");
+        assert_eq!(k.crashes("q"), "conveyor:{q}:crashes");
+        assert_eq!(k.cancelled("q"), "conveyor:{q}:cancelled");
+        assert_eq!(k.control(), "conveyor:control");
     }
 }

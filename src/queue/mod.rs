@@ -5,9 +5,17 @@
 //! ```text
 //!  producer LPUSH ─► pending ──BLMOVE/LMOVE──► active:<worker> ──LREM (ack)──► gone
 //!                      ▲                           │
-//!                      └──── requeue (RPUSH) ◄─────┤ shutdown, recovery
+//!                      ├──── requeue (RPUSH) ◄─────┤ shutdown, recovery
+//!   scheduled ─promote─┘                           │
+//!       ▲                                          │
+//!       └────────── retry (ZADD, Redis TIME) ◄─────┤ retryable failure
 //!                                   dead ◄─────────┘ failure, poison (LPUSH)
 //! ```
+//!
+//! Each delivery is fenced: [`Broker::claim`] records a token in
+//! `P:{Q}:leases`, and every [`Broker::settle`] checks it. Recovery drops
+//! the lease, so a daemon that was only slow can no longer ack, requeue or
+//! dead-letter a job that was handed to another one.
 //!
 //! A job is always in exactly one list, so a crash at any point loses
 //! nothing: whatever sits in a dead daemon's active list is put back.
@@ -45,15 +53,33 @@ pub struct Fetched {
     pub raw: Vec<u8>,
 }
 
-/// Where [`Broker::transition`] moves a job out of an active list.
+/// The outcome of [`Broker::claim`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Destination {
-    /// Back to the consuming end of the queue: it is the next job taken.
-    Pending,
-    /// To the dead list (newest first).
-    Dead,
-    /// Stays active, rewritten (e.g. with an assigned id).
-    Active,
+pub enum Claim {
+    /// The delivery holds the lease; daemons died `crashes` times while
+    /// running this job before.
+    Claimed { crashes: u32 },
+    /// The entry is no longer in the active list.
+    Gone,
+    /// Another delivery of the same job id is live: this one is a duplicate.
+    Duplicate,
+    /// The job was cancelled before it ran.
+    Cancelled,
+}
+
+/// What [`Broker::settle`] does after removing a delivery.
+#[derive(Debug, Clone, Copy)]
+pub enum Next<'a> {
+    /// The job is over (completed or cancelled): forget it.
+    Finish,
+    /// Only this delivery goes (a duplicate); the job itself is live elsewhere.
+    Drop,
+    /// To the dead list.
+    Dead(&'a [u8]),
+    /// Back to the consuming end of pending: it is the next job taken.
+    Requeue(&'a [u8]),
+    /// To the scheduled set, due `delay_ms` after Redis' clock now.
+    Retry { entry: &'a [u8], delay_ms: u64 },
 }
 
 /// Handle on one Redis for one key prefix. Cheap to clone.
@@ -164,54 +190,251 @@ impl Broker {
         }))
     }
 
-    /// Removes a finished job from the active list. Returns whether it was
-    /// still there.
-    pub async fn ack(&self, queue: &str, worker: &str, raw: &[u8]) -> RedisResult<bool> {
-        let mut conn = self.conn.clone();
-        let n: i64 = redis::cmd("LREM")
-            .arg(self.keys.active(queue, worker))
-            .arg(1)
-            .arg(raw)
-            .query_async(&mut conn)
-            .await?;
-        Ok(n > 0)
-    }
-
-    /// Atomically removes `raw` from the active list and pushes `new` to
-    /// `dest`. Returns false, pushing nothing, when `raw` was no longer there.
-    pub async fn transition(
+    /// Records the fencing token of a delivery just fetched (and, when
+    /// `keep` differs from `raw`, rewrites the entry, e.g. with an assigned
+    /// id). Checks for duplicates and cancellation in the same step.
+    pub async fn claim(
         &self,
         queue: &str,
         worker: &str,
         raw: &[u8],
-        dest: Destination,
-        new: &[u8],
-    ) -> RedisResult<bool> {
-        let (dest_key, side) = match dest {
-            Destination::Pending => (self.keys.pending(queue), "R"),
-            Destination::Dead => (self.keys.dead(queue), "L"),
-            Destination::Active => (self.keys.active(queue, worker), "L"),
-        };
+        keep: &[u8],
+        job_id: &str,
+        token: &str,
+    ) -> RedisResult<Claim> {
         let mut conn = self.conn.clone();
-        let moved: i64 = scripts::TRANSITION
-            .key(self.keys.active(queue, worker))
-            .key(dest_key)
+        let k = &self.keys;
+        let code: i64 = scripts::CLAIM
+            .key(k.active(queue, worker))
+            .key(k.leases(queue))
+            .key(k.crashes(queue))
+            .key(k.cancelled(queue))
             .arg(raw)
-            .arg(new)
-            .arg(side)
+            .arg(keep)
+            .arg(job_id)
+            .arg(token)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(match code {
+            -1 => Claim::Gone,
+            -2 => Claim::Duplicate,
+            -3 => Claim::Cancelled,
+            n => Claim::Claimed {
+                crashes: u32::try_from(n).unwrap_or(u32::MAX),
+            },
+        })
+    }
+
+    /// Ends a delivery held in `worker`'s active list. `token` is the lease
+    /// from [`Broker::claim`], or "" for a delivery never claimed. Returns
+    /// false, changing nothing, when the lease is no longer current or the
+    /// entry is gone: the job was handed to someone else.
+    pub async fn settle(
+        &self,
+        queue: &str,
+        worker: &str,
+        raw: &[u8],
+        job_id: &str,
+        token: &str,
+        next: Next<'_>,
+    ) -> RedisResult<bool> {
+        let source = self.keys.active(queue, worker);
+        self.settle_from(&source, queue, raw, job_id, token, next)
+            .await
+    }
+
+    /// Moves a dead-list entry back to pending as `job` (fresh attempts):
+    /// the job's crash count and any cancellation are forgotten.
+    pub async fn revive(
+        &self,
+        queue: &str,
+        entry: &[u8],
+        job_id: &str,
+        job: &[u8],
+    ) -> RedisResult<bool> {
+        let source = self.keys.dead(queue);
+        // "Dead" pushes to the left of its destination: here, pending.
+        let pending = self.keys.pending(queue);
+        self.settle_to(
+            &source,
+            queue,
+            entry,
+            job_id,
+            "",
+            ("L", pending, job, 0, true),
+        )
+        .await
+    }
+
+    async fn settle_from(
+        &self,
+        source: &str,
+        queue: &str,
+        raw: &[u8],
+        job_id: &str,
+        token: &str,
+        next: Next<'_>,
+    ) -> RedisResult<bool> {
+        let k = &self.keys;
+        // An unused destination still goes through KEYS, in the queue's slot.
+        let plan = match next {
+            Next::Finish => ("ack", k.pending(queue), &b""[..], 0, true),
+            Next::Drop => ("ack", k.pending(queue), &b""[..], 0, false),
+            Next::Dead(e) => ("L", k.dead(queue), e, 0, true),
+            Next::Requeue(e) => ("R", k.pending(queue), e, 0, false),
+            Next::Retry { entry, delay_ms } => ("Z", k.scheduled(queue), entry, delay_ms, false),
+        };
+        self.settle_to(source, queue, raw, job_id, token, plan)
+            .await
+    }
+
+    /// Runs `settle.lua`; `plan` is (mode, destination, entry, delay ms,
+    /// whether the job's story ends).
+    async fn settle_to(
+        &self,
+        source: &str,
+        queue: &str,
+        raw: &[u8],
+        job_id: &str,
+        token: &str,
+        plan: (&str, String, &[u8], u64, bool),
+    ) -> RedisResult<bool> {
+        let (mode, dest, entry, delay, terminal) = plan;
+        let k = &self.keys;
+        let mut conn = self.conn.clone();
+        let moved: i64 = scripts::SETTLE
+            .key(source)
+            .key(k.leases(queue))
+            .key(k.crashes(queue))
+            .key(k.cancelled(queue))
+            .key(dest)
+            .arg(raw)
+            .arg(job_id)
+            .arg(token)
+            .arg(mode)
+            .arg(entry)
+            .arg(delay)
+            .arg(if terminal { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await?;
         Ok(moved == 1)
     }
 
-    /// Puts everything in a worker's active list for `queue` back on pending.
-    pub async fn recover_active(&self, queue: &str, worker: &str) -> RedisResult<u64> {
+    /// Puts everything in a worker's active list for `queue` back on pending,
+    /// dropping the leases; `count_crashes` when that worker died.
+    pub async fn recover_active(
+        &self,
+        queue: &str,
+        worker: &str,
+        count_crashes: bool,
+    ) -> RedisResult<u64> {
+        let k = &self.keys;
         let mut conn = self.conn.clone();
         scripts::RECOVER
-            .key(self.keys.active(queue, worker))
-            .key(self.keys.pending(queue))
+            .key(k.active(queue, worker))
+            .key(k.pending(queue))
+            .key(k.leases(queue))
+            .key(k.crashes(queue))
+            .arg(if count_crashes { "1" } else { "0" })
+            .arg(format!("{worker}/"))
             .invoke_async(&mut conn)
             .await
+    }
+
+    /// A new fencing token for a delivery to `worker`. The worker id prefix
+    /// lets recovery tell the leases of a list's owner from others'.
+    pub fn new_token(worker: &str) -> String {
+        format!("{worker}/{}", uuid::Uuid::now_v7())
+    }
+
+    /// Moves up to `limit` due jobs from scheduled to pending.
+    pub async fn promote(&self, queue: &str, limit: usize) -> RedisResult<u64> {
+        let mut conn = self.conn.clone();
+        scripts::PROMOTE
+            .key(self.keys.scheduled(queue))
+            .key(self.keys.pending(queue))
+            .arg(limit)
+            .invoke_async(&mut conn)
+            .await
+    }
+
+    /// Asks for a job's cancellation: flags it on every given queue (a job
+    /// taken later is dropped) and tells the daemons (a running one stops).
+    pub async fn cancel(&self, queues: &[String], job_id: &str, now_ms: u64) -> RedisResult<()> {
+        let mut pipe = redis::pipe();
+        for q in queues {
+            pipe.hset(self.keys.cancelled(q), job_id, now_ms).ignore();
+        }
+        let message = serde_json::json!({ "cancel": job_id }).to_string();
+        pipe.publish(self.keys.control(), message).ignore();
+        let mut conn = self.conn.clone();
+        pipe.query_async(&mut conn).await
+    }
+
+    /// For each `(queue, job id, token)`: whether the token is still the
+    /// job's lease, and whether the job was cancelled. One round trip.
+    pub async fn check_runs(
+        &self,
+        runs: &[(String, String, String)],
+    ) -> RedisResult<Vec<(bool, bool)>> {
+        if runs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (queue, id, _) in runs {
+            pipe.hget(self.keys.leases(queue), id)
+                .hexists(self.keys.cancelled(queue), id);
+        }
+        let mut conn = self.conn.clone();
+        let replies: Vec<(Option<String>, bool)> = pipe.query_async(&mut conn).await?;
+        Ok(runs
+            .iter()
+            .zip(replies)
+            .map(|((_, _, token), (lease, cancelled))| {
+                (lease.as_deref() == Some(token.as_str()), cancelled)
+            })
+            .collect())
+    }
+
+    /// Entries of a dead list, newest first, from `start` to `stop` (inclusive).
+    pub async fn dead_entries(
+        &self,
+        queue: &str,
+        start: isize,
+        stop: isize,
+    ) -> RedisResult<Vec<Vec<u8>>> {
+        let mut conn = self.conn.clone();
+        redis::cmd("LRANGE")
+            .arg(self.keys.dead(queue))
+            .arg(start)
+            .arg(stop)
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// Removes one dead entry; returns whether it was there.
+    pub async fn remove_dead(&self, queue: &str, entry: &[u8]) -> RedisResult<bool> {
+        let mut conn = self.conn.clone();
+        let n: i64 = redis::cmd("LREM")
+            .arg(self.keys.dead(queue))
+            .arg(1)
+            .arg(entry)
+            .query_async(&mut conn)
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Empties a dead list; returns how many entries it held.
+    pub async fn purge_dead(&self, queue: &str) -> RedisResult<u64> {
+        let mut conn = self.conn.clone();
+        let (n,): (u64,) = redis::pipe()
+            .atomic()
+            .llen(self.keys.dead(queue))
+            .del(self.keys.dead(queue))
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(n)
     }
 
     /// Pushes a job for the daemons (what any producer's `LPUSH` does).

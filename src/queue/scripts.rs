@@ -1,15 +1,22 @@
 //! Lua scripts, compiled into the binary and invoked by SHA (`EVALSHA`,
 //! reloaded by redis-rs on `NOSCRIPT`). One script per multi-key state
-//! change; policy stays in Rust, the scripts only move data.
+//! change; policy (delays, limits) stays in Rust and comes in as ARGV, the
+//! scripts only check fencing tokens and move data.
 
 use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Active list -> another list, only if the element is still there.
-pub static TRANSITION: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/transition.lua")));
+/// Records a delivery's fencing token (and an assigned id) after a fetch.
+pub static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/claim.lua")));
 
-/// Whole active list -> pending, oldest taken first.
+/// Ends a delivery: ack, requeue, dead-letter or schedule a retry.
+pub static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/settle.lua")));
+
+/// Whole active list -> pending, oldest taken first, leases dropped.
 pub static RECOVER: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/recover.lua")));
+
+/// Due scheduled jobs -> pending, by Redis time.
+pub static PROMOTE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/promote.lua")));

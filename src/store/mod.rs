@@ -17,6 +17,8 @@
 pub mod schema;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
@@ -37,6 +39,8 @@ pub enum StoreError {
     Open { path: PathBuf, message: String },
     #[error("SQLite: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("SQLite write: {0}")]
+    Write(String),
     #[error("the store is closed")]
     Closed,
 }
@@ -50,6 +54,10 @@ pub struct BeginJob {
     pub payload: String,
     pub attempt: u32,
     pub max_attempts: u32,
+    /// Revival count (`_conveyor.epoch`).
+    pub epoch: u32,
+    /// Fencing token of this delivery: later writes must carry it.
+    pub lease: String,
     pub worker_id: String,
     pub stages: Vec<String>,
     pub at: String,
@@ -60,13 +68,23 @@ pub struct BeginJob {
 pub struct Prior {
     pub status: Option<Status>,
     pub attempt: u32,
+    pub epoch: u32,
     /// Results of stages recorded as completed, by name.
     pub results: Map<String, Value>,
+}
+
+impl Prior {
+    /// The job is finished for good as far as a delivery of `epoch` goes:
+    /// it is a duplicate, not a revival.
+    pub fn finished_for(&self, epoch: u32) -> bool {
+        self.status.is_some_and(Status::is_final) && self.epoch >= epoch
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct StageUpdate {
     pub job_id: String,
+    pub lease: String,
     pub index: usize,
     pub name: String,
     pub attempt: u32,
@@ -77,26 +95,34 @@ pub struct StageUpdate {
     pub at: String,
 }
 
+/// The end of an attempt: completed, failed, retrying, pending (requeued)
+/// or cancelled.
 #[derive(Debug, Clone)]
 pub struct FinishJob {
     pub id: String,
+    pub lease: String,
     pub status: Status,
     pub attempt: u32,
+    pub epoch: u32,
     pub progress: f64,
     pub error: Option<String>,
     pub at: String,
 }
 
-/// A message that could not run, recorded when it had an id.
+/// A job recorded without running: a message that could not run (poison,
+/// kept only when the id is new) or a job cancelled before it ran.
 #[derive(Debug, Clone)]
-pub struct PoisonJob {
+pub struct RecordJob {
     pub id: String,
     pub kind: String,
     pub queue: String,
     pub payload: String,
-    pub error: String,
+    pub status: Status,
+    pub error: Option<String>,
     pub worker_id: String,
     pub at: String,
+    /// Overwrite the status of a job SQLite already knows (unless final).
+    pub overwrite: bool,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
@@ -104,15 +130,23 @@ type Reply<T> = oneshot::Sender<Result<T, String>>;
 enum Op {
     Begin(BeginJob, Reply<Prior>),
     Stage(StageUpdate),
-    Finish(FinishJob, Reply<()>),
-    Poison(PoisonJob, Reply<()>),
+    Finish(FinishJob, Reply<bool>),
+    Record(RecordJob, Reply<()>),
     Flush(Reply<()>),
+}
+
+/// What an applied operation answers.
+enum Answer {
+    Prior(Prior),
+    Applied(bool),
+    Done,
 }
 
 /// Handle to the writer thread. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Op>,
+    healthy: Arc<AtomicBool>,
 }
 
 /// Joins the writer thread once every [`Store`] handle is dropped.
@@ -141,11 +175,28 @@ impl Store {
         schema::configure(&conn).map_err(|e| open_err(e.to_string()))?;
         schema::migrate(&mut conn).map_err(open_err)?;
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let writer = Writer {
+            conn,
+            rx,
+            healthy: healthy.clone(),
+        };
         let handle = std::thread::Builder::new()
             .name("conveyor-sqlite".into())
-            .spawn(move || Writer { conn, rx }.run())
+            .spawn(move || writer.run())
             .map_err(|e| open_err(format!("cannot start writer thread: {e}")))?;
-        Ok((Self { tx }, StoreCloser(handle)))
+        Ok((Self { tx, healthy }, StoreCloser(handle)))
+    }
+
+    /// False while transactions fail (lock held elsewhere, disk full): the
+    /// writer is holding its batch and retrying.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// The flag behind [`Store::is_healthy`], for health reporting.
+    pub fn health_flag(&self) -> Arc<AtomicBool> {
+        self.healthy.clone()
     }
 
     async fn call<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
@@ -156,21 +207,20 @@ impl Store {
             .map_err(|_| StoreError::Closed)?;
         match rx.await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(message)) => Err(StoreError::Open {
-                path: PathBuf::new(),
-                message,
-            }),
+            Ok(Err(message)) => Err(StoreError::Write(message)),
             Err(_) => Err(StoreError::Closed),
         }
     }
 
-    /// Records the start of an attempt and returns what was known before.
-    /// A job already final is left untouched (the caller acks the duplicate).
+    /// Records the start of an attempt under a new lease and returns what
+    /// was known before. A job already finished for this epoch is left
+    /// untouched (the caller drops the duplicate delivery).
     pub async fn begin(&self, job: BeginJob) -> Result<Prior, StoreError> {
         self.call(|r| Op::Begin(job, r)).await
     }
 
     /// Records a stage's state; committed with the next batch, not awaited.
+    /// Ignored when the lease is no longer the job's.
     pub async fn stage(&self, update: StageUpdate) -> Result<(), StoreError> {
         self.tx
             .send(Op::Stage(update))
@@ -178,13 +228,14 @@ impl Store {
             .map_err(|_| StoreError::Closed)
     }
 
-    /// Records the end of an attempt; returns once committed.
-    pub async fn finish(&self, finish: FinishJob) -> Result<(), StoreError> {
+    /// Records the end of an attempt; returns once committed. `Ok(false)`
+    /// when the lease is no longer the job's (another delivery took over).
+    pub async fn finish(&self, finish: FinishJob) -> Result<bool, StoreError> {
         self.call(|r| Op::Finish(finish, r)).await
     }
 
-    pub async fn poison(&self, poison: PoisonJob) -> Result<(), StoreError> {
-        self.call(|r| Op::Poison(poison, r)).await
+    pub async fn record(&self, job: RecordJob) -> Result<(), StoreError> {
+        self.call(|r| Op::Record(job, r)).await
     }
 
     /// Returns once everything sent before is committed.
@@ -196,28 +247,16 @@ impl Store {
 struct Writer {
     conn: Connection,
     rx: mpsc::Receiver<Op>,
-}
-
-/// Answers owed once the batch commits.
-enum Pending {
-    Prior(Reply<Prior>, Result<Prior, String>),
-    Unit(Reply<()>, Result<(), String>),
+    healthy: Arc<AtomicBool>,
 }
 
 impl Writer {
     fn run(mut self) {
         let mut batch = Vec::with_capacity(BATCH);
         while self.rx.blocking_recv_many(&mut batch, BATCH) > 0 {
-            let replies = self.commit_with_retry(&mut batch);
-            for reply in replies {
-                match reply {
-                    Pending::Prior(tx, v) => {
-                        let _ = tx.send(v);
-                    }
-                    Pending::Unit(tx, v) => {
-                        let _ = tx.send(v);
-                    }
-                }
+            let answers = self.commit_with_retry(&batch);
+            for (op, answer) in batch.drain(..).zip(answers) {
+                reply(op, answer);
             }
         }
         // All handles dropped: everything is committed. Checkpoint so the
@@ -225,18 +264,20 @@ impl Writer {
         let _ = self.conn.pragma_update(None, "wal_checkpoint", "PASSIVE");
     }
 
-    fn commit_with_retry(&mut self, batch: &mut Vec<Op>) -> Vec<Pending> {
+    fn commit_with_retry(&mut self, batch: &[Op]) -> Vec<Result<Answer, String>> {
         let mut delay = Duration::from_millis(50);
         let mut failures = 0u32;
         loop {
             match self.apply(batch) {
-                Ok(results) => {
+                Ok(answers) => {
                     if failures > 0 {
                         tracing::info!(failures, "SQLite writes resumed");
+                        self.healthy.store(true, Ordering::Relaxed);
                     }
-                    return self.pair(batch, results);
+                    return answers;
                 }
                 Err(err) => {
+                    self.healthy.store(false, Ordering::Relaxed);
                     if failures.is_multiple_of(20) {
                         tracing::error!(error = %err, ops = batch.len(),
                             "SQLite transaction failed; holding the batch and retrying");
@@ -251,77 +292,85 @@ impl Writer {
 
     /// One transaction over the whole batch. A failing statement fails only
     /// its own operation; a failing BEGIN or COMMIT fails the batch.
-    fn apply(&mut self, batch: &[Op]) -> rusqlite::Result<Vec<Result<Option<Prior>, String>>> {
+    fn apply(&mut self, batch: &[Op]) -> rusqlite::Result<Vec<Result<Answer, String>>> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let results = batch
+        let answers = batch
             .iter()
             .map(|op| apply_op(&tx, op).map_err(|e| e.to_string()))
             .collect();
         tx.commit()?;
-        Ok(results)
-    }
-
-    fn pair(
-        &self,
-        batch: &mut Vec<Op>,
-        results: Vec<Result<Option<Prior>, String>>,
-    ) -> Vec<Pending> {
-        let mut out = Vec::new();
-        for (op, result) in batch.drain(..).zip(results) {
-            match op {
-                Op::Begin(job, reply) => {
-                    if let Err(e) = &result {
-                        tracing::error!(job_id = %job.id, error = %e, "SQLite write failed");
-                    }
-                    out.push(Pending::Prior(reply, result.map(Option::unwrap_or_default)));
-                }
-                Op::Stage(u) => {
-                    if let Err(e) = result {
-                        tracing::error!(job_id = %u.job_id, error = %e, "SQLite write failed");
-                    }
-                }
-                Op::Finish(_, reply) | Op::Poison(_, reply) | Op::Flush(reply) => {
-                    out.push(Pending::Unit(reply, result.map(|_| ())));
-                }
-            }
-        }
-        out
+        Ok(answers)
     }
 }
 
-fn apply_op(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Option<Prior>> {
+fn reply(op: Op, answer: Result<Answer, String>) {
+    match (op, answer) {
+        (Op::Begin(_, tx), Ok(Answer::Prior(p))) => {
+            let _ = tx.send(Ok(p));
+        }
+        (Op::Finish(_, tx), Ok(Answer::Applied(b))) => {
+            let _ = tx.send(Ok(b));
+        }
+        (Op::Record(_, tx) | Op::Flush(tx), Ok(_)) => {
+            let _ = tx.send(Ok(()));
+        }
+        (Op::Stage(u), Err(e)) => {
+            tracing::error!(job_id = %u.job_id, error = %e, "SQLite write failed");
+        }
+        (Op::Stage(_), Ok(_)) => {}
+        (Op::Begin(_, tx), Err(e)) => {
+            let _ = tx.send(Err(e));
+        }
+        (Op::Finish(_, tx), Err(e)) => {
+            let _ = tx.send(Err(e));
+        }
+        (Op::Record(_, tx) | Op::Flush(tx), Err(e)) => {
+            let _ = tx.send(Err(e));
+        }
+        (Op::Begin(_, tx), Ok(_)) => {
+            let _ = tx.send(Err("internal: wrong answer".into()));
+        }
+        (Op::Finish(_, tx), Ok(_)) => {
+            let _ = tx.send(Err("internal: wrong answer".into()));
+        }
+    }
+}
+
+fn apply_op(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Answer> {
     match op {
-        Op::Begin(job, _) => begin(tx, job).map(Some),
-        Op::Stage(u) => stage(tx, u).map(|()| None),
-        Op::Finish(f, _) => finish(tx, f).map(|()| None),
-        Op::Poison(p, _) => poison(tx, p).map(|()| None),
-        Op::Flush(_) => Ok(None),
+        Op::Begin(job, _) => begin(tx, job).map(Answer::Prior),
+        Op::Stage(u) => stage(tx, u).map(|_| Answer::Done),
+        Op::Finish(f, _) => finish(tx, f).map(Answer::Applied),
+        Op::Record(r, _) => record(tx, r).map(|()| Answer::Done),
+        Op::Flush(_) => Ok(Answer::Done),
     }
 }
 
 fn begin(tx: &rusqlite::Transaction<'_>, job: &BeginJob) -> rusqlite::Result<Prior> {
-    let prior: Option<(String, u32)> = tx
-        .prepare_cached("SELECT status, attempt FROM jobs WHERE id = ?1")?
-        .query_row([&job.id], |r| Ok((r.get(0)?, r.get(1)?)))
+    let prior: Option<(String, u32, u32)> = tx
+        .prepare_cached("SELECT status, attempt, epoch FROM jobs WHERE id = ?1")?
+        .query_row([&job.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     let mut out = Prior::default();
-    if let Some((status, attempt)) = prior {
+    if let Some((status, attempt, epoch)) = prior {
         out.status = Status::parse(&status);
         out.attempt = attempt;
-        if out.status.is_some_and(Status::is_final) {
+        out.epoch = epoch;
+        if out.finished_for(job.epoch) {
             return Ok(out);
         }
     }
     tx.prepare_cached(
         "INSERT INTO jobs (id, type, queue, status, attempt, max_attempts, payload, worker_id,
-                           created_at, updated_at, started_at)
-         VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?8, ?8)
+                           lease, epoch, created_at, updated_at, started_at)
+         VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?10)
          ON CONFLICT (id) DO UPDATE SET
             status = 'running', attempt = excluded.attempt, queue = excluded.queue,
             max_attempts = excluded.max_attempts, worker_id = excluded.worker_id,
-            error = NULL, updated_at = excluded.updated_at,
+            lease = excluded.lease, epoch = excluded.epoch,
+            error = NULL, finished_at = NULL, updated_at = excluded.updated_at,
             started_at = coalesce(jobs.started_at, excluded.started_at)",
     )?
     .execute(params![
@@ -332,15 +381,23 @@ fn begin(tx: &rusqlite::Transaction<'_>, job: &BeginJob) -> rusqlite::Result<Pri
         job.max_attempts,
         job.payload,
         job.worker_id,
+        job.lease,
+        job.epoch,
         job.at
     ])?;
     tx.prepare_cached(
-        "INSERT INTO attempts (job_id, attempt, worker_id, status, started_at)
-         VALUES (?1, ?2, ?3, 'running', ?4)
-         ON CONFLICT (job_id, attempt) DO UPDATE SET
+        "INSERT INTO attempts (job_id, epoch, attempt, worker_id, status, started_at)
+         VALUES (?1, ?2, ?3, ?4, 'running', ?5)
+         ON CONFLICT (job_id, epoch, attempt) DO UPDATE SET
             status = 'running', worker_id = excluded.worker_id, finished_at = NULL",
     )?
-    .execute(params![job.id, job.attempt, job.worker_id, job.at])?;
+    .execute(params![
+        job.id,
+        job.epoch,
+        job.attempt,
+        job.worker_id,
+        job.at
+    ])?;
     let mut add_stage = tx.prepare_cached(
         "INSERT OR IGNORE INTO stages (job_id, idx, name, status) VALUES (?1, ?2, ?3, 'pending')",
     )?;
@@ -363,7 +420,20 @@ fn begin(tx: &rusqlite::Transaction<'_>, job: &BeginJob) -> rusqlite::Result<Pri
     Ok(out)
 }
 
-fn stage(tx: &rusqlite::Transaction<'_>, u: &StageUpdate) -> rusqlite::Result<()> {
+/// Whether `lease` is the job's current lease (the fence of every write
+/// after `begin`).
+fn holds_lease(tx: &rusqlite::Transaction<'_>, id: &str, lease: &str) -> rusqlite::Result<bool> {
+    let current: Option<Option<String>> = tx
+        .prepare_cached("SELECT lease FROM jobs WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()?;
+    Ok(current.flatten().as_deref() == Some(lease))
+}
+
+fn stage(tx: &rusqlite::Transaction<'_>, u: &StageUpdate) -> rusqlite::Result<bool> {
+    if !holds_lease(tx, &u.job_id, &u.lease)? {
+        return Ok(false);
+    }
     let (started, finished) = if u.status == "running" {
         (Some(&u.at), None)
     } else {
@@ -379,20 +449,32 @@ fn stage(tx: &rusqlite::Transaction<'_>, u: &StageUpdate) -> rusqlite::Result<()
             result = excluded.result, error = excluded.error",
     )?
     .execute(params![
-        u.job_id, u.index as i64, u.name, u.status, u.attempt, started, finished, u.result, u.error
+        u.job_id,
+        u.index as i64,
+        u.name,
+        u.status,
+        u.attempt,
+        started,
+        finished,
+        u.result,
+        u.error
     ])?;
     tx.prepare_cached(
         "UPDATE jobs SET progress = max(progress, ?2), stage = ?3, updated_at = ?4 WHERE id = ?1",
     )?
     .execute(params![u.job_id, u.progress, u.name, u.at])?;
-    Ok(())
+    Ok(true)
 }
 
-fn finish(tx: &rusqlite::Transaction<'_>, f: &FinishJob) -> rusqlite::Result<()> {
+fn finish(tx: &rusqlite::Transaction<'_>, f: &FinishJob) -> rusqlite::Result<bool> {
+    if !holds_lease(tx, &f.id, &f.lease)? {
+        return Ok(false);
+    }
     let finished_at = f.status.is_final().then_some(&f.at);
+    // The lease ends with the delivery: nothing more may be written under it.
     tx.prepare_cached(
         "UPDATE jobs SET status = ?2, progress = ?3, error = ?4, updated_at = ?5,
-                finished_at = ?6, stage = CASE WHEN ?6 IS NULL THEN stage END
+                finished_at = ?6, stage = CASE WHEN ?6 IS NULL THEN stage END, lease = NULL
          WHERE id = ?1",
     )?
     .execute(params![
@@ -405,33 +487,51 @@ fn finish(tx: &rusqlite::Transaction<'_>, f: &FinishJob) -> rusqlite::Result<()>
     ])?;
     let attempt_status = match f.status {
         Status::Pending => "interrupted",
+        Status::Retrying => "failed",
         other => other.as_str(),
     };
     tx.prepare_cached(
-        "UPDATE attempts SET status = ?3, finished_at = ?4, error = ?5
-         WHERE job_id = ?1 AND attempt = ?2",
-    )?
-    .execute(params![f.id, f.attempt, attempt_status, f.at, f.error])?;
-    Ok(())
-}
-
-fn poison(tx: &rusqlite::Transaction<'_>, p: &PoisonJob) -> rusqlite::Result<()> {
-    // A bad message that reuses the id of a known job must not rewrite that
-    // job's history: the dead-list entry and the log carry its reason.
-    tx.prepare_cached(
-        "INSERT INTO jobs (id, type, queue, status, payload, error, worker_id,
-                           created_at, updated_at, finished_at)
-         VALUES (?1, ?2, ?3, 'failed', ?4, ?5, ?6, ?7, ?7, ?7)
-         ON CONFLICT (id) DO NOTHING",
+        "UPDATE attempts SET status = ?4, finished_at = ?5, error = ?6
+         WHERE job_id = ?1 AND epoch = ?2 AND attempt = ?3",
     )?
     .execute(params![
-        p.id,
-        p.kind,
-        p.queue,
-        p.payload,
-        p.error,
-        p.worker_id,
-        p.at
+        f.id,
+        f.epoch,
+        f.attempt,
+        attempt_status,
+        f.at,
+        f.error
+    ])?;
+    Ok(true)
+}
+
+fn record(tx: &rusqlite::Transaction<'_>, r: &RecordJob) -> rusqlite::Result<()> {
+    // A bad message that reuses the id of a known job must not rewrite that
+    // job's history (the dead entry and the log carry its reason); a
+    // cancellation overwrites anything but a final state.
+    let sql = if r.overwrite {
+        "INSERT INTO jobs (id, type, queue, status, payload, error, worker_id,
+                           created_at, updated_at, finished_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?8)
+         ON CONFLICT (id) DO UPDATE SET
+            status = excluded.status, error = excluded.error, worker_id = excluded.worker_id,
+            updated_at = excluded.updated_at, finished_at = excluded.finished_at, lease = NULL
+         WHERE jobs.status NOT IN ('completed', 'failed', 'cancelled')"
+    } else {
+        "INSERT INTO jobs (id, type, queue, status, payload, error, worker_id,
+                           created_at, updated_at, finished_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?8)
+         ON CONFLICT (id) DO NOTHING"
+    };
+    tx.prepare_cached(sql)?.execute(params![
+        r.id,
+        r.kind,
+        r.queue,
+        r.status.as_str(),
+        r.payload,
+        r.error,
+        r.worker_id,
+        r.at
     ])?;
     Ok(())
 }
@@ -456,6 +556,18 @@ pub struct JobRecord {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub stages: Vec<StageRecord>,
+    pub attempts: Vec<AttemptRecord>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptRecord {
+    pub epoch: u32,
+    pub attempt: u32,
+    pub worker_id: String,
+    pub status: String,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -514,6 +626,7 @@ impl Reader {
                         started_at: r.get(13)?,
                         finished_at: r.get(14)?,
                         stages: Vec::new(),
+                        attempts: Vec::new(),
                     })
                 },
             )
@@ -532,6 +645,23 @@ impl Reader {
                     started_at: r.get(3)?,
                     finished_at: r.get(4)?,
                     result: json_column(r.get(5)?),
+                    error: r.get(6)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut stmt = self.conn.prepare(
+            "SELECT epoch, attempt, worker_id, status, started_at, finished_at, error
+             FROM attempts WHERE job_id = ?1 ORDER BY epoch, attempt",
+        )?;
+        job.attempts = stmt
+            .query_map([id], |r| {
+                Ok(AttemptRecord {
+                    epoch: r.get(0)?,
+                    attempt: r.get(1)?,
+                    worker_id: r.get(2)?,
+                    status: r.get(3)?,
+                    started_at: r.get(4)?,
+                    finished_at: r.get(5)?,
                     error: r.get(6)?,
                 })
             })?
@@ -565,7 +695,7 @@ fn json_column(text: Option<String>) -> Value {
 mod tests {
     use super::*;
 
-    fn begin_job(id: &str) -> BeginJob {
+    fn begin_job(id: &str, lease: &str) -> BeginJob {
         BeginJob {
             id: id.into(),
             kind: "t".into(),
@@ -573,15 +703,18 @@ mod tests {
             payload: "{\"a\":1}".into(),
             attempt: 1,
             max_attempts: 3,
+            epoch: 0,
+            lease: lease.into(),
             worker_id: "w1".into(),
             stages: vec!["s0".into(), "s1".into()],
             at: "2026-01-01T00:00:00.000Z".into(),
         }
     }
 
-    fn stage_done(id: &str, index: usize, name: &str) -> StageUpdate {
+    fn stage_done(id: &str, lease: &str, index: usize, name: &str) -> StageUpdate {
         StageUpdate {
             job_id: id.into(),
+            lease: lease.into(),
             index,
             name: name.into(),
             attempt: 1,
@@ -593,35 +726,44 @@ mod tests {
         }
     }
 
+    fn finish(id: &str, lease: &str, status: Status) -> FinishJob {
+        FinishJob {
+            id: id.into(),
+            lease: lease.into(),
+            status,
+            attempt: 1,
+            epoch: 0,
+            progress: 100.0,
+            error: None,
+            at: "2026-01-01T00:00:02.000Z".into(),
+        }
+    }
+
     #[tokio::test]
     async fn lifecycle_round_trip_and_resume() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/state.db");
         let (store, closer) = Store::open(&path).unwrap();
-        let prior = store.begin(begin_job("j1")).await.unwrap();
+        let prior = store.begin(begin_job("j1", "a")).await.unwrap();
         assert_eq!(prior.status, None);
-        store.stage(stage_done("j1", 0, "s0")).await.unwrap();
+        store.stage(stage_done("j1", "a", 0, "s0")).await.unwrap();
         store.flush().await.unwrap();
 
         // A redelivery sees the finished stage and its result.
-        let prior = store.begin(begin_job("j1")).await.unwrap();
+        let prior = store.begin(begin_job("j1", "b")).await.unwrap();
         assert_eq!(prior.status, Some(Status::Running));
         assert_eq!(prior.results["s0"], serde_json::json!({"ok": true}));
 
-        store
-            .finish(FinishJob {
-                id: "j1".into(),
-                status: Status::Completed,
-                attempt: 1,
-                progress: 100.0,
-                error: None,
-                at: "2026-01-01T00:00:02.000Z".into(),
-            })
-            .await
-            .unwrap();
-        // A completed job is left alone by a duplicate delivery.
-        let prior = store.begin(begin_job("j1")).await.unwrap();
+        assert!(
+            store
+                .finish(finish("j1", "b", Status::Completed))
+                .await
+                .unwrap()
+        );
+        // A completed job is left alone by a duplicate delivery of its epoch.
+        let prior = store.begin(begin_job("j1", "c")).await.unwrap();
         assert_eq!(prior.status, Some(Status::Completed));
+        assert!(prior.finished_for(0));
 
         let reader = Reader::open(&path).unwrap();
         let job = reader.job("j1").unwrap().unwrap();
@@ -631,6 +773,8 @@ mod tests {
         assert_eq!(job.stages.len(), 2);
         assert_eq!(job.stages[0].status, "completed");
         assert_eq!(job.stages[1].status, "pending");
+        assert_eq!(job.attempts.len(), 1);
+        assert_eq!(job.attempts[0].status, "completed");
         assert_eq!(
             reader.counts_by_status().unwrap(),
             vec![("completed".into(), 1)]
@@ -641,22 +785,85 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stale_lease_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let (store, closer) = Store::open(&path).unwrap();
+        store.begin(begin_job("j1", "old")).await.unwrap();
+        // The job is recovered and delivered again under a new lease.
+        store.begin(begin_job("j1", "new")).await.unwrap();
+        store.stage(stage_done("j1", "old", 0, "s0")).await.unwrap();
+        assert!(
+            !store
+                .finish(finish("j1", "old", Status::Completed))
+                .await
+                .unwrap()
+        );
+        let reader = Reader::open(&path).unwrap();
+        let job = reader.job("j1").unwrap().unwrap();
+        assert_eq!(job.status, "running");
+        assert_eq!(job.stages[0].status, "pending");
+        assert!(
+            store
+                .finish(finish("j1", "new", Status::Completed))
+                .await
+                .unwrap()
+        );
+        // The lease ends with the delivery.
+        assert!(
+            !store
+                .finish(finish("j1", "new", Status::Failed))
+                .await
+                .unwrap()
+        );
+        drop(store);
+        closer.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_revived_job_runs_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let (store, closer) = Store::open(&path).unwrap();
+        store.begin(begin_job("j1", "a")).await.unwrap();
+        assert!(
+            store
+                .finish(finish("j1", "a", Status::Failed))
+                .await
+                .unwrap()
+        );
+        let mut revived = begin_job("j1", "b");
+        revived.epoch = 1;
+        let prior = store.begin(revived).await.unwrap();
+        assert_eq!(prior.status, Some(Status::Failed));
+        assert!(!prior.finished_for(1));
+        let reader = Reader::open(&path).unwrap();
+        let job = reader.job("j1").unwrap().unwrap();
+        assert_eq!(job.status, "running");
+        assert_eq!(job.attempts.len(), 2, "{:?}", job.attempts);
+        drop(store);
+        closer.close().await;
+    }
+
+    #[tokio::test]
     async fn poison_with_a_known_id_leaves_the_job_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let (store, closer) = Store::open(&path).unwrap();
-        store.begin(begin_job("j1")).await.unwrap();
-        let poison = |id: &str| PoisonJob {
+        store.begin(begin_job("j1", "a")).await.unwrap();
+        let poison = |id: &str| RecordJob {
             id: id.into(),
             kind: "nope".into(),
             queue: "default".into(),
             payload: "null".into(),
-            error: "unknown job type `nope`".into(),
+            status: Status::Failed,
+            error: Some("unknown job type `nope`".into()),
             worker_id: "w1".into(),
             at: "2026-01-01T00:00:03.000Z".into(),
+            overwrite: false,
         };
-        store.poison(poison("j1")).await.unwrap();
-        store.poison(poison("p1")).await.unwrap();
+        store.record(poison("j1")).await.unwrap();
+        store.record(poison("p1")).await.unwrap();
         drop(store);
         closer.close().await;
         let reader = Reader::open(&path).unwrap();
@@ -677,7 +884,7 @@ mod tests {
         for i in 0..200 {
             let s = if i % 2 == 0 { a.clone() } else { b.clone() };
             tasks.push(tokio::spawn(async move {
-                s.begin(begin_job(&format!("j{i}"))).await.unwrap();
+                s.begin(begin_job(&format!("j{i}"), "l")).await.unwrap();
             }));
         }
         for t in tasks {
@@ -691,5 +898,26 @@ mod tests {
             reader.counts_by_status().unwrap(),
             vec![("running".into(), 200)]
         );
+    }
+
+    #[test]
+    fn migrating_a_version_1_file_keeps_its_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        let mut conn = Connection::open(&path).unwrap();
+        conn.execute_batch(schema::MIGRATIONS[0]).unwrap();
+        conn.execute_batch(
+            "PRAGMA user_version = 1;
+             INSERT INTO jobs (id, type, queue, status, created_at, updated_at)
+                VALUES ('j', 't', 'q', 'failed', 'x', 'x');
+             INSERT INTO attempts (job_id, attempt, worker_id, status, started_at, error)
+                VALUES ('j', 1, 'w', 'failed', 'x', 'boom');",
+        )
+        .unwrap();
+        schema::migrate(&mut conn).unwrap();
+        drop(conn);
+        let job = Reader::open(&path).unwrap().job("j").unwrap().unwrap();
+        assert_eq!(job.attempts.len(), 1);
+        assert_eq!(job.attempts[0].error.as_deref(), Some("boom"));
     }
 }

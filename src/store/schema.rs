@@ -48,6 +48,25 @@ pub const MIGRATIONS: &[&str] = &[
         error       TEXT,
         PRIMARY KEY (job_id, idx)
      ) STRICT, WITHOUT ROWID;",
+    // 2: fencing (the lease of the delivery allowed to write a job's state),
+    // revivals from the dead list (epoch), attempts numbered per epoch.
+    "ALTER TABLE jobs ADD COLUMN lease TEXT;
+     ALTER TABLE jobs ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE attempts_v2 (
+        job_id      TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        epoch       INTEGER NOT NULL DEFAULT 0,
+        attempt     INTEGER NOT NULL,
+        worker_id   TEXT NOT NULL,
+        status      TEXT NOT NULL,
+        started_at  TEXT NOT NULL,
+        finished_at TEXT,
+        error       TEXT,
+        PRIMARY KEY (job_id, epoch, attempt)
+     ) STRICT, WITHOUT ROWID;
+     INSERT INTO attempts_v2 (job_id, epoch, attempt, worker_id, status, started_at, finished_at, error)
+        SELECT job_id, 0, attempt, worker_id, status, started_at, finished_at, error FROM attempts;
+     DROP TABLE attempts;
+     ALTER TABLE attempts_v2 RENAME TO attempts;",
 ];
 
 /// The schema version this build writes.

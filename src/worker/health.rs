@@ -1,5 +1,8 @@
-//! Liveness of the fetch loop and of Redis, for the systemd watchdog.
+//! Liveness of the fetch loop and of Redis (for the systemd watchdog), and
+//! the daemon's readiness: Redis answering, SQLite writes going through,
+//! not shutting down (for `/readyz`).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -13,6 +16,8 @@ pub struct Health {
     /// Shutting down: the fetch loop is gone on purpose and the drain is
     /// bounded by the grace periods, so the watchdog keeps being fed.
     draining: AtomicBool,
+    /// Cleared by the SQLite writer while its transactions fail.
+    sqlite_ok: Option<Arc<AtomicBool>>,
 }
 
 impl Default for Health {
@@ -22,11 +27,39 @@ impl Default for Health {
             fetch_loop: AtomicU64::new(0),
             redis: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            sqlite_ok: None,
         }
     }
 }
 
 impl Health {
+    pub fn with_sqlite(sqlite_ok: Arc<AtomicBool>) -> Self {
+        Self {
+            sqlite_ok: Some(sqlite_ok),
+            ..Self::default()
+        }
+    }
+
+    /// Ready to take jobs, or why not: Redis silent for longer than
+    /// `window`, SQLite writes failing, or shutting down.
+    pub fn readiness(&self, window: Duration) -> Result<(), String> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err("shutting down".into());
+        }
+        let silent = self
+            .now()
+            .saturating_sub(self.redis.load(Ordering::Relaxed));
+        if silent > window.as_millis() as u64 {
+            return Err(format!("Redis has not answered for {} ms", silent));
+        }
+        if let Some(ok) = &self.sqlite_ok
+            && !ok.load(Ordering::Relaxed)
+        {
+            return Err("SQLite writes are failing (locked or disk full); retrying".into());
+        }
+        Ok(())
+    }
+
     fn now(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
@@ -70,5 +103,31 @@ mod tests {
         assert!(!h.healthy(Duration::from_millis(5)));
         h.draining();
         assert!(h.healthy(Duration::from_millis(5)));
+    }
+
+    #[test]
+    fn readiness_names_the_reason() {
+        let sqlite = Arc::new(AtomicBool::new(true));
+        let h = Health::with_sqlite(sqlite.clone());
+        h.redis_ok();
+        assert_eq!(h.readiness(Duration::from_secs(10)), Ok(()));
+        sqlite.store(false, Ordering::Relaxed);
+        assert!(
+            h.readiness(Duration::from_secs(10))
+                .unwrap_err()
+                .contains("SQLite")
+        );
+        sqlite.store(true, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            h.readiness(Duration::from_millis(5))
+                .unwrap_err()
+                .contains("Redis")
+        );
+        h.draining();
+        assert_eq!(
+            h.readiness(Duration::from_secs(10)),
+            Err("shutting down".into())
+        );
     }
 }

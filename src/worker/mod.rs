@@ -5,7 +5,12 @@
 //!   a job, and spawns the job's task with the permit;
 //! - job tasks ([`runner`]);
 //! - the progress publisher ([`crate::progress`]);
-//! - the heartbeat ([`registry::Heartbeat`]) and the systemd watchdog.
+//! - the heartbeat ([`registry::Heartbeat`]), which also checks the leases
+//!   and cancellation flags of running jobs;
+//! - the reaper ([`reaper::Reaper`]): recovers the jobs of dead daemons;
+//! - the promoter ([`scheduler::Promoter`]): due retries back to pending;
+//! - the control listener ([`control::Control`]): cancellations;
+//! - the systemd watchdog.
 //!
 //! Shutdown, in order (producers of work stop before its consumers):
 //! 1. the `shutdown` token fires (SIGTERM/SIGINT): the fetch loop stops
@@ -18,12 +23,19 @@
 //!    SIGKILL after `kill_grace_secs`; each unfinished job is recorded as
 //!    pending in SQLite and put back on the consuming end of its queue with
 //!    its finished stages' results;
-//! 4. anything still in this daemon's active lists goes back to pending;
+//! 4. if Redis is unreachable, state changes still waiting give up after
+//!    `kill_grace_secs` + 10 s: those jobs stay listed as active and are
+//!    recovered at the next start (or by the reaper);
+//! 5. anything still in this daemon's active lists goes back to pending;
 //!    the registration is removed, the publisher drained, SQLite closed.
 
+pub mod control;
 pub mod health;
+pub mod reaper;
 pub mod registry;
 pub mod runner;
+pub mod runs;
+pub mod scheduler;
 pub mod status;
 
 use std::sync::Arc;
@@ -37,10 +49,11 @@ use crate::config::Config;
 use crate::error::reconnect_backoff;
 use crate::pipeline::Registry;
 use crate::progress::Publisher;
-use crate::queue::{Broker, Destination, Fetched};
+use crate::queue::{Broker, Fetched, Next};
 use crate::store::Store;
 use health::Health;
 use runner::{JobEnv, Stats};
+use runs::RunTable;
 
 /// Most jobs taken in one non-blocking round trip.
 const FETCH_BATCH: usize = 64;
@@ -85,8 +98,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     let ttl = Duration::from_secs(w.dead_after_secs);
     registry::register(&broker, &info, ttl).await?;
     // Jobs a previous run of this id left behind (crash, SIGKILL) go back to
-    // pending; SQLite tells where each one stopped.
-    let recovered = recover_active(&broker, &w.queues, &worker_id).await;
+    // pending, each with a crash counted; SQLite tells where each stopped.
+    let recovered = recover_active(&broker, &w.queues, &worker_id, true).await;
     if recovered > 0 {
         tracing::warn!(worker_id = %worker_id, recovered, "Recovered jobs left by a previous run of this worker");
     }
@@ -95,6 +108,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     let (publisher, publisher_task) = Publisher::new(broker.keys().clone(), broker.conn());
     let publisher_handle = tokio::spawn(publisher_task.run());
     let stop_stages = CancellationToken::new();
+    let give_up = CancellationToken::new();
     let env = Arc::new(JobEnv {
         broker: broker.clone(),
         store: store.clone(),
@@ -102,12 +116,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         registry,
         worker_id: worker_id.clone(),
         max_job_bytes: w.max_job_bytes,
+        max_crashes: w.max_crashes,
         kill_grace: Duration::from_secs(w.kill_grace_secs),
         draining: shutdown.clone(),
         stop_stages: stop_stages.clone(),
+        give_up: give_up.clone(),
+        runs: Arc::new(RunTable::default()),
         stats: Stats::default(),
     });
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::with_sqlite(store.health_flag()));
     health.redis_ok();
     health.fetch_loop_alive();
     let background = CancellationToken::new();
@@ -123,6 +140,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         .run(background.clone()),
     );
     tracker.spawn(crate::notify::watchdog(health.clone(), background.clone()));
+    tracker.spawn(
+        reaper::Reaper {
+            broker: broker.clone(),
+            worker_id: worker_id.clone(),
+            every: Duration::from_secs(w.heartbeat_secs),
+        }
+        .run(background.clone()),
+    );
+    tracker.spawn(
+        scheduler::Promoter {
+            broker: broker.clone(),
+            queues: w.queues.clone(),
+            every: Duration::from_millis(w.promote_interval_ms),
+        }
+        .run(background.clone()),
+    );
+    tracker.spawn(
+        control::Control {
+            broker: broker.clone(),
+            runs: env.runs.clone(),
+        }
+        .run(background.clone()),
+    );
 
     tracing::info!(worker_id = %worker_id, queues = ?w.queues, concurrency = w.concurrency,
         pid = info.pid, version = %info.version, "worker_started");
@@ -166,7 +206,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     background.cancel();
     tracker.close();
     tracker.wait().await;
-    let left = recover_active(&broker, &config.worker.queues, &worker_id).await;
+    let left = recover_active(&broker, &config.worker.queues, &worker_id, false).await;
     if left > 0 {
         tracing::warn!(left, "Requeued jobs still listed as active");
     }
@@ -174,9 +214,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         tracing::warn!(error = %err, "Cannot remove worker registration; it expires by itself");
     }
     let stats = &env.stats;
-    let (completed, failed, requeued) = (
+    let (completed, failed, retried, requeued) = (
         stats.completed.load(std::sync::atomic::Ordering::Relaxed),
         stats.failed.load(std::sync::atomic::Ordering::Relaxed),
+        stats.retried.load(std::sync::atomic::Ordering::Relaxed),
         stats.requeued.load(std::sync::atomic::Ordering::Relaxed),
     );
     let dropped = env.publisher.dropped();
@@ -184,16 +225,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     drop(store);
     let _ = publisher_handle.await;
     store_closer.close().await;
-    tracing::info!(worker_id = %worker_id, completed, failed, requeued,
+    tracing::info!(worker_id = %worker_id, completed, failed, retried, requeued,
         progress_events_dropped = dropped, "worker_shutdown_complete");
     Ok(())
 }
 
 /// Moves every job in this worker's active lists back to pending.
-async fn recover_active(broker: &Broker, queues: &[String], worker: &str) -> u64 {
+async fn recover_active(broker: &Broker, queues: &[String], worker: &str, crashed: bool) -> u64 {
     let mut total = 0;
     for queue in queues {
-        match broker.recover_active(queue, worker).await {
+        match broker.recover_active(queue, worker, crashed).await {
             Ok(n) => total += n,
             Err(err) => tracing::error!(error = %err, queue = %queue,
                 "Cannot requeue active jobs; they will be recovered at next start"),
@@ -233,12 +274,15 @@ impl Fetcher {
             match result {
                 Ok(jobs) => {
                     self.health.redis_ok();
+                    self.spawn_jobs(jobs, permits);
                     if failing {
                         tracing::info!("Redis reachable again; fetching");
                         failing = false;
                         backoff = reconnect_backoff();
+                        // A BLMOVE whose reply was lost may have moved a job
+                        // into our active list with nobody told.
+                        self.reconcile().await;
                     }
-                    self.spawn_jobs(jobs, permits);
                 }
                 Err(err) => {
                     blocking = None;
@@ -313,26 +357,62 @@ impl Fetcher {
                 tracing::error!("Fetched more jobs than free slots");
                 break;
             };
+            // Registered before the task starts: reconciliation must never
+            // take a job in hand for an orphan.
+            let guard = self.env.runs.register(&job.queue, &job.raw);
             let env = self.env.clone();
             self.jobs.spawn(async move {
-                runner::handle(env, job).await;
+                runner::handle(env, job, guard).await;
                 drop(permit);
             });
         }
     }
 
+    /// Puts back on pending every entry of our active lists that no run
+    /// owns. Runs in the fetch loop, between fetches, so every fetched entry
+    /// is registered by then.
+    async fn reconcile(&self) {
+        let worker = &self.env.worker_id;
+        let broker = &self.env.broker;
+        for queue in &self.queues {
+            let key = broker.keys().active(queue, worker);
+            let mut conn = broker.conn();
+            let entries: Vec<Vec<u8>> = match redis::cmd("LRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+            {
+                Ok(e) => e,
+                Err(err) => {
+                    tracing::warn!(error = %err, "Cannot reconcile the active list");
+                    return;
+                }
+            };
+            for raw in entries {
+                if self.env.runs.owns(queue, &raw) {
+                    continue;
+                }
+                let moved = broker
+                    .settle(queue, worker, &raw, "", "", Next::Requeue(&raw))
+                    .await;
+                if let Ok(true) = moved {
+                    tracing::warn!(queue = %queue,
+                        "Requeued an orphaned entry of our active list (a fetch reply was lost)");
+                }
+            }
+        }
+    }
+
     async fn put_back(&self, jobs: Vec<Fetched>) {
+        let worker = &self.env.worker_id;
         for job in jobs {
+            let next = Next::Requeue(&job.raw);
             let moved = self
                 .env
                 .broker
-                .transition(
-                    &job.queue,
-                    &self.env.worker_id,
-                    &job.raw,
-                    Destination::Pending,
-                    &job.raw,
-                )
+                .settle(&job.queue, worker, &job.raw, "", "", next)
                 .await;
             if let Err(err) = moved {
                 tracing::warn!(error = %err, "Cannot put back a job taken during shutdown; recovery will");

@@ -1,9 +1,15 @@
 //! Worker registration and heartbeat.
 //!
 //! A daemon owns `P:worker:<id>` (its registration, JSON, with a TTL of
-//! `dead_after_secs`) and is a member of `P:workers`. The heartbeat
-//! refreshes the registration every `heartbeat_secs`; a key that expired
-//! means the daemon is gone.
+//! `dead_after_secs`) and has an entry in `P:workers` (its queues, for the
+//! reaper). The heartbeat refreshes the registration every
+//! `heartbeat_secs`; a key that expired means the daemon is gone, and the
+//! reaper recovers its jobs.
+//!
+//! Each beat also checks the leases of this daemon's running jobs and their
+//! cancellation flags: a job whose lease is gone (this daemon was slow and
+//! was taken for dead) is stopped without writing anything, a cancelled job
+//! is stopped (the pub/sub message may have been missed).
 //!
 //! Two live daemons must never share an id: their active lists would be one
 //! list. At start a daemon refuses an id whose registration belongs to a
@@ -19,8 +25,16 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::health::Health;
-use super::runner::Stats;
+use super::runner::{JobEnv, Stats};
+use super::runs::StopReason;
 use crate::queue::Broker;
+
+/// A daemon's entry in `P:workers`: what the reaper needs once it is gone.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Registration {
+    pub queues: Vec<String>,
+    pub host: String,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerInfo {
@@ -98,8 +112,18 @@ pub async fn register(
         // Replace it only if it is still the one just judged.
         let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
     }
-    let _: () = conn.sadd(broker.keys().workers(), &info.id).await?;
+    let _: () = conn
+        .hset(broker.keys().workers(), &info.id, registration(info))
+        .await?;
     Ok(took_over)
+}
+
+fn registration(info: &WorkerInfo) -> String {
+    let r = Registration {
+        queues: info.queues.clone(),
+        host: info.host.clone(),
+    };
+    serde_json::to_string(&r).unwrap_or_default()
 }
 
 pub async fn deregister(broker: &Broker, id: &str) -> redis::RedisResult<()> {
@@ -107,7 +131,7 @@ pub async fn deregister(broker: &Broker, id: &str) -> redis::RedisResult<()> {
     redis::pipe()
         .del(broker.keys().worker(id))
         .ignore()
-        .srem(broker.keys().workers(), id)
+        .hdel(broker.keys().workers(), id)
         .ignore()
         .query_async::<()>(&mut conn)
         .await
@@ -119,7 +143,7 @@ pub struct Heartbeat {
     pub info: WorkerInfo,
     pub every: Duration,
     pub ttl: Duration,
-    pub env: Arc<super::runner::JobEnv>,
+    pub env: Arc<JobEnv>,
     pub health: Arc<Health>,
 }
 
@@ -137,12 +161,18 @@ impl Heartbeat {
             let env = self.env.clone();
             self.refresh_counts(&env.stats);
             match self.beat().await {
-                Ok(()) => {
+                Ok(expired) => {
                     self.health.redis_ok();
                     if failing {
                         tracing::info!("Heartbeat restored");
                         failing = false;
                     }
+                    if expired {
+                        tracing::warn!(
+                            "Our registration had expired (a long pause?): jobs may have been recovered by another daemon; checking leases"
+                        );
+                    }
+                    self.check_runs().await;
                 }
                 Err(err) if !failing => {
                     tracing::warn!(error = %err, "Heartbeat failed; retrying each interval");
@@ -150,10 +180,31 @@ impl Heartbeat {
                 }
                 Err(_) => {}
             }
-            crate::notify::status(&format!(
+            let counts = format!(
                 "{} running, {} completed, {} failed",
                 self.info.running, self.info.completed, self.info.failed
-            ));
+            );
+            match self.health.readiness(self.ttl) {
+                Ok(()) => crate::notify::status(&counts),
+                Err(why) => crate::notify::status(&format!("not ready: {why}; {counts}")),
+            }
+        }
+    }
+
+    /// Stops runs whose lease is gone or whose job was cancelled.
+    async fn check_runs(&self) {
+        let claims = self.env.runs.claims();
+        let Ok(states) = self.env.broker.check_runs(&claims).await else {
+            return;
+        };
+        for ((_, id, token), (holds_lease, cancelled)) in claims.iter().zip(states) {
+            if !holds_lease {
+                if self.env.runs.stop(id, Some(token), StopReason::LeaseLost) {
+                    tracing::warn!(job_id = %id, "Lease lost: the job was handed to another daemon; stopping it here");
+                }
+            } else if cancelled && self.env.runs.stop(id, Some(token), StopReason::Cancelled) {
+                tracing::info!(job_id = %id, "Cancellation flag seen; stopping the job");
+            }
         }
     }
 
@@ -163,20 +214,23 @@ impl Heartbeat {
         self.info.failed = stats.failed.load(Ordering::Relaxed);
     }
 
-    async fn beat(&self) -> redis::RedisResult<()> {
+    /// Refreshes the registration; returns whether it had expired.
+    async fn beat(&self) -> redis::RedisResult<bool> {
         let mut conn = self.broker.conn();
         let body = serde_json::to_string(&self.info).unwrap_or_default();
-        redis::pipe()
+        let keys = self.broker.keys();
+        let (previous,): (Option<String>,) = redis::pipe()
             .cmd("SET")
-            .arg(self.broker.keys().worker(&self.info.id))
+            .arg(keys.worker(&self.info.id))
             .arg(body)
             .arg("PX")
             .arg(self.ttl.as_millis() as u64)
-            .ignore()
-            .sadd(self.broker.keys().workers(), &self.info.id)
+            .arg("GET")
+            .hset(keys.workers(), &self.info.id, registration(&self.info))
             .ignore()
             .query_async(&mut conn)
-            .await
+            .await?;
+        Ok(previous.is_none())
     }
 }
 

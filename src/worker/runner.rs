@@ -1,39 +1,47 @@
-//! The life of one job on this daemon.
+//! The life of one delivery on this daemon.
 //!
 //! ```text
-//! fetched ─parse─► poison? ──────────────────────────────► dead (reason)
+//! fetched ─parse─► poison? ───────────────────────────────► dead (reason)
 //!            │
-//!            └─► begin (SQLite: running; learn finished stages)
-//!                  │ already final? ─────────────────────► ack (duplicate)
+//!            └─► claim (lease token; id assigned) ─ duplicate / cancelled ─► dropped
+//!                  │ crashed max_crashes times? ───────────► dead (quarantine)
 //!                  ▼
-//!             stages in order, from the first unfinished one
-//!                  ├─ all done ─► SQLite completed ─► ack ─► publish
-//!                  ├─ failure  ─► SQLite failed ─► dead ─► publish
-//!                  └─ shutdown ─► SQLite pending ─► back to pending with
-//!                                 the finished stages' results ─► publish
+//!               begin (SQLite: running; learn finished stages)
+//!                  │ already finished? ─────────────────────► ack (duplicate)
+//!                  ▼
+//!               stages in order, from the first unfinished one
+//!                  ├─ all done        ─► SQLite completed ─► ack
+//!                  ├─ retryable fail  ─► SQLite retrying  ─► scheduled (backoff)
+//!                  ├─ last/permanent  ─► SQLite failed    ─► dead
+//!                  ├─ cancelled       ─► SQLite cancelled ─► ack
+//!                  ├─ shutdown        ─► SQLite pending   ─► pending, with results
+//!                  └─ lease lost      ─► nothing (another daemon has the job)
 //! ```
 //!
-//! Every Redis change comes after the SQLite commit it depends on: a crash
-//! in between leaves the job in the active list, it is delivered again, and
-//! `begin` recognises what was already done. Delivery is at-least-once;
-//! stages must be idempotent (a stage interrupted mid-run runs again).
+//! Every Redis change comes after the SQLite commit it depends on, and both
+//! are fenced by the delivery's lease: a crash in between leaves the job in
+//! the active list, it is delivered again, and `begin` recognises what was
+//! done; a daemon that lost the lease writes nothing. Delivery is
+//! at-least-once: a stage interrupted mid-run runs again, so stages must be
+//! idempotent.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backon::Retryable;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::runs::{RunGuard, RunStop, RunTable, StopReason};
+use crate::config::RetryConfig;
 use crate::error::{is_transient, job_op_backoff};
-use crate::pipeline::{FailureKind, Pipeline, ProgressFn, StageContext, StageError};
+use crate::now_rfc3339;
+use crate::pipeline::{FailureKind, Pipeline, ProgressFn, Registry, StageContext, StageError};
 use crate::progress::{ProgressEvent, Publisher, Status};
 use crate::queue::job::{Poison, poison_entry};
-use crate::queue::{Broker, Destination, Fetched, Job};
-use crate::store::{BeginJob, FinishJob, PoisonJob, StageUpdate, Store};
-use crate::{now_rfc3339, pipeline::Registry};
+use crate::queue::{Broker, Claim, Fetched, Job, Next};
+use crate::store::{BeginJob, FinishJob, RecordJob, StageUpdate, Store};
 
 /// What every job task of one daemon shares.
 pub struct JobEnv {
@@ -43,11 +51,16 @@ pub struct JobEnv {
     pub registry: Registry,
     pub worker_id: String,
     pub max_job_bytes: usize,
+    pub max_crashes: u32,
     pub kill_grace: Duration,
     /// Fires on SIGTERM: running stages may finish, no new stage starts.
     pub draining: CancellationToken,
     /// Fires when the shutdown grace period is over: stages are stopped.
     pub stop_stages: CancellationToken,
+    /// Fires when shutdown stops waiting for Redis: state changes still
+    /// pending give up (their jobs stay listed as active and are recovered).
+    pub give_up: CancellationToken,
+    pub runs: Arc<RunTable>,
     pub stats: Stats,
 }
 
@@ -57,82 +70,140 @@ pub struct Stats {
     pub running: AtomicU64,
     pub completed: AtomicU64,
     pub failed: AtomicU64,
+    pub retried: AtomicU64,
     pub requeued: AtomicU64,
 }
 
-/// Handles one fetched message to the end. Never panics on input.
-pub async fn handle(env: Arc<JobEnv>, fetched: Fetched) {
+/// Handles one fetched entry to the end. Never panics on input.
+pub async fn handle(env: Arc<JobEnv>, fetched: Fetched, guard: RunGuard) {
     env.stats.running.fetch_add(1, Ordering::Relaxed);
-    let queue = fetched.queue.clone();
     match Job::parse(&fetched.raw, env.max_job_bytes) {
         Err(poison) => dead_letter_poison(&env, &fetched, poison).await,
         Ok(job) => match env.registry.get(&job.kind).cloned() {
             None => {
                 let reason = format!("unknown job type `{}`", job.kind);
-                let poison = Poison {
-                    reason,
-                    object: Some(job.to_object()),
-                };
-                dead_letter_poison(&env, &fetched, poison).await
+                let object = Some(job.to_object());
+                dead_letter_poison(&env, &fetched, Poison { reason, object }).await
             }
-            Some(pipeline) => {
-                if let Some((job, raw)) = with_id(&env, job, fetched).await {
-                    let span = tracing::info_span!("job", job_id = %job.id(), r#type = %job.kind,
-                        queue = %queue, worker_id = %env.worker_id);
-                    start(env.clone(), job, raw, queue, pipeline)
-                        .instrument(span)
-                        .await;
-                }
-            }
+            Some(pipeline) => claim_and_run(&env, job, fetched, pipeline, &guard).await,
         },
     }
     env.stats.running.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Gives an id-less job its id, rewriting its active-list entry so that a
-/// redelivery after a crash keeps the same id.
-async fn with_id(env: &JobEnv, mut job: Job, fetched: Fetched) -> Option<(Job, Vec<u8>)> {
-    if job.id.is_some() {
-        return Some((job, fetched.raw));
+/// Claims the delivery (giving an id-less job its id, so a redelivery after
+/// a crash keeps it), then runs it unless it is a duplicate, cancelled or
+/// quarantined.
+async fn claim_and_run(
+    env: &Arc<JobEnv>,
+    mut job: Job,
+    fetched: Fetched,
+    pipeline: Arc<Pipeline>,
+    guard: &RunGuard,
+) {
+    let queue = fetched.queue;
+    let original = fetched.raw;
+    let raw = match job.id {
+        Some(_) => original.clone(),
+        None => {
+            job.id = Some(uuid::Uuid::now_v7().to_string());
+            job.to_json().into_bytes()
+        }
+    };
+    let token = Broker::new_token(&env.worker_id);
+    let id = job.id().to_owned();
+    guard.add_raw(&raw);
+    let span = tracing::info_span!("job", job_id = %id, r#type = %job.kind,
+        queue = %queue, worker_id = %env.worker_id);
+    async {
+        let claim = redis_op(env, "claim", || {
+            env.broker
+                .claim(&queue, &env.worker_id, &original, &raw, &id, &token)
+        })
+        .await;
+        let stop = RunStop::new(env.stop_stages.child_token());
+        match claim {
+            // Redis gave up on us during shutdown: the entry stays listed
+            // as active and is recovered.
+            None => {}
+            Some(Claim::Gone) => {
+                tracing::warn!("Fetched job vanished from the active list; skipping it");
+            }
+            Some(Claim::Duplicate) => {
+                tracing::warn!("Duplicate of a job that is already running; dropping this copy");
+                redis_op(env, "drop duplicate", || {
+                    env.broker
+                        .settle(&queue, &env.worker_id, &original, &id, "", Next::Drop)
+                })
+                .await;
+            }
+            Some(Claim::Cancelled) => cancel_unstarted(env, &job, &queue, &original).await,
+            Some(Claim::Claimed { crashes }) => {
+                guard.claimed(&id, &token, stop.clone());
+                let run = Run::new(env.clone(), job, raw, queue, pipeline, token, stop);
+                run.start(crashes).await;
+            }
+        }
     }
-    job.id = Some(uuid::Uuid::now_v7().to_string());
-    let new = job.to_json().into_bytes();
-    let moved = redis_op("assign id", || {
-        env.broker.transition(
-            &fetched.queue,
-            &env.worker_id,
-            &fetched.raw,
-            Destination::Active,
-            &new,
-        )
+    .instrument(span)
+    .await;
+}
+
+/// A cancelled job taken before it ran: record it, drop the delivery.
+async fn cancel_unstarted(env: &JobEnv, job: &Job, queue: &str, raw: &[u8]) {
+    let now = now_rfc3339();
+    let record = RecordJob {
+        id: job.id().to_owned(),
+        kind: job.kind.clone(),
+        queue: queue.to_owned(),
+        payload: job.payload.to_string(),
+        status: Status::Cancelled,
+        error: Some("cancelled before it ran".into()),
+        worker_id: env.worker_id.clone(),
+        at: now.clone(),
+        overwrite: true,
+    };
+    if env.store.record(record).await.is_err() {
+        return;
+    }
+    let settled = redis_op(env, "drop cancelled", || {
+        env.broker
+            .settle(queue, &env.worker_id, raw, job.id(), "", Next::Finish)
     })
     .await;
-    match moved {
-        Some(true) => Some((job, new)),
-        Some(false) => {
-            tracing::warn!(queue = %fetched.queue, "Fetched job vanished from the active list; skipping it");
-            None
-        }
-        None => None,
+    if settled == Some(true) {
+        tracing::info!("job_cancelled");
+        env.publisher.publish(&ProgressEvent {
+            job_id: job.id().to_owned(),
+            kind: job.kind.clone(),
+            queue: queue.to_owned(),
+            status: Status::Cancelled,
+            event: "job_cancelled".into(),
+            stage: None,
+            stage_index: None,
+            stages_total: 0,
+            progress: 0.0,
+            attempt: job.meta.attempt,
+            worker_id: env.worker_id.clone(),
+            message: Some("cancelled before it ran".into()),
+            ts: now,
+            seq: 1,
+        });
     }
 }
 
 async fn dead_letter_poison(env: &JobEnv, fetched: &Fetched, poison: Poison) {
     let now = now_rfc3339();
-    let id = poison
-        .object
-        .as_ref()
-        .and_then(|o| o.get("id"))
-        .and_then(Value::as_str)
-        .filter(|id| crate::queue::job::check_id(id).is_ok())
-        .map(str::to_owned);
-    let kind = poison
-        .object
-        .as_ref()
-        .and_then(|o| o.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_owned();
+    let field = |name: &str| {
+        poison
+            .object
+            .as_ref()
+            .and_then(|o| o.get(name))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let id = field("id").filter(|id| crate::queue::job::check_id(id).is_ok());
+    let kind = field("type").unwrap_or_default();
     let reason = poison.reason.clone();
     tracing::warn!(queue = %fetched.queue, job_id = id.as_deref().unwrap_or(""),
         worker_id = %env.worker_id, reason = %reason, bytes = fetched.raw.len(), "job_dead_lettered");
@@ -144,25 +215,31 @@ async fn dead_letter_poison(env: &JobEnv, fetched: &Fetched, poison: Poison) {
             .map(Value::to_string);
         let _ = env
             .store
-            .poison(PoisonJob {
+            .record(RecordJob {
                 id: id.clone(),
                 kind: kind.clone(),
                 queue: fetched.queue.clone(),
                 payload: payload.unwrap_or_else(|| "null".into()),
-                error: reason.clone(),
+                status: Status::Failed,
+                error: Some(reason.clone()),
                 worker_id: env.worker_id.clone(),
                 at: now.clone(),
+                overwrite: false,
             })
             .await;
     }
     let entry = poison_entry(&fetched.raw, poison, &env.worker_id, &now);
-    redis_op("dead-letter", || {
-        env.broker.transition(
+    // Never claimed: no lease. The id is not passed on purpose: a bad
+    // message reusing a live job's id must not clear that job's crash count
+    // or cancellation.
+    redis_op(env, "dead-letter", || {
+        env.broker.settle(
             &fetched.queue,
             &env.worker_id,
             &fetched.raw,
-            Destination::Dead,
-            entry.as_bytes(),
+            "",
+            "",
+            Next::Dead(entry.as_bytes()),
         )
     })
     .await;
@@ -182,31 +259,52 @@ async fn dead_letter_poison(env: &JobEnv, fetched: &Fetched, poison: Poison) {
             worker_id: env.worker_id.clone(),
             message: Some(reason),
             ts: now,
-            seq: 0,
+            seq: 1,
         });
     }
 }
 
-/// Retries one Redis state change of a job while the error is transient.
-/// `None` when it still failed: the job then stays in the active list and
-/// is recovered later (see the module docs).
-async fn redis_op<T, F, Fut>(what: &str, op: F) -> Option<T>
+/// Runs one Redis state change of a job, retrying transient errors until
+/// Redis answers (an outage only delays it), or until shutdown gives up on
+/// Redis. `None` then: the job stays in the active list and is recovered
+/// later (see the module docs).
+async fn redis_op<T, F, Fut>(env: &JobEnv, what: &str, mut op: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = redis::RedisResult<T>>,
 {
-    let result = op
-        .retry(job_op_backoff())
-        .sleep(tokio::time::sleep)
-        .when(is_transient)
-        .notify(|err, delay| tracing::warn!(error = %err, ?delay, op = what, "Redis call failed; retrying"))
-        .await;
-    match result {
-        Ok(v) => Some(v),
-        Err(err) => {
-            tracing::error!(error = %err, op = what,
-                "Redis call failed for good; the job stays in the active list for recovery");
-            None
+    let mut backoff = job_op_backoff();
+    let mut failures = 0u32;
+    loop {
+        match op().await {
+            Ok(v) => {
+                if failures > 0 {
+                    tracing::info!(op = what, failures, "Redis call went through");
+                }
+                return Some(v);
+            }
+            Err(err) if is_transient(&err) => {
+                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                // One line per outage step, not per attempt.
+                if failures.is_power_of_two() || failures == 0 {
+                    tracing::warn!(error = %err, op = what, retry_in_ms = delay.as_millis() as u64,
+                        "Redis call failed; retrying");
+                }
+                failures += 1;
+                tokio::select! {
+                    biased;
+                    _ = env.give_up.cancelled() => {
+                        tracing::error!(op = what, "Shutting down with Redis unreachable; the job stays listed as active and is recovered later");
+                        return None;
+                    }
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, op = what,
+                    "Redis refused the call; the job stays listed as active and is recovered later");
+                return None;
+            }
         }
     }
 }
@@ -215,80 +313,105 @@ where
 enum Outcome {
     Completed,
     Failed(StageError),
-    Interrupted,
+    Stopped(Stop),
 }
 
-/// One run of one job, from `begin` to ack, dead-letter or requeue.
+/// Why an attempt stopped before its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Shutdown,
+    Cancelled,
+    LeaseLost,
+}
+
+/// One delivery of one job, from `begin` to its settlement.
 struct Run {
     env: Arc<JobEnv>,
     job: Job,
     raw: Vec<u8>,
     queue: String,
     pipeline: Arc<Pipeline>,
+    token: String,
+    stop: Arc<RunStop>,
     attempt: u32,
     results: Map<String, Value>,
     events: Arc<Events>,
 }
 
-/// Records the start in SQLite, then runs the job (or acks a duplicate).
-async fn start(env: Arc<JobEnv>, job: Job, raw: Vec<u8>, queue: String, pipeline: Arc<Pipeline>) {
-    let started = Instant::now();
-    let begin = begin_record(&env, &job, &queue, &pipeline);
-    let prior = match env.store.begin(begin).await {
-        Ok(prior) => prior,
-        Err(err) => {
-            // Only when the store is closing: leave the job to recovery.
-            tracing::error!(error = %err, "Cannot record job start; leaving it for recovery");
+impl Run {
+    fn new(
+        env: Arc<JobEnv>,
+        job: Job,
+        raw: Vec<u8>,
+        queue: String,
+        pipeline: Arc<Pipeline>,
+        token: String,
+        stop: Arc<RunStop>,
+    ) -> Self {
+        let attempt = job.meta.attempt.max(1);
+        let events = Arc::new(Events::new(&env, &job, &queue, &pipeline, attempt));
+        Self {
+            results: job.meta.results.clone(),
+            env,
+            job,
+            raw,
+            queue,
+            pipeline,
+            token,
+            stop,
+            attempt,
+            events,
+        }
+    }
+
+    /// The retry policy: the job type's, with the job's own overrides.
+    fn retry(&self) -> RetryConfig {
+        let mut r = self.pipeline.retry;
+        if let Some(n) = self.job.max_attempts {
+            r.max_attempts = n;
+        }
+        if let Some(ms) = self.job.backoff_ms {
+            r.backoff_ms = ms;
+        }
+        if let Some(ms) = self.job.backoff_max_ms {
+            r.backoff_max_ms = ms;
+        }
+        r
+    }
+
+    async fn start(mut self, crashes: u32) {
+        let started = Instant::now();
+        let prior = match self.env.store.begin(self.begin_record()).await {
+            Ok(prior) => prior,
+            Err(err) => {
+                // Only when the store is closing: leave the job to recovery.
+                tracing::error!(error = %err, "Cannot record job start; leaving it for recovery");
+                return;
+            }
+        };
+        if prior.finished_for(self.job.meta.epoch) {
+            let status = prior.status.map(Status::as_str).unwrap_or("?");
+            tracing::warn!(status, "Job already finished; dropping duplicate delivery");
+            self.settle("ack duplicate", Next::Finish).await;
             return;
         }
-    };
-    if let Some(status) = prior.status.filter(|s| s.is_final()) {
-        tracing::warn!(
-            status = status.as_str(),
-            "Job already finished; acknowledging duplicate delivery"
-        );
-        redis_op("ack", || env.broker.ack(&queue, &env.worker_id, &raw)).await;
-        return;
-    }
-    let attempt = job.meta.attempt.max(prior.attempt).max(1);
-    let mut results = job.meta.results.clone();
-    for (name, result) in prior.results {
-        results.entry(name).or_insert(result);
-    }
-    let events = Arc::new(Events::new(&env, &job, &queue, &pipeline, attempt));
-    let run = Run {
-        env,
-        job,
-        raw,
-        queue,
-        pipeline,
-        attempt,
-        results,
-        events,
-    };
-    run.execute(started).await;
-}
-
-fn begin_record(env: &JobEnv, job: &Job, queue: &str, pipeline: &Pipeline) -> BeginJob {
-    BeginJob {
-        id: job.id().to_owned(),
-        kind: job.kind.clone(),
-        queue: queue.to_owned(),
-        payload: job.payload.to_string(),
-        attempt: job.meta.attempt.max(1),
-        max_attempts: job.max_attempts.unwrap_or(pipeline.max_attempts),
-        worker_id: env.worker_id.clone(),
-        stages: pipeline.stages.iter().map(|s| s.name.clone()).collect(),
-        at: now_rfc3339(),
-    }
-}
-
-impl Run {
-    async fn execute(mut self, started: Instant) {
+        for (name, result) in prior.results {
+            self.results.entry(name).or_insert(result);
+        }
+        if crashes >= self.env.max_crashes {
+            let err = StageError::permanent(format!(
+                "quarantined: daemons died {crashes} times while running this job (max_crashes = {})",
+                self.env.max_crashes
+            ));
+            tracing::error!(crashes, "job_quarantined");
+            self.fail(err, started).await;
+            return;
+        }
         let start = self.pipeline.resume_index(&self.results);
         tracing::info!(
             attempt = self.attempt,
             resume_at = start,
+            crashes,
             stages = self.pipeline.stages.len(),
             "job_started"
         );
@@ -299,7 +422,43 @@ impl Run {
         match self.run_stages(start).await {
             Outcome::Completed => self.complete(started).await,
             Outcome::Failed(err) => self.fail(err, started).await,
-            Outcome::Interrupted => self.requeue().await,
+            Outcome::Stopped(Stop::Shutdown) => self.requeue().await,
+            Outcome::Stopped(Stop::Cancelled) => self.cancelled().await,
+            Outcome::Stopped(Stop::LeaseLost) => {
+                tracing::warn!(
+                    "job_abandoned: the job was recovered and handed to another daemon; writing nothing"
+                );
+            }
+        }
+    }
+
+    fn begin_record(&self) -> BeginJob {
+        BeginJob {
+            id: self.job.id().to_owned(),
+            kind: self.job.kind.clone(),
+            queue: self.queue.clone(),
+            payload: self.job.payload.to_string(),
+            attempt: self.attempt,
+            max_attempts: self.retry().max_attempts,
+            epoch: self.job.meta.epoch,
+            lease: self.token.clone(),
+            worker_id: self.env.worker_id.clone(),
+            stages: self
+                .pipeline
+                .stages
+                .iter()
+                .map(|s| s.name.clone())
+                .collect(),
+            at: now_rfc3339(),
+        }
+    }
+
+    /// Why the run was stopped, once its token fired.
+    fn stop_cause(&self) -> Stop {
+        match self.stop.reason() {
+            Some(StopReason::Cancelled) => Stop::Cancelled,
+            Some(StopReason::LeaseLost) => Stop::LeaseLost,
+            None => Stop::Shutdown,
         }
     }
 
@@ -311,11 +470,14 @@ impl Run {
             .or(self.pipeline.timeout);
         let job_deadline = job_timeout.map(|t| (Instant::now() + t, t));
         for index in start..self.pipeline.stages.len() {
+            if self.stop.token.is_cancelled() {
+                return Outcome::Stopped(self.stop_cause());
+            }
             // Draining: the stage that was running finished; the next one
             // would only be cut short by the end of the grace period, so the
             // job goes back now, resuming here on the next daemon.
             if self.env.draining.is_cancelled() {
-                return Outcome::Interrupted;
+                return Outcome::Stopped(Stop::Shutdown);
             }
             let stage = &self.pipeline.stages[index];
             let name = stage.name.clone();
@@ -352,11 +514,15 @@ impl Run {
                         .emit(Status::Running, "stage_completed", Some(index), done, None);
                 }
                 Err(err) if err.kind == FailureKind::Interrupted => {
-                    tracing::info!(stage = %name, stage_index = index, attempt = self.attempt, elapsed_ms, "stage_interrupted");
-                    let at = self.events.high_water();
-                    self.record_stage(index, "interrupted", None, None, at)
-                        .await;
-                    return Outcome::Interrupted;
+                    let cause = self.stop_cause();
+                    tracing::info!(stage = %name, stage_index = index, attempt = self.attempt,
+                        elapsed_ms, cause = ?cause, "stage_interrupted");
+                    if cause != Stop::LeaseLost {
+                        let at = self.events.high_water();
+                        self.record_stage(index, "interrupted", None, None, at)
+                            .await;
+                    }
+                    return Outcome::Stopped(cause);
                 }
                 Err(err) => {
                     tracing::warn!(stage = %name, stage_index = index, attempt = self.attempt, elapsed_ms,
@@ -379,7 +545,12 @@ impl Run {
         let stage = &self.pipeline.stages[index];
         let events = self.events.clone();
         let pipeline = self.pipeline.clone();
+        let stop = self.stop.clone();
         let progress: ProgressFn = Arc::new(move |pct, message| {
+            // A run that lost its lease publishes nothing more.
+            if stop.reason() == Some(StopReason::LeaseLost) {
+                return;
+            }
             let overall = pipeline.overall_progress(index, pct);
             events.emit(Status::Running, "progress", Some(index), overall, message);
         });
@@ -390,7 +561,7 @@ impl Run {
             attempt: self.attempt,
             stage: stage.name.clone(),
             results: self.results.clone(),
-            cancel: self.env.stop_stages.child_token(),
+            cancel: self.stop.token.child_token(),
             kill_grace: self.env.kill_grace,
             progress,
         }
@@ -406,6 +577,7 @@ impl Run {
     ) {
         let update = StageUpdate {
             job_id: self.job.id().to_owned(),
+            lease: self.token.clone(),
             index,
             name: self.pipeline.stages[index].name.clone(),
             attempt: self.attempt,
@@ -420,17 +592,27 @@ impl Run {
         }
     }
 
+    /// Commits the end of the attempt in SQLite. False when nothing more may
+    /// be done for this delivery (lease lost, store closing).
     async fn finish_record(&self, status: Status, progress: f64, error: Option<String>) -> bool {
         let record = FinishJob {
             id: self.job.id().to_owned(),
+            lease: self.token.clone(),
             status,
             attempt: self.attempt,
+            epoch: self.job.meta.epoch,
             progress,
             error,
             at: now_rfc3339(),
         };
         match self.env.store.finish(record).await {
-            Ok(()) => true,
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::warn!(
+                    "job_abandoned: SQLite shows another delivery of this job; writing nothing"
+                );
+                false
+            }
             Err(err) => {
                 tracing::error!(error = %err, "Cannot record job state; leaving it for recovery");
                 false
@@ -438,16 +620,35 @@ impl Run {
         }
     }
 
+    /// Settles the delivery in Redis (fenced by the lease). True when done.
+    async fn settle(&self, what: &str, next: Next<'_>) -> bool {
+        let settled = redis_op(&self.env, what, || {
+            self.env.broker.settle(
+                &self.queue,
+                &self.env.worker_id,
+                &self.raw,
+                self.job.id(),
+                &self.token,
+                next,
+            )
+        })
+        .await;
+        if settled == Some(false) {
+            tracing::warn!(
+                op = what,
+                "job_abandoned: the lease is gone; another daemon has the job"
+            );
+        }
+        settled == Some(true)
+    }
+
     async fn complete(self, started: Instant) {
         if !self.finish_record(Status::Completed, 100.0, None).await {
             return;
         }
-        redis_op("ack", || {
-            self.env
-                .broker
-                .ack(&self.queue, &self.env.worker_id, &self.raw)
-        })
-        .await;
+        if !self.settle("ack", Next::Finish).await {
+            return;
+        }
         self.env.stats.completed.fetch_add(1, Ordering::Relaxed);
         let elapsed_ms = started.elapsed().as_millis() as u64;
         tracing::info!(attempt = self.attempt, elapsed_ms, "job_completed");
@@ -456,32 +657,66 @@ impl Run {
     }
 
     async fn fail(mut self, err: StageError, started: Instant) {
+        let retry = self.retry();
         let progress = self.events.high_water();
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        if err.kind == FailureKind::Retryable && self.attempt < retry.max_attempts {
+            let delay_ms = retry.jittered_delay_ms(self.attempt);
+            if !self
+                .finish_record(Status::Retrying, progress, Some(err.message.clone()))
+                .await
+            {
+                return;
+            }
+            self.job.meta.attempt = self.attempt + 1;
+            self.job.meta.results = std::mem::take(&mut self.results);
+            self.job.meta.error = Some(err.message.clone());
+            let entry = self.job.to_json();
+            let next = Next::Retry {
+                entry: entry.as_bytes(),
+                delay_ms,
+            };
+            if !self.settle("schedule retry", next).await {
+                return;
+            }
+            self.env.stats.retried.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(attempt = self.attempt, max_attempts = retry.max_attempts, delay_ms,
+                elapsed_ms, error = %err.message, "job_retrying");
+            let message = format!(
+                "attempt {} of {} failed: {}; next attempt in {:.1}s",
+                self.attempt,
+                retry.max_attempts,
+                err.message,
+                delay_ms as f64 / 1000.0
+            );
+            self.events.emit(
+                Status::Retrying,
+                "job_retrying",
+                None,
+                progress,
+                Some(message),
+            );
+            return;
+        }
         if !self
             .finish_record(Status::Failed, progress, Some(err.message.clone()))
             .await
         {
             return;
         }
-        let now = now_rfc3339();
         self.job.meta.attempt = self.attempt;
         self.job.meta.results = std::mem::take(&mut self.results);
         self.job.meta.error = Some(err.message.clone());
-        self.job.meta.failed_at = Some(now);
+        self.job.meta.failed_at = Some(now_rfc3339());
         self.job.meta.worker_id = Some(self.env.worker_id.clone());
         let entry = self.job.to_json();
-        redis_op("dead-letter", || {
-            self.env.broker.transition(
-                &self.queue,
-                &self.env.worker_id,
-                &self.raw,
-                Destination::Dead,
-                entry.as_bytes(),
-            )
-        })
-        .await;
+        if !self
+            .settle("dead-letter", Next::Dead(entry.as_bytes()))
+            .await
+        {
+            return;
+        }
         self.env.stats.failed.fetch_add(1, Ordering::Relaxed);
-        let elapsed_ms = started.elapsed().as_millis() as u64;
         tracing::warn!(attempt = self.attempt, elapsed_ms, error = %err.message,
             permanent = err.kind == FailureKind::Permanent, "job_failed");
         self.events.emit(
@@ -505,16 +740,9 @@ impl Run {
         let json = self.job.to_json();
         // Back on the consuming end of pending: it is the next job taken, and
         // whoever takes it resumes after the stages recorded in `results`.
-        redis_op("requeue", || {
-            self.env.broker.transition(
-                &self.queue,
-                &self.env.worker_id,
-                &self.raw,
-                Destination::Pending,
-                json.as_bytes(),
-            )
-        })
-        .await;
+        if !self.settle("requeue", Next::Requeue(json.as_bytes())).await {
+            return;
+        }
         self.env.stats.requeued.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             attempt = self.attempt,
@@ -527,6 +755,28 @@ impl Run {
             None,
             progress,
             Some("requeued on shutdown".into()),
+        );
+    }
+
+    async fn cancelled(self) {
+        let progress = self.events.high_water();
+        let reason = Some("cancelled".to_owned());
+        if !self
+            .finish_record(Status::Cancelled, progress, reason)
+            .await
+        {
+            return;
+        }
+        if !self.settle("ack cancelled", Next::Finish).await {
+            return;
+        }
+        tracing::info!(attempt = self.attempt, "job_cancelled");
+        self.events.emit(
+            Status::Cancelled,
+            "job_cancelled",
+            None,
+            progress,
+            Some("cancelled".into()),
         );
     }
 }

@@ -31,8 +31,7 @@ pub struct StatusReport {
 pub async fn collect(broker: &Broker, config: &Config) -> redis::RedisResult<StatusReport> {
     let keys = broker.keys();
     let mut conn = broker.conn();
-    let ids: Vec<String> = conn.smembers(keys.workers()).await?;
-    let mut ids: Vec<String> = ids;
+    let mut ids: Vec<String> = conn.hkeys(keys.workers()).await?;
     ids.sort();
     let mut workers = Vec::new();
     if !ids.is_empty() {

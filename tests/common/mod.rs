@@ -87,10 +87,44 @@ pub struct TestRedis {
     child: Child,
     port: u16,
     dir: TempDir,
+    /// Extra `redis-server` arguments (after the defaults, so they win),
+    /// reused by [`TestRedis::start_again`].
+    args: Vec<String>,
+}
+
+/// Starts `redis-server` on `port` with its files in `dir`; output appended
+/// to `dir/redis.log`.
+fn spawn_redis(port: u16, dir: &Path, args: &[String]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("redis.log"))
+        .expect("redis log file");
+    Command::new("redis-server")
+        .args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1"])
+        .args(["--save", ""])
+        .args(["--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup log"))
+        .stderr(log)
+        .spawn()
+        .expect("start redis-server (is it installed?)")
 }
 
 impl TestRedis {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Like [`TestRedis::start`], with extra server arguments, e.g.
+    /// `["--appendonly", "yes"]` for a Redis that can be restarted without
+    /// losing its data ([`TestRedis::restart`]).
+    pub fn start_with(args: &[&str]) -> Self {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         let mut last_log = String::new();
         for _ in 0..5 {
             let dir = tempfile::tempdir().expect("temp dir for redis");
@@ -99,20 +133,13 @@ impl TestRedis {
                 l.local_addr().expect("local addr").port()
             };
             let log_path = dir.path().join("redis.log");
-            let log = File::create(&log_path).expect("redis log file");
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string()])
-                .args(["--bind", "127.0.0.1"])
-                .args(["--save", ""])
-                .args(["--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("dup log"))
-                .stderr(log)
-                .spawn()
-                .expect("start redis-server (is it installed?)");
-            let mut redis = TestRedis { child, port, dir };
+            let child = spawn_redis(port, dir.path(), &args);
+            let mut redis = TestRedis {
+                child,
+                port,
+                dir,
+                args: args.clone(),
+            };
             if redis.wait_ready(Duration::from_secs(5)) {
                 return redis;
             }
@@ -162,6 +189,44 @@ impl TestRedis {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends `sig` to the server (e.g. SIGSTOP / SIGCONT to pause it).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sends a signal to our own child, not yet reaped.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// SIGKILLs the server and reaps it (its port and files stay ours).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port, with the same directory
+    /// (so an AOF is reloaded) and arguments; waits until it answers.
+    pub fn start_again(&mut self) {
+        self.child = spawn_redis(self.port, self.dir.path(), &self.args);
+        if !self.wait_ready(Duration::from_secs(15)) {
+            panic!(
+                "redis-server did not come back on port {}; log:\n{}",
+                self.port,
+                std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+            );
+        }
+    }
+
+    /// [`TestRedis::kill`], then [`TestRedis::start_again`] after `down`.
+    pub fn restart(&mut self, down: Duration) {
+        self.kill();
+        std::thread::sleep(down);
+        self.start_again();
     }
 }
 

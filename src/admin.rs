@@ -1,0 +1,298 @@
+//! Operator commands on jobs: `cancel`, `retry`, `dead list|retry|purge`.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+
+use crate::cli::{CliResult, DeadCommand, Failure, connect};
+use crate::config::Config;
+use crate::progress::{ProgressEvent, Status};
+use crate::queue::Broker;
+use crate::queue::job::{META_FIELD, Meta};
+use crate::store::Reader;
+use crate::worker::registry::Registration;
+
+/// Every queue this config or a registered daemon knows of.
+async fn known_queues(config: &Config, broker: &Broker) -> Vec<String> {
+    let mut queues: BTreeSet<String> = config.worker.queues.iter().cloned().collect();
+    queues.extend(config.jobs.values().map(|j| j.queue.clone()));
+    let mut conn = broker.conn();
+    let registry: Vec<String> = conn
+        .hvals(broker.keys().workers())
+        .await
+        .unwrap_or_default();
+    for r in registry {
+        if let Ok(r) = serde_json::from_str::<Registration>(&r) {
+            queues.extend(r.queues);
+        }
+    }
+    queues.into_iter().collect()
+}
+
+fn stored_status(config: &Config, id: &str) -> Option<String> {
+    if !config.store.path.exists() {
+        return None;
+    }
+    let job = Reader::open(&config.store.path).ok()?.job(id).ok()??;
+    Some(job.status)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub async fn cancel(config: &Config, id: &str) -> CliResult {
+    if let Some(status) = stored_status(config, id)
+        && Status::parse(&status).is_some_and(Status::is_final)
+    {
+        return Err(Failure::other(format!("job {id} is already {status}")));
+    }
+    let broker = connect(config).await?;
+    // Listen first, so a running job's confirmation is not missed.
+    let mut pubsub = broker
+        .pubsub()
+        .await
+        .map_err(|e| Failure::other(format!("cannot subscribe: {e}")))?;
+    pubsub
+        .subscribe(broker.keys().progress(id))
+        .await
+        .map_err(|e| Failure::other(format!("cannot subscribe: {e}")))?;
+    let queues = known_queues(config, &broker).await;
+    broker
+        .cancel(&queues, id, now_ms())
+        .await
+        .map_err(|e| Failure::other(format!("cancel failed: {e}")))?;
+    let mut messages = pubsub.on_message();
+    let confirmed = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(msg) = messages.next().await {
+            let body: Vec<u8> = msg.get_payload().unwrap_or_default();
+            if let Ok(ev) = serde_json::from_slice::<ProgressEvent>(&body)
+                && ev.status == Status::Cancelled
+            {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    if confirmed {
+        println!("{id} cancelled");
+    } else {
+        println!(
+            "{id} cancellation recorded: it is not running now, and is dropped when a daemon takes it"
+        );
+    }
+    Ok(())
+}
+
+/// A dead entry as a job to push back with fresh attempts: the error is
+/// cleared, the epoch raised (so SQLite lets it run again), and the results
+/// of finished stages kept (they do not run again). An entry that was not a
+/// job object (`raw`) goes back as it was.
+fn revived(entry: &[u8]) -> Option<(String, Vec<u8>)> {
+    let mut object: serde_json::Map<String, Value> = serde_json::from_slice(entry).ok()?;
+    if let Some(Value::String(raw)) = object.get("raw") {
+        return Some((String::new(), raw.clone().into_bytes()));
+    }
+    if let Some(Value::String(b64)) = object.get("raw_base64") {
+        use base64::Engine as _;
+        let raw = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+        return Some((String::new(), raw));
+    }
+    let meta: Meta = object
+        .get(META_FIELD)
+        .and_then(|m| serde_json::from_value(m.clone()).ok())
+        .unwrap_or_default();
+    let fresh = Meta {
+        epoch: meta.epoch + 1,
+        results: meta.results,
+        ..Meta::default()
+    };
+    object.insert(META_FIELD.into(), serde_json::to_value(fresh).ok()?);
+    let id = object
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    Some((id, Value::Object(object).to_string().into_bytes()))
+}
+
+fn entry_id(entry: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(entry).ok()?;
+    v.get("id").and_then(Value::as_str).map(str::to_owned)
+}
+
+/// Dead entries of the chosen queues whose id is in `ids` (all when empty).
+async fn dead_matching(
+    broker: &Broker,
+    queues: &[String],
+    ids: &[String],
+) -> Result<Vec<(String, Vec<u8>)>, Failure> {
+    let mut out = Vec::new();
+    for q in queues {
+        let entries = broker
+            .dead_entries(q, 0, -1)
+            .await
+            .map_err(|e| Failure::other(format!("Redis: {e}")))?;
+        for e in entries {
+            let wanted = ids.is_empty() || entry_id(&e).is_some_and(|id| ids.contains(&id));
+            if wanted {
+                out.push((q.clone(), e));
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn revive_all(broker: &Broker, entries: Vec<(String, Vec<u8>)>) -> Result<u64, Failure> {
+    let mut n = 0;
+    for (queue, entry) in entries {
+        let Some((id, job)) = revived(&entry) else {
+            eprintln!("conveyor: skipping an unreadable dead entry on {queue}");
+            continue;
+        };
+        let moved = broker
+            .revive(&queue, &entry, &id, &job)
+            .await
+            .map_err(|e| Failure::other(format!("Redis: {e}")))?;
+        if moved {
+            n += 1;
+            println!(
+                "{} requeued on {queue}",
+                if id.is_empty() { "(raw message)" } else { &id }
+            );
+        }
+    }
+    Ok(n)
+}
+
+pub async fn retry(config: &Config, id: &str) -> CliResult {
+    let broker = connect(config).await?;
+    let queues = known_queues(config, &broker).await;
+    let found = dead_matching(&broker, &queues, &[id.to_owned()]).await?;
+    if found.is_empty() {
+        return Err(Failure::other(format!(
+            "no dead job `{id}` (queues: {})",
+            queues.join(", ")
+        )));
+    }
+    revive_all(&broker, found.into_iter().take(1).collect()).await?;
+    Ok(())
+}
+
+pub async fn dead(config: &Config, cmd: &DeadCommand) -> CliResult {
+    let broker = connect(config).await?;
+    let pick = |queue: &Option<String>, all: Vec<String>| match queue {
+        Some(q) => vec![q.clone()],
+        None => all,
+    };
+    match cmd {
+        DeadCommand::List { queue, limit, json } => {
+            let queues = pick(queue, known_queues(config, &broker).await);
+            let mut rows = Vec::new();
+            for q in &queues {
+                let stop = (*limit as isize) - 1;
+                let entries = broker
+                    .dead_entries(q, 0, stop)
+                    .await
+                    .map_err(|e| Failure::other(format!("Redis: {e}")))?;
+                for e in entries {
+                    let v: Value = serde_json::from_slice(&e)
+                        .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&e)}));
+                    rows.push((q.clone(), v));
+                }
+            }
+            if *json {
+                let list: Vec<Value> = rows
+                    .into_iter()
+                    .map(|(q, v)| json!({"queue": q, "entry": v}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).unwrap_or_default()
+                );
+                return Ok(());
+            }
+            println!(
+                "{:<12} {:<38} {:<18} {:<24} ERROR",
+                "QUEUE", "ID", "TYPE", "FAILED AT"
+            );
+            for (q, v) in rows {
+                let meta = &v[META_FIELD];
+                println!(
+                    "{:<12} {:<38} {:<18} {:<24} {}",
+                    q,
+                    v["id"].as_str().unwrap_or("-"),
+                    v["type"].as_str().unwrap_or("-"),
+                    meta["failed_at"].as_str().unwrap_or("-"),
+                    meta["error"].as_str().unwrap_or("-")
+                );
+            }
+            Ok(())
+        }
+        DeadCommand::Retry { queue, ids } => {
+            let queues = pick(queue, known_queues(config, &broker).await);
+            let found = dead_matching(&broker, &queues, ids).await?;
+            let n = revive_all(&broker, found).await?;
+            eprintln!("{n} job(s) requeued");
+            Ok(())
+        }
+        DeadCommand::Purge { queue, ids } => {
+            let queues = pick(queue, known_queues(config, &broker).await);
+            let mut n = 0;
+            if ids.is_empty() {
+                for q in &queues {
+                    n += broker
+                        .purge_dead(q)
+                        .await
+                        .map_err(|e| Failure::other(format!("Redis: {e}")))?;
+                }
+            } else {
+                for (q, entry) in dead_matching(&broker, &queues, ids).await? {
+                    if broker
+                        .remove_dead(&q, &entry)
+                        .await
+                        .map_err(|e| Failure::other(format!("Redis: {e}")))?
+                    {
+                        n += 1;
+                    }
+                }
+            }
+            println!("{n} dead job(s) purged");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::Job;
+
+    #[test]
+    fn revived_jobs_get_fresh_attempts_and_keep_results() {
+        let entry = json!({"id":"j","type":"t","payload":1,
+            "_conveyor":{"attempt":3,"results":{"a":1},"error":"boom","failed_at":"x","worker_id":"w","epoch":1}});
+        let (id, job) = revived(entry.to_string().as_bytes()).unwrap();
+        assert_eq!(id, "j");
+        let job = Job::parse(&job, 1 << 20).unwrap();
+        assert_eq!(job.meta.attempt, 0);
+        assert_eq!(job.meta.epoch, 2);
+        assert_eq!(job.meta.results["a"], 1);
+        assert_eq!(job.meta.error, None);
+        let (id, raw) = revived(
+            json!({"raw":"{bad","_conveyor":{"error":"x"}})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!((id.as_str(), raw.as_slice()), ("", &b"{bad"[..]));
+    }
+}

@@ -1,0 +1,79 @@
+//! Listens on `P:control` for requests about running jobs (cancellation).
+//!
+//! A session loop on its own pub/sub connection: when the connection ends it
+//! reconnects with backoff and subscribes again. Messages sent while it is
+//! away are lost (pub/sub is at-most-once); the heartbeat's check of the
+//! cancellation flags catches those within one heartbeat interval.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use super::runs::{RunTable, StopReason};
+use crate::error::reconnect_backoff;
+use crate::queue::Broker;
+
+#[derive(Debug, Deserialize)]
+struct ControlMessage {
+    cancel: Option<String>,
+}
+
+/// Why a subscription session ended.
+enum SessionEnd {
+    Shutdown,
+    Disconnected,
+}
+
+pub struct Control {
+    pub broker: Broker,
+    pub runs: Arc<RunTable>,
+}
+
+impl Control {
+    pub async fn run(self, token: CancellationToken) {
+        let mut backoff = reconnect_backoff();
+        loop {
+            match self.session(&token).await {
+                Ok(SessionEnd::Shutdown) => return,
+                Ok(SessionEnd::Disconnected) => {
+                    tracing::warn!("Control channel lost; resubscribing");
+                }
+                Err(err) => tracing::warn!(error = %err, "Control channel subscription failed"),
+            }
+            let delay = backoff.next().unwrap_or(std::time::Duration::from_secs(5));
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn session(&self, token: &CancellationToken) -> redis::RedisResult<SessionEnd> {
+        let mut pubsub = self.broker.pubsub().await?;
+        pubsub.subscribe(self.broker.keys().control()).await?;
+        let mut messages = pubsub.on_message();
+        loop {
+            let msg = tokio::select! {
+                biased;
+                _ = token.cancelled() => return Ok(SessionEnd::Shutdown),
+                msg = messages.next() => msg,
+            };
+            let Some(msg) = msg else {
+                return Ok(SessionEnd::Disconnected);
+            };
+            let body: Vec<u8> = msg.get_payload().unwrap_or_default();
+            match serde_json::from_slice::<ControlMessage>(&body) {
+                Ok(ControlMessage { cancel: Some(id) }) => {
+                    if self.runs.stop(&id, None, StopReason::Cancelled) {
+                        tracing::info!(job_id = %id, "Cancellation requested; stopping the job");
+                    }
+                }
+                Ok(_) => {}
+                Err(err) => tracing::debug!(error = %err, "Ignoring malformed control message"),
+            }
+        }
+    }
+}
