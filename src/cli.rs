@@ -248,7 +248,7 @@ pub(crate) async fn connect(config: &Config) -> Result<Broker, Failure> {
     // The command line fails fast rather than waiting out an outage.
     tokio::time::timeout(
         Duration::from_secs(5),
-        Broker::connect(&config.redis.url, &config.redis.prefix),
+        Broker::connect_with_retries(&config.redis.url, &config.redis.prefix, 0),
     )
     .await
     .map_err(|_| Failure::other("Redis did not answer within 5 s"))?
@@ -358,6 +358,26 @@ fn render_job(job: &JobRecord) -> String {
             .map(|e| format!(" error: {e}"))
             .unwrap_or_default();
         let _ = writeln!(out, "  {:<16} {:<12} {result}{error}", s.name, s.status);
+    }
+    if !job.attempts.is_empty() {
+        let _ = writeln!(out, "attempts");
+        for a in &job.attempts {
+            let revival = if a.epoch > 0 {
+                format!(" (revival {})", a.epoch)
+            } else {
+                String::new()
+            };
+            let error = a
+                .error
+                .as_deref()
+                .map(|e| format!(" error: {e}"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  #{}{revival} {:<12} {} on {}{error}",
+                a.attempt, a.status, a.started_at, a.worker_id
+            );
+        }
     }
     out
 }

@@ -94,8 +94,20 @@ impl Broker {
     /// Connects (failing fast when Redis is not reachable, so a bad URL or
     /// password stops the start with a clear error).
     pub async fn connect(url: &str, prefix: &str) -> RedisResult<Self> {
+        Self::connect_with_retries(url, prefix, 6).await
+    }
+
+    /// [`Broker::connect`] with `retries` connection attempts before the
+    /// first error is returned (the command line uses 0: it reports the
+    /// real cause at once instead of waiting).
+    pub async fn connect_with_retries(
+        url: &str,
+        prefix: &str,
+        retries: usize,
+    ) -> RedisResult<Self> {
         let client = redis::Client::open(url)?;
         let config = ConnectionManagerConfig::new()
+            .set_number_of_retries(retries)
             .set_response_timeout(Some(COMMAND_TIMEOUT))
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_max_delay(Duration::from_secs(5));
