@@ -901,6 +901,33 @@ mod tests {
     }
 
     #[test]
+    fn daemons_starting_together_on_a_new_file_all_open_it() {
+        for round in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(format!("fresh-{round}.db"));
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let (path, barrier) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        Store::open(&path).map(|(store, closer)| {
+                            drop(store);
+                            closer
+                        })
+                    })
+                })
+                .collect();
+            for h in handles {
+                let closer = h.join().unwrap().expect("every daemon opens the store");
+                drop(closer);
+            }
+            let reader = Reader::open(&path).unwrap();
+            assert_eq!(reader.schema_version().unwrap(), schema::VERSION);
+        }
+    }
+
+    #[test]
     fn migrating_a_version_1_file_keeps_its_attempts() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v1.db");

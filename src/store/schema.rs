@@ -82,14 +82,39 @@ pub fn configure(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Switches to WAL (retrying while another daemon starting at the same time
+/// holds the lock: SQLite does not apply the busy timeout to this switch).
+fn enable_wal(conn: &Connection) -> Result<(), String> {
+    let mut delay = std::time::Duration::from_millis(10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let current: rusqlite::Result<String> =
+            conn.pragma_query_value(None, "journal_mode", |r| r.get(0));
+        let result = match current {
+            Ok(mode) if mode.eq_ignore_ascii_case("wal") => Ok(mode),
+            Ok(_) => conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(mode) if mode.eq_ignore_ascii_case("wal") => return Ok(()),
+            Ok(mode) => return Err(format!("journal_mode is `{mode}`, WAL is required")),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(std::time::Duration::from_millis(200));
+            }
+            Err(e) => return Err(format!("cannot enable WAL: {e}")),
+        }
+    }
+}
+
 /// Switches to WAL and applies missing migrations.
 pub fn migrate(conn: &mut Connection) -> Result<(), String> {
-    let mode: String = conn
-        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-        .map_err(|e| format!("cannot enable WAL: {e}"))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(format!("journal_mode is `{mode}`, WAL is required"));
-    }
+    enable_wal(conn)?;
     // NORMAL in WAL: durable across process crashes (what a job queue on one
     // host needs); a power loss may roll back the last transactions, which
     // recovery then redoes from Redis.

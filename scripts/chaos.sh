@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Long chaos run of conveyor (RELIABILITY.md T1): SIGKILL daemons under load,
+# restart them (same id or a new one), drain, and check with Jepsen
+# total-queue accounting that no acknowledged job was lost and no job was
+# reported completed twice. The test itself is `chaos_long` in
+# tests/chaos.rs; this script builds it in release mode, runs it, prints its
+# report, and exits non-zero when jobs were lost, completions were
+# duplicated, or any other check of the test failed.
+#
+# Usage: scripts/chaos.sh [-n JOBS] [-k KILLS] [-d DAEMONS] [-s SEED]
+#   -n JOBS     jobs to push (default 10000)          -> CHAOS_JOBS
+#   -k KILLS    SIGKILLs of a random daemon (default 20) -> CHAOS_KILLS
+#   -d DAEMONS  daemons running at once (default 2)   -> CHAOS_DAEMONS
+#   -s SEED     replay the kill schedule of a seed    -> CHAOS_SEED
+# Needs redis-server on PATH (Debian/Ubuntu: sudo apt-get install -y redis-server).
+set -euo pipefail
+
+usage() {
+    sed -n '/^# Usage:/,/^# Needs/p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+jobs=10000
+kills=20
+daemons=2
+seed=""
+
+while getopts ":n:k:d:s:h" opt; do
+    case "$opt" in
+        n) jobs=$OPTARG ;;
+        k) kills=$OPTARG ;;
+        d) daemons=$OPTARG ;;
+        s) seed=$OPTARG ;;
+        h) usage; exit 0 ;;
+        :) echo "error: -$OPTARG needs a value" >&2; usage >&2; exit 2 ;;
+        *) echo "error: unknown option -$OPTARG" >&2; usage >&2; exit 2 ;;
+    esac
+done
+shift $((OPTIND - 1))
+if [ "$#" -gt 0 ]; then
+    echo "error: unexpected argument: $1" >&2
+    usage >&2
+    exit 2
+fi
+
+is_count() { [[ $1 =~ ^[0-9]+$ ]]; }
+is_count "$jobs" || { echo "error: -n wants a number, got '$jobs'" >&2; exit 2; }
+is_count "$kills" || { echo "error: -k wants a number, got '$kills'" >&2; exit 2; }
+{ is_count "$daemons" && [ "$daemons" -ge 1 ]; } \
+    || { echo "error: -d wants a number >= 1, got '$daemons'" >&2; exit 2; }
+if [ -n "$seed" ] && ! is_count "$seed"; then
+    echo "error: -s wants a number, got '$seed'" >&2
+    exit 2
+fi
+
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "error: redis-server is not installed (Debian/Ubuntu: sudo apt-get install -y redis-server)" >&2
+    exit 1
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "error: cargo is not on PATH" >&2
+    exit 1
+fi
+
+cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.."
+
+export CHAOS_JOBS="$jobs" CHAOS_KILLS="$kills" CHAOS_DAEMONS="$daemons"
+if [ -n "$seed" ]; then
+    export CHAOS_SEED="$seed"
+fi
+
+out=$(mktemp)
+trap 'rm -f -- "$out"' EXIT
+
+echo "--- chaos: $jobs jobs, $kills kills, $daemons daemons ($(redis-server --version | head -n 1))"
+start=$(date +%s)
+status=0
+cargo test --release --test chaos -- --ignored --nocapture chaos_long 2>&1 | tee -- "$out" || status=$?
+echo "--- chaos: wall time $(($(date +%s) - start)) s (build included)"
+
+result=$(grep -m 1 '^CHAOS_RESULT ' -- "$out" || true)
+if [ -z "$result" ]; then
+    echo "FAIL: the chaos test printed no result (build failure or crash; exit status $status)" >&2
+    exit 1
+fi
+
+# The value of KEY in "CHAOS_RESULT k=v k=v ...".
+field() {
+    local kv
+    for kv in $result; do
+        if [ "${kv%%=*}" = "$1" ]; then
+            printf '%s\n' "${kv#*=}"
+            return
+        fi
+    done
+}
+
+lost=$(field lost)
+twice=$(field completions_twice)
+if [ "$lost" != 0 ] || [ "$twice" != 0 ]; then
+    echo "FAIL: lost=$lost jobs, $twice jobs reported completed twice" >&2
+    exit 1
+fi
+if [ "$status" -ne 0 ]; then
+    echo "FAIL: no job lost or completed twice, but another check failed (exit status $status)" >&2
+    exit "$status"
+fi
+echo "PASS: lost=0, completions twice=0 ($result)"
