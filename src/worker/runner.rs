@@ -622,6 +622,7 @@ impl Run {
 
     /// Settles the delivery in Redis (fenced by the lease). True when done.
     async fn settle(&self, what: &str, next: Next<'_>) -> bool {
+        self.stop.begin_settling();
         let settled = redis_op(&self.env, what, || {
             self.env.broker.settle(
                 &self.queue,

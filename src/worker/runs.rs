@@ -9,7 +9,7 @@
 //! - how to stop one job's run (cancellation, lost lease).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,9 @@ pub enum StopReason {
 pub struct RunStop {
     pub token: CancellationToken,
     reason: Mutex<Option<StopReason>>,
+    /// Set before the run settles its delivery in Redis: from then on its
+    /// lease may vanish by its own doing, so stops are no longer taken.
+    settling: AtomicBool,
 }
 
 impl RunStop {
@@ -35,10 +38,21 @@ impl RunStop {
         Arc::new(Self {
             token,
             reason: Mutex::new(None),
+            settling: AtomicBool::new(false),
         })
     }
 
-    pub fn stop(&self, reason: StopReason) {
+    /// The run is about to settle (its settle script checks the lease
+    /// itself): a missing lease seen from now on is its own ack.
+    pub fn begin_settling(&self) {
+        self.settling.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops the run unless it is already settling; returns whether it did.
+    pub fn stop(&self, reason: StopReason) -> bool {
+        if self.settling.load(Ordering::SeqCst) {
+            return false;
+        }
         let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
         // A lost lease outranks a cancellation: nothing may be written.
         if *r != Some(StopReason::LeaseLost) {
@@ -46,6 +60,7 @@ impl RunStop {
         }
         drop(r);
         self.token.cancel();
+        true
     }
 
     pub fn reason(&self) -> Option<StopReason> {
@@ -143,10 +158,11 @@ impl RunTable {
             .filter(|(id, t, _)| id == job_id && token.is_none_or(|want| want == t))
             .map(|(_, _, stop)| stop.clone())
             .collect();
+        let mut stopped = false;
         for stop in &stops {
-            stop.stop(reason);
+            stopped |= stop.stop(reason);
         }
-        !stops.is_empty()
+        stopped
     }
 
     pub fn len(&self) -> usize {
@@ -180,7 +196,16 @@ mod tests {
         stop.stop(StopReason::LeaseLost);
         stop.stop(StopReason::Cancelled);
         assert_eq!(stop.reason(), Some(StopReason::LeaseLost));
-        drop(g);
+
+        // A run that began settling takes no more stops.
+        let settling = RunStop::new(CancellationToken::new());
+        let g2 = table.register("q", b"raw2");
+        g2.claimed("j2", "t2", settling.clone());
+        settling.begin_settling();
+        assert!(!table.stop("j2", None, StopReason::LeaseLost));
+        assert!(!settling.token.is_cancelled());
+        assert_eq!(settling.reason(), None);
+        drop((g, g2));
         assert!(table.is_empty());
     }
 }
