@@ -10,37 +10,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Harness, ledger_count, ledger_lines, wait_for, wait_until};
+use common::{
+    Harness, enqueue, ledger_count, ledger_lines, ledger_pid, ledger_stage, toml_str, wait_for,
+    wait_until,
+};
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(30);
 const EXIT: Duration = Duration::from_secs(15);
-
-/// A TOML basic string holding `s` (paths of the temp dir).
-fn toml_str(s: impl AsRef<str>) -> String {
-    let s = s.as_ref();
-    assert!(
-        s.chars().all(|c| !c.is_control()),
-        "no control characters in {s:?}"
-    );
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
-/// A `[[jobs.<kind>.stages]]` table of an exec stage writing the ledger:
-/// `S <stage> <job id> <pid>` first, `C <stage> <job id> <pid>` last, with
-/// `middle` (shell) in between. `$$` is the stage's process group too (the
-/// daemon starts each stage as a group leader).
-fn ledger_stage(kind: &str, stage: &str, ledger: &Path, middle: &str) -> String {
-    format!(
-        r#"
-[[jobs."{kind}".stages]]
-name = "{stage}"
-run = ["sh", "-c", '''echo "S {stage} $CONVEYOR_JOB_ID $$" >> "$LEDGER"; cat > /dev/null; {middle} echo "C {stage} $CONVEYOR_JOB_ID $$" >> "$LEDGER"''']
-env = {{ LEDGER = {ledger} }}
-"#,
-        ledger = toml_str(ledger.to_string_lossy())
-    )
-}
 
 /// Shell for a stage that takes ~10 s (100 short sleeps, so SIGTERM/SIGKILL
 /// of its group ends it at once) when the daemon's environment has SLOW=1,
@@ -51,15 +28,6 @@ fn slow_if_env(result: &str) -> String {
     )
 }
 
-/// The pid logged on a ledger line `S <stage> <id> <pid>`.
-fn ledger_pid(ledger: &Path, prefix: &str) -> Option<i32> {
-    ledger_lines(ledger)
-        .iter()
-        .find(|l| l.starts_with(&format!("{prefix} ")))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|p| p.parse().ok())
-}
-
 /// SIGKILLs a stage's process group left behind by a SIGKILLed daemon.
 fn kill_group(pgid: i32) {
     // SAFETY: only sends a signal to a process group this test started
@@ -67,22 +35,6 @@ fn kill_group(pgid: i32) {
     unsafe {
         libc::killpg(pgid, libc::SIGKILL);
     }
-}
-
-/// `conveyor enqueue ...`; returns the printed id.
-fn enqueue(h: &Harness, args: &[&str]) -> String {
-    let mut all = vec!["enqueue"];
-    all.extend_from_slice(args);
-    let out = h.cli(&all, &[]);
-    assert!(
-        out.status.success(),
-        "enqueue failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let id = String::from_utf8(out.stdout).expect("utf-8 id");
-    let id = id.trim().to_owned();
-    assert!(!id.is_empty(), "enqueue printed no id");
-    id
 }
 
 fn stage<'a>(job: &'a Value, name: &str) -> &'a Value {

@@ -18,7 +18,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Harness, TestRedis, ledger_count, ledger_lines, poll_until, wait_until};
+use common::{
+    Daemon, Harness, TestRedis, enqueue, ledger_count, ledger_lines, ledger_pid, ledger_stage,
+    poll_until, toml_str, wait_until,
+};
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -29,42 +32,6 @@ const FAST_WORKER: &str = "heartbeat_secs = 1\ndead_after_secs = 3\nfetch_block_
 promote_interval_ms = 50\nshutdown_grace_secs = 2\nkill_grace_secs = 1\n";
 
 // ---------------------------------------------------------------- helpers
-
-/// A TOML basic string holding `s` (paths of the temp dir).
-fn toml_str(s: impl AsRef<str>) -> String {
-    let s = s.as_ref();
-    assert!(
-        s.chars().all(|c| !c.is_control()),
-        "no control characters in {s:?}"
-    );
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
-/// A `[[jobs.<kind>.stages]]` table of an exec stage writing the ledger:
-/// `S <stage> <job id> <pid>` first, `C <stage> <job id> <pid>` last, with
-/// `middle` (shell) in between. `$$` is the stage's process group too (the
-/// daemon starts each stage as a group leader), and `$PPID` the daemon.
-/// (Copied from `e2e.rs`.)
-fn ledger_stage(kind: &str, stage: &str, ledger: &Path, middle: &str) -> String {
-    format!(
-        r#"
-[[jobs."{kind}".stages]]
-name = "{stage}"
-run = ["sh", "-c", '''echo "S {stage} $CONVEYOR_JOB_ID $$" >> "$LEDGER"; cat > /dev/null; {middle} echo "C {stage} $CONVEYOR_JOB_ID $$" >> "$LEDGER"''']
-env = {{ LEDGER = {ledger} }}
-"#,
-        ledger = toml_str(ledger.to_string_lossy())
-    )
-}
-
-/// The pid logged on the first ledger line starting with `prefix`.
-fn ledger_pid(ledger: &Path, prefix: &str) -> Option<i32> {
-    ledger_lines(ledger)
-        .iter()
-        .find(|l| l.starts_with(&format!("{prefix} ")))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|p| p.parse().ok())
-}
 
 /// `S` lines per (stage, job) in the ledger.
 fn stage_starts(ledger: &Path) -> BTreeMap<(String, String), usize> {
@@ -85,22 +52,6 @@ fn stage_starts(ledger: &Path) -> BTreeMap<(String, String), usize> {
 /// Stage starts beyond the first, over the whole ledger.
 fn dup_starts(ledger: &Path) -> usize {
     stage_starts(ledger).values().map(|n| n - 1).sum()
-}
-
-/// `conveyor enqueue ...`; returns the printed id.
-fn enqueue(h: &Harness, args: &[&str]) -> String {
-    let mut all = vec!["enqueue"];
-    all.extend_from_slice(args);
-    let out = h.cli(&all, &[]);
-    assert!(
-        out.status.success(),
-        "enqueue failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let id = String::from_utf8(out.stdout).expect("utf-8 id");
-    let id = id.trim().to_owned();
-    assert!(!id.is_empty(), "enqueue printed no id");
-    id
 }
 
 /// LPUSHes jobs `{prefix}000..` of `kind` in one pipeline; returns the ids

@@ -773,3 +773,56 @@ impl ProgressSub {
         )
     }
 }
+
+// ------------------------------------------------ config and CLI helpers
+
+/// A TOML basic string holding `s` (paths of the temp dir).
+pub fn toml_str(s: impl AsRef<str>) -> String {
+    let s = s.as_ref();
+    assert!(
+        s.chars().all(|c| !c.is_control()),
+        "no control characters in {s:?}"
+    );
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// A `[[jobs.<kind>.stages]]` table of an exec stage writing the ledger:
+/// `S <stage> <job id> <pid>` first, `C <stage> <job id> <pid>` last, with
+/// `middle` (shell) in between. `$$` is the stage's process group too (the
+/// daemon starts each stage as a group leader).
+pub fn ledger_stage(kind: &str, stage: &str, ledger: &Path, middle: &str) -> String {
+    format!(
+        r#"
+[[jobs."{kind}".stages]]
+name = "{stage}"
+run = ["sh", "-c", '''echo "S {stage} $CONVEYOR_JOB_ID $$" >> "$LEDGER"; cat > /dev/null; {middle} echo "C {stage} $CONVEYOR_JOB_ID $$" >> "$LEDGER"''']
+env = {{ LEDGER = {ledger} }}
+"#,
+        ledger = toml_str(ledger.to_string_lossy())
+    )
+}
+
+/// The pid logged on a ledger line `S <stage> <id> <pid>`.
+pub fn ledger_pid(ledger: &Path, prefix: &str) -> Option<i32> {
+    ledger_lines(ledger)
+        .iter()
+        .find(|l| l.starts_with(&format!("{prefix} ")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|p| p.parse().ok())
+}
+
+/// `conveyor enqueue ...`; returns the printed id.
+pub fn enqueue(h: &Harness, args: &[&str]) -> String {
+    let mut all = vec!["enqueue"];
+    all.extend_from_slice(args);
+    let out = h.cli(&all, &[]);
+    assert!(
+        out.status.success(),
+        "enqueue failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8(out.stdout).expect("utf-8 id");
+    let id = id.trim().to_owned();
+    assert!(!id.is_empty(), "enqueue printed no id");
+    id
+}
