@@ -637,6 +637,56 @@ stages = [{ name = "wait", builtin = "sleep", args = { ms = 30000 }, timeout_sec
     assert_eq!(daemon.wait_exit(EXIT).code(), Some(0));
 }
 
+/// A job's own deadline spans its stages: two 1.5 s stages under a 2 s job
+/// timeout (set per job, over the type's 60 s) time out in the second
+/// stage, which is stopped; the timeout is retryable, and attempt 2
+/// resumes at the failed stage (the first one is not run again), fits in
+/// the deadline, and completes.
+#[test]
+fn job_timeout_spans_stages_and_the_retry_resumes_at_the_failed_stage() {
+    let h = Harness::new(
+        r#"
+[retry]
+backoff_ms = 50
+[worker]
+promote_interval_ms = 50
+[jobs.two]
+max_attempts = 2
+timeout_secs = 60
+stages = [
+  { name = "first", builtin = "sleep", args = { ms = 1500 } },
+  { name = "second", builtin = "sleep", args = { ms = 1500 } },
+]
+"#,
+    );
+    let mut daemon = h.daemon("w1", &[]);
+    let sub = h.subscribe();
+    let id = enqueue(&h, &["two", "--id", "two-1", "--timeout-secs", "2"]);
+    wait_job_status(&h, &id, "completed");
+    let rec = h.job_ok(&id);
+    assert_eq!(rec["attempt"], 2, "{rec:#}");
+    let attempts = rec["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{rec:#}");
+    assert_eq!(attempts[0]["status"], "failed", "{rec:#}");
+    let error = attempts[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("`second`") && error.contains("timed out after 2s"),
+        "{rec:#}"
+    );
+    assert_eq!(attempts[1]["status"], "completed", "{rec:#}");
+    // Attempt 2 started at `second`: no `stage_started` of `first` in it.
+    let attempt2: Vec<Value> = sub
+        .for_job(&id)
+        .into_iter()
+        .filter(|m| m["attempt"] == 2 && m["event"] == "stage_started")
+        .collect();
+    assert_eq!(attempt2.len(), 1, "{attempt2:#?}");
+    assert_eq!(attempt2[0]["stage"], "second");
+    assert_eq!(h.llen(&h.dead_key("default")), 0);
+    daemon.sigterm();
+    assert_eq!(daemon.wait_exit(EXIT).code(), Some(0));
+}
+
 // ------------------------------------------------------------------ 7
 
 fn two_stage_ledger_config(ledger: &Path, worker: &str) -> String {
