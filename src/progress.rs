@@ -93,7 +93,11 @@ pub struct Publisher {
 impl Publisher {
     /// Creates the handle and the task that does the publishing; the task
     /// ends once every handle is dropped and the queue is drained.
-    pub fn new(keys: Keys, conn: ConnectionManager) -> (Self, PublisherTask) {
+    pub fn new(
+        keys: Keys,
+        conn: ConnectionManager,
+        round_trips: Arc<AtomicU64>,
+    ) -> (Self, PublisherTask) {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let dropped = Arc::new(AtomicU64::new(0));
         let publisher = Self {
@@ -101,7 +105,13 @@ impl Publisher {
             keys,
             dropped: dropped.clone(),
         };
-        (publisher, PublisherTask { rx, conn, dropped })
+        let task = PublisherTask {
+            rx,
+            conn,
+            dropped,
+            round_trips,
+        };
+        (publisher, task)
     }
 
     pub fn publish(&self, event: &ProgressEvent) {
@@ -126,6 +136,7 @@ pub struct PublisherTask {
     rx: mpsc::Receiver<(String, String)>,
     conn: ConnectionManager,
     dropped: Arc<AtomicU64>,
+    round_trips: Arc<AtomicU64>,
 }
 
 impl PublisherTask {
@@ -137,6 +148,7 @@ impl PublisherTask {
             for (channel, body) in &batch {
                 pipe.cmd("PUBLISH").arg(channel).arg(body).ignore();
             }
+            self.round_trips.fetch_add(1, Ordering::Relaxed);
             match pipe.query_async::<()>(&mut self.conn).await {
                 Ok(()) => failures = 0,
                 Err(err) => {

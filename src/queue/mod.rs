@@ -31,6 +31,8 @@ pub mod job;
 pub mod keys;
 pub mod scripts;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -88,6 +90,9 @@ pub struct Broker {
     client: redis::Client,
     conn: ConnectionManager,
     keys: Keys,
+    /// Round trips made through this handle (and its clones): what a job
+    /// costs in Redis latency, reported at shutdown and by `conveyor bench`.
+    round_trips: Arc<AtomicU64>,
 }
 
 impl Broker {
@@ -116,7 +121,22 @@ impl Broker {
             client,
             conn,
             keys: Keys::new(prefix),
+            round_trips: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Round trips made so far by this handle and its clones.
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// The shared counter, for components with their own connection use.
+    pub fn round_trip_counter(&self) -> Arc<AtomicU64> {
+        self.round_trips.clone()
+    }
+
+    fn trip(&self) {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn keys(&self) -> &Keys {
@@ -171,6 +191,7 @@ impl Broker {
                     .arg("RIGHT")
                     .arg("LEFT");
             }
+            self.trip();
             let got: Vec<Option<Vec<u8>>> = pipe.query_async(&mut conn).await?;
             out.extend(got.into_iter().flatten().map(|raw| Fetched {
                 queue: queue.clone(),
@@ -188,6 +209,7 @@ impl Broker {
         worker: &str,
         block: Duration,
     ) -> RedisResult<Option<Fetched>> {
+        self.trip();
         let raw: Option<Vec<u8>> = redis::cmd("BLMOVE")
             .arg(self.keys.pending(queue))
             .arg(self.keys.active(queue, worker))
@@ -216,6 +238,7 @@ impl Broker {
     ) -> RedisResult<Claim> {
         let mut conn = self.conn.clone();
         let k = &self.keys;
+        self.trip();
         let code: i64 = scripts::CLAIM
             .key(k.active(queue, worker))
             .key(k.leases(queue))
@@ -314,6 +337,7 @@ impl Broker {
         let (mode, dest, entry, delay, terminal) = plan;
         let k = &self.keys;
         let mut conn = self.conn.clone();
+        self.trip();
         let moved: i64 = scripts::SETTLE
             .key(source)
             .key(k.leases(queue))

@@ -105,7 +105,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     }
 
     let tracker = TaskTracker::new();
-    let (publisher, publisher_task) = Publisher::new(broker.keys().clone(), broker.conn());
+    let (publisher, publisher_task) = Publisher::new(
+        broker.keys().clone(),
+        broker.conn(),
+        broker.round_trip_counter(),
+    );
     let publisher_handle = tokio::spawn(publisher_task.run());
     let stop_stages = CancellationToken::new();
     let give_up = CancellationToken::new();
@@ -226,7 +230,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     let _ = publisher_handle.await;
     store_closer.close().await;
     tracing::info!(worker_id = %worker_id, completed, failed, retried, requeued,
-        progress_events_dropped = dropped, "worker_shutdown_complete");
+        progress_events_dropped = dropped, redis_round_trips = broker.round_trips(),
+        "worker_shutdown_complete");
     Ok(())
 }
 
