@@ -27,6 +27,7 @@
 //! connection from [`Broker::blocking_connection`]: on a shared socket it
 //! would stall every other command for the whole block.
 
+pub mod batch;
 pub mod job;
 pub mod keys;
 pub mod scripts;
@@ -67,6 +68,18 @@ pub enum Claim {
     Duplicate,
     /// The job was cancelled before it ran.
     Cancelled,
+}
+
+/// Decodes the reply of `claim.lua` (and of each item of `claim_many.lua`).
+fn claim_from_code(code: i64) -> Claim {
+    match code {
+        -1 => Claim::Gone,
+        -2 => Claim::Duplicate,
+        -3 => Claim::Cancelled,
+        n => Claim::Claimed {
+            crashes: u32::try_from(n).unwrap_or(u32::MAX),
+        },
+    }
 }
 
 /// What [`Broker::settle`] does after removing a delivery.
@@ -250,14 +263,7 @@ impl Broker {
             .arg(token)
             .invoke_async(&mut conn)
             .await?;
-        Ok(match code {
-            -1 => Claim::Gone,
-            -2 => Claim::Duplicate,
-            -3 => Claim::Cancelled,
-            n => Claim::Claimed {
-                crashes: u32::try_from(n).unwrap_or(u32::MAX),
-            },
-        })
+        Ok(claim_from_code(code))
     }
 
     /// Ends a delivery held in `worker`'s active list. `token` is the lease

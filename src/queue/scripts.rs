@@ -20,3 +20,11 @@ pub static RECOVER: LazyLock<Script> =
 /// Due scheduled jobs -> pending, by Redis time.
 pub static PROMOTE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/promote.lua")));
+
+/// [`CLAIM`] for a batch of deliveries of one queue (`super::batch`).
+pub static CLAIM_MANY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/claim_many.lua")));
+
+/// [`SETTLE`] for a batch of deliveries of one queue (`super::batch`).
+pub static SETTLE_MANY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/settle_many.lua")));

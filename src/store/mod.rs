@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -58,6 +58,8 @@ pub struct BeginJob {
     pub epoch: u32,
     /// Fencing token of this delivery: later writes must carry it.
     pub lease: String,
+    /// A first delivery: SQLite cannot know the job, so nothing is read.
+    pub first: bool,
     pub worker_id: String,
     pub stages: Vec<String>,
     pub at: String,
@@ -92,6 +94,9 @@ pub struct StageUpdate {
     pub result: Option<String>,
     pub error: Option<String>,
     pub progress: f64,
+    /// When the stage started (also on its end record: a quick stage's
+    /// "running" record is never written).
+    pub started_at: String,
     pub at: String,
 }
 
@@ -128,7 +133,9 @@ pub struct RecordJob {
 type Reply<T> = oneshot::Sender<Result<T, String>>;
 
 enum Op {
-    Begin(BeginJob, Reply<Prior>),
+    /// With a reply: the caller needs what was known before; without: a
+    /// job's first delivery, of which SQLite cannot know anything.
+    Begin(BeginJob, Option<Reply<Prior>>),
     Stage(StageUpdate),
     Finish(FinishJob, Reply<bool>),
     Record(RecordJob, Reply<()>),
@@ -216,7 +223,17 @@ impl Store {
     /// was known before. A job already finished for this epoch is left
     /// untouched (the caller drops the duplicate delivery).
     pub async fn begin(&self, job: BeginJob) -> Result<Prior, StoreError> {
-        self.call(|r| Op::Begin(job, r)).await
+        self.call(|r| Op::Begin(job, Some(r))).await
+    }
+
+    /// [`Store::begin`] for a job's first delivery: queued, not awaited.
+    /// Later writes of the job follow it through the same channel, so they
+    /// apply after it.
+    pub async fn begin_first(&self, job: BeginJob) -> Result<(), StoreError> {
+        self.tx
+            .send(Op::Begin(job, None))
+            .await
+            .map_err(|_| StoreError::Closed)
     }
 
     /// Records a stage's state; committed with the next batch, not awaited.
@@ -293,23 +310,35 @@ impl Writer {
     /// One transaction over the whole batch. A failing statement fails only
     /// its own operation; a failing BEGIN or COMMIT fails the batch.
     fn apply(&mut self, batch: &[Op]) -> rusqlite::Result<Vec<Result<Answer, String>>> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // BEGIN IMMEDIATE / COMMIT through cached statements: rusqlite's
+        // Transaction parses them anew for every transaction, which showed
+        // in profiles of the hot path.
+        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         let answers = batch
             .iter()
-            .map(|op| apply_op(&tx, op).map_err(|e| e.to_string()))
+            .map(|op| apply_op(&self.conn, op).map_err(|e| e.to_string()))
             .collect();
-        tx.commit()?;
+        if let Err(err) = self
+            .conn
+            .prepare_cached("COMMIT")
+            .and_then(|mut c| c.execute([]))
+        {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(err);
+        }
         Ok(answers)
     }
 }
 
 fn reply(op: Op, answer: Result<Answer, String>) {
     match (op, answer) {
-        (Op::Begin(_, tx), Ok(Answer::Prior(p))) => {
+        (Op::Begin(_, Some(tx)), Ok(Answer::Prior(p))) => {
             let _ = tx.send(Ok(p));
         }
+        (Op::Begin(job, None), Err(e)) => {
+            tracing::error!(job_id = %job.id, error = %e, "SQLite write failed");
+        }
+        (Op::Begin(_, None), Ok(_)) => {}
         (Op::Finish(_, tx), Ok(Answer::Applied(b))) => {
             let _ = tx.send(Ok(b));
         }
@@ -320,7 +349,7 @@ fn reply(op: Op, answer: Result<Answer, String>) {
             tracing::error!(job_id = %u.job_id, error = %e, "SQLite write failed");
         }
         (Op::Stage(_), Ok(_)) => {}
-        (Op::Begin(_, tx), Err(e)) => {
+        (Op::Begin(_, Some(tx)), Err(e)) => {
             let _ = tx.send(Err(e));
         }
         (Op::Finish(_, tx), Err(e)) => {
@@ -329,7 +358,7 @@ fn reply(op: Op, answer: Result<Answer, String>) {
         (Op::Record(_, tx) | Op::Flush(tx), Err(e)) => {
             let _ = tx.send(Err(e));
         }
-        (Op::Begin(_, tx), Ok(_)) => {
+        (Op::Begin(_, Some(tx)), Ok(_)) => {
             let _ = tx.send(Err("internal: wrong answer".into()));
         }
         (Op::Finish(_, tx), Ok(_)) => {
@@ -338,7 +367,7 @@ fn reply(op: Op, answer: Result<Answer, String>) {
     }
 }
 
-fn apply_op(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Answer> {
+fn apply_op(tx: &Connection, op: &Op) -> rusqlite::Result<Answer> {
     match op {
         Op::Begin(job, _) => begin(tx, job).map(Answer::Prior),
         Op::Stage(u) => stage(tx, u).map(|_| Answer::Done),
@@ -348,11 +377,14 @@ fn apply_op(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<Answer>
     }
 }
 
-fn begin(tx: &rusqlite::Transaction<'_>, job: &BeginJob) -> rusqlite::Result<Prior> {
-    let prior: Option<(String, u32, u32)> = tx
-        .prepare_cached("SELECT status, attempt, epoch FROM jobs WHERE id = ?1")?
-        .query_row([&job.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
+fn begin(tx: &Connection, job: &BeginJob) -> rusqlite::Result<Prior> {
+    let prior: Option<(String, u32, u32)> = if job.first {
+        None
+    } else {
+        tx.prepare_cached("SELECT status, attempt, epoch FROM jobs WHERE id = ?1")?
+            .query_row([&job.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?
+    };
     let mut out = Prior::default();
     if let Some((status, attempt, epoch)) = prior {
         out.status = Status::parse(&status);
@@ -404,6 +436,9 @@ fn begin(tx: &rusqlite::Transaction<'_>, job: &BeginJob) -> rusqlite::Result<Pri
     for (i, name) in job.stages.iter().enumerate() {
         add_stage.execute(params![job.id, i as i64, name])?;
     }
+    if job.first {
+        return Ok(out);
+    }
     let mut done = tx.prepare_cached(
         "SELECT name, result FROM stages WHERE job_id = ?1 AND status = 'completed' ORDER BY idx",
     )?;
@@ -420,32 +455,24 @@ fn begin(tx: &rusqlite::Transaction<'_>, job: &BeginJob) -> rusqlite::Result<Pri
     Ok(out)
 }
 
-/// Whether `lease` is the job's current lease (the fence of every write
-/// after `begin`).
-fn holds_lease(tx: &rusqlite::Transaction<'_>, id: &str, lease: &str) -> rusqlite::Result<bool> {
-    let current: Option<Option<String>> = tx
-        .prepare_cached("SELECT lease FROM jobs WHERE id = ?1")?
-        .query_row([id], |r| r.get(0))
-        .optional()?;
-    Ok(current.flatten().as_deref() == Some(lease))
-}
-
-fn stage(tx: &rusqlite::Transaction<'_>, u: &StageUpdate) -> rusqlite::Result<bool> {
-    if !holds_lease(tx, &u.job_id, &u.lease)? {
+fn stage(tx: &Connection, u: &StageUpdate) -> rusqlite::Result<bool> {
+    // Fenced: only the delivery holding the job's lease writes its state.
+    let changed = tx
+        .prepare_cached(
+            "UPDATE jobs SET progress = max(progress, ?3), stage = ?4, updated_at = ?5
+             WHERE id = ?1 AND lease = ?2",
+        )?
+        .execute(params![u.job_id, u.lease, u.progress, u.name, u.at])?;
+    if changed == 0 {
         return Ok(false);
     }
-    let (started, finished) = if u.status == "running" {
-        (Some(&u.at), None)
-    } else {
-        (None, Some(&u.at))
-    };
+    let finished = (u.status != "running").then_some(&u.at);
     tx.prepare_cached(
         "INSERT INTO stages (job_id, idx, name, status, attempt, started_at, finished_at, result, error)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT (job_id, idx) DO UPDATE SET
             name = excluded.name, status = excluded.status, attempt = excluded.attempt,
-            started_at = coalesce(excluded.started_at, stages.started_at),
-            finished_at = excluded.finished_at,
+            started_at = excluded.started_at, finished_at = excluded.finished_at,
             result = excluded.result, error = excluded.error",
     )?
     .execute(params![
@@ -454,37 +481,36 @@ fn stage(tx: &rusqlite::Transaction<'_>, u: &StageUpdate) -> rusqlite::Result<bo
         u.name,
         u.status,
         u.attempt,
-        started,
+        u.started_at,
         finished,
         u.result,
         u.error
     ])?;
-    tx.prepare_cached(
-        "UPDATE jobs SET progress = max(progress, ?2), stage = ?3, updated_at = ?4 WHERE id = ?1",
-    )?
-    .execute(params![u.job_id, u.progress, u.name, u.at])?;
     Ok(true)
 }
 
-fn finish(tx: &rusqlite::Transaction<'_>, f: &FinishJob) -> rusqlite::Result<bool> {
-    if !holds_lease(tx, &f.id, &f.lease)? {
+fn finish(tx: &Connection, f: &FinishJob) -> rusqlite::Result<bool> {
+    let finished_at = f.status.is_final().then_some(&f.at);
+    // Fenced by the lease, which ends with the delivery: nothing more may be
+    // written under it.
+    let changed = tx
+        .prepare_cached(
+            "UPDATE jobs SET status = ?3, progress = ?4, error = ?5, updated_at = ?6,
+                finished_at = ?7, stage = CASE WHEN ?7 IS NULL THEN stage END, lease = NULL
+             WHERE id = ?1 AND lease = ?2",
+        )?
+        .execute(params![
+            f.id,
+            f.lease,
+            f.status.as_str(),
+            f.progress,
+            f.error,
+            f.at,
+            finished_at
+        ])?;
+    if changed == 0 {
         return Ok(false);
     }
-    let finished_at = f.status.is_final().then_some(&f.at);
-    // The lease ends with the delivery: nothing more may be written under it.
-    tx.prepare_cached(
-        "UPDATE jobs SET status = ?2, progress = ?3, error = ?4, updated_at = ?5,
-                finished_at = ?6, stage = CASE WHEN ?6 IS NULL THEN stage END, lease = NULL
-         WHERE id = ?1",
-    )?
-    .execute(params![
-        f.id,
-        f.status.as_str(),
-        f.progress,
-        f.error,
-        f.at,
-        finished_at
-    ])?;
     let attempt_status = match f.status {
         Status::Pending => "interrupted",
         Status::Retrying => "failed",
@@ -505,7 +531,7 @@ fn finish(tx: &rusqlite::Transaction<'_>, f: &FinishJob) -> rusqlite::Result<boo
     Ok(true)
 }
 
-fn record(tx: &rusqlite::Transaction<'_>, r: &RecordJob) -> rusqlite::Result<()> {
+fn record(tx: &Connection, r: &RecordJob) -> rusqlite::Result<()> {
     // A bad message that reuses the id of a known job must not rewrite that
     // job's history (the dead entry and the log carry its reason); a
     // cancellation overwrites anything but a final state.
@@ -705,6 +731,7 @@ mod tests {
             max_attempts: 3,
             epoch: 0,
             lease: lease.into(),
+            first: false,
             worker_id: "w1".into(),
             stages: vec!["s0".into(), "s1".into()],
             at: "2026-01-01T00:00:00.000Z".into(),
@@ -722,6 +749,7 @@ mod tests {
             result: Some("{\"ok\":true}".into()),
             error: None,
             progress: 50.0,
+            started_at: "2026-01-01T00:00:00.500Z".into(),
             at: "2026-01-01T00:00:01.000Z".into(),
         }
     }

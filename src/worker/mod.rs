@@ -111,10 +111,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         broker.round_trip_counter(),
     );
     let publisher_handle = tokio::spawn(publisher_task.run());
+    let (batcher, batcher_task) = crate::queue::batch::Batcher::new(broker.clone(), &worker_id);
+    let batcher_handle = tokio::spawn(batcher_task.run());
     let stop_stages = CancellationToken::new();
     let give_up = CancellationToken::new();
     let env = Arc::new(JobEnv {
         broker: broker.clone(),
+        batcher,
         store: store.clone(),
         publisher,
         registry,
@@ -227,6 +230,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     let dropped = env.publisher.dropped();
     drop(env);
     drop(store);
+    let _ = batcher_handle.await;
     let _ = publisher_handle.await;
     store_closer.close().await;
     tracing::info!(worker_id = %worker_id, completed, failed, retried, requeued,
@@ -318,13 +322,17 @@ impl Fetcher {
             }
         };
         let mut permits = vec![first];
+        self.take_free(&mut permits);
+        Some(permits)
+    }
+
+    fn take_free(&self, permits: &mut Vec<OwnedSemaphorePermit>) {
         while permits.len() < FETCH_BATCH {
             match self.slots.clone().try_acquire_owned() {
                 Ok(p) => permits.push(p),
                 Err(_) => break,
             }
         }
-        Some(permits)
     }
 
     /// Up to `max` jobs without blocking, in priority order; when there are

@@ -39,13 +39,21 @@ use crate::error::{is_transient, job_op_backoff};
 use crate::now_rfc3339;
 use crate::pipeline::{FailureKind, Pipeline, ProgressFn, Registry, StageContext, StageError};
 use crate::progress::{ProgressEvent, Publisher, Status};
+use crate::queue::batch::Batcher;
 use crate::queue::job::{Poison, poison_entry};
 use crate::queue::{Broker, Claim, Fetched, Job, Next};
-use crate::store::{BeginJob, FinishJob, RecordJob, StageUpdate, Store};
+use crate::store::{BeginJob, FinishJob, Prior, RecordJob, StageUpdate, Store};
+
+/// A stage still running after this long is recorded as running in SQLite;
+/// quicker ones only get their end recorded (with their start time), which
+/// halves the writes of short stages.
+const RECORD_RUNNING_AFTER: Duration = Duration::from_millis(20);
 
 /// What every job task of one daemon shares.
 pub struct JobEnv {
     pub broker: Broker,
+    /// Claims and settles go through it, batched per queue.
+    pub batcher: Batcher,
     pub store: Store,
     pub publisher: Publisher,
     pub registry: Registry,
@@ -117,8 +125,7 @@ async fn claim_and_run(
         queue = %queue, worker_id = %env.worker_id);
     async {
         let claim = redis_op(env, "claim", || {
-            env.broker
-                .claim(&queue, &env.worker_id, &original, &raw, &id, &token)
+            env.batcher.claim(&queue, &original, &raw, &id, &token)
         })
         .await;
         let stop = RunStop::new(env.stop_stages.child_token());
@@ -132,8 +139,7 @@ async fn claim_and_run(
             Some(Claim::Duplicate) => {
                 tracing::warn!("Duplicate of a job that is already running; dropping this copy");
                 redis_op(env, "drop duplicate", || {
-                    env.broker
-                        .settle(&queue, &env.worker_id, &original, &id, "", Next::Drop)
+                    env.batcher.settle(&queue, &original, &id, "", Next::Drop)
                 })
                 .await;
             }
@@ -167,8 +173,7 @@ async fn cancel_unstarted(env: &JobEnv, job: &Job, queue: &str, raw: &[u8]) {
         return;
     }
     let settled = redis_op(env, "drop cancelled", || {
-        env.broker
-            .settle(queue, &env.worker_id, raw, job.id(), "", Next::Finish)
+        env.batcher.settle(queue, raw, job.id(), "", Next::Finish)
     })
     .await;
     if settled == Some(true) {
@@ -233,14 +238,9 @@ async fn dead_letter_poison(env: &JobEnv, fetched: &Fetched, poison: Poison) {
     // message reusing a live job's id must not clear that job's crash count
     // or cancellation.
     redis_op(env, "dead-letter", || {
-        env.broker.settle(
-            &fetched.queue,
-            &env.worker_id,
-            &fetched.raw,
-            "",
-            "",
-            Next::Dead(entry.as_bytes()),
-        )
+        let next = Next::Dead(entry.as_bytes());
+        env.batcher
+            .settle(&fetched.queue, &fetched.raw, "", "", next)
     })
     .await;
     env.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -381,7 +381,28 @@ impl Run {
 
     async fn start(mut self, crashes: u32) {
         let started = Instant::now();
-        let prior = match self.env.store.begin(self.begin_record()).await {
+        // A first delivery (never claimed before, never retried, requeued or
+        // revived) is one SQLite cannot know anything of: its start is
+        // queued, not awaited. Any other delivery first learns what SQLite
+        // knows (finished stages, a completion the crash kept from acking).
+        let meta = &self.job.meta;
+        let first = crashes == 0
+            && meta.attempt <= 1
+            && meta.requeues == 0
+            && meta.epoch == 0
+            && meta.results.is_empty();
+        let mut record = self.begin_record();
+        record.first = first;
+        let prior = if first {
+            self.env
+                .store
+                .begin_first(record)
+                .await
+                .map(|()| Prior::default())
+        } else {
+            self.env.store.begin(record).await
+        };
+        let prior = match prior {
             Ok(prior) => prior,
             Err(err) => {
                 // Only when the store is closing: leave the job to recovery.
@@ -442,6 +463,7 @@ impl Run {
             max_attempts: self.retry().max_attempts,
             epoch: self.job.meta.epoch,
             lease: self.token.clone(),
+            first: false,
             worker_id: self.env.worker_id.clone(),
             stages: self
                 .pipeline
@@ -482,10 +504,9 @@ impl Run {
             let stage = &self.pipeline.stages[index];
             let name = stage.name.clone();
             let stage_started = Instant::now();
+            let started_at = now_rfc3339();
             let at_start = self.pipeline.overall_progress(index, 0.0);
             tracing::info!(stage = %name, stage_index = index, attempt = self.attempt, "stage_started");
-            self.record_stage(index, "running", None, None, at_start)
-                .await;
             self.events.emit(
                 Status::Running,
                 "stage_started",
@@ -500,7 +521,20 @@ impl Run {
                 .into_iter()
                 .flatten()
                 .min_by_key(|(at, _)| *at);
-            let result = run_with_deadline(stage.imp.as_ref(), &ctx, deadline).await;
+            let run = run_with_deadline(stage.imp.as_ref(), &ctx, deadline);
+            tokio::pin!(run);
+            // A stage that ends at once (built-ins, quick programs) goes from
+            // pending to its end in SQLite in one write; a longer one is
+            // recorded as running once it has run for RECORD_RUNNING_AFTER.
+            let result = tokio::select! {
+                biased;
+                result = &mut run => result,
+                _ = tokio::time::sleep(RECORD_RUNNING_AFTER) => {
+                    self.record_stage(index, "running", &started_at, None, None, at_start)
+                        .await;
+                    run.await
+                }
+            };
             let elapsed_ms = stage_started.elapsed().as_millis() as u64;
             match result {
                 Ok(value) => {
@@ -508,7 +542,7 @@ impl Run {
                     let stored = Some(value.to_string());
                     self.results.insert(name.clone(), value);
                     tracing::info!(stage = %name, stage_index = index, attempt = self.attempt, elapsed_ms, "stage_completed");
-                    self.record_stage(index, "completed", stored, None, done)
+                    self.record_stage(index, "completed", &started_at, stored, None, done)
                         .await;
                     self.events
                         .emit(Status::Running, "stage_completed", Some(index), done, None);
@@ -519,7 +553,7 @@ impl Run {
                         elapsed_ms, cause = ?cause, "stage_interrupted");
                     if cause != Stop::LeaseLost {
                         let at = self.events.high_water();
-                        self.record_stage(index, "interrupted", None, None, at)
+                        self.record_stage(index, "interrupted", &started_at, None, None, at)
                             .await;
                     }
                     return Outcome::Stopped(cause);
@@ -528,7 +562,8 @@ impl Run {
                     tracing::warn!(stage = %name, stage_index = index, attempt = self.attempt, elapsed_ms,
                         error = %err, permanent = err.kind == FailureKind::Permanent, "stage_failed");
                     let at = self.events.high_water();
-                    self.record_stage(index, "failed", None, Some(err.message.clone()), at)
+                    let error = Some(err.message.clone());
+                    self.record_stage(index, "failed", &started_at, None, error, at)
                         .await;
                     let message = format!("stage `{name}` failed: {}", err.message);
                     return Outcome::Failed(StageError {
@@ -571,6 +606,7 @@ impl Run {
         &self,
         index: usize,
         status: &'static str,
+        started_at: &str,
         result: Option<String>,
         error: Option<String>,
         progress: f64,
@@ -585,6 +621,7 @@ impl Run {
             result,
             error,
             progress,
+            started_at: started_at.to_owned(),
             at: now_rfc3339(),
         };
         if let Err(err) = self.env.store.stage(update).await {
@@ -624,14 +661,10 @@ impl Run {
     async fn settle(&self, what: &str, next: Next<'_>) -> bool {
         self.stop.begin_settling();
         let settled = redis_op(&self.env, what, || {
-            self.env.broker.settle(
-                &self.queue,
-                &self.env.worker_id,
-                &self.raw,
-                self.job.id(),
-                &self.token,
-                next,
-            )
+            let id = self.job.id();
+            self.env
+                .batcher
+                .settle(&self.queue, &self.raw, id, &self.token, next)
         })
         .await;
         if settled == Some(false) {

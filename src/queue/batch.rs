@@ -1,0 +1,196 @@
+//! Batches the claims and settles of one daemon's concurrent jobs.
+//!
+//! Every job claims its delivery and settles it once; at thousands of jobs
+//! per second those are thousands of script calls, each a request, a Lua
+//! setup and a reply. Job tasks hand them to one task instead, which sends
+//! whatever is waiting as one `claim_many` / `settle_many` call per queue:
+//! one round trip for a whole batch. While Redis works on a batch the next
+//! one gathers, so a lone job waits for no timer.
+//!
+//! The batched scripts apply exactly the per-item logic of `claim.lua` and
+//! `settle.lua`, so the fencing rules are the same.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use redis::RedisResult;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Broker, Claim, Next, scripts};
+
+/// Most items in one script call.
+const BATCH: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Claim,
+    Settle,
+}
+
+struct Request {
+    kind: Kind,
+    queue: String,
+    args: Vec<Vec<u8>>,
+    reply: oneshot::Sender<RedisResult<i64>>,
+}
+
+/// Handle used by job tasks. Cheap to clone.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::Sender<Request>,
+}
+
+/// Owns the batching; ends when every [`Batcher`] handle is dropped.
+pub struct BatcherTask {
+    rx: mpsc::Receiver<Request>,
+    broker: Broker,
+    worker: String,
+    round_trips: Arc<AtomicU64>,
+}
+
+impl Batcher {
+    pub fn new(broker: Broker, worker: &str) -> (Self, BatcherTask) {
+        let (tx, rx) = mpsc::channel(4 * BATCH);
+        let task = BatcherTask {
+            rx,
+            round_trips: broker.round_trip_counter(),
+            broker,
+            worker: worker.to_owned(),
+        };
+        (Self { tx }, task)
+    }
+
+    async fn call(&self, kind: Kind, queue: &str, args: Vec<Vec<u8>>) -> RedisResult<i64> {
+        let (reply, rx) = oneshot::channel();
+        let closed = || redis::RedisError::from(std::io::Error::other("the batcher has stopped"));
+        let request = Request {
+            kind,
+            queue: queue.to_owned(),
+            args,
+            reply,
+        };
+        self.tx.send(request).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    /// [`Broker::claim`], batched.
+    pub async fn claim(
+        &self,
+        queue: &str,
+        raw: &[u8],
+        keep: &[u8],
+        job_id: &str,
+        token: &str,
+    ) -> RedisResult<Claim> {
+        let args = vec![
+            raw.to_vec(),
+            keep.to_vec(),
+            job_id.as_bytes().to_vec(),
+            token.as_bytes().to_vec(),
+        ];
+        let code = self.call(Kind::Claim, queue, args).await?;
+        Ok(super::claim_from_code(code))
+    }
+
+    /// [`Broker::settle`], batched.
+    pub async fn settle(
+        &self,
+        queue: &str,
+        raw: &[u8],
+        job_id: &str,
+        token: &str,
+        next: Next<'_>,
+    ) -> RedisResult<bool> {
+        let (mode, entry, delay): (&str, &[u8], u64) = match next {
+            Next::Finish => ("ack", b"", 0),
+            Next::Drop => ("drop", b"", 0),
+            Next::Dead(e) => ("dead", e, 0),
+            Next::Requeue(e) => ("requeue", e, 0),
+            Next::Retry { entry, delay_ms } => ("retry", entry, delay_ms),
+        };
+        let args = vec![
+            raw.to_vec(),
+            job_id.as_bytes().to_vec(),
+            token.as_bytes().to_vec(),
+            mode.as_bytes().to_vec(),
+            entry.to_vec(),
+            delay.to_string().into_bytes(),
+        ];
+        Ok(self.call(Kind::Settle, queue, args).await? == 1)
+    }
+}
+
+impl BatcherTask {
+    pub async fn run(mut self) {
+        let mut buf = Vec::with_capacity(BATCH);
+        while self.rx.recv_many(&mut buf, BATCH).await > 0 {
+            // Group by script and queue, keeping each group's order.
+            let mut groups: HashMap<(Kind, String), Vec<Request>> = HashMap::new();
+            for r in buf.drain(..) {
+                groups.entry((r.kind, r.queue.clone())).or_default().push(r);
+            }
+            for ((kind, queue), requests) in groups {
+                self.send(kind, &queue, requests).await;
+            }
+        }
+    }
+
+    async fn send(&self, kind: Kind, queue: &str, requests: Vec<Request>) {
+        let k = self.broker.keys();
+        let mut invocation = match kind {
+            Kind::Claim => {
+                let mut inv = scripts::CLAIM_MANY.prepare_invoke();
+                inv.key(k.active(queue, &self.worker))
+                    .key(k.leases(queue))
+                    .key(k.crashes(queue))
+                    .key(k.cancelled(queue));
+                inv
+            }
+            Kind::Settle => {
+                let mut inv = scripts::SETTLE_MANY.prepare_invoke();
+                inv.key(k.active(queue, &self.worker))
+                    .key(k.leases(queue))
+                    .key(k.crashes(queue))
+                    .key(k.cancelled(queue))
+                    .key(k.pending(queue))
+                    .key(k.dead(queue))
+                    .key(k.scheduled(queue));
+                inv
+            }
+        };
+        for r in &requests {
+            for a in &r.args {
+                invocation.arg(a.as_slice());
+            }
+        }
+        let mut conn = self.broker.conn();
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        let result: RedisResult<Vec<i64>> = invocation.invoke_async(&mut conn).await;
+        match result {
+            Ok(codes) if codes.len() == requests.len() => {
+                for (r, code) in requests.into_iter().zip(codes) {
+                    let _ = r.reply.send(Ok(code));
+                }
+            }
+            Ok(codes) => {
+                let err = redis::RedisError::from(std::io::Error::other(format!(
+                    "batched script returned {} results for {} items",
+                    codes.len(),
+                    requests.len()
+                )));
+                for r in requests {
+                    let _ = r.reply.send(Err(err.clone()));
+                }
+            }
+            Err(err) => {
+                // Each caller decides (retry when transient): claims are
+                // idempotent, and a settle that did go through is found
+                // settled (its lease gone) on the retry.
+                for r in requests {
+                    let _ = r.reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
