@@ -1138,3 +1138,81 @@ async fn recovering_a_duplicate_copy_leaves_the_live_delivery_alone() {
         .unwrap();
     assert!(ok);
 }
+
+// ------------------------------------------------------------- batching
+
+/// The batcher sends concurrent claims and settles as one `claim_many` /
+/// `settle_many` call: each item must get exactly what `claim.lua` /
+/// `settle.lua` give it alone.
+#[tokio::test]
+async fn batched_claims_and_settles_match_the_single_scripts() {
+    use conveyor::queue::batch::Batcher;
+    let c = ctx().await;
+    let (batcher, task) = Batcher::new(c.broker.clone(), W);
+    let runner = tokio::spawn(task.run());
+    let (fresh, dup, cancelled, gone) = (job("fresh"), job("dup"), job("cx"), job("gone"));
+    c.set_list(&c.k().active(Q, W), &[&fresh, &dup, &cancelled]);
+    c.hset(&c.k().leases(Q), "dup", "w9/other");
+    c.hset(&c.k().cancelled(Q), "cx", "1");
+    c.hset(&c.k().crashes(Q), "fresh", "2");
+    let t = |id: &str| format!("{W}/{id}");
+    let (t_fresh, t_dup, t_cx, t_gone) = (t("fresh"), t("dup"), t("cx"), t("gone"));
+    let (a, b, d, e) = tokio::join!(
+        batcher.claim(Q, fresh.as_bytes(), fresh.as_bytes(), "fresh", &t_fresh),
+        batcher.claim(Q, dup.as_bytes(), dup.as_bytes(), "dup", &t_dup),
+        batcher.claim(Q, cancelled.as_bytes(), cancelled.as_bytes(), "cx", &t_cx),
+        batcher.claim(Q, gone.as_bytes(), gone.as_bytes(), "gone", &t_gone),
+    );
+    assert_eq!(a.unwrap(), Claim::Claimed { crashes: 2 });
+    assert_eq!(b.unwrap(), Claim::Duplicate);
+    assert_eq!(d.unwrap(), Claim::Cancelled);
+    assert_eq!(e.unwrap(), Claim::Gone);
+    assert_eq!(
+        c.hash(&c.k().leases(Q)),
+        map(&[("dup", "w9/other"), ("fresh", &t_fresh)])
+    );
+
+    // Settles, mixed in one batch: retry with the right token, a stale
+    // token, a duplicate dropped, a cancelled job finished, poison to dead.
+    c.lpush(&c.k().active(Q, W), "poison");
+    let before_now = c.redis_now_ms();
+    let retry = Next::Retry {
+        entry: b"fresh-again",
+        delay_ms: 5000,
+    };
+    let (r1, r2, r3, r4, r5) = tokio::join!(
+        batcher.settle(Q, fresh.as_bytes(), "fresh", &t_fresh, retry),
+        batcher.settle(Q, fresh.as_bytes(), "fresh", "w1/stale", Next::Finish),
+        batcher.settle(Q, dup.as_bytes(), "dup", "", Next::Drop),
+        batcher.settle(Q, cancelled.as_bytes(), "cx", "", Next::Finish),
+        batcher.settle(Q, b"poison", "", "", Next::Dead(b"poison-entry")),
+    );
+    // Items of one batch apply in order: the retry settles first, so the
+    // stale-token finish finds neither the lease nor the entry.
+    assert_eq!(
+        [
+            r1.unwrap(),
+            r2.unwrap(),
+            r3.unwrap(),
+            r4.unwrap(),
+            r5.unwrap()
+        ],
+        [true, false, true, true, true]
+    );
+    assert!(c.list(&c.k().active(Q, W)).is_empty());
+    assert_eq!(c.list(&c.k().dead(Q)), ["poison-entry"]);
+    let scheduled = c.zset(&c.k().scheduled(Q));
+    assert_eq!(scheduled.len(), 1);
+    assert_eq!(scheduled[0].0, "fresh-again");
+    assert!(
+        scheduled[0].1 >= (before_now + 5000) as f64,
+        "{scheduled:?}"
+    );
+    // The live delivery of "dup" keeps its lease; "fresh" keeps its crash
+    // count (a retry is not the end of its story); "cx" is forgotten.
+    assert_eq!(c.hash(&c.k().leases(Q)), map(&[("dup", "w9/other")]));
+    assert_eq!(c.hash(&c.k().crashes(Q)), map(&[("fresh", "2")]));
+    assert!(c.hash(&c.k().cancelled(Q)).is_empty());
+    drop(batcher);
+    runner.await.unwrap();
+}
