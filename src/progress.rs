@@ -115,7 +115,16 @@ impl Publisher {
     }
 
     pub fn publish(&self, event: &ProgressEvent) {
-        let channel = self.keys.progress(&event.job_id);
+        self.publish_on(self.keys.progress(&event.job_id), event);
+    }
+
+    /// The job's channel name (to build once per job, see [`Publisher::publish_on`]).
+    pub fn channel(&self, job_id: &str) -> String {
+        self.keys.progress(job_id)
+    }
+
+    /// [`Publisher::publish`] on a channel name built once per job.
+    pub fn publish_on(&self, channel: String, event: &ProgressEvent) {
         let body = match serde_json::to_string(event) {
             Ok(body) => body,
             Err(_) => return,

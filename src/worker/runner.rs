@@ -841,6 +841,7 @@ async fn run_with_deadline(
 /// whole-job progress that never goes down.
 struct Events {
     base: ProgressEvent,
+    channel: String,
     stage_names: Vec<String>,
     publisher: Publisher,
     seq: AtomicU64,
@@ -867,6 +868,7 @@ impl Events {
                 seq: 0,
             },
             stage_names: pipeline.stages.iter().map(|s| s.name.clone()).collect(),
+            channel: env.publisher.channel(job.id()),
             publisher: env.publisher.clone(),
             seq: AtomicU64::new(0),
             high_water: Mutex::new(0.0),
@@ -898,6 +900,6 @@ impl Events {
         ev.message = message;
         ev.ts = now_rfc3339();
         ev.seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        self.publisher.publish(&ev);
+        self.publisher.publish_on(self.channel.clone(), &ev);
     }
 }
