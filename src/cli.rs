@@ -91,6 +91,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure throughput, latency, memory and Redis cost on this machine
+    /// (a private redis-server unless --redis-url is given; see BENCHMARKS.md)
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,6 +159,28 @@ pub struct EnqueueArgs {
     pub timeout_secs: Option<u64>,
 }
 
+/// `conveyor bench`. It writes its own config, SQLite files and key
+/// prefixes: `--config`, `--db`, `--prefix` and `CONVEYOR_REDIS_URL` are
+/// not used; `--redis-url` on the command line is.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Jobs per throughput run [default: 100000; 10000 with --quick]
+    #[arg(long)]
+    pub jobs: Option<u64>,
+    /// Runs of each scenario; the median is reported [default: 3; 1 with --quick]
+    #[arg(long)]
+    pub runs: Option<u32>,
+    /// Shorter: 1 run, 10000 jobs, 2 s per latency rate, memory over 100000 jobs
+    #[arg(long)]
+    pub quick: bool,
+    /// Print one JSON object instead of the table
+    #[arg(long)]
+    pub json: bool,
+    /// Scenarios, comma-separated [default: all]
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub scenarios: Option<Vec<crate::bench::Scenario>>,
+}
+
 /// A failure with its exit code.
 #[derive(Debug)]
 pub struct Failure {
@@ -213,7 +238,12 @@ impl Cli {
 
 /// Runs a parsed command line; returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
-    let result = match cli.load_config() {
+    let config = match &cli.command {
+        // The bench writes its own config; none is read.
+        Command::Bench(_) => Ok(Config::default()),
+        _ => cli.load_config(),
+    };
+    let result = match config {
         Err(e) => Err(e),
         Ok(config) => match &cli.command {
             Command::Worker(_) => worker(config).await,
@@ -224,6 +254,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             Command::Cancel { id } => crate::admin::cancel(&config, id).await,
             Command::Retry { id } => crate::admin::retry(&config, id).await,
             Command::Dead(cmd) => crate::admin::dead(&config, cmd).await,
+            Command::Bench(args) => crate::bench::command(&cli.global, args).await,
         },
     };
     match result {

@@ -18,9 +18,11 @@
 //! - [`telemetry`]: structured logs.
 //! - [`notify`]: systemd readiness, watchdog and status.
 //! - [`cli`]: the `conveyor` command line (the binary is a thin wrapper);
-//!   [`admin`]: its operator commands (cancel, retry, dead letters).
+//!   [`admin`]: its operator commands (cancel, retry, dead letters);
+//!   [`mod@bench`]: `conveyor bench`, the benchmark.
 
 pub mod admin;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod error;
