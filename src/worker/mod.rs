@@ -268,11 +268,14 @@ impl Fetcher {
         let mut backoff = reconnect_backoff();
         let mut failing = false;
         let mut turn = 0usize;
+        let mut probe = 1usize;
         loop {
             let Some(permits) = self.take_slots(&shutdown).await else {
                 return;
             };
-            let result = self.fetch(permits.len(), &mut blocking, &mut turn).await;
+            let result = self
+                .fetch(permits.len(), &mut blocking, &mut turn, &mut probe)
+                .await;
             if shutdown.is_cancelled() {
                 // A job taken while the stop arrived is not started.
                 if let Ok(jobs) = result {
@@ -342,10 +345,21 @@ impl Fetcher {
         max: usize,
         blocking: &mut Option<redis::aio::MultiplexedConnection>,
         turn: &mut usize,
+        probe: &mut usize,
     ) -> redis::RedisResult<Vec<Fetched>> {
         let broker = &self.env.broker;
         let worker = &self.env.worker_id;
-        let jobs = broker.fetch_available(&self.queues, worker, max).await?;
+        // Ask for as many jobs as the queue has been giving: after it ran
+        // dry one LMOVE probes it, and the batch doubles while it comes back
+        // full. An idle daemon thus sends one non-blocking LMOVE per BLMOVE,
+        // not one per free slot.
+        let want = max.min(*probe);
+        let jobs = broker.fetch_available(&self.queues, worker, want).await?;
+        *probe = if jobs.len() == want {
+            (*probe).max(want * 2).min(FETCH_BATCH)
+        } else {
+            jobs.len().max(1)
+        };
         if !jobs.is_empty() {
             return Ok(jobs);
         }
