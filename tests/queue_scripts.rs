@@ -1141,9 +1141,9 @@ async fn recovering_a_duplicate_copy_leaves_the_live_delivery_alone() {
 
 // ------------------------------------------------------------- batching
 
-/// The batcher sends concurrent claims and settles as one `claim_many` /
-/// `settle_many` call: each item must get exactly what `claim.lua` /
-/// `settle.lua` give it alone.
+/// The batcher sends concurrent claims and settles as one `claim.lua` /
+/// `settle.lua` call with many items: each item must get exactly what a
+/// single-item call gives it.
 #[tokio::test]
 async fn batched_claims_and_settles_match_the_single_scripts() {
     use conveyor::queue::batch::Batcher;

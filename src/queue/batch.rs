@@ -3,12 +3,12 @@
 //! Every job claims its delivery and settles it once; at thousands of jobs
 //! per second those are thousands of script calls, each a request, a Lua
 //! setup and a reply. Job tasks hand them to one task instead, which sends
-//! whatever is waiting as one `claim_many` / `settle_many` call per queue:
+//! whatever is waiting as one `claim.lua` / `settle.lua` call per queue:
 //! one round trip for a whole batch. While Redis works on a batch the next
 //! one gathers, so a lone job waits for no timer.
 //!
-//! The batched scripts apply exactly the per-item logic of `claim.lua` and
-//! `settle.lua`, so the fencing rules are the same.
+//! The scripts are the same `claim.lua` and `settle.lua` a single call
+//! uses, with more items: the fencing rules are the same.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use redis::RedisResult;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Broker, Claim, Next, scripts};
+use super::{Broker, Claim, Next, settle_args};
 
 /// Most items in one script call.
 const BATCH: usize = 256;
@@ -102,21 +102,7 @@ impl Batcher {
         token: &str,
         next: Next<'_>,
     ) -> RedisResult<bool> {
-        let (mode, entry, delay): (&str, &[u8], u64) = match next {
-            Next::Finish => ("ack", b"", 0),
-            Next::Drop => ("drop", b"", 0),
-            Next::Dead(e) => ("dead", e, 0),
-            Next::Requeue(e) => ("requeue", e, 0),
-            Next::Retry { entry, delay_ms } => ("retry", entry, delay_ms),
-        };
-        let args = vec![
-            raw.to_vec(),
-            job_id.as_bytes().to_vec(),
-            token.as_bytes().to_vec(),
-            mode.as_bytes().to_vec(),
-            entry.to_vec(),
-            delay.to_string().into_bytes(),
-        ];
+        let args = settle_args(raw, job_id, token, next).into();
         Ok(self.call(Kind::Settle, queue, args).await? == 1)
     }
 }
@@ -137,26 +123,11 @@ impl BatcherTask {
     }
 
     async fn send(&self, kind: Kind, queue: &str, requests: Vec<Request>) {
-        let k = self.broker.keys();
         let mut invocation = match kind {
-            Kind::Claim => {
-                let mut inv = scripts::CLAIM_MANY.prepare_invoke();
-                inv.key(k.active(queue, &self.worker))
-                    .key(k.leases(queue))
-                    .key(k.crashes(queue))
-                    .key(k.cancelled(queue));
-                inv
-            }
+            Kind::Claim => self.broker.claim_invocation(queue, &self.worker),
             Kind::Settle => {
-                let mut inv = scripts::SETTLE_MANY.prepare_invoke();
-                inv.key(k.active(queue, &self.worker))
-                    .key(k.leases(queue))
-                    .key(k.crashes(queue))
-                    .key(k.cancelled(queue))
-                    .key(k.pending(queue))
-                    .key(k.dead(queue))
-                    .key(k.scheduled(queue));
-                inv
+                let source = self.broker.keys().active(queue, &self.worker);
+                self.broker.settle_invocation(&source, queue)
             }
         };
         for r in &requests {

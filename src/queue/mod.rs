@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, RedisResult};
+use redis::{AsyncConnectionConfig, RedisResult, ScriptInvocation};
 
 pub use job::Job;
 pub use keys::Keys;
@@ -70,7 +70,7 @@ pub enum Claim {
     Cancelled,
 }
 
-/// Decodes the reply of `claim.lua` (and of each item of `claim_many.lua`).
+/// Decodes one item's reply of `claim.lua`.
 fn claim_from_code(code: i64) -> Claim {
     match code {
         -1 => Claim::Gone,
@@ -80,6 +80,26 @@ fn claim_from_code(code: i64) -> Claim {
             crashes: u32::try_from(n).unwrap_or(u32::MAX),
         },
     }
+}
+
+/// One item's ARGV of `settle.lua` for `next` (a single settle and a batch
+/// send the same).
+pub(crate) fn settle_args(raw: &[u8], job_id: &str, token: &str, next: Next<'_>) -> [Vec<u8>; 6] {
+    let (mode, entry, delay): (&str, &[u8], u64) = match next {
+        Next::Finish => ("ack", b"", 0),
+        Next::Drop => ("drop", b"", 0),
+        Next::Dead(e) => ("dead", e, 0),
+        Next::Requeue(e) => ("requeue", e, 0),
+        Next::Retry { entry, delay_ms } => ("retry", entry, delay_ms),
+    };
+    [
+        raw.to_vec(),
+        job_id.as_bytes().to_vec(),
+        token.as_bytes().to_vec(),
+        mode.as_bytes().to_vec(),
+        entry.to_vec(),
+        delay.to_string().into_bytes(),
+    ]
 }
 
 /// What [`Broker::settle`] does after removing a delivery.
@@ -249,21 +269,10 @@ impl Broker {
         job_id: &str,
         token: &str,
     ) -> RedisResult<Claim> {
-        let mut conn = self.conn.clone();
-        let k = &self.keys;
-        self.trip();
-        let code: i64 = scripts::CLAIM
-            .key(k.active(queue, worker))
-            .key(k.leases(queue))
-            .key(k.crashes(queue))
-            .key(k.cancelled(queue))
-            .arg(raw)
-            .arg(keep)
-            .arg(job_id)
-            .arg(token)
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(claim_from_code(code))
+        let mut invocation = self.claim_invocation(queue, worker);
+        invocation.arg(raw).arg(keep).arg(job_id).arg(token);
+        let codes = self.invoke_one(&invocation).await?;
+        Ok(claim_from_code(codes))
     }
 
     /// Ends a delivery held in `worker`'s active list. `token` is the lease
@@ -280,8 +289,11 @@ impl Broker {
         next: Next<'_>,
     ) -> RedisResult<bool> {
         let source = self.keys.active(queue, worker);
-        self.settle_from(&source, queue, raw, job_id, token, next)
-            .await
+        let mut invocation = self.settle_invocation(&source, queue);
+        for arg in settle_args(raw, job_id, token, next) {
+            invocation.arg(arg);
+        }
+        Ok(self.invoke_one(&invocation).await? == 1)
     }
 
     /// Moves a dead-list entry back to pending as `job` (fresh attempts):
@@ -294,72 +306,50 @@ impl Broker {
         job: &[u8],
     ) -> RedisResult<bool> {
         let source = self.keys.dead(queue);
-        // "Dead" pushes to the left of its destination: here, pending.
-        let pending = self.keys.pending(queue);
-        self.settle_to(
-            &source,
-            queue,
-            entry,
-            job_id,
-            "",
-            ("L", pending, job, 0, true),
-        )
-        .await
+        let mut invocation = self.settle_invocation(&source, queue);
+        invocation
+            .arg(entry)
+            .arg(job_id)
+            .arg("")
+            .arg("revive")
+            .arg(job)
+            .arg(0);
+        Ok(self.invoke_one(&invocation).await? == 1)
     }
 
-    async fn settle_from(
-        &self,
-        source: &str,
-        queue: &str,
-        raw: &[u8],
-        job_id: &str,
-        token: &str,
-        next: Next<'_>,
-    ) -> RedisResult<bool> {
+    /// `claim.lua` with its keys, items to be added as ARGV.
+    pub(crate) fn claim_invocation(&self, queue: &str, worker: &str) -> ScriptInvocation<'static> {
         let k = &self.keys;
-        // An unused destination still goes through KEYS, in the queue's slot.
-        let plan = match next {
-            Next::Finish => ("ack", k.pending(queue), &b""[..], 0, true),
-            Next::Drop => ("ack", k.pending(queue), &b""[..], 0, false),
-            Next::Dead(e) => ("L", k.dead(queue), e, 0, true),
-            Next::Requeue(e) => ("R", k.pending(queue), e, 0, false),
-            Next::Retry { entry, delay_ms } => ("Z", k.scheduled(queue), entry, delay_ms, false),
-        };
-        self.settle_to(source, queue, raw, job_id, token, plan)
-            .await
+        let mut inv = scripts::CLAIM.prepare_invoke();
+        inv.key(k.active(queue, worker))
+            .key(k.leases(queue))
+            .key(k.crashes(queue))
+            .key(k.cancelled(queue));
+        inv
     }
 
-    /// Runs `settle.lua`; `plan` is (mode, destination, entry, delay ms,
-    /// whether the job's story ends).
-    async fn settle_to(
-        &self,
-        source: &str,
-        queue: &str,
-        raw: &[u8],
-        job_id: &str,
-        token: &str,
-        plan: (&str, String, &[u8], u64, bool),
-    ) -> RedisResult<bool> {
-        let (mode, dest, entry, delay, terminal) = plan;
+    /// `settle.lua` with its keys for entries held in `source`.
+    pub(crate) fn settle_invocation(&self, source: &str, queue: &str) -> ScriptInvocation<'static> {
         let k = &self.keys;
-        let mut conn = self.conn.clone();
-        self.trip();
-        let moved: i64 = scripts::SETTLE
-            .key(source)
+        let mut inv = scripts::SETTLE.prepare_invoke();
+        inv.key(source)
             .key(k.leases(queue))
             .key(k.crashes(queue))
             .key(k.cancelled(queue))
-            .key(dest)
-            .arg(raw)
-            .arg(job_id)
-            .arg(token)
-            .arg(mode)
-            .arg(entry)
-            .arg(delay)
-            .arg(if terminal { "1" } else { "0" })
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(moved == 1)
+            .key(k.pending(queue))
+            .key(k.dead(queue))
+            .key(k.scheduled(queue));
+        inv
+    }
+
+    /// Runs a one-item invocation of a batch script; its one code.
+    async fn invoke_one(&self, invocation: &ScriptInvocation<'_>) -> RedisResult<i64> {
+        let mut conn = self.conn.clone();
+        self.trip();
+        let codes: Vec<i64> = invocation.invoke_async(&mut conn).await?;
+        codes.first().copied().ok_or_else(|| {
+            redis::RedisError::from(std::io::Error::other("script returned no result"))
+        })
     }
 
     /// Puts everything in a worker's active list for `queue` back on pending,

@@ -1,51 +1,62 @@
--- Settles one delivery, atomically: removes the entry from the list that
--- holds it (a daemon's active list, or the dead list for `dead retry`) and
--- pushes what comes next.
+-- Settles deliveries, one or a batch of one queue and one source list:
+-- removes each entry from the list that holds it (a daemon's active list,
+-- or the dead list when reviving) and pushes what comes next.
 --
 -- KEYS[1]  LIST  source (active list, or dead list)
 -- KEYS[2]  HASH  leases: job id -> fencing token
 -- KEYS[3]  HASH  crashes: job id -> times a daemon died running it
 -- KEYS[4]  HASH  cancelled: job id -> when cancellation was asked
--- KEYS[5]  LIST or ZSET  destination (ignored for "ack")
--- ARGV[1]  the entry to remove from KEYS[1]
--- ARGV[2]  job id, or "" when unknown (an unparsable message)
--- ARGV[3]  fencing token the caller holds, or "" for a delivery that was
---          never claimed (poison, duplicate, cancelled before it ran)
--- ARGV[4]  "ack"  remove only (completed, cancelled, duplicate)
---          "L"    LPUSH ARGV[5] (dead list, newest first; pending, back)
---          "R"    RPUSH ARGV[5] (pending, consuming end: taken next)
---          "Z"    ZADD ARGV[5] with score = Redis TIME in ms + ARGV[6]
--- ARGV[5]  the entry to push
--- ARGV[6]  delay in ms (for "Z")
--- ARGV[7]  "1" when the job's story ends here (completed, failed,
---          cancelled): forget its crash count and cancellation
+-- KEYS[5]  LIST  pending   KEYS[6] LIST dead   KEYS[7] ZSET scheduled
+-- ARGV     6 per item:
+--   entry to remove; job id ("" when unknown: an unparsable message);
+--   fencing token ("" for a delivery never claimed: poison, duplicate,
+--   cancelled before it ran, revival);
+--   mode: "ack"     the job is over (completed, cancelled)
+--         "drop"    this delivery only (a duplicate of a live job)
+--         "dead"    LPUSH the entry to push onto dead
+--         "requeue" RPUSH it onto pending (consuming end: taken next)
+--         "retry"   ZADD it to scheduled at Redis TIME (ms) + delay
+--         "revive"  LPUSH it onto pending, the job's history forgotten
+--   entry to push; delay in ms (for "retry")
 --
--- Returns 1 when settled; 0 when the caller's lease is no longer current
--- (the job was recovered and handed to someone else) or the entry is gone.
--- Then nothing is changed, so a late daemon can never ack, requeue or
--- duplicate a job it lost.
-local id, token = ARGV[2], ARGV[3]
-if token ~= '' and redis.call('HGET', KEYS[2], id) ~= token then
-  return 0
+-- Returns 1 or 0 per item. 0: the token is no longer the job's lease (the
+-- job was recovered and handed to someone else) or the entry is gone; then
+-- nothing is changed for that item, so a late daemon can never ack,
+-- requeue or duplicate a job it lost. "ack", "dead" and "revive" end the
+-- job's story here: its crash count and cancellation are forgotten.
+local out = {}
+local now_ms
+for i = 1, #ARGV, 6 do
+  local raw, id, token, mode = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local entry, delay = ARGV[i + 4], ARGV[i + 5]
+  local ok = 1
+  if token ~= '' and redis.call('HGET', KEYS[2], id) ~= token then
+    ok = 0
+  elseif redis.call('LREM', KEYS[1], 1, raw) == 0 then
+    ok = 0
+  end
+  if ok == 1 then
+    if token ~= '' then
+      redis.call('HDEL', KEYS[2], id)
+    end
+    if id ~= '' and (mode == 'ack' or mode == 'dead' or mode == 'revive') then
+      redis.call('HDEL', KEYS[3], id)
+      redis.call('HDEL', KEYS[4], id)
+    end
+    if mode == 'dead' then
+      redis.call('LPUSH', KEYS[6], entry)
+    elseif mode == 'requeue' then
+      redis.call('RPUSH', KEYS[5], entry)
+    elseif mode == 'revive' then
+      redis.call('LPUSH', KEYS[5], entry)
+    elseif mode == 'retry' then
+      if not now_ms then
+        local t = redis.call('TIME')
+        now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+      end
+      redis.call('ZADD', KEYS[7], now_ms + tonumber(delay), entry)
+    end
+  end
+  out[#out + 1] = ok
 end
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
-  return 0
-end
-if token ~= '' then
-  redis.call('HDEL', KEYS[2], id)
-end
-if id ~= '' and ARGV[7] == '1' then
-  redis.call('HDEL', KEYS[3], id)
-  redis.call('HDEL', KEYS[4], id)
-end
-local mode = ARGV[4]
-if mode == 'L' then
-  redis.call('LPUSH', KEYS[5], ARGV[5])
-elseif mode == 'R' then
-  redis.call('RPUSH', KEYS[5], ARGV[5])
-elseif mode == 'Z' then
-  local t = redis.call('TIME')
-  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('ZADD', KEYS[5], now_ms + tonumber(ARGV[6]), ARGV[5])
-end
-return 1
+return out
