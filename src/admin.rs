@@ -1,10 +1,8 @@
 //! Operator commands on jobs: `cancel`, `retry`, `dead list|retry|purge`.
 
-use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
-use redis::AsyncCommands;
 use serde_json::{Value, json};
 
 use crate::cli::{CliResult, DeadCommand, Failure, connect};
@@ -13,23 +11,12 @@ use crate::progress::{ProgressEvent, Status};
 use crate::queue::Broker;
 use crate::queue::job::{META_FIELD, Meta};
 use crate::store::Reader;
-use crate::worker::registry::Registration;
 
-/// Every queue this config or a registered daemon knows of.
-async fn known_queues(config: &Config, broker: &Broker) -> Vec<String> {
-    let mut queues: BTreeSet<String> = config.worker.queues.iter().cloned().collect();
-    queues.extend(config.jobs.values().map(|j| j.queue.clone()));
-    let mut conn = broker.conn();
-    let registry: Vec<String> = conn
-        .hvals(broker.keys().workers())
+/// See [`crate::worker::status::known_queues`].
+async fn known_queues(config: &Config, broker: &Broker) -> Result<Vec<String>, Failure> {
+    crate::worker::status::known_queues(broker, config)
         .await
-        .unwrap_or_default();
-    for r in registry {
-        if let Ok(r) = serde_json::from_str::<Registration>(&r) {
-            queues.extend(r.queues);
-        }
-    }
-    queues.into_iter().collect()
+        .map_err(|e| Failure::other(format!("Redis: {e}")))
 }
 
 fn stored_status(config: &Config, id: &str) -> Option<String> {
@@ -63,7 +50,7 @@ pub async fn cancel(config: &Config, id: &str) -> CliResult {
         .subscribe(broker.keys().progress(id))
         .await
         .map_err(|e| Failure::other(format!("cannot subscribe: {e}")))?;
-    let queues = known_queues(config, &broker).await;
+    let queues = known_queues(config, &broker).await?;
     broker
         .cancel(&queues, id, now_ms())
         .await
@@ -175,7 +162,7 @@ async fn revive_all(broker: &Broker, entries: Vec<(String, Vec<u8>)>) -> Result<
 
 pub async fn retry(config: &Config, id: &str) -> CliResult {
     let broker = connect(config).await?;
-    let queues = known_queues(config, &broker).await;
+    let queues = known_queues(config, &broker).await?;
     let found = dead_matching(&broker, &queues, &[id.to_owned()]).await?;
     if found.is_empty() {
         return Err(Failure::other(format!(
@@ -195,7 +182,7 @@ pub async fn dead(config: &Config, cmd: &DeadCommand) -> CliResult {
     };
     match cmd {
         DeadCommand::List { queue, limit, json } => {
-            let queues = pick(queue, known_queues(config, &broker).await);
+            let queues = pick(queue, known_queues(config, &broker).await?);
             let mut rows = Vec::new();
             for q in &queues {
                 let stop = (*limit as isize) - 1;
@@ -238,14 +225,14 @@ pub async fn dead(config: &Config, cmd: &DeadCommand) -> CliResult {
             Ok(())
         }
         DeadCommand::Retry { queue, ids } => {
-            let queues = pick(queue, known_queues(config, &broker).await);
+            let queues = pick(queue, known_queues(config, &broker).await?);
             let found = dead_matching(&broker, &queues, ids).await?;
             let n = revive_all(&broker, found).await?;
             eprintln!("{n} job(s) requeued");
             Ok(())
         }
         DeadCommand::Purge { queue, ids } => {
-            let queues = pick(queue, known_queues(config, &broker).await);
+            let queues = pick(queue, known_queues(config, &broker).await?);
             let mut n = 0;
             if ids.is_empty() {
                 for q in &queues {

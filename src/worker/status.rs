@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use redis::AsyncCommands;
 use serde::Serialize;
 
-use super::registry::WorkerInfo;
+use super::registry::{Registration, WorkerInfo};
 use crate::config::Config;
 use crate::queue::Broker;
 
@@ -26,8 +26,23 @@ pub struct StatusReport {
     pub workers: Vec<WorkerInfo>,
 }
 
-/// Queues named by the config (served, or used by a job type) and by live
-/// workers; one pipeline of counts.
+/// Every queue the config names (served, or used by a job type) and every
+/// queue a registered daemon serves (from `P:workers`, so a dead daemon's
+/// queues count until it is reaped).
+pub async fn known_queues(broker: &Broker, config: &Config) -> redis::RedisResult<Vec<String>> {
+    let mut queues: BTreeSet<String> = config.worker.queues.iter().cloned().collect();
+    queues.extend(config.jobs.values().map(|j| j.queue.clone()));
+    let mut conn = broker.conn();
+    let registry: Vec<String> = conn.hvals(broker.keys().workers()).await?;
+    for r in registry {
+        if let Ok(r) = serde_json::from_str::<Registration>(&r) {
+            queues.extend(r.queues);
+        }
+    }
+    Ok(queues.into_iter().collect())
+}
+
+/// Counts for [`known_queues`], and the live workers; one pipeline of counts.
 pub async fn collect(broker: &Broker, config: &Config) -> redis::RedisResult<StatusReport> {
     let keys = broker.keys();
     let mut conn = broker.conn();
@@ -45,10 +60,7 @@ pub async fn collect(broker: &Broker, config: &Config) -> redis::RedisResult<Sta
             .filter_map(|r| serde_json::from_str::<WorkerInfo>(&r).ok())
             .collect();
     }
-    let mut names: BTreeSet<String> = config.worker.queues.iter().cloned().collect();
-    names.extend(config.jobs.values().map(|j| j.queue.clone()));
-    names.extend(workers.iter().flat_map(|w| w.queues.iter().cloned()));
-    let names: Vec<String> = names.into_iter().collect();
+    let names = known_queues(broker, config).await?;
 
     let mut pipe = redis::pipe();
     for q in &names {
