@@ -117,6 +117,8 @@ pub struct StageSpec {
 pub struct Pipeline {
     pub kind: String,
     pub stages: Vec<StageSpec>,
+    /// The stages' names, in order, shared by every job of this type.
+    pub stage_names: Arc<[String]>,
     pub retry: RetryConfig,
     pub timeout: Option<Duration>,
     total_weight: u64,
@@ -146,9 +148,11 @@ impl Pipeline {
             })
             .collect::<Result<Vec<_>, String>>()?;
         let total_weight = stages.iter().map(|s| u64::from(s.weight)).sum();
+        let stage_names = stages.iter().map(|s| s.name.clone()).collect();
         Ok(Self {
             kind: kind.to_owned(),
             stages,
+            stage_names,
             retry,
             timeout: cfg.timeout_secs.map(Duration::from_secs),
             total_weight,
@@ -227,6 +231,7 @@ mod tests {
         Pipeline {
             kind: "t".into(),
             total_weight: weights.iter().map(|w| u64::from(*w)).sum(),
+            stage_names: stages.iter().map(|s| s.name.clone()).collect(),
             stages,
             retry: RetryConfig::default(),
             timeout: None,

@@ -61,7 +61,7 @@ pub struct BeginJob {
     /// A first delivery: SQLite cannot know the job, so nothing is read.
     pub first: bool,
     pub worker_id: String,
-    pub stages: Vec<String>,
+    pub stages: Arc<[String]>,
     pub at: String,
 }
 
@@ -252,12 +252,7 @@ impl Store {
     }
 
     /// False while transactions fail (lock held elsewhere, disk full): the
-    /// writer is holding its batch and retrying.
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-    }
-
-    /// The flag behind [`Store::is_healthy`], for health reporting.
+    /// writer is holding its batch and retrying. For health reporting.
     pub fn health_flag(&self) -> Arc<AtomicBool> {
         self.healthy.clone()
     }
@@ -789,7 +784,7 @@ mod tests {
             lease: lease.into(),
             first: false,
             worker_id: "w1".into(),
-            stages: vec!["s0".into(), "s1".into()],
+            stages: vec!["s0".into(), "s1".into()].into(),
             at: "2026-01-01T00:00:00.000Z".into(),
         }
     }

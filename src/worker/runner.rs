@@ -465,12 +465,7 @@ impl Run {
             lease: self.token.clone(),
             first: false,
             worker_id: self.env.worker_id.clone(),
-            stages: self
-                .pipeline
-                .stages
-                .iter()
-                .map(|s| s.name.clone())
-                .collect(),
+            stages: self.pipeline.stage_names.clone(),
             at: now_rfc3339(),
         }
     }
@@ -842,7 +837,7 @@ async fn run_with_deadline(
 struct Events {
     base: ProgressEvent,
     channel: String,
-    stage_names: Vec<String>,
+    stage_names: Arc<[String]>,
     publisher: Publisher,
     seq: AtomicU64,
     high_water: Mutex<f64>,
@@ -867,7 +862,7 @@ impl Events {
                 ts: String::new(),
                 seq: 0,
             },
-            stage_names: pipeline.stages.iter().map(|s| s.name.clone()).collect(),
+            stage_names: pipeline.stage_names.clone(),
             channel: env.publisher.channel(job.id()),
             publisher: env.publisher.clone(),
             seq: AtomicU64::new(0),
