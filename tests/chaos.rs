@@ -40,7 +40,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::poll_until;
+use common::{open_sqlite_read_only, poll_until};
 use serde_json::Value;
 
 /// The binary under test.
@@ -568,16 +568,7 @@ impl Ctx {
     }
 
     fn sqlite(&self) -> Option<rusqlite::Connection> {
-        if !self.db.exists() {
-            return None;
-        }
-        let conn = rusqlite::Connection::open_with_flags(
-            &self.db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .ok()?;
-        conn.busy_timeout(Duration::from_secs(5)).ok()?;
-        Some(conn)
+        open_sqlite_read_only(&self.db)
     }
 
     /// Ids of jobs in a final state in SQLite.

@@ -556,16 +556,7 @@ impl Harness {
         &self,
         f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
     ) -> Option<T> {
-        if !self.db.exists() {
-            return None;
-        }
-        let conn = rusqlite::Connection::open_with_flags(
-            &self.db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .ok()?;
-        conn.busy_timeout(Duration::from_secs(5)).ok()?;
-        f(&conn).ok()
+        f(&open_sqlite_read_only(&self.db)?).ok()
     }
 
     /// `conveyor status --json`, parsed.
@@ -825,4 +816,17 @@ pub fn enqueue(h: &Harness, args: &[&str]) -> String {
     let id = id.trim().to_owned();
     assert!(!id.is_empty(), "enqueue printed no id");
     id
+}
+
+/// A read-only connection to a daemon's SQLite file (waiting up to 5 s for
+/// its writers); `None` while the file does not exist.
+pub fn open_sqlite_read_only(path: &Path) -> Option<rusqlite::Connection> {
+    if !path.exists() {
+        return None;
+    }
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .ok()?;
+    conn.busy_timeout(Duration::from_secs(5)).ok()?;
+    Some(conn)
 }
