@@ -114,7 +114,7 @@ async fn claim_and_run(
     let raw = match job.id {
         Some(_) => original.clone(),
         None => {
-            job.id = Some(uuid::Uuid::now_v7().to_string());
+            job.id = Some(crate::queue::quick_uuid_v7().to_string());
             job.to_json().into_bytes()
         }
     };
