@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::config::{Config, ConfigError, Overrides};
 use crate::progress::{ProgressEvent, Status};
-use crate::queue::{Broker, Job};
+use crate::queue::{Broker, Job, When};
 use crate::store::{JobRecord, Reader};
 use crate::telemetry::LogFormat;
 
@@ -157,6 +157,25 @@ pub struct EnqueueArgs {
     /// Deadline of one attempt, all stages together
     #[arg(long)]
     pub timeout_secs: Option<u64>,
+    /// Run no sooner than this long from now (e.g. 30s, 5m, 1h 30m); the job
+    /// waits in the scheduled set, status `scheduled`
+    #[arg(long, value_parser = parse_delay, conflicts_with = "at")]
+    pub delay: Option<Duration>,
+    /// Run no sooner than this time (RFC 3339, e.g. 2026-11-23T18:00:00Z or
+    /// 2026-11-23T19:00:00+01:00)
+    #[arg(long, value_parser = parse_at)]
+    pub at: Option<u64>,
+    /// Print {"id", "queue", "status", "enqueued", "due_at"} as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_delay(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 30s or 5m: {e}"))
+}
+
+fn parse_at(s: &str) -> Result<u64, String> {
+    crate::parse_rfc3339_ms(s)
 }
 
 /// `conveyor bench`. It writes its own config, SQLite files and key
@@ -248,7 +267,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Ok(config) => match &cli.command {
             Command::Worker(_) => worker(config).await,
             Command::Enqueue(args) => enqueue(&config, args).await,
-            Command::Job { id, json } => job(&config, id, *json),
+            Command::Job { id, json } => job(&config, id, *json).await,
             Command::Status { json } => status(&config, *json).await,
             Command::Watch { id, json } => watch(&config, id.as_deref(), *json).await,
             Command::Cancel { id } => crate::admin::cancel(&config, id).await,
@@ -309,6 +328,14 @@ async fn enqueue(config: &Config, args: &EnqueueArgs) -> CliResult {
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     crate::queue::job::check_id(&id).map_err(|e| Failure::usage(format!("--id {e}")))?;
     let mut job = Job::new(id.clone(), args.kind.clone(), payload);
+    if args.id.is_some() {
+        // A chosen id may be one that ran before: a new epoch makes this a
+        // new story of the job in SQLite (fresh stages and attempts), not a
+        // duplicate of the finished one.
+        job.meta.epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs() as u32);
+    }
     job.max_attempts = args.max_attempts;
     job.timeout_secs = args.timeout_secs;
     let body = job.to_json();
@@ -319,11 +346,37 @@ async fn enqueue(config: &Config, args: &EnqueueArgs) -> CliResult {
             config.worker.max_job_bytes
         )));
     }
+    let when = match (args.delay, args.at) {
+        (Some(d), _) if !d.is_zero() => When::After(d),
+        (_, Some(at)) => When::At(at),
+        _ => When::Now,
+    };
     let broker = connect(config).await?;
-    broker
-        .enqueue(&queue, &body)
+    let enqueued = broker
+        .enqueue(&queue, &id, &args.kind, &body, when)
         .await
         .map_err(|e| Failure::other(format!("enqueue failed: {e}")))?;
+    let due_at = enqueued.due_ms.map(crate::rfc3339_of_ms);
+    if args.json {
+        let out = serde_json::json!({
+            "id": id,
+            "queue": queue,
+            "status": enqueued.status,
+            "enqueued": enqueued.added,
+            "due_at": due_at,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    if !enqueued.added {
+        let due = due_at.map(|t| format!(", due {t}")).unwrap_or_default();
+        eprintln!(
+            "conveyor: job {id} is already {}{due} on queue {queue}; not enqueued again",
+            enqueued.status
+        );
+    } else if let Some(t) = &due_at {
+        eprintln!("conveyor: scheduled for {t}");
+    }
     println!("{id}");
     Ok(())
 }
@@ -338,20 +391,96 @@ fn open_reader(config: &Config) -> Result<Reader, Failure> {
     Reader::open(&config.store.path).map_err(|e| Failure::other(e.to_string()))
 }
 
-fn job(config: &Config, id: &str, json: bool) -> CliResult {
-    let reader = open_reader(config)?;
-    let job = reader
-        .job(id)
-        .map_err(|e| Failure::other(e.to_string()))?
-        .ok_or_else(|| {
-            Failure::other(format!("no job `{id}` in {}", config.store.path.display()))
-        })?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&job).unwrap_or_default());
+/// `conveyor job ID`: SQLite holds what ran; Redis knows a job that is
+/// pending or scheduled and has not started yet (or is enqueued again after
+/// an earlier run). Live Redis state wins over an older SQLite row.
+async fn job(config: &Config, id: &str, json: bool) -> CliResult {
+    let stored = if config.store.path.exists() {
+        open_reader(config)?
+            .job(id)
+            .map_err(|e| Failure::other(e.to_string()))?
     } else {
-        print!("{}", render_job(&job));
+        None
+    };
+    let live = match connect(config).await {
+        Ok(broker) => live_entry(&broker, config, id).await?,
+        // SQLite alone can still answer for a job that ran.
+        Err(err) if stored.is_some() => {
+            eprintln!("conveyor: {} (showing SQLite only)", err.message);
+            None
+        }
+        Err(err) => return Err(err),
+    };
+    let running = |r: &JobRecord| matches!(r.status.as_str(), "running" | "retrying");
+    let record = match (stored, live) {
+        (Some(r), _) if running(&r) => r,
+        (Some(mut r), Some((queue, entry))) => {
+            r.queue = queue;
+            r.status = entry.state;
+            r.due_at = entry.due_ms.map(crate::rfc3339_of_ms);
+            r
+        }
+        (Some(r), None) => r,
+        (None, Some((queue, entry))) => {
+            let enqueued = entry
+                .enqueued_ms
+                .map(crate::rfc3339_of_ms)
+                .unwrap_or_default();
+            JobRecord {
+                id: id.to_owned(),
+                kind: entry.kind,
+                queue,
+                status: entry.state,
+                attempt: 0,
+                max_attempts: None,
+                progress: 0.0,
+                stage: None,
+                error: None,
+                worker_id: None,
+                payload: Value::Null,
+                created_at: enqueued.clone(),
+                updated_at: enqueued,
+                started_at: None,
+                finished_at: None,
+                stages: Vec::new(),
+                attempts: Vec::new(),
+                due_at: entry.due_ms.map(crate::rfc3339_of_ms),
+            }
+        }
+        (None, None) => {
+            return Err(Failure::other(format!(
+                "no job `{id}`: not in {} and not pending or scheduled in Redis",
+                config.store.path.display()
+            )));
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&record).unwrap_or_default()
+        );
+    } else {
+        print!("{}", render_job(&record));
     }
     Ok(())
+}
+
+/// The queue and `enqueue`'s record of a live job id, if any queue has one.
+async fn live_entry(
+    broker: &Broker,
+    config: &Config,
+    id: &str,
+) -> Result<Option<(String, crate::queue::LiveEntry)>, Failure> {
+    let redis_err = |e: redis::RedisError| Failure::other(format!("Redis: {e}"));
+    let queues = crate::worker::status::known_queues(broker, config)
+        .await
+        .map_err(redis_err)?;
+    for queue in queues {
+        if let Some(entry) = broker.unique_entry(&queue, id).await.map_err(redis_err)? {
+            return Ok(Some((queue, entry)));
+        }
+    }
+    Ok(None)
 }
 
 fn render_job(job: &JobRecord) -> String {
@@ -361,6 +490,9 @@ fn render_job(job: &JobRecord) -> String {
     let _ = writeln!(out, "type      {}", job.kind);
     let _ = writeln!(out, "queue     {}", job.queue);
     let _ = writeln!(out, "status    {}", job.status);
+    if let Some(due) = &job.due_at {
+        let _ = writeln!(out, "due       {due}");
+    }
     let _ = writeln!(out, "progress  {}%", job.progress);
     let max = job
         .max_attempts

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{TestRedis, unique_prefix};
-use conveyor::queue::{Broker, Claim, Fetched, Keys, Next};
+use conveyor::queue::{Broker, Claim, Enqueued, Fetched, Keys, Next, When};
 
 struct Ctx {
     redis: TestRedis,
@@ -431,6 +431,8 @@ fn settle_fixture(c: &Ctx) -> String {
     c.hset(&c.k().crashes(Q), "other", "1");
     c.hset(&c.k().cancelled(Q), "j1", "100");
     c.hset(&c.k().cancelled(Q), "other", "200");
+    c.hset(&c.k().unique(Q), "j1", "pending 0 1 t");
+    c.hset(&c.k().unique(Q), "other", "pending 0 1 t");
     j1
 }
 
@@ -448,6 +450,11 @@ async fn settle_finish_forgets_the_job() {
     assert_eq!(c.hash(&c.k().leases(Q)), map(&[("other", "t-other")]));
     assert_eq!(c.hash(&c.k().crashes(Q)), map(&[("other", "1")]));
     assert_eq!(c.hash(&c.k().cancelled(Q)), map(&[("other", "200")]));
+    assert_eq!(
+        c.hash(&c.k().unique(Q)),
+        map(&[("other", "pending 0 1 t")]),
+        "the id is free again"
+    );
     assert_eq!(c.list(&c.k().pending(Q)), ["p2", "p1"]);
     assert_eq!(c.list(&c.k().dead(Q)), ["d1"]);
     assert_eq!(c.zset(&c.k().scheduled(Q)), [("s1".to_owned(), 5.0)]);
@@ -481,6 +488,7 @@ async fn settle_requeue_pushes_at_the_consuming_end() {
         c.hash(&c.k().cancelled(Q)),
         map(&[("j1", "100"), ("other", "200")])
     );
+    assert_eq!(c.hash(&c.k().unique(Q)).len(), 2, "still live");
     assert_eq!(c.list(&c.k().dead(Q)), ["d1"]);
     assert_eq!(c.zset(&c.k().scheduled(Q)), [("s1".to_owned(), 5.0)]);
 }
@@ -497,6 +505,7 @@ async fn settle_dead_pushes_at_the_left_and_forgets_the_crash_count() {
     assert!(ok);
     assert_eq!(c.list(&c.k().active(Q, W)), ["a2", "a1"]);
     assert_eq!(c.list(&c.k().dead(Q)), ["j1-dead", "d1"]);
+    assert_eq!(c.hash(&c.k().unique(Q)), map(&[("other", "pending 0 1 t")]));
     assert_eq!(c.hash(&c.k().leases(Q)), map(&[("other", "t-other")]));
     assert_eq!(c.hash(&c.k().crashes(Q)), map(&[("other", "1")]));
     assert_eq!(c.hash(&c.k().cancelled(Q)), map(&[("other", "200")]));
@@ -1109,11 +1118,106 @@ async fn dead_list_listing_removal_and_purge() {
 }
 
 #[tokio::test]
-async fn enqueue_pushes_at_the_producer_end() {
+async fn enqueue_pushes_at_the_producer_end_and_records_the_id() {
     let c = ctx().await;
     c.set_list(&c.k().pending(Q), &["p1"]);
-    c.broker.enqueue(Q, &job("j1")).await.unwrap();
+    let got = c
+        .broker
+        .enqueue(Q, "j1", "t", &job("j1"), When::Now)
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        Enqueued {
+            added: true,
+            status: "pending".into(),
+            due_ms: None
+        }
+    );
     assert_eq!(c.list(&c.k().pending(Q)), [job("j1").as_str(), "p1"]);
+    let entry = c.broker.unique_entry(Q, "j1").await.unwrap().unwrap();
+    assert_eq!(entry.state, "pending");
+    assert_eq!(entry.kind, "t");
+    assert!(entry.enqueued_ms.is_some());
+    // Without an id there is nothing to check or record.
+    c.broker
+        .enqueue(Q, "", "t", "raw", When::Now)
+        .await
+        .unwrap();
+    assert_eq!(c.hash(&c.k().unique(Q)).len(), 1);
+    assert_eq!(c.list(&c.k().pending(Q)).len(), 3);
+}
+
+#[tokio::test]
+async fn enqueue_later_schedules_by_redis_time_or_at_a_given_time() {
+    let c = ctx().await;
+    let (secs, _): (u64, u64) = c.cmd(&mut redis::cmd("TIME"));
+    let got = c
+        .broker
+        .enqueue(
+            Q,
+            "j1",
+            "t",
+            &job("j1"),
+            When::After(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.status, "scheduled");
+    let due = got.due_ms.unwrap();
+    assert!(
+        due >= secs * 1000 + 60_000 && due <= (secs + 2) * 1000 + 60_000,
+        "{due}"
+    );
+    let got = c
+        .broker
+        .enqueue(Q, "j2", "t", &job("j2"), When::At(4_000_000_000_000))
+        .await
+        .unwrap();
+    assert_eq!(got.due_ms, Some(4_000_000_000_000));
+    assert_eq!(
+        c.zset(&c.k().scheduled(Q)),
+        [(job("j1"), due as f64), (job("j2"), 4_000_000_000_000.0)]
+    );
+    assert!(c.list(&c.k().pending(Q)).is_empty());
+    let entry = c.broker.unique_entry(Q, "j2").await.unwrap().unwrap();
+    assert_eq!(
+        (entry.state.as_str(), entry.due_ms),
+        ("scheduled", Some(4_000_000_000_000))
+    );
+}
+
+#[tokio::test]
+async fn enqueue_of_a_live_id_changes_nothing() {
+    let c = ctx().await;
+    c.broker
+        .enqueue(
+            Q,
+            "j1",
+            "t",
+            &job("j1"),
+            When::After(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let dup = c
+        .broker
+        .enqueue(Q, "j1", "t", "another body", When::Now)
+        .await
+        .unwrap();
+    assert!(!dup.added);
+    assert_eq!(dup.status, "scheduled");
+    assert!(c.list(&c.k().pending(Q)).is_empty());
+    // A running job (a lease, e.g. pushed raw by another producer) counts.
+    c.hset(&c.k().leases(Q), "j9", "w/t");
+    let dup = c
+        .broker
+        .enqueue(Q, "j9", "t", &job("j9"), When::Now)
+        .await
+        .unwrap();
+    assert_eq!((dup.added, dup.status.as_str()), (false, "running"));
+    assert!(c.list(&c.k().pending(Q)).is_empty());
+    assert_eq!(c.zset(&c.k().scheduled(Q)).len(), 1);
 }
 
 #[tokio::test]

@@ -58,6 +58,14 @@ impl Keys {
         format!("{}:{{{queue}}}:cancelled", self.prefix)
     }
 
+    /// HASH `P:{Q}:unique`: job id -> `"<state> <due ms> <enqueued ms> <type>"` for a job
+    /// enqueued through conveyor (`enqueue`, the library's `Client`) and not
+    /// finished yet. `lua/enqueue.lua` refuses a second job with a live id;
+    /// the settle script frees the id when the job completes or dies.
+    pub fn unique(&self, queue: &str) -> String {
+        format!("{}:{{{queue}}}:unique", self.prefix)
+    }
+
     /// Pub/sub channel `P:control`: `{"cancel": "<job id>"}` messages to the
     /// daemons.
     pub fn control(&self) -> String {

@@ -338,7 +338,8 @@ impl Broker {
             .key(k.cancelled(queue))
             .key(k.pending(queue))
             .key(k.dead(queue))
-            .key(k.scheduled(queue));
+            .key(k.scheduled(queue))
+            .key(k.unique(queue));
         inv
     }
 
@@ -469,16 +470,110 @@ impl Broker {
         Ok(n)
     }
 
-    /// Pushes a job for the daemons (what any producer's `LPUSH` does).
-    pub async fn enqueue(&self, queue: &str, job_json: &str) -> RedisResult<()> {
+    /// Enqueues one job (see `lua/enqueue.lua`): onto pending, or into
+    /// scheduled when `when` is not [`When::Now`]. A job whose `id` is
+    /// already pending, scheduled or running is not enqueued again: the
+    /// answer then has `added == false` and the live job's state.
+    pub async fn enqueue(
+        &self,
+        queue: &str,
+        id: &str,
+        kind: &str,
+        job_json: &str,
+        when: When,
+    ) -> RedisResult<Enqueued> {
+        let (mode, ms) = match when {
+            When::Now => ("now", 0),
+            When::After(d) => ("delay", d.as_millis() as u64),
+            When::At(ms) => ("at", ms),
+        };
         let mut conn = self.conn.clone();
-        redis::cmd("LPUSH")
-            .arg(self.keys.pending(queue))
+        self.trip();
+        let (added, status, due_ms): (i64, String, u64) = scripts::ENQUEUE
+            .key(self.keys.pending(queue))
+            .key(self.keys.scheduled(queue))
+            .key(self.keys.leases(queue))
+            .key(self.keys.unique(queue))
+            .arg(id)
             .arg(job_json)
-            .query_async::<i64>(&mut conn)
+            .arg(mode)
+            .arg(ms)
+            .arg(kind)
+            .invoke_async(&mut conn)
             .await?;
-        Ok(())
+        Ok(Enqueued {
+            added: added == 1,
+            status,
+            due_ms: (due_ms > 0).then_some(due_ms),
+        })
     }
+
+    /// What `enqueue` recorded for a live job id in `queue`, if anything.
+    pub async fn unique_entry(&self, queue: &str, id: &str) -> RedisResult<Option<LiveEntry>> {
+        let mut conn = self.conn.clone();
+        let value: Option<String> = redis::cmd("HGET")
+            .arg(self.keys.unique(queue))
+            .arg(id)
+            .query_async(&mut conn)
+            .await?;
+        Ok(value.map(|v| LiveEntry::parse(&v)))
+    }
+}
+
+/// When an enqueued job becomes due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    /// Onto pending at once.
+    Now,
+    /// Scheduled this long after now, by Redis' clock.
+    After(Duration),
+    /// Scheduled for this Unix time in milliseconds.
+    At(u64),
+}
+
+/// A live job as `enqueue` recorded it in `P:{Q}:unique`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveEntry {
+    /// "pending" or "scheduled" as enqueued (a scheduled job past its due
+    /// time has been or is about to be promoted to pending).
+    pub state: String,
+    pub due_ms: Option<u64>,
+    pub enqueued_ms: Option<u64>,
+    pub kind: String,
+}
+
+impl LiveEntry {
+    fn parse(v: &str) -> Self {
+        let mut parts = v.splitn(4, ' ');
+        let state = parts.next().unwrap_or("pending").to_owned();
+        let mut ms = || {
+            parts
+                .next()
+                .and_then(|d| d.parse().ok())
+                .filter(|&n: &u64| n > 0)
+        };
+        let due_ms = ms();
+        let enqueued_ms = ms();
+        let kind = parts.next().unwrap_or("").to_owned();
+        Self {
+            state,
+            due_ms,
+            enqueued_ms,
+            kind,
+        }
+    }
+}
+
+/// The answer of [`Broker::enqueue`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueued {
+    /// False: a job with the same id is live; nothing was enqueued.
+    pub added: bool,
+    /// "pending" or "scheduled" (of the new job, or of the live one), or
+    /// "running" (the live one).
+    pub status: String,
+    /// Due time (Unix ms) of a scheduled job.
+    pub due_ms: Option<u64>,
 }
 
 /// A UUIDv7 (time-ordered to the millisecond) whose random bits come from

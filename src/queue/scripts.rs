@@ -21,3 +21,7 @@ pub static RECOVER: LazyLock<Script> =
 /// Due scheduled jobs -> pending, by Redis time.
 pub static PROMOTE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/promote.lua")));
+
+/// One job onto pending or scheduled, refused when its id is live.
+pub static ENQUEUE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/enqueue.lua")));

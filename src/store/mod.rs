@@ -54,8 +54,14 @@ pub struct BeginJob {
     pub payload: String,
     pub attempt: u32,
     pub max_attempts: u32,
-    /// Revival count (`_conveyor.epoch`).
+    /// Which story of the job this is (`_conveyor.epoch`): raised by a
+    /// revival from the dead list; an enqueue that reuses an id sets it to
+    /// the enqueue time. A delivery of a newer epoch than SQLite's row starts
+    /// over: the older story's stage results are not resumed from.
     pub epoch: u32,
+    /// Stages whose results the job carries (`_conveyor.results`): on a new
+    /// epoch, their rows are kept; the others are reset to pending.
+    pub carried: Vec<String>,
     /// Fencing token of this delivery: later writes must carry it.
     pub lease: String,
     /// A first delivery: SQLite cannot know the job, so nothing is read.
@@ -437,6 +443,7 @@ fn begin(tx: &Connection, job: &BeginJob) -> rusqlite::Result<Prior> {
             .optional()?
     };
     let mut out = Prior::default();
+    let mut new_epoch = false;
     if let Some((status, attempt, epoch)) = prior {
         out.status = Status::parse(&status);
         out.attempt = attempt;
@@ -444,6 +451,7 @@ fn begin(tx: &Connection, job: &BeginJob) -> rusqlite::Result<Prior> {
         if out.finished_for(job.epoch) {
             return Ok(out);
         }
+        new_epoch = epoch < job.epoch;
     }
     tx.prepare_cached(
         "INSERT INTO jobs (id, type, queue, status, attempt, max_attempts, payload, worker_id,
@@ -486,6 +494,20 @@ fn begin(tx: &Connection, job: &BeginJob) -> rusqlite::Result<Prior> {
     )?;
     for (i, name) in job.stages.iter().enumerate() {
         add_stage.execute(params![job.id, i as i64, name])?;
+    }
+    if new_epoch {
+        let mut reset = tx.prepare_cached(
+            "UPDATE stages SET name = ?3, status = 'pending', attempt = 0, started_at = NULL,
+                finished_at = NULL, result = NULL, error = NULL
+             WHERE job_id = ?1 AND idx = ?2",
+        )?;
+        for (i, name) in job.stages.iter().enumerate() {
+            if !job.carried.contains(name) {
+                reset.execute(params![job.id, i as i64, name])?;
+            }
+        }
+        // What the new story resumes from travels in the job itself.
+        return Ok(out);
     }
     if job.first {
         return Ok(out);
@@ -634,6 +656,9 @@ pub struct JobRecord {
     pub finished_at: Option<String>,
     pub stages: Vec<StageRecord>,
     pub attempts: Vec<AttemptRecord>,
+    /// When a scheduled job is due (RFC 3339); from Redis, not SQLite.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub due_at: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -704,6 +729,7 @@ impl Reader {
                         finished_at: r.get(14)?,
                         stages: Vec::new(),
                         attempts: Vec::new(),
+                        due_at: None,
                     })
                 },
             )
@@ -782,6 +808,7 @@ mod tests {
             max_attempts: 3,
             epoch: 0,
             lease: lease.into(),
+            carried: Vec::new(),
             first: false,
             worker_id: "w1".into(),
             stages: vec!["s0".into(), "s1".into()].into(),
@@ -920,6 +947,52 @@ mod tests {
         let job = reader.job("j1").unwrap().unwrap();
         assert_eq!(job.status, "running");
         assert_eq!(job.attempts.len(), 2, "{:?}", job.attempts);
+        drop(store);
+        closer.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_new_epoch_starts_over_except_the_carried_stages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let (store, closer) = Store::open(&path).unwrap();
+        store.begin(begin_job("j1", "a")).await.unwrap();
+        store.stage(stage_done("j1", "a", 0, "s0")).await.unwrap();
+        store.stage(stage_done("j1", "a", 1, "s1")).await.unwrap();
+        assert!(
+            store
+                .finish(finish("j1", "a", Status::Completed))
+                .await
+                .unwrap()
+        );
+        // The same epoch again is a duplicate of a finished job.
+        let prior = store.begin(begin_job("j1", "x")).await.unwrap();
+        assert!(prior.finished_for(0));
+        // A later story resumes from nothing SQLite holds.
+        let mut again = begin_job("j1", "b");
+        again.epoch = 1_763_900_000;
+        let prior = store.begin(again).await.unwrap();
+        assert!(!prior.finished_for(1_763_900_000));
+        assert!(prior.results.is_empty(), "{:?}", prior.results);
+        let job = Reader::open(&path).unwrap().job("j1").unwrap().unwrap();
+        let statuses: Vec<_> = job.stages.iter().map(|s| s.status.as_str()).collect();
+        assert_eq!(statuses, ["pending", "pending"]);
+        assert_eq!(job.attempts.len(), 2, "{:?}", job.attempts);
+        // A revival keeps the rows of the stages whose results it carries.
+        store.stage(stage_done("j1", "b", 0, "s0")).await.unwrap();
+        assert!(
+            store
+                .finish(finish("j1", "b", Status::Failed))
+                .await
+                .unwrap()
+        );
+        let mut revived = begin_job("j1", "c");
+        revived.epoch = 1_763_900_001;
+        revived.carried = vec!["s0".into()];
+        store.begin(revived).await.unwrap();
+        let job = Reader::open(&path).unwrap().job("j1").unwrap().unwrap();
+        let statuses: Vec<_> = job.stages.iter().map(|s| s.status.as_str()).collect();
+        assert_eq!(statuses, ["completed", "pending"]);
         drop(store);
         closer.close().await;
     }

@@ -463,6 +463,7 @@ impl Run {
             max_attempts: self.retry().max_attempts,
             epoch: self.job.meta.epoch,
             lease: self.token.clone(),
+            carried: self.job.meta.results.keys().cloned().collect(),
             first: false,
             worker_id: self.env.worker_id.clone(),
             stages: self.pipeline.stage_names.clone(),

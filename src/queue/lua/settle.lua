@@ -7,6 +7,7 @@
 -- KEYS[3]  HASH  crashes: job id -> times a daemon died running it
 -- KEYS[4]  HASH  cancelled: job id -> when cancellation was asked
 -- KEYS[5]  LIST  pending   KEYS[6] LIST dead   KEYS[7] ZSET scheduled
+-- KEYS[8]  HASH  unique: job id -> state of a job enqueued through conveyor
 -- ARGV     6 per item:
 --   entry to remove; job id ("" when unknown: an unparsable message);
 --   fencing token ("" for a delivery never claimed: poison, duplicate,
@@ -23,7 +24,8 @@
 -- job was recovered and handed to someone else) or the entry is gone; then
 -- nothing is changed for that item, so a late daemon can never ack,
 -- requeue or duplicate a job it lost. "ack", "dead" and "revive" end the
--- job's story here: its crash count and cancellation are forgotten.
+-- job's story here: its crash count and cancellation are forgotten, and
+-- its id is free to enqueue again ("revive" makes it live, so taken).
 local out = {}
 local now_ms
 for i = 1, #ARGV, 6 do
@@ -42,6 +44,11 @@ for i = 1, #ARGV, 6 do
     if id ~= '' and (mode == 'ack' or mode == 'dead' or mode == 'revive') then
       redis.call('HDEL', KEYS[3], id)
       redis.call('HDEL', KEYS[4], id)
+      if mode == 'revive' then
+        redis.call('HSET', KEYS[8], id, 'pending 0 0 ')
+      else
+        redis.call('HDEL', KEYS[8], id)
+      end
     end
     if mode == 'dead' then
       redis.call('LPUSH', KEYS[6], entry)

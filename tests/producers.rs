@@ -1,0 +1,294 @@
+//! Producer-side features against a real Redis and the real binary:
+//! delayed jobs (`enqueue --delay / --at`, a raw `ZADD`) and unique job ids.
+//!
+//! Times are only ever lower bounds ("not before it was due"), never
+//! "within N ms": the machines are shared and slow.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{Harness, wait_for, wait_until};
+use serde_json::{Value, json};
+
+const LONG: Duration = Duration::from_secs(30);
+
+const CONFIG: &str = r#"
+[worker]
+queues = ["default"]
+heartbeat_secs = 1
+promote_interval_ms = 100
+
+[jobs.quick]
+queue = "default"
+stages = [{ name = "only", builtin = "noop" }]
+
+[jobs.slow]
+queue = "default"
+stages = [{ name = "nap", builtin = "sleep", args = { ms = 3000 } }]
+"#;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn enqueue_json(h: &Harness, args: &[&str]) -> Value {
+    let mut all = vec!["enqueue"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let out = h.cli(&all, &[]);
+    assert!(out.status.success(), "enqueue {args:?}: {}", stderr(&out));
+    serde_json::from_str(&stdout(&out)).expect("enqueue --json prints JSON")
+}
+
+fn scheduled_key(h: &Harness) -> String {
+    format!("{}:{{default}}:scheduled", h.prefix)
+}
+
+fn started_ms(h: &Harness, id: &str) -> u64 {
+    let started: String = h
+        .sql_query(|c| {
+            c.query_row("SELECT started_at FROM jobs WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+        })
+        .expect("job started");
+    let t = humantime::parse_rfc3339(&started).expect("RFC 3339 started_at");
+    t.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+#[test]
+fn delayed_job_is_scheduled_until_due_then_runs() {
+    let h = Harness::new(CONFIG);
+    let mut daemon = h.daemon("w1", &[]);
+
+    let before = now_ms();
+    let out = enqueue_json(&h, &["quick", "--id", "later", "--delay", "2s"]);
+    assert_eq!(out["id"], "later");
+    assert_eq!(out["status"], "scheduled");
+    assert_eq!(out["enqueued"], true);
+    let due_at = out["due_at"].as_str().expect("due_at for a delayed job");
+    let due = humantime::parse_rfc3339_weak(due_at.trim_end_matches('Z'))
+        .unwrap()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(due >= before + 1_900, "due {due} vs enqueued at {before}");
+
+    // Before it is due: `job` answers from Redis, `status` counts it.
+    let job = h.job_ok("later");
+    assert_eq!(job["status"], "scheduled", "{job}");
+    assert_eq!(job["type"], "quick");
+    assert_eq!(job["due_at"].as_str(), Some(due_at));
+    let text = stdout(&h.cli(&["job", "later"], &[]));
+    assert!(text.contains("scheduled") && text.contains("due"), "{text}");
+    let status = h.status();
+    let scheduled = status["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "default")
+        .map(|q| q["scheduled"].clone());
+    assert_eq!(scheduled, Some(json!(1)), "{status}");
+
+    wait_until(LONG, "the delayed job completes", || {
+        h.job_status("later").as_deref() == Some("completed")
+    });
+    // Promotion goes by Redis' clock, the same host's here.
+    assert!(
+        started_ms(&h, "later") + 50 >= due,
+        "started before it was due"
+    );
+    assert_eq!(h.job_ok("later")["status"], "completed");
+    daemon.sigterm();
+    daemon.wait_exit(LONG);
+}
+
+#[test]
+fn enqueue_at_a_time_with_an_offset() {
+    let h = Harness::new(CONFIG);
+    // An hour and a half from now, written with a -01:30 offset.
+    let due = SystemTime::now() + Duration::from_secs(3 * 3600);
+    let utc = humantime::format_rfc3339_seconds(due).to_string();
+    let local = format!("{}-01:30", utc.trim_end_matches('Z'));
+    let out = enqueue_json(&h, &["quick", "--id", "far", "--at", &local]);
+    assert_eq!(out["status"], "scheduled");
+    let want = due.duration_since(UNIX_EPOCH).unwrap().as_secs() + 5400;
+    let scheduled: Vec<(String, u64)> = redis::cmd("ZRANGE")
+        .arg(scheduled_key(&h))
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query(&mut h.redis.conn())
+        .unwrap();
+    assert_eq!(scheduled.len(), 1);
+    assert_eq!(scheduled[0].1 / 1000, want, "{local}");
+
+    // A time in the past is due at once: a daemon runs it.
+    let past = humantime::format_rfc3339_seconds(SystemTime::now() - Duration::from_secs(60));
+    enqueue_json(&h, &["quick", "--id", "overdue", "--at", &past.to_string()]);
+    let mut daemon = h.daemon("w1", &[]);
+    wait_until(LONG, "the overdue job completes", || {
+        h.job_status("overdue").as_deref() == Some("completed")
+    });
+    assert_eq!(h.job_ok("far")["status"], "scheduled");
+    daemon.sigterm();
+    daemon.wait_exit(LONG);
+
+    let bad = h.cli(&["enqueue", "quick", "--at", "tomorrow"], &[]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("RFC 3339"), "{}", stderr(&bad));
+    let bad = h.cli(&["enqueue", "quick", "--delay", "soon"], &[]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    let both = h.cli(
+        &[
+            "enqueue",
+            "quick",
+            "--delay",
+            "1s",
+            "--at",
+            &past.to_string(),
+        ],
+        &[],
+    );
+    assert_eq!(both.status.code(), Some(2), "{}", stderr(&both));
+}
+
+#[test]
+fn raw_zadd_by_a_producer_is_promoted_and_run() {
+    let h = Harness::new(CONFIG);
+    let mut daemon = h.daemon("w1", &[]);
+    let job = json!({"id": "zadded", "type": "quick", "payload": {"n": 1}}).to_string();
+    let due = now_ms() + 1_000;
+    let _: i64 = redis::cmd("ZADD")
+        .arg(scheduled_key(&h))
+        .arg(due)
+        .arg(&job)
+        .query(&mut h.redis.conn())
+        .unwrap();
+    wait_until(LONG, "the ZADDed job completes", || {
+        h.job_status("zadded").as_deref() == Some("completed")
+    });
+    assert!(
+        started_ms(&h, "zadded") + 50 >= due,
+        "started before it was due"
+    );
+    daemon.sigterm();
+    daemon.wait_exit(LONG);
+}
+
+#[test]
+fn a_live_job_id_is_not_enqueued_twice() {
+    let h = Harness::new(CONFIG);
+
+    // Pending: the second enqueue says so, exits 0 with the same id.
+    let first = h.cli(&["enqueue", "quick", "--id", "once"], &[]);
+    assert!(first.status.success());
+    assert_eq!(stdout(&first), "once");
+    let again = h.cli(&["enqueue", "quick", "--id", "once"], &[]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(stdout(&again), "once");
+    assert!(
+        stderr(&again).contains("already pending"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(h.llen(&h.pending_key("default")), 1);
+    let dup = enqueue_json(&h, &["quick", "--id", "once"]);
+    assert_eq!(dup["enqueued"], false);
+    assert_eq!(dup["status"], "pending");
+
+    // Scheduled: a delayed copy of a scheduled id is refused as well.
+    enqueue_json(&h, &["quick", "--id", "planned", "--delay", "1h"]);
+    let dup = enqueue_json(&h, &["quick", "--id", "planned"]);
+    assert_eq!(dup["enqueued"], false);
+    assert_eq!(dup["status"], "scheduled");
+    assert!(dup["due_at"].is_string(), "{dup}");
+    assert_eq!(h.llen(&h.pending_key("default")), 1);
+
+    // Running: refused while it runs, accepted again once it completed.
+    enqueue_json(&h, &["slow", "--id", "long"]);
+    let mut daemon = h.daemon("w1", &[]);
+    wait_until(LONG, "the slow job runs", || {
+        h.job_status("long").as_deref() == Some("running")
+    });
+    let dup = enqueue_json(&h, &["slow", "--id", "long"]);
+    assert_eq!(dup["enqueued"], false, "{dup}");
+    assert!(
+        dup["status"] == "running" || dup["status"] == "pending",
+        "{dup}"
+    );
+    wait_until(LONG, "the slow job completes", || {
+        h.job_status("long").as_deref() == Some("completed")
+    });
+    wait_until(LONG, "`once` completes", || {
+        h.job_status("once").as_deref() == Some("completed")
+    });
+    let runs = |id: &str| -> i64 {
+        h.sql_query(|c| {
+            c.query_row(
+                "SELECT count(*) FROM attempts WHERE job_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+        })
+        .unwrap()
+    };
+    assert_eq!(runs("once"), 1);
+    assert_eq!(runs("long"), 1);
+
+    // Finished: the id is free again; the new run shows as pending first.
+    daemon.sigterm();
+    daemon.wait_exit(LONG);
+    let out = enqueue_json(&h, &["quick", "--id", "once"]);
+    assert_eq!(out["enqueued"], true, "{out}");
+    assert_eq!(h.job_ok("once")["status"], "pending");
+    let mut daemon = h.daemon("w2", &[]);
+    wait_for(LONG, "`once` runs a second time", || {
+        (runs("once") == 2 && h.job_status("once").as_deref() == Some("completed")).then_some(())
+    });
+    daemon.sigterm();
+    daemon.wait_exit(LONG);
+}
+
+#[test]
+fn a_dead_job_frees_its_id_and_a_revived_one_takes_it() {
+    let h = Harness::new(
+        r#"
+[worker]
+queues = ["default"]
+[retry]
+max_attempts = 1
+[jobs.doomed]
+queue = "default"
+stages = [{ name = "boom", builtin = "fail" }]
+"#,
+    );
+    let mut daemon = h.daemon("w1", &[]);
+    enqueue_json(&h, &["doomed", "--id", "d1"]);
+    wait_until(LONG, "the job is dead", || {
+        h.llen(&h.dead_key("default")) == 1
+    });
+    daemon.sigterm();
+    daemon.wait_exit(LONG);
+    // Dead: not live, so the id may be enqueued again.
+    let out = enqueue_json(&h, &["doomed", "--id", "d1"]);
+    assert_eq!(out["enqueued"], true, "{out}");
+    // A revived copy is live too: the pending one and the revived one are
+    // the same id, so the CLI refuses a third.
+    let retry = h.cli(&["retry", "d1"], &[]);
+    assert!(retry.status.success(), "{}", stderr(&retry));
+    let out = enqueue_json(&h, &["doomed", "--id", "d1"]);
+    assert_eq!(out["enqueued"], false, "{out}");
+}
