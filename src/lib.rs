@@ -11,7 +11,8 @@
 //!   ([`queue::job`]), and fetch / ack / requeue / dead-letter.
 //! - [`pipeline`]: the [`pipeline::Stage`] trait, built-in stages, and
 //!   external programs speaking the stage protocol ([`pipeline::exec`]).
-//! - [`worker`]: the daemon: fetch loop, job runner, heartbeat, shutdown.
+//! - [`worker`]: the daemon: fetch loop, job runner, heartbeat, shutdown,
+//!   periodic jobs ([`schedule`] says when they tick).
 //! - [`store`]: SQLite state through one writer thread with group commit.
 //! - [`progress`]: progress events and their publisher.
 //! - [`shutdown`]: OS signals to a cancellation token.
@@ -30,6 +31,7 @@ pub mod notify;
 pub mod pipeline;
 pub mod progress;
 pub mod queue;
+pub mod schedule;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

@@ -292,3 +292,143 @@ stages = [{ name = "boom", builtin = "fail" }]
     let out = enqueue_json(&h, &["doomed", "--id", "d1"]);
     assert_eq!(out["enqueued"], false, "{out}");
 }
+
+const PERIODIC: &str = r#"
+[worker]
+queues = ["default"]
+heartbeat_secs = 1
+
+[jobs.quick]
+queue = "default"
+stages = [{ name = "only", builtin = "noop" }]
+
+[[schedules]]
+name = "a"
+type = "quick"
+every = "1s"
+catch_up = 3
+payload = { from = "schedule a" }
+
+[[schedules]]
+name = "b"
+type = "quick"
+every = "1s"
+"#;
+
+/// Ticks (Unix seconds) of schedule `name`'s jobs in SQLite, sorted.
+fn ticks(h: &Harness, name: &str) -> Vec<u64> {
+    let ids: Vec<String> = h
+        .sql_query(|c| {
+            let mut st = c.prepare("SELECT id FROM jobs WHERE id LIKE ?1 ORDER BY id")?;
+            let rows = st.query_map([format!("{name}@%")], |r| r.get::<_, String>(0))?;
+            rows.collect()
+        })
+        .unwrap_or_default();
+    let mut out: Vec<u64> = ids
+        .iter()
+        .map(|id| {
+            let at = id.split_once('@').unwrap().1;
+            humantime::parse_rfc3339(at)
+                .unwrap()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// `schedule_enqueued` log lines of the daemons, by job id.
+fn enqueued_ids(daemons: &[&common::Daemon]) -> Vec<String> {
+    daemons
+        .iter()
+        .flat_map(|d| d.log_events())
+        .filter(|e| e["message"] == "schedule_enqueued")
+        .map(|e| e["job_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn each_tick_is_enqueued_once_by_two_daemons() {
+    let h = Harness::new(PERIODIC);
+    let mut d1 = h.daemon("w1", &[]);
+    let mut d2 = h.daemon("w2", &[]);
+    wait_until(LONG, "five ticks of `b` ran", || ticks(&h, "b").len() >= 5);
+    d1.sigterm();
+    d2.sigterm();
+    d1.wait_exit(LONG);
+    d2.wait_exit(LONG);
+
+    for name in ["a", "b"] {
+        let t = ticks(&h, name);
+        // Every second between the first and the last tick, once.
+        let expected: Vec<u64> = (t[0]..=*t.last().unwrap()).collect();
+        assert_eq!(t, expected, "schedule {name}");
+    }
+    let mut ids = enqueued_ids(&[&d1, &d2]);
+    let all = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), all, "a tick was enqueued twice: {ids:?}");
+    assert_eq!(
+        all,
+        ticks(&h, "a").len() + ticks(&h, "b").len(),
+        "every enqueued tick ran"
+    );
+    let job = h.job_ok(&format!(
+        "a@{}",
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(ticks(&h, "a")[0]))
+    ));
+    assert_eq!(job["payload"], json!({"from": "schedule a"}));
+    assert_eq!(job["status"], "completed");
+}
+
+#[test]
+fn missed_ticks_are_skipped_unless_catch_up_asks() {
+    let h = Harness::new(PERIODIC);
+    let mut d = h.daemon("w1", &[]);
+    wait_until(LONG, "two ticks of `b` ran", || ticks(&h, "b").len() >= 2);
+    d.sigterm();
+    d.wait_exit(LONG);
+    let last_b = *ticks(&h, "b").last().unwrap();
+    let last_a = *ticks(&h, "a").last().unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+
+    let mut d = h.daemon("w1", &[]);
+    wait_until(LONG, "`b` ticks again", || {
+        ticks(&h, "b").last().is_some_and(|&t| t > last_b)
+    });
+    wait_until(LONG, "the catch-up ran", || {
+        d.log_events()
+            .iter()
+            .any(|e| e["message"] == "Catching up missed ticks")
+    });
+    d.sigterm();
+    d.wait_exit(LONG);
+
+    // `b` skipped the downtime: a gap of at least 4 s, no burst.
+    let b = ticks(&h, "b");
+    let first_after = *b.iter().find(|&&t| t > last_b).unwrap();
+    assert!(first_after >= last_b + 4, "b: {b:?}");
+    // `a` enqueued the latest 3 missed ticks, right before its restart.
+    let a = ticks(&h, "a");
+    let caught: Vec<u64> = a
+        .iter()
+        .copied()
+        .filter(|&t| t > last_a && t < first_after)
+        .collect();
+    assert_eq!(
+        caught.len(),
+        3,
+        "a: {a:?}, last before stop {last_a}, b back at {first_after}"
+    );
+    assert_eq!(caught[2] - caught[0], 2, "consecutive: {caught:?}");
+    let catch_up = d
+        .log_events()
+        .into_iter()
+        .find(|e| e["message"] == "Catching up missed ticks")
+        .unwrap();
+    assert_eq!(catch_up["schedule"], "a");
+    assert_eq!(catch_up["missed"], 3);
+}

@@ -66,6 +66,12 @@ impl Keys {
         format!("{}:{{{queue}}}:unique", self.prefix)
     }
 
+    /// HASH `P:{Q}:schedules`: schedule name -> its last tick enqueued
+    /// (Unix ms), for `[[schedules]]` whose jobs go to queue `Q`.
+    pub fn schedules(&self, queue: &str) -> String {
+        format!("{}:{{{queue}}}:schedules", self.prefix)
+    }
+
     /// Pub/sub channel `P:control`: `{"cancel": "<job id>"}` messages to the
     /// daemons.
     pub fn control(&self) -> String {

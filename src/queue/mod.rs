@@ -482,15 +482,52 @@ impl Broker {
         job_json: &str,
         when: When,
     ) -> RedisResult<Enqueued> {
+        let inv = self.enqueue_invocation(queue, id, kind, job_json, when);
+        self.run_enqueue(inv).await
+    }
+
+    /// Enqueues the job of one tick of schedule `name`, unless that tick or
+    /// a later one was enqueued already (by any daemon): then `added` is
+    /// false and `status` is "fired".
+    pub async fn enqueue_tick(
+        &self,
+        queue: &str,
+        name: &str,
+        tick_ms: u64,
+        id: &str,
+        kind: &str,
+        job_json: &str,
+    ) -> RedisResult<Enqueued> {
+        let mut inv = self.enqueue_invocation(queue, id, kind, job_json, When::Now);
+        inv.key(self.keys.schedules(queue)).arg(name).arg(tick_ms);
+        self.run_enqueue(inv).await
+    }
+
+    /// The last tick of schedule `name` enqueued on `queue` (Unix ms).
+    pub async fn last_tick(&self, queue: &str, name: &str) -> RedisResult<Option<u64>> {
+        let mut conn = self.conn.clone();
+        redis::cmd("HGET")
+            .arg(self.keys.schedules(queue))
+            .arg(name)
+            .query_async(&mut conn)
+            .await
+    }
+
+    fn enqueue_invocation(
+        &self,
+        queue: &str,
+        id: &str,
+        kind: &str,
+        job_json: &str,
+        when: When,
+    ) -> ScriptInvocation<'static> {
         let (mode, ms) = match when {
             When::Now => ("now", 0),
             When::After(d) => ("delay", d.as_millis() as u64),
             When::At(ms) => ("at", ms),
         };
-        let mut conn = self.conn.clone();
-        self.trip();
-        let (added, status, due_ms): (i64, String, u64) = scripts::ENQUEUE
-            .key(self.keys.pending(queue))
+        let mut inv = scripts::ENQUEUE.prepare_invoke();
+        inv.key(self.keys.pending(queue))
             .key(self.keys.scheduled(queue))
             .key(self.keys.leases(queue))
             .key(self.keys.unique(queue))
@@ -498,9 +535,14 @@ impl Broker {
             .arg(job_json)
             .arg(mode)
             .arg(ms)
-            .arg(kind)
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(kind);
+        inv
+    }
+
+    async fn run_enqueue(&self, inv: ScriptInvocation<'_>) -> RedisResult<Enqueued> {
+        let mut conn = self.conn.clone();
+        self.trip();
+        let (added, status, due_ms): (i64, String, u64) = inv.invoke_async(&mut conn).await?;
         Ok(Enqueued {
             added: added == 1,
             status,

@@ -9,6 +9,8 @@
 //!   and cancellation flags of running jobs;
 //! - the reaper ([`reaper::Reaper`]): recovers the jobs of dead daemons;
 //! - the promoter ([`scheduler::Promoter`]): due retries back to pending;
+//! - periodic jobs ([`periodic::Periodic`]): `[[schedules]]` ticks, each
+//!   enqueued once across all daemons;
 //! - the control listener ([`control::Control`]): cancellations;
 //! - the systemd watchdog.
 //!
@@ -31,6 +33,7 @@
 
 pub mod control;
 pub mod health;
+pub mod periodic;
 pub mod reaper;
 pub mod registry;
 pub mod runner;
@@ -162,6 +165,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
             every: Duration::from_millis(w.promote_interval_ms),
         }
         .run(background.clone()),
+    );
+    // Periodic jobs stop with the fetch loop (SIGTERM): a draining daemon
+    // enqueues nothing more; the other daemons go on ticking.
+    tracker.spawn(
+        periodic::Periodic {
+            broker: broker.clone(),
+            schedules: periodic::Schedule::from_config(&config),
+        }
+        .run(shutdown.clone()),
     );
     tracker.spawn(
         control::Control {

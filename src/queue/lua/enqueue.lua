@@ -12,8 +12,21 @@
 -- ARGV[4]  milliseconds (see ARGV[3])
 -- ARGV[5]  job type (kept in the unique entry, for `conveyor job`)
 --
+-- For a periodic job's tick, also:
+-- KEYS[5]  HASH  schedules: schedule name -> last tick enqueued (Unix ms)
+-- ARGV[6]  schedule name   ARGV[7]  this tick (Unix ms)
+-- A tick not after the last one is refused ({0, "fired", 0}): each tick is
+-- enqueued once however many daemons run the schedule, and never again.
+--
 -- Returns {added (1 or 0), state, due ms}: when 0, nothing changed and
 -- state is the live job's ("running", "pending", "scheduled").
+if KEYS[5] then
+  local last = tonumber(redis.call('HGET', KEYS[5], ARGV[6]) or '0')
+  if tonumber(ARGV[7]) <= last then
+    return {0, 'fired', 0}
+  end
+  redis.call('HSET', KEYS[5], ARGV[6], ARGV[7])
+end
 local id = ARGV[1]
 if id ~= '' then
   if redis.call('HEXISTS', KEYS[3], id) == 1 then
