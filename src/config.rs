@@ -112,8 +112,12 @@ pub struct WorkerConfig {
     /// daemon restarted with the same id recovers its own in-flight jobs.
     /// Default: the host name.
     pub id: Option<String>,
-    /// Queues served, in strict priority order.
+    /// Queues served, in strict priority order (unless `queue_weights`).
     pub queues: Vec<String>,
+    /// Weighted mode: each fetch visits the queues in a random order drawn
+    /// by these weights (queue -> weight, 1 for a queue not listed), so a
+    /// low queue gets its share even while higher ones are full.
+    pub queue_weights: BTreeMap<String, u32>,
     /// Jobs run at once by this daemon.
     pub concurrency: usize,
     /// On SIGTERM, how long running stages may go on before they are stopped
@@ -143,6 +147,7 @@ impl Default for WorkerConfig {
         Self {
             id: None,
             queues: vec!["default".into()],
+            queue_weights: BTreeMap::new(),
             concurrency: 5,
             shutdown_grace_secs: 20,
             kill_grace_secs: 5,
@@ -426,6 +431,13 @@ impl Config {
                     format!("worker.queues[{i}]"),
                     format!("queue `{q}` is listed twice"),
                 ));
+            }
+        }
+        for (q, weight) in &w.queue_weights {
+            let key = format!("worker.queue_weights.{q}");
+            check_name(&key, q)?;
+            if !(1..=1000).contains(weight) {
+                return Err(invalid(key, "must be between 1 and 1000"));
             }
         }
         if !(1..=4096).contains(&w.concurrency) {

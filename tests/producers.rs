@@ -432,3 +432,55 @@ fn missed_ticks_are_skipped_unless_catch_up_asks() {
     assert_eq!(catch_up["schedule"], "a");
     assert_eq!(catch_up["missed"], 3);
 }
+
+/// Queues (in start order) of the first `n` jobs a daemon at concurrency 1
+/// started, with 300 jobs waiting on each of `high` and `low`.
+fn first_started_queues(worker_toml: &str, n: usize) -> Vec<String> {
+    let h = Harness::new(&format!(
+        r#"
+[worker]
+queues = ["high", "low"]
+concurrency = 1
+{worker_toml}
+
+[jobs.quick]
+stages = [{{ name = "only", builtin = "noop" }}]
+"#
+    ));
+    let mut conn = h.redis.conn();
+    let mut pipe = redis::pipe();
+    for q in ["high", "low"] {
+        for i in 0..300 {
+            let job = json!({"id": format!("{q}-{i}"), "type": "quick"}).to_string();
+            pipe.lpush(h.pending_key(q), job).ignore();
+        }
+    }
+    let () = pipe.query(&mut conn).unwrap();
+    let mut d = h.daemon("w1", &[]);
+    wait_until(LONG, "enough jobs ran", || {
+        h.count_status("completed") >= n as u64
+    });
+    d.sigterm();
+    d.wait_exit(LONG);
+    h.sql_query(|c| {
+        let mut st = c.prepare("SELECT queue FROM jobs ORDER BY started_at, rowid LIMIT ?1")?;
+        let rows = st.query_map([n as i64], |r| r.get::<_, String>(0))?;
+        rows.collect()
+    })
+    .unwrap()
+}
+
+#[test]
+fn strict_priority_drains_high_first_and_weights_share_the_queues() {
+    let strict = first_started_queues("", 100);
+    assert_eq!(strict.len(), 100);
+    assert!(strict.iter().all(|q| q == "high"), "{strict:?}");
+
+    // high = 3, low = 1 (unlisted): low's expected share is 25 of 100.
+    let weighted = first_started_queues("queue_weights = { high = 3 }", 100);
+    let low = weighted.iter().filter(|q| *q == "low").count();
+    assert!(
+        (8..=45).contains(&low),
+        "low ran {low} of the first 100: {weighted:?}"
+    );
+}

@@ -191,6 +191,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     Fetcher {
         env: env.clone(),
         queues: w.queues.clone(),
+        weights: (!w.queue_weights.is_empty()).then(|| Weights::new(&w.queues, &w.queue_weights)),
         slots: Arc::new(Semaphore::new(w.concurrency)),
         block: Duration::from_millis(w.fetch_block_ms),
         health: health.clone(),
@@ -264,10 +265,40 @@ async fn recover_active(broker: &Broker, queues: &[String], worker: &str, crashe
     total
 }
 
+/// Queue weights of the weighted mode, in the order of `worker.queues`.
+#[derive(Debug, Clone)]
+struct Weights(Vec<f64>);
+
+impl Weights {
+    fn new(queues: &[String], weights: &std::collections::BTreeMap<String, u32>) -> Self {
+        Self(
+            queues
+                .iter()
+                .map(|q| f64::from(*weights.get(q).unwrap_or(&1)))
+                .collect(),
+        )
+    }
+
+    /// The queues in a random order where each queue comes first with a
+    /// probability proportional to its weight (and so on for the rest):
+    /// weighted sampling without replacement, by keys `u^(1/w)`.
+    fn order(&self, queues: &[String]) -> Vec<String> {
+        let mut keyed: Vec<(f64, &String)> = queues
+            .iter()
+            .zip(&self.0)
+            .map(|(q, w)| (fastrand::f64().powf(1.0 / w), q))
+            .collect();
+        keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
+        keyed.into_iter().map(|(_, q)| q.clone()).collect()
+    }
+}
+
 /// Takes jobs while slots are free; see the module docs.
 struct Fetcher {
     env: Arc<JobEnv>,
     queues: Vec<String>,
+    /// Weighted mode (`worker.queue_weights`); strict priority when `None`.
+    weights: Option<Weights>,
     slots: Arc<Semaphore>,
     block: Duration,
     health: Arc<Health>,
@@ -366,7 +397,15 @@ impl Fetcher {
         // full. An idle daemon thus sends one non-blocking LMOVE per BLMOVE,
         // not one per free slot.
         let want = max.min(*probe);
-        let jobs = broker.fetch_available(&self.queues, worker, want).await?;
+        let weighted;
+        let queues = match &self.weights {
+            Some(w) => {
+                weighted = w.order(&self.queues);
+                &weighted
+            }
+            None => &self.queues,
+        };
+        let jobs = broker.fetch_available(queues, worker, want).await?;
         *probe = if jobs.len() == want {
             (*probe).max(want * 2).min(FETCH_BATCH)
         } else {
@@ -382,7 +421,10 @@ impl Fetcher {
             Some(conn) => conn,
             None => blocking.insert(broker.blocking_connection(self.block).await?),
         };
-        let queue = &self.queues[*turn % self.queues.len()];
+        let queue = match &self.weights {
+            Some(_) => &queues[0],
+            None => &self.queues[*turn % self.queues.len()],
+        };
         *turn = turn.wrapping_add(1);
         self.health.fetch_loop_alive();
         let job = broker.fetch_blocking(conn, queue, worker, block).await?;
@@ -457,5 +499,28 @@ impl Fetcher {
                 tracing::warn!(error = %err, "Cannot put back a job taken during shutdown; recovery will");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod weight_tests {
+    use super::*;
+
+    #[test]
+    fn weighted_order_puts_each_queue_first_by_its_share() {
+        let queues: Vec<String> = ["high", "mid", "low"].map(String::from).into();
+        let weights = [("high".to_owned(), 6), ("mid".to_owned(), 3)].into();
+        let w = Weights::new(&queues, &weights);
+        let mut first = std::collections::HashMap::new();
+        for _ in 0..20_000 {
+            let order = w.order(&queues);
+            assert_eq!(order.len(), 3);
+            *first.entry(order[0].clone()).or_insert(0u32) += 1;
+        }
+        // Weights 6 : 3 : 1 (low is unlisted, so 1).
+        let share = |q: &str| f64::from(first[q]) / 20_000.0;
+        assert!((share("high") - 0.6).abs() < 0.03, "{first:?}");
+        assert!((share("mid") - 0.3).abs() < 0.03, "{first:?}");
+        assert!((share("low") - 0.1).abs() < 0.03, "{first:?}");
     }
 }
