@@ -232,7 +232,44 @@ pub struct JobTypeConfig {
     pub backoff_max_ms: Option<u64>,
     /// Deadline of a whole attempt, all stages together; none by default.
     pub timeout_secs: Option<u64>,
+    /// Most job starts of this type per period across all daemons, e.g.
+    /// "100/1m" (enforced in Redis); none by default.
+    pub rate: Option<String>,
     pub stages: Vec<StageConfig>,
+}
+
+impl JobTypeConfig {
+    /// `rate` as (jobs, period); `None` when unset. Validated at load.
+    pub fn rate_limit(&self) -> Option<(u32, std::time::Duration)> {
+        self.rate.as_deref().and_then(|r| parse_rate(r).ok())
+    }
+}
+
+/// "N/period": N jobs per period, e.g. "100/1m", "5/1s", "1000/1h".
+pub fn parse_rate(text: &str) -> Result<(u32, std::time::Duration), String> {
+    let bad = |why: &str| format!("`{text}` is not a rate like \"100/1m\": {why}");
+    let (n, period) = text.split_once('/').ok_or_else(|| bad("no '/'"))?;
+    let n: u32 = n
+        .trim()
+        .parse()
+        .map_err(|_| bad("the count must be a whole number"))?;
+    let period = period.trim();
+    // "100/m" reads as "100/1m".
+    let period = if period.starts_with(|c: char| c.is_ascii_digit()) {
+        humantime::parse_duration(period)
+    } else {
+        humantime::parse_duration(&format!("1{period}"))
+    }
+    .map_err(|e| bad(&e.to_string()))?;
+    if n == 0 {
+        return Err(bad("the count must be at least 1"));
+    }
+    if period < std::time::Duration::from_millis(1)
+        || period > std::time::Duration::from_secs(86_400 * 7)
+    {
+        return Err(bad("the period must be between 1ms and 7 days"));
+    }
+    Ok((n, period))
 }
 
 fn default_queue() -> String {
@@ -256,6 +293,11 @@ pub struct StageConfig {
     #[serde(default = "default_weight")]
     pub weight: u32,
     pub timeout_secs: Option<u64>,
+    /// At most this many runs of this stage at once (of every job type with
+    /// a stage of this name), per daemon or per host (`max_concurrent_scope`).
+    pub max_concurrent: Option<u32>,
+    /// "daemon" (default) or "host": all the daemons of a host together.
+    pub max_concurrent_scope: Option<String>,
 }
 
 fn default_weight() -> u32 {
@@ -364,8 +406,38 @@ impl Config {
         for (name, job) in &self.jobs {
             validate_job_type(name, job)?;
         }
+        self.validate_stage_limits()?;
         for (i, schedule) in self.schedules.iter().enumerate() {
             self.validate_schedule(i, schedule)?;
+        }
+        Ok(())
+    }
+
+    /// A stage name's limit is shared by every job type that has a stage of
+    /// that name: they must all say the same.
+    fn validate_stage_limits(&self) -> Result<(), ConfigError> {
+        let mut seen: BTreeMap<&str, (String, Option<u32>, &str)> = BTreeMap::new();
+        for (kind, job) in &self.jobs {
+            for (i, stage) in job.stages.iter().enumerate() {
+                let key = format!("jobs.\"{kind}\".stages[{i}].max_concurrent");
+                let scope = stage.max_concurrent_scope.as_deref().unwrap_or("daemon");
+                let this = (stage.max_concurrent, scope);
+                match seen.get(stage.name.as_str()) {
+                    Some((first, limit, scope)) if (*limit, *scope) != this => {
+                        return Err(invalid(
+                            key,
+                            format!(
+                                "stage `{}` is limited differently at {first}; every stage of that name shares one limit",
+                                stage.name
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        seen.insert(&stage.name, (key, this.0, this.1));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -491,6 +563,9 @@ fn validate_job_type(name: &str, job: &JobTypeConfig) -> Result<(), ConfigError>
     if job.timeout_secs == Some(0) {
         return Err(invalid(format!("{key}.timeout_secs"), "must be at least 1"));
     }
+    if let Some(rate) = &job.rate {
+        parse_rate(rate).map_err(|m| invalid(format!("{key}.rate"), m))?;
+    }
     if job.stages.is_empty() {
         return Err(invalid(
             format!("{key}.stages"),
@@ -513,6 +588,27 @@ fn validate_job_type(name: &str, job: &JobTypeConfig) -> Result<(), ConfigError>
         }
         if stage.timeout_secs == Some(0) {
             return Err(invalid(format!("{key}.timeout_secs"), "must be at least 1"));
+        }
+        if stage.max_concurrent == Some(0) {
+            return Err(invalid(
+                format!("{key}.max_concurrent"),
+                "must be at least 1",
+            ));
+        }
+        match stage.max_concurrent_scope.as_deref() {
+            None | Some("daemon") | Some("host") => {}
+            Some(other) => {
+                return Err(invalid(
+                    format!("{key}.max_concurrent_scope"),
+                    format!("`{other}` is not \"daemon\" or \"host\""),
+                ));
+            }
+        }
+        if stage.max_concurrent_scope.is_some() && stage.max_concurrent.is_none() {
+            return Err(invalid(
+                format!("{key}.max_concurrent_scope"),
+                "is for a stage with `max_concurrent`",
+            ));
         }
         match (&stage.run, &stage.builtin) {
             (Some(_), Some(_)) => {
@@ -647,6 +743,47 @@ mod tests {
         assert_eq!(c.schedules[0].payload, serde_json::json!({"full": true}));
         assert_eq!(c.schedule_queue(&c.schedules[1]), "q2");
         assert_eq!(c.schedules[1].catch_up, 2);
+    }
+
+    #[test]
+    fn rates_parse_and_bad_ones_name_the_key() {
+        use std::time::Duration;
+        assert_eq!(parse_rate("100/1m"), Ok((100, Duration::from_secs(60))));
+        assert_eq!(parse_rate("5 / s"), Ok((5, Duration::from_secs(1))));
+        assert_eq!(parse_rate("1000/1h"), Ok((1000, Duration::from_secs(3600))));
+        for bad in ["100", "0/1m", "x/1m", "10/forever", "10/30d"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+        let e = err("[jobs.x]\nrate = \"lots\"\nstages = [{ name = \"a\", builtin = \"noop\" }]\n");
+        assert!(e.starts_with("config key `jobs.\"x\".rate`"), "{e}");
+    }
+
+    #[test]
+    fn stage_limits_are_checked_and_shared_by_name() {
+        let e = err(
+            "[jobs.x]\nstages = [{ name = \"gpu\", builtin = \"noop\", max_concurrent = 0 }]\n",
+        );
+        assert!(
+            e.starts_with("config key `jobs.\"x\".stages[0].max_concurrent`"),
+            "{e}"
+        );
+        let e = err(
+            "[jobs.x]\nstages = [{ name = \"gpu\", builtin = \"noop\", max_concurrent = 1, max_concurrent_scope = \"rack\" }]\n",
+        );
+        assert!(e.contains("max_concurrent_scope"), "{e}");
+        let e = err(
+            "[jobs.x]\nstages = [{ name = \"gpu\", builtin = \"noop\", max_concurrent_scope = \"host\" }]\n",
+        );
+        assert!(e.contains("max_concurrent_scope"), "{e}");
+        let e = err(
+            "[jobs.x]\nstages = [{ name = \"gpu\", builtin = \"noop\", max_concurrent = 1 }]\n[jobs.y]\nstages = [{ name = \"gpu\", builtin = \"noop\", max_concurrent = 2 }]\n",
+        );
+        assert!(
+            e.contains("jobs.\"y\".stages[0].max_concurrent") && e.contains("shares one limit"),
+            "{e}"
+        );
+        let ok = "[jobs.x]\nstages = [{ name = \"gpu\", builtin = \"noop\", max_concurrent = 1 }]\n[jobs.y]\nstages = [{ name = \"gpu\", builtin = \"noop\", max_concurrent = 1 }]\n";
+        Config::from_toml(ok).unwrap().validate().unwrap();
     }
 
     #[test]

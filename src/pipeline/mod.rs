@@ -7,6 +7,7 @@
 
 pub mod builtin;
 pub mod exec;
+pub mod limit;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -111,6 +112,8 @@ pub struct StageSpec {
     pub weight: u32,
     pub timeout: Option<Duration>,
     pub imp: Arc<dyn Stage>,
+    /// `max_concurrent`: shared by every stage of this name in the daemon.
+    pub limit: Option<Arc<limit::StageLimit>>,
 }
 
 /// A job type's stages and limits.
@@ -121,6 +124,8 @@ pub struct Pipeline {
     pub stage_names: Arc<[String]>,
     pub retry: RetryConfig,
     pub timeout: Option<Duration>,
+    /// `rate`: most starts per window across all daemons.
+    pub rate: Option<(u32, Duration)>,
     total_weight: u64,
 }
 
@@ -129,6 +134,7 @@ impl Pipeline {
         kind: &str,
         cfg: &JobTypeConfig,
         retry: RetryConfig,
+        limits: &HashMap<String, Arc<limit::StageLimit>>,
     ) -> Result<Self, String> {
         let stages = cfg
             .stages
@@ -144,6 +150,7 @@ impl Pipeline {
                     weight: s.weight,
                     timeout: s.timeout_secs.map(Duration::from_secs),
                     imp,
+                    limit: limits.get(&s.name).cloned(),
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -155,6 +162,7 @@ impl Pipeline {
             stage_names,
             retry,
             timeout: cfg.timeout_secs.map(Duration::from_secs),
+            rate: cfg.rate_limit(),
             total_weight,
         })
     }
@@ -195,9 +203,25 @@ pub struct Registry {
 
 impl Registry {
     pub fn from_config(config: &Config) -> Result<Self, String> {
+        let mut limits = HashMap::new();
+        for stage in config.jobs.values().flat_map(|j| &j.stages) {
+            let Some(max) = stage.max_concurrent else {
+                continue;
+            };
+            limits.entry(stage.name.clone()).or_insert_with(|| {
+                Arc::new(match stage.max_concurrent_scope.as_deref() {
+                    Some("host") => {
+                        let mut dir = config.store.path.clone().into_os_string();
+                        dir.push(".limits");
+                        limit::StageLimit::host(max, dir.into(), &stage.name)
+                    }
+                    _ => limit::StageLimit::daemon(max),
+                })
+            });
+        }
         let mut pipelines = HashMap::new();
         for (kind, cfg) in &config.jobs {
-            let p = Pipeline::from_config(kind, cfg, config.retry_for(cfg))
+            let p = Pipeline::from_config(kind, cfg, config.retry_for(cfg), &limits)
                 .map_err(|e| format!("jobs.\"{kind}\": {e}"))?;
             pipelines.insert(kind.clone(), Arc::new(p));
         }
@@ -226,6 +250,7 @@ mod tests {
                 weight: *w,
                 timeout: None,
                 imp: Arc::new(builtin::Builtin::Noop),
+                limit: None,
             })
             .collect::<Vec<_>>();
         Pipeline {
@@ -235,6 +260,7 @@ mod tests {
             stages,
             retry: RetryConfig::default(),
             timeout: None,
+            rate: None,
         }
     }
 

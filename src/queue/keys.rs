@@ -72,6 +72,12 @@ impl Keys {
         format!("{}:{{{queue}}}:schedules", self.prefix)
     }
 
+    /// ZSET `P:rate:<type>`: recent starts of a job type with a `rate`
+    /// limit (member = delivery token, score = start time in Unix ms).
+    pub fn rate(&self, job_type: &str) -> String {
+        format!("{}:rate:{job_type}", self.prefix)
+    }
+
     /// Pub/sub channel `P:control`: `{"cancel": "<job id>"}` messages to the
     /// daemons.
     pub fn control(&self) -> String {

@@ -550,6 +550,27 @@ impl Broker {
         })
     }
 
+    /// Records a start of `job_type` under its rate limit (`limit` starts per
+    /// `window`), or says how long to wait: `Ok(None)` = go.
+    pub async fn rate_take(
+        &self,
+        job_type: &str,
+        limit: u32,
+        window: Duration,
+        token: &str,
+    ) -> RedisResult<Option<Duration>> {
+        let mut conn = self.conn.clone();
+        self.trip();
+        let wait_ms: u64 = scripts::RATE
+            .key(self.keys.rate(job_type))
+            .arg(limit)
+            .arg(window.as_millis() as u64)
+            .arg(token)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms)))
+    }
+
     /// What `enqueue` recorded for a live job id in `queue`, if anything.
     pub async fn unique_entry(&self, queue: &str, id: &str) -> RedisResult<Option<LiveEntry>> {
         let mut conn = self.conn.clone();

@@ -25,3 +25,6 @@ pub static PROMOTE: LazyLock<Script> =
 /// One job onto pending or scheduled, refused when its id is live.
 pub static ENQUEUE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/enqueue.lua")));
+
+/// A start of a rate-limited job type, or how long to wait for one.
+pub static RATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/rate.lua")));

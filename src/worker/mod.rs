@@ -133,6 +133,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         give_up: give_up.clone(),
         runs: Arc::new(RunTable::default()),
         stats: Stats::default(),
+        slots: Arc::new(Semaphore::new(w.concurrency)),
+        parking: Arc::new(Semaphore::new(w.concurrency)),
     });
     let health = Arc::new(Health::with_sqlite(store.health_flag()));
     health.redis_ok();
@@ -192,7 +194,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         env: env.clone(),
         queues: w.queues.clone(),
         weights: (!w.queue_weights.is_empty()).then(|| Weights::new(&w.queues, &w.queue_weights)),
-        slots: Arc::new(Semaphore::new(w.concurrency)),
+        slots: env.slots.clone(),
         block: Duration::from_millis(w.fetch_block_ms),
         health: health.clone(),
         jobs: jobs.clone(),
@@ -443,8 +445,7 @@ impl Fetcher {
             let guard = self.env.runs.register(&job.queue, &job.raw);
             let env = self.env.clone();
             self.jobs.spawn(async move {
-                runner::handle(env, job, guard).await;
-                drop(permit);
+                runner::handle(env, job, guard, permit).await;
             });
         }
     }

@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -70,6 +71,12 @@ pub struct JobEnv {
     pub give_up: CancellationToken,
     pub runs: Arc<RunTable>,
     pub stats: Stats,
+    /// The daemon's job slots (`concurrency`): a job holds one while it runs.
+    pub slots: Arc<Semaphore>,
+    /// Room for jobs waiting on a limit (a stage's `max_concurrent`, a job
+    /// type's `rate`) with their slot given back: at most `concurrency`, so
+    /// a daemon never takes more than twice its concurrency in hand.
+    pub parking: Arc<Semaphore>,
 }
 
 /// Counters for logs and systemd STATUS.
@@ -83,7 +90,12 @@ pub struct Stats {
 }
 
 /// Handles one fetched entry to the end. Never panics on input.
-pub async fn handle(env: Arc<JobEnv>, fetched: Fetched, guard: RunGuard) {
+pub async fn handle(
+    env: Arc<JobEnv>,
+    fetched: Fetched,
+    guard: RunGuard,
+    slot: OwnedSemaphorePermit,
+) {
     env.stats.running.fetch_add(1, Ordering::Relaxed);
     match Job::parse(&fetched.raw, env.max_job_bytes) {
         Err(poison) => dead_letter_poison(&env, &fetched, poison).await,
@@ -93,7 +105,7 @@ pub async fn handle(env: Arc<JobEnv>, fetched: Fetched, guard: RunGuard) {
                 let object = Some(job.to_object());
                 dead_letter_poison(&env, &fetched, Poison { reason, object }).await
             }
-            Some(pipeline) => claim_and_run(&env, job, fetched, pipeline, &guard).await,
+            Some(pipeline) => claim_and_run(&env, job, fetched, pipeline, &guard, slot).await,
         },
     }
     env.stats.running.fetch_sub(1, Ordering::Relaxed);
@@ -108,6 +120,7 @@ async fn claim_and_run(
     fetched: Fetched,
     pipeline: Arc<Pipeline>,
     guard: &RunGuard,
+    slot: OwnedSemaphorePermit,
 ) {
     let queue = fetched.queue;
     let original = fetched.raw;
@@ -146,7 +159,8 @@ async fn claim_and_run(
             Some(Claim::Cancelled) => cancel_unstarted(env, &job, &queue, &original).await,
             Some(Claim::Claimed { crashes }) => {
                 guard.claimed(&id, &token, stop.clone());
-                let run = Run::new(env.clone(), job, raw, queue, pipeline, token, stop);
+                let mut run = Run::new(env.clone(), job, raw, queue, pipeline, token, stop);
+                run.slot = Some(slot);
                 run.start(crashes).await;
             }
         }
@@ -333,6 +347,10 @@ struct Run {
     pipeline: Arc<Pipeline>,
     token: String,
     stop: Arc<RunStop>,
+    /// This run's job slot; given back while it waits on a limit.
+    slot: Option<OwnedSemaphorePermit>,
+    /// Its place in the parking lot while it has no job slot.
+    parked: Option<OwnedSemaphorePermit>,
     attempt: u32,
     results: Map<String, Value>,
     events: Arc<Events>,
@@ -359,6 +377,8 @@ impl Run {
             pipeline,
             token,
             stop,
+            slot: None,
+            parked: None,
             attempt,
             events,
         }
@@ -428,6 +448,15 @@ impl Run {
             self.fail(err, started).await;
             return;
         }
+        match self.rate_limit().await {
+            Ok(()) => {}
+            // Redis gave up on us during shutdown: recovery takes the job.
+            Err(None) => return,
+            Err(Some(stop)) => {
+                self.stopped(stop).await;
+                return;
+            }
+        }
         let start = self.pipeline.resume_index(&self.results);
         tracing::info!(
             attempt = self.attempt,
@@ -443,13 +472,102 @@ impl Run {
         match self.run_stages(start).await {
             Outcome::Completed => self.complete(started).await,
             Outcome::Failed(err) => self.fail(err, started).await,
-            Outcome::Stopped(Stop::Shutdown) => self.requeue().await,
-            Outcome::Stopped(Stop::Cancelled) => self.cancelled().await,
-            Outcome::Stopped(Stop::LeaseLost) => {
+            Outcome::Stopped(stop) => self.stopped(stop).await,
+        }
+    }
+
+    async fn stopped(self, stop: Stop) {
+        match stop {
+            Stop::Shutdown => self.requeue().await,
+            Stop::Cancelled => self.cancelled().await,
+            Stop::LeaseLost => {
                 tracing::warn!(
                     "job_abandoned: the job was recovered and handed to another daemon; writing nothing"
                 );
             }
+        }
+    }
+
+    /// Waits for `wait`, with the job's slot given back first when the
+    /// parking lot has room, so other jobs run meanwhile. The slot is not
+    /// taken again here: a job that gets a stage's limit slot runs that
+    /// stage on it, and takes a job slot again only for its next unlimited
+    /// stage ([`Run::take_slot`]). So a job waiting for a job slot never
+    /// holds a limit slot, and no two jobs can wait on each other.
+    /// `Err` when the job must stop instead (shutdown, cancel, lease lost).
+    async fn wait_unslotted<T>(
+        &mut self,
+        wait: impl std::future::Future<Output = T>,
+    ) -> Result<T, Stop> {
+        if self.slot.is_some()
+            && self.parked.is_none()
+            && let Ok(parked) = self.env.parking.clone().try_acquire_owned()
+        {
+            self.parked = Some(parked);
+            self.slot = None;
+        }
+        let token = self.stop.token.clone();
+        let draining = self.env.draining.clone();
+        tokio::select! {
+            biased;
+            _ = token.cancelled() => Err(self.stop_cause()),
+            _ = draining.cancelled() => Err(Stop::Shutdown),
+            v = wait => Ok(v),
+        }
+    }
+
+    /// Takes a job slot again after a wait that gave it back.
+    async fn take_slot(&mut self) -> Result<(), Stop> {
+        if self.slot.is_some() {
+            return Ok(());
+        }
+        let slots = self.env.slots.clone();
+        let token = self.stop.token.clone();
+        let draining = self.env.draining.clone();
+        let slot = tokio::select! {
+            biased;
+            _ = token.cancelled() => return Err(self.stop_cause()),
+            _ = draining.cancelled() => return Err(Stop::Shutdown),
+            p = slots.acquire_owned() => p.expect("the slot semaphore is never closed"),
+        };
+        self.slot = Some(slot);
+        self.parked = None;
+        Ok(())
+    }
+
+    /// Waits until the job type's `rate` lets this delivery start.
+    async fn rate_limit(&mut self) -> Result<(), Option<Stop>> {
+        let Some((limit, window)) = self.pipeline.rate else {
+            return Ok(());
+        };
+        let mut said = false;
+        loop {
+            let wait = redis_op(&self.env, "rate limit", || {
+                self.env
+                    .broker
+                    .rate_take(&self.job.kind, limit, window, &self.token)
+            })
+            .await
+            .ok_or(None)?;
+            let Some(wait) = wait else {
+                return Ok(());
+            };
+            if !said {
+                said = true;
+                tracing::info!(rate = %format!("{limit}/{}", humantime::format_duration(window)),
+                    wait_ms = wait.as_millis() as u64, "job_rate_limited");
+                let message = format!(
+                    "waiting: job type `{}` is limited to {limit} starts per {}",
+                    self.job.kind,
+                    humantime::format_duration(window)
+                );
+                let at = self.events.high_water();
+                self.events
+                    .emit(Status::Running, "progress", None, at, Some(message));
+            }
+            self.wait_unslotted(tokio::time::sleep(wait))
+                .await
+                .map_err(Some)?;
         }
     }
 
@@ -497,8 +615,42 @@ impl Run {
             if self.env.draining.is_cancelled() {
                 return Outcome::Stopped(Stop::Shutdown);
             }
-            let stage = &self.pipeline.stages[index];
+            let pipeline = self.pipeline.clone();
+            let stage = &pipeline.stages[index];
             let name = stage.name.clone();
+            // `max_concurrent`: held for the stage's run, dropped after it.
+            let _slot = match &stage.limit {
+                None => {
+                    if let Err(stop) = self.take_slot().await {
+                        return Outcome::Stopped(stop);
+                    }
+                    None
+                }
+                Some(limit) => match limit.try_acquire() {
+                    Ok(Some(permit)) => Some(permit),
+                    _ => {
+                        let describe = limit.describe();
+                        tracing::info!(stage = %name, stage_index = index, limit = %describe, "stage_waiting");
+                        let at = self.pipeline.overall_progress(index, 0.0);
+                        let message = format!("waiting for a `{name}` slot ({describe})");
+                        self.events.emit(
+                            Status::Running,
+                            "progress",
+                            Some(index),
+                            at,
+                            Some(message),
+                        );
+                        let limit = limit.clone();
+                        match self
+                            .wait_unslotted(async move { limit.acquire().await })
+                            .await
+                        {
+                            Ok(permit) => Some(permit),
+                            Err(stop) => return Outcome::Stopped(stop),
+                        }
+                    }
+                },
+            };
             let stage_started = Instant::now();
             let started_at = now_rfc3339();
             let at_start = self.pipeline.overall_progress(index, 0.0);
