@@ -1,4 +1,5 @@
-//! Operator commands on jobs: `cancel`, `retry`, `dead list|retry|purge`.
+//! Operator commands on jobs: `cancel`, `retry`, `dead list|retry|purge`,
+//! `cleanup`.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -256,6 +257,40 @@ pub async fn dead(config: &Config, cmd: &DeadCommand) -> CliResult {
             Ok(())
         }
     }
+}
+
+/// `conveyor cleanup --older-than D [--vacuum]`.
+pub fn cleanup(config: &Config, older_than: Duration, vacuum: bool, json: bool) -> CliResult {
+    let path = &config.store.path;
+    if !path.exists() {
+        return Err(Failure::other(format!("no database at {}", path.display())));
+    }
+    let cutoff = crate::rfc3339_of_ms(now_ms().saturating_sub(older_than.as_millis() as u64));
+    let report = crate::store::cleanup(path, &cutoff, vacuum)
+        .map_err(|e| Failure::other(format!("cleanup failed: {e}")))?;
+    if json {
+        let mut out = serde_json::to_value(&report).unwrap_or(Value::Null);
+        out["finished_before"] = json!(cutoff);
+        println!("{out}");
+    } else {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        println!(
+            "deleted {} job(s) finished before {cutoff} ({} stage rows, {} attempt rows)",
+            report.jobs_deleted, report.stages_deleted, report.attempts_deleted
+        );
+        println!(
+            "{}: {:.1} MiB -> {:.1} MiB{}",
+            path.display(),
+            mib(report.bytes_before),
+            mib(report.bytes_after),
+            if report.vacuumed {
+                " (vacuumed)"
+            } else {
+                "; --vacuum gives freed pages back to the file system"
+            }
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

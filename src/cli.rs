@@ -7,11 +7,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::config::{Config, ConfigError, Overrides};
-use crate::progress::{ProgressEvent, Status};
+use crate::progress::Status;
 use crate::queue::{Broker, Job, When};
 use crate::store::{JobRecord, Reader};
 use crate::telemetry::LogFormat;
@@ -72,6 +71,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List jobs, newest first, with filters and paging
+    Jobs(JobsArgs),
     /// Queue depths, live workers, jobs by status
     Status {
         #[arg(long)]
@@ -91,9 +92,70 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check config, Redis (reachable, version, permissions, scripts) and
+    /// SQLite (schema, WAL); one line per check, exit 1 if any fails
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete finished jobs older than a duration from SQLite, then
+    /// `PRAGMA optimize` (and `VACUUM` with --vacuum)
+    Cleanup {
+        /// Finished (completed, failed, cancelled) longer ago than this, e.g. 7d, 12h
+        #[arg(long, value_parser = parse_delay)]
+        older_than: Duration,
+        /// Also rebuild the file to give the space back (blocks writers while it runs)
+        #[arg(long)]
+        vacuum: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script (e.g. `conveyor completions bash > /etc/bash_completion.d/conveyor`)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Measure throughput, latency, memory and Redis cost on this machine
     /// (a private redis-server unless --redis-url is given; see BENCHMARKS.md)
     Bench(BenchArgs),
+}
+
+/// `conveyor jobs`: SQLite holds every job that started at least once;
+/// `--status pending` and `--status scheduled` list the waiting ones from
+/// Redis instead.
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// pending, scheduled, running, retrying, completed, failed or cancelled
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Job type
+    #[arg(long = "type")]
+    pub kind: Option<String>,
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Updated within this long (e.g. 1h, 2d) or since this time (RFC 3339)
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<u64>,
+    /// Jobs per page
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    /// Page number, from 1
+    #[arg(long, default_value_t = 1)]
+    pub page: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `--since`: a duration ago, or a time; as Unix ms.
+fn parse_since(s: &str) -> Result<u64, String> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |n| n.as_millis() as u64);
+        return Ok(now.saturating_sub(d.as_millis() as u64));
+    }
+    crate::parse_rfc3339_ms(s)
+        .map_err(|_| format!("`{s}` is neither a duration (1h, 2d) nor an RFC 3339 time"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -170,7 +232,7 @@ pub struct EnqueueArgs {
     pub json: bool,
 }
 
-fn parse_delay(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_delay(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 30s or 5m: {e}"))
 }
 
@@ -258,8 +320,11 @@ impl Cli {
 /// Runs a parsed command line; returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     let config = match &cli.command {
-        // The bench writes its own config; none is read.
-        Command::Bench(_) => Ok(Config::default()),
+        // The bench writes its own config; the doctor loads it itself, to
+        // report a bad one as one of its checks.
+        Command::Bench(_) | Command::Completions { .. } | Command::Doctor { .. } => {
+            Ok(Config::default())
+        }
         _ => cli.load_config(),
     };
     let result = match config {
@@ -268,14 +333,31 @@ pub async fn run(cli: Cli) -> ExitCode {
             Command::Worker(_) => worker(config).await,
             Command::Enqueue(args) => enqueue(&config, args).await,
             Command::Job { id, json } => job(&config, id, *json).await,
+            Command::Jobs(args) => jobs(&config, args).await,
             Command::Status { json } => status(&config, *json).await,
-            Command::Watch { id, json } => watch(&config, id.as_deref(), *json).await,
+            Command::Watch { id, json } => crate::watch::run(&config, id.as_deref(), *json).await,
             Command::Cancel { id } => crate::admin::cancel(&config, id).await,
             Command::Retry { id } => crate::admin::retry(&config, id).await,
             Command::Dead(cmd) => crate::admin::dead(&config, cmd).await,
             Command::Bench(args) => crate::bench::command(&cli.global, args).await,
+            Command::Cleanup {
+                older_than,
+                vacuum,
+                json,
+            } => crate::admin::cleanup(&config, *older_than, *vacuum, *json),
+            Command::Completions { shell } => {
+                use clap::CommandFactory;
+                let mut cmd = Cli::command();
+                clap_complete::generate(*shell, &mut cmd, "conveyor", &mut std::io::stdout());
+                Ok(())
+            }
+            Command::Doctor { json } => crate::doctor::run(&cli, *json).await,
         },
     };
+    exit_code(result)
+}
+
+fn exit_code(result: CliResult) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
@@ -545,6 +627,183 @@ fn render_job(job: &JobRecord) -> String {
     out
 }
 
+/// Most entries of one queue's pending list or scheduled set that `jobs`
+/// reads to filter and page through.
+const WAITING_SCAN: isize = 10_000;
+
+async fn jobs(config: &Config, args: &JobsArgs) -> CliResult {
+    if args.limit == 0 || args.page == 0 {
+        return Err(Failure::usage("--limit and --page start at 1"));
+    }
+    let offset = (args.page - 1) * args.limit;
+    let (rows, total) = match args.status.as_deref() {
+        Some(status @ ("pending" | "scheduled")) => {
+            waiting_jobs(config, args, status == "scheduled").await?
+        }
+        Some(s) if Status::parse(s).is_none() => {
+            return Err(Failure::usage(format!(
+                "--status `{s}` is not one of pending, scheduled, running, retrying, completed, failed, cancelled"
+            )));
+        }
+        _ => {
+            let reader = open_reader(config)?;
+            let filter = crate::store::JobFilter {
+                status: args.status.clone(),
+                kind: args.kind.clone(),
+                queue: args.queue.clone(),
+                since: args.since.map(crate::rfc3339_of_ms),
+                limit: args.limit,
+                offset,
+            };
+            let (page, total) = reader
+                .list_jobs(&filter)
+                .map_err(|e| Failure::other(e.to_string()))?;
+            let rows = page
+                .into_iter()
+                .map(|j| serde_json::to_value(j).unwrap_or(Value::Null))
+                .collect();
+            (rows, total)
+        }
+    };
+    if args.json {
+        let out = json!({"total": total, "page": args.page, "limit": args.limit, "jobs": rows});
+        println!("{out}");
+        return Ok(());
+    }
+    print!("{}", render_jobs(&rows));
+    let shown = rows.len();
+    if shown == 0 {
+        println!("no jobs match (total {total})");
+    } else {
+        let more = if (offset + shown) < total as usize {
+            format!("; --page {} for more", args.page + 1)
+        } else {
+            String::new()
+        };
+        println!("{}-{} of {total}{more}", offset + 1, offset + shown);
+    }
+    Ok(())
+}
+
+/// Pending or scheduled jobs from Redis, in the order they will run.
+async fn waiting_jobs(
+    config: &Config,
+    args: &JobsArgs,
+    scheduled: bool,
+) -> Result<(Vec<Value>, u64), Failure> {
+    let broker = connect(config).await?;
+    let redis_err = |e: redis::RedisError| Failure::other(format!("Redis: {e}"));
+    let queues = match &args.queue {
+        Some(q) => vec![q.clone()],
+        None => crate::worker::status::known_queues(&broker, config)
+            .await
+            .map_err(redis_err)?,
+    };
+    let mut conn = broker.conn();
+    let mut all = Vec::new();
+    for queue in &queues {
+        let entries: Vec<(Vec<u8>, Option<u64>)> = if scheduled {
+            let raw: Vec<(Vec<u8>, f64)> = redis::cmd("ZRANGE")
+                .arg(broker.keys().scheduled(queue))
+                .arg(0)
+                .arg(WAITING_SCAN - 1)
+                .arg("WITHSCORES")
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err)?;
+            raw.into_iter()
+                .map(|(e, due)| (e, Some(due as u64)))
+                .collect()
+        } else {
+            // Daemons take from the right: the last entry runs first.
+            let mut raw: Vec<Vec<u8>> = redis::cmd("LRANGE")
+                .arg(broker.keys().pending(queue))
+                .arg(-WAITING_SCAN)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err)?;
+            raw.reverse();
+            raw.into_iter().map(|e| (e, None)).collect()
+        };
+        for (entry, due) in entries {
+            let v: Value = serde_json::from_slice(&entry).unwrap_or(Value::Null);
+            let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
+            if args.kind.as_deref().is_some_and(|k| k != kind) {
+                continue;
+            }
+            if let (Some(since), Some(due)) = (args.since, due)
+                && due < since
+            {
+                continue;
+            }
+            all.push(json!({
+                "id": v.get("id").and_then(Value::as_str).unwrap_or(""),
+                "type": kind,
+                "queue": queue,
+                "status": if scheduled { "scheduled" } else { "pending" },
+                "attempt": v.pointer("/_conveyor/attempt").and_then(Value::as_u64).unwrap_or(0),
+                "due_at": due.map(crate::rfc3339_of_ms),
+            }));
+        }
+    }
+    let total = all.len() as u64;
+    let offset = (args.page - 1) * args.limit;
+    let page = all.into_iter().skip(offset).take(args.limit).collect();
+    Ok((page, total))
+}
+
+fn render_jobs(rows: &[Value]) -> String {
+    use std::fmt::Write;
+    let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+    let mut out = String::new();
+    if rows.is_empty() {
+        return out;
+    }
+    let width = rows
+        .iter()
+        .map(|r| text(r, "id").len())
+        .max()
+        .unwrap_or(2)
+        .max(2);
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:<16} {:<12} {:<10} {:>6} {:>3}  {:<24} DETAIL",
+        "ID", "TYPE", "QUEUE", "STATUS", "PROG", "TRY", "WHEN"
+    );
+    for r in rows {
+        let when = r
+            .get("due_at")
+            .and_then(Value::as_str)
+            .map(|d| format!("due {d}"))
+            .unwrap_or_else(|| text(r, "updated_at"));
+        let progress = r
+            .get("progress")
+            .and_then(Value::as_f64)
+            .map(|p| format!("{p:.0}%"))
+            .unwrap_or_else(|| "-".into());
+        let detail = match (text(r, "error"), text(r, "stage")) {
+            (e, _) if !e.is_empty() => e,
+            (_, s) if !s.is_empty() => format!("stage {s}"),
+            _ => String::new(),
+        };
+        let detail: String = detail.chars().take(60).collect();
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<16} {:<12} {:<10} {:>6} {:>3}  {:<24} {}",
+            text(r, "id"),
+            text(r, "type"),
+            text(r, "queue"),
+            text(r, "status"),
+            progress,
+            r.get("attempt").and_then(Value::as_u64).unwrap_or(0),
+            when,
+            detail.replace(['\n', '\r'], " ")
+        );
+    }
+    out
+}
+
 async fn status(config: &Config, json: bool) -> CliResult {
     let broker = connect(config).await?;
     let report = crate::worker::status::collect(&broker, config)
@@ -593,108 +852,4 @@ async fn status(config: &Config, json: bool) -> CliResult {
         }
     }
     Ok(())
-}
-
-async fn watch(config: &Config, id: Option<&str>, json: bool) -> CliResult {
-    let broker = connect(config).await?;
-    let mut pubsub = broker
-        .pubsub()
-        .await
-        .map_err(|e| Failure::other(format!("cannot subscribe: {e}")))?;
-    let channel = match id {
-        Some(id) => broker.keys().progress(id),
-        None => broker.keys().progress_pattern(),
-    };
-    pubsub
-        .psubscribe(&channel)
-        .await
-        .map_err(|e| Failure::other(format!("cannot subscribe: {e}")))?;
-    // Subscribed first, then the stored state: nothing falls in between.
-    if let Some(id) = id {
-        match stored_state(config, id) {
-            Some(state) if is_final(&state.status) => return finish_watch(id, &state.status),
-            Some(state) if !json => println!(
-                "{id} {} {:.1}%{} (stored state; following live progress)",
-                state.status,
-                state.progress,
-                state.stage.map(|s| format!(" [{s}]")).unwrap_or_default()
-            ),
-            _ => {}
-        }
-    }
-    let mut messages = pubsub.on_message();
-    let mut poll = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            msg = messages.next() => {
-                let Some(msg) = msg else {
-                    return Err(Failure::other("lost the Redis connection"));
-                };
-                let body: String = msg.get_payload().unwrap_or_default();
-                let event: Option<ProgressEvent> = serde_json::from_str(&body).ok();
-                if json {
-                    println!("{body}");
-                } else if let Some(ev) = &event {
-                    println!("{}", render_event(ev));
-                }
-                if let (Some(_), Some(ev)) = (id, &event)
-                    && ev.status.is_final()
-                {
-                    return if ev.status == Status::Completed { Ok(()) } else {
-                        Err(Failure::other(format!("job {}", ev.status.as_str())))
-                    };
-                }
-            }
-            // A missed final message (pub/sub is at-most-once) must not
-            // leave the watcher hanging: SQLite has the truth.
-            _ = poll.tick(), if id.is_some() => {
-                if let Some(id) = id
-                    && let Some(state) = stored_state(config, id)
-                    && is_final(&state.status)
-                {
-                    return finish_watch(id, &state.status);
-                }
-            }
-        }
-    }
-}
-
-fn stored_state(config: &Config, id: &str) -> Option<JobRecord> {
-    if !config.store.path.exists() {
-        return None;
-    }
-    Reader::open(&config.store.path).ok()?.job(id).ok()?
-}
-
-fn is_final(status: &str) -> bool {
-    Status::parse(status).is_some_and(Status::is_final)
-}
-
-fn finish_watch(id: &str, status: &str) -> CliResult {
-    println!("{id} {status}");
-    if status == "completed" {
-        Ok(())
-    } else {
-        Err(Failure::other(format!("job {status}")))
-    }
-}
-
-fn render_event(ev: &ProgressEvent) -> String {
-    let stage = match (&ev.stage, ev.stage_index) {
-        (Some(name), Some(i)) => format!(" [{}/{} {name}]", i + 1, ev.stages_total),
-        _ => String::new(),
-    };
-    let message = ev
-        .message
-        .as_deref()
-        .map(|m| format!(" {m}"))
-        .unwrap_or_default();
-    let short_ts = ev.ts.get(11..23).unwrap_or(&ev.ts);
-    format!(
-        "{short_ts} {} {:<9} {:>5.1}%{stage} {}{message}",
-        ev.job_id,
-        ev.status.as_str(),
-        ev.progress,
-        ev.event
-    )
 }

@@ -26,6 +26,7 @@ pub mod admin;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod error;
 pub mod notify;
 pub mod pipeline;
@@ -35,6 +36,7 @@ pub mod schedule;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod watch;
 pub mod worker;
 
 /// Current time as RFC 3339 UTC with milliseconds (sorts as text).

@@ -28,3 +28,15 @@ pub static ENQUEUE: LazyLock<Script> =
 
 /// A start of a rate-limited job type, or how long to wait for one.
 pub static RATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/rate.lua")));
+
+/// Every script, by file name (for `conveyor doctor`).
+pub fn all() -> [(&'static str, &'static Script); 6] {
+    [
+        ("claim.lua", &CLAIM),
+        ("settle.lua", &SETTLE),
+        ("recover.lua", &RECOVER),
+        ("promote.lua", &PROMOTE),
+        ("enqueue.lua", &ENQUEUE),
+        ("rate.lua", &RATE),
+    ]
+}

@@ -14,7 +14,9 @@
 //! Readers (the CLI) open their own connections; WAL lets them read while
 //! daemons write.
 
+pub mod query;
 pub mod schema;
+pub use query::{CleanupReport, JobFilter, JobSummary, cleanup};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -779,6 +781,13 @@ impl Reader {
             .prepare("SELECT status, count(*) FROM jobs GROUP BY status ORDER BY status")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// `PRAGMA journal_mode` of the file ("wal" once a worker opened it).
+    pub fn journal_mode(&self) -> Result<String, StoreError> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))?)
     }
 
     /// Schema version of the file (0 = never migrated).

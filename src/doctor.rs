@@ -1,0 +1,365 @@
+//! `conveyor doctor`: one line per check, ✅ or ❌, exit 1 if any fails.
+//!
+//! Checks: the config loads; Redis answers, is 6.2 or newer and will not
+//! evict keys; the Redis user may run every command conveyor sends, on
+//! keys shaped like conveyor's (`ACL DRYRUN`, Redis 7+); the Lua scripts
+//! load; the SQLite file has a schema this build knows and is in WAL mode.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::cli::{Cli, CliResult, Failure};
+use crate::config::Config;
+use crate::queue::Broker;
+
+#[derive(Debug, Serialize)]
+struct Check {
+    name: &'static str,
+    ok: bool,
+    detail: String,
+}
+
+#[derive(Default)]
+struct Report(Vec<Check>);
+
+impl Report {
+    fn add(&mut self, name: &'static str, result: Result<String, String>) -> bool {
+        let ok = result.is_ok();
+        let detail = result.unwrap_or_else(|e| e);
+        self.0.push(Check { name, ok, detail });
+        ok
+    }
+}
+
+pub async fn run(cli: &Cli, json: bool) -> CliResult {
+    let mut report = Report::default();
+    checks(cli, &mut report).await;
+    let failed = report.0.iter().filter(|c| !c.ok).count();
+    if json {
+        println!("{}", json!({"ok": failed == 0, "checks": report.0}));
+    } else {
+        for c in &report.0 {
+            println!(
+                "{} {:<12} {}",
+                if c.ok { "✅" } else { "❌" },
+                c.name,
+                c.detail
+            );
+        }
+    }
+    if failed == 0 {
+        Ok(())
+    } else {
+        Err(Failure::other(format!("{failed} check(s) failed")))
+    }
+}
+
+async fn checks(cli: &Cli, report: &mut Report) {
+    let config = match cli.load_config() {
+        Ok(c) => c,
+        Err(e) => {
+            report.add("config", Err(e.message));
+            return;
+        }
+    };
+    let source = match &cli.global.config {
+        Some(p) => p.display().to_string(),
+        None if Path::new(crate::config::DEFAULT_CONFIG_PATH).exists() => {
+            crate::config::DEFAULT_CONFIG_PATH.to_owned()
+        }
+        None => "no file (defaults)".to_owned(),
+    };
+    report.add(
+        "config",
+        Ok(format!(
+            "{source}: {} job type(s), {} schedule(s), queues {}",
+            config.jobs.len(),
+            config.schedules.len(),
+            config.worker.queues.join(",")
+        )),
+    );
+    sqlite(&config, report);
+    let started = Instant::now();
+    let url = redacted(&config.redis.url);
+    let broker = match tokio::time::timeout(
+        Duration::from_secs(5),
+        Broker::connect_with_retries(&config.redis.url, &config.redis.prefix, 0),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            report.add("redis", Err(format!("{url}: {e}")));
+            return;
+        }
+        Err(_) => {
+            report.add("redis", Err(format!("{url}: no answer within 5 s")));
+            return;
+        }
+    };
+    let mut conn = broker.conn();
+    let ping: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+    let reachable = report.add(
+        "redis",
+        ping.map(|_| format!("{url} answers ({} ms)", started.elapsed().as_millis()))
+            .map_err(|e| format!("{url}: {e}")),
+    );
+    if !reachable {
+        return;
+    }
+    report.add("version", version(&broker).await);
+    report.add("eviction", eviction(&broker).await);
+    report.add("permissions", permissions(&broker, &config).await);
+    report.add("scripts", scripts(&broker).await);
+}
+
+/// The URL without its password.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let shown = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                "***".to_owned()
+            };
+            format!("{}{shown}{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+async fn version(broker: &Broker) -> Result<String, String> {
+    let mut conn = broker.conn();
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| format!("INFO server: {e}"))?;
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .map(str::trim)
+        .ok_or("INFO server has no redis_version")?
+        .to_owned();
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) >= (6, 2) {
+        Ok(format!("Redis {version} (6.2 or newer: LMOVE, BLMOVE)"))
+    } else {
+        Err(format!(
+            "Redis {version}: conveyor needs 6.2 or newer (LMOVE, BLMOVE)"
+        ))
+    }
+}
+
+async fn eviction(broker: &Broker) -> Result<String, String> {
+    let mut conn = broker.conn();
+    let policy: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(&mut conn)
+        .await;
+    match policy {
+        Ok(v) => match v.get(1).map(String::as_str) {
+            Some("noeviction") => Ok("maxmemory-policy noeviction: Redis never drops jobs".into()),
+            Some(p) => Err(format!(
+                "maxmemory-policy is {p}: Redis may evict queued jobs under memory pressure; set noeviction"
+            )),
+            None => Ok(
+                "maxmemory-policy not reported (managed Redis?); make sure it is noeviction".into(),
+            ),
+        },
+        Err(e) => Ok(format!(
+            "not checked (CONFIG GET refused: {e}); make sure maxmemory-policy is noeviction"
+        )),
+    }
+}
+
+/// Every command conveyor sends, with keys shaped like its own, checked
+/// with `ACL DRYRUN` for the connected user. Commands run inside the Lua
+/// scripts are listed too: Redis checks them when the script runs.
+async fn permissions(broker: &Broker, config: &Config) -> Result<String, String> {
+    let mut conn = broker.conn();
+    let user: String = match redis::cmd("ACL").arg("WHOAMI").query_async(&mut conn).await {
+        Ok(u) => u,
+        Err(e) => return Ok(format!("not checked (ACL WHOAMI: {e})")),
+    };
+    let k = broker.keys();
+    let q = config
+        .worker
+        .queues
+        .first()
+        .map_or("default", String::as_str);
+    let w = "doctor";
+    let (pending, active, scheduled, dead) =
+        (k.pending(q), k.active(q, w), k.scheduled(q), k.dead(q));
+    let (leases, crashes, cancelled, unique) =
+        (k.leases(q), k.crashes(q), k.cancelled(q), k.unique(q));
+    let progress = k.progress("doctor");
+    let probes: Vec<Vec<String>> = [
+        vec!["LMOVE", &pending, &active, "RIGHT", "LEFT"],
+        vec!["BLMOVE", &pending, &active, "RIGHT", "LEFT", "1"],
+        vec!["LPUSH", &pending, "x"],
+        vec!["RPUSH", &pending, "x"],
+        vec!["LREM", &active, "1", "x"],
+        vec!["LPOS", &active, "x"],
+        vec!["LSET", &active, "0", "x"],
+        vec!["LRANGE", &active, "0", "-1"],
+        vec!["LLEN", &dead],
+        vec!["DEL", &dead],
+        vec!["ZADD", &scheduled, "1", "x"],
+        vec!["ZREM", &scheduled, "x"],
+        vec!["ZRANGEBYSCORE", &scheduled, "-inf", "1"],
+        vec!["ZCARD", &scheduled],
+        vec!["HSET", &leases, "id", "t"],
+        vec!["HGET", &crashes, "id"],
+        vec!["HDEL", &cancelled, "id"],
+        vec!["HEXISTS", &unique, "id"],
+        vec!["HSET", &k.workers(), "id", "x"],
+        vec!["HVALS", &k.workers()],
+        vec!["SET", &k.worker(w), "x", "PX", "1000", "GET"],
+        vec!["MGET", &k.worker(w)],
+        vec!["PUBLISH", &progress, "x"],
+        vec!["PSUBSCRIBE", &k.progress_pattern()],
+        vec!["SUBSCRIBE", &k.control()],
+        vec![
+            "EVALSHA",
+            "0000000000000000000000000000000000000000",
+            "1",
+            &pending,
+        ],
+        vec!["SCRIPT", "LOAD", "return 1"],
+        vec!["TIME"],
+    ]
+    .into_iter()
+    .map(|v| {
+        v.into_iter()
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .collect()
+    })
+    .collect();
+    let mut refused = Vec::new();
+    for probe in &probes {
+        let answer: redis::RedisResult<String> = redis::cmd("ACL")
+            .arg("DRYRUN")
+            .arg(&user)
+            .arg(probe)
+            .query_async(&mut conn)
+            .await;
+        match answer {
+            Ok(ok) if ok == "OK" => {}
+            Ok(denied) => refused.push(format!(
+                "{} ({denied})",
+                probe[..2.min(probe.len())].join(" ")
+            )),
+            // Redis 6.2 has no DRYRUN; a least-privilege user may not run it.
+            Err(e) if refused.is_empty() && probe == &probes[0] => {
+                return Ok(format!("not checked for user {user} (ACL DRYRUN: {e})"));
+            }
+            Err(e) => refused.push(format!("{} ({e})", probe[0])),
+        }
+    }
+    if refused.is_empty() {
+        Ok(format!(
+            "user {user} may run all {} commands conveyor sends",
+            probes.len()
+        ))
+    } else {
+        Err(format!("user {user} is refused: {}", refused.join("; ")))
+    }
+}
+
+async fn scripts(broker: &Broker) -> Result<String, String> {
+    let mut conn = broker.conn();
+    let all = crate::queue::scripts::all();
+    for (name, script) in &all {
+        let sha: String = script
+            .prepare_invoke()
+            .load_async(&mut conn)
+            .await
+            .map_err(|e| format!("{name}: {e}"))?;
+        if sha != script.get_hash() {
+            return Err(format!(
+                "{name}: Redis answered SHA {sha}, expected {}",
+                script.get_hash()
+            ));
+        }
+    }
+    Ok(format!("{} Lua scripts loaded", all.len()))
+}
+
+fn sqlite(config: &Config, report: &mut Report) {
+    let path = &config.store.path;
+    if !path.exists() {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let writable =
+            dir.exists() && std::fs::metadata(dir).is_ok_and(|m| !m.permissions().readonly());
+        report.add(
+            "sqlite",
+            if writable || !dir.exists() {
+                Ok(format!(
+                    "{} does not exist yet; the first worker creates it",
+                    path.display()
+                ))
+            } else {
+                Err(format!(
+                    "{} cannot be created: {} is read-only",
+                    path.display(),
+                    dir.display()
+                ))
+            },
+        );
+        return;
+    }
+    let result = (|| -> Result<String, String> {
+        let reader = crate::store::Reader::open(path).map_err(|e| e.to_string())?;
+        let version = reader.schema_version().map_err(|e| e.to_string())?;
+        let current = crate::store::schema::VERSION;
+        let schema = match version.cmp(&current) {
+            std::cmp::Ordering::Equal => format!("schema v{version}"),
+            std::cmp::Ordering::Less => {
+                format!("schema v{version}; the next worker migrates it to v{current}")
+            }
+            std::cmp::Ordering::Greater => {
+                return Err(format!(
+                    "{}: schema v{version} is newer than this build (v{current}); upgrade conveyor",
+                    path.display()
+                ));
+            }
+        };
+        let mode = reader.journal_mode().map_err(|e| e.to_string())?;
+        if !mode.eq_ignore_ascii_case("wal") && version > 0 {
+            return Err(format!(
+                "{}: journal_mode is {mode}, not WAL",
+                path.display()
+            ));
+        }
+        Ok(format!("{}: {schema}, journal_mode {mode}", path.display()))
+    })();
+    report.add("sqlite", result);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn passwords_are_not_shown() {
+        assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(
+            redacted("redis://app:s3cr3t@h:6379/0"),
+            "redis://app:***@h:6379/0"
+        );
+        assert_eq!(redacted("rediss://:s3cr3t@h"), "rediss://:***@h");
+        assert_eq!(redacted("redis://tok@h"), "redis://***@h");
+    }
+}
