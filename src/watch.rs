@@ -99,9 +99,12 @@ struct Order {
 impl Order {
     fn accept(&mut self, ev: &ProgressEvent) -> bool {
         let last = self.last.entry(ev.job_id.clone()).or_insert(0);
-        // seq starts at 1 for each delivery of a job; a new attempt after a
-        // retry or requeue starts over, so a final status resets the count.
-        if ev.seq <= *last && *last != 0 && ev.event != "job_started" {
+        // seq starts at 1 for each delivery of a job: a new attempt after a
+        // retry or requeue starts over with `job_started`.
+        // A final status always counts: "cancelled before it ran" is sent
+        // with seq 1 whatever ran before.
+        let restart = ev.event == "job_started" || ev.status.is_final();
+        if ev.seq <= *last && !restart {
             return false;
         }
         *last = if ev.status.is_final() { 0 } else { ev.seq };
@@ -314,6 +317,13 @@ mod tests {
         // Requeued on shutdown, taken again elsewhere: seq restarts.
         assert!(o.accept(&ev("a", 1, "job_started", Status::Running)));
         assert!(o.accept(&ev("a", 2, "stage_started", Status::Running)));
+    }
+
+    #[test]
+    fn a_final_status_always_counts() {
+        let mut o = Order::default();
+        assert!(o.accept(&ev("a", 4, "progress", Status::Running)));
+        assert!(o.accept(&ev("a", 1, "job_cancelled", Status::Cancelled)));
     }
 
     #[test]
