@@ -1023,7 +1023,7 @@ stages = [
 
 /// CONTRACT "CLI": the commands and options it lists exist.
 #[test]
-#[ignore = "issues 5 and 6: doctor, dashboard and enqueue --delay"]
+#[ignore = "issue 6: the dashboard command"]
 fn contract_cli_commands_exist() {
     let h = Harness::new("");
     let mut missing = Vec::new();
