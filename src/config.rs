@@ -282,7 +282,8 @@ pub struct StageConfig {
     pub name: String,
     /// An external program: argv, run per the stage protocol.
     pub run: Option<Vec<String>>,
-    /// Or an in-process built-in (`noop`, `sleep`, `echo`, `fail`).
+    /// Or an in-process stage: a built-in (`noop`, `sleep`, `echo`, `fail`)
+    /// or a Rust stage registered with [`crate::Worker::builder`].
     pub builtin: Option<String>,
     /// Arguments of a built-in, e.g. `{ ms = 50 }` for `sleep`.
     pub args: Option<toml::Table>,
@@ -397,6 +398,13 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_with_stages(&[])
+    }
+
+    /// [`Config::validate`] for a daemon that also has in-process Rust
+    /// stages under these names (see [`crate::Worker::builder`]): a stage's
+    /// `builtin` may name one of them as well as a built-in.
+    pub fn validate_with_stages(&self, rust_stages: &[&str]) -> Result<(), ConfigError> {
         self.validate_redis()?;
         self.validate_worker()?;
         validate_retry("retry", &self.retry)?;
@@ -404,7 +412,7 @@ impl Config {
             return Err(invalid("store.path", "must not be empty"));
         }
         for (name, job) in &self.jobs {
-            validate_job_type(name, job)?;
+            validate_job_type(name, job, rust_stages)?;
         }
         self.validate_stage_limits()?;
         for (i, schedule) in self.schedules.iter().enumerate() {
@@ -546,7 +554,11 @@ impl Config {
     }
 }
 
-fn validate_job_type(name: &str, job: &JobTypeConfig) -> Result<(), ConfigError> {
+fn validate_job_type(
+    name: &str,
+    job: &JobTypeConfig,
+    rust_stages: &[&str],
+) -> Result<(), ConfigError> {
     let key = format!("jobs.\"{name}\"");
     if name.is_empty() {
         return Err(invalid("jobs", "a job type name must not be empty"));
@@ -635,8 +647,26 @@ fn validate_job_type(name: &str, job: &JobTypeConfig) -> Result<(), ConfigError>
                 }
             }
             (None, Some(b)) => {
-                builtin::Builtin::parse(b, &stage.args_json())
-                    .map_err(|message| invalid(format!("{key}.builtin"), message))?;
+                if rust_stages.contains(&b.as_str()) {
+                    if stage.args.is_some() {
+                        return Err(invalid(
+                            format!("{key}.args"),
+                            format!("`{b}` is a Rust stage; it takes no `args`"),
+                        ));
+                    }
+                } else if !rust_stages.is_empty() && !builtin::NAMES.contains(&b.as_str()) {
+                    return Err(invalid(
+                        format!("{key}.builtin"),
+                        format!(
+                            "unknown stage `{b}` (built-ins: {}; Rust stages: {})",
+                            builtin::NAMES.join(", "),
+                            rust_stages.join(", ")
+                        ),
+                    ));
+                } else {
+                    builtin::Builtin::parse(b, &stage.args_json())
+                        .map_err(|message| invalid(format!("{key}.builtin"), message))?;
+                }
                 if !stage.env.is_empty() {
                     return Err(invalid(format!("{key}.env"), "`env` is for `run` stages"));
                 }

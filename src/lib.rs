@@ -5,14 +5,74 @@
 //! pipeline of stages, publish progress over pub/sub, and keep job and
 //! stage state in SQLite. A crash or a shutdown loses nothing.
 //!
+//! # Library
+//!
+//! The `conveyor` binary is a thin wrapper around this crate; Rust programs
+//! can use the same parts directly:
+//!
+//! - [`Client`] enqueues jobs (now, after a delay, or at a time; unique by
+//!   id), cancels them, and looks them up in Redis and SQLite, as
+//!   `conveyor enqueue`, `cancel` and `job` do.
+//! - [`Stage`] is the trait every stage implements. Implement it to run a
+//!   stage in-process, and register it under a name with
+//!   [`Worker::builder`]: config stages written `builtin = "<name>"` run it.
+//! - [`Worker`] runs the daemon, the same engine as `conveyor worker`, with
+//!   those Rust stages added.
+//!
+//! ```no_run
+//! use conveyor::client::EnqueueRequest;
+//! use conveyor::config::Config;
+//! use conveyor::{BoxFuture, Client, Stage, StageContext, StageError, Worker};
+//! use serde_json::{Value, json};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! struct WordCount;
+//!
+//! impl Stage for WordCount {
+//!     fn run<'a>(&'a self, ctx: &'a StageContext) -> BoxFuture<'a, Result<Value, StageError>> {
+//!         Box::pin(async move {
+//!             let text = ctx.payload["text"].as_str().unwrap_or_default();
+//!             Ok(json!({ "words": text.split_whitespace().count() }))
+//!         })
+//!     }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let config = Config::from_toml(
+//!         r#"
+//!         [jobs."text.count"]
+//!         stages = [{ name = "count", builtin = "wordcount" }]
+//!         "#,
+//!     )?;
+//!     let client = Client::from_config(&config).await?;
+//!     let job = client
+//!         .enqueue(EnqueueRequest::new("text.count").payload(json!({ "text": "a b c" })))
+//!         .await?;
+//!
+//!     let shutdown = CancellationToken::new();
+//!     let worker = Worker::builder(config).stage("wordcount", WordCount).build()?;
+//!     let daemon = tokio::spawn(worker.run(shutdown.clone()));
+//!     // ... poll `client.job(&job.id)` until `is_final()`, then:
+//!     shutdown.cancel();
+//!     daemon.await??;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! `examples/rust_stage.rs` is a complete program: `cargo run --example
+//! rust_stage`.
+//!
 //! # Layout
 //! - [`config`]: TOML file + environment + flags, validated with the key named.
+//! - [`client`]: [`Client`], enqueue / cancel / look up jobs from Rust.
 //! - [`queue`]: Redis keys ([`queue::keys`]), Lua scripts, the job envelope
 //!   ([`queue::job`]), and fetch / ack / requeue / dead-letter.
 //! - [`pipeline`]: the [`pipeline::Stage`] trait, built-in stages, and
 //!   external programs speaking the stage protocol ([`pipeline::exec`]).
 //! - [`worker`]: the daemon: fetch loop, job runner, heartbeat, shutdown,
-//!   periodic jobs ([`schedule`] says when they tick).
+//!   periodic jobs ([`schedule`] says when they tick); [`Worker`] runs it
+//!   as a library ([`worker::builder`]).
 //! - [`store`]: SQLite state through one writer thread with group commit.
 //! - [`progress`]: progress events and their publisher.
 //! - [`shutdown`]: OS signals to a cancellation token.
@@ -25,6 +85,7 @@
 pub mod admin;
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod doctor;
 pub mod error;
@@ -38,6 +99,10 @@ pub mod store;
 pub mod telemetry;
 pub mod watch;
 pub mod worker;
+
+pub use client::Client;
+pub use pipeline::{BoxFuture, Stage, StageContext, StageError};
+pub use worker::builder::Worker;
 
 /// Current time as RFC 3339 UTC with milliseconds (sorts as text).
 pub fn now_rfc3339() -> String {

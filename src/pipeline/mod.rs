@@ -1,9 +1,10 @@
 //! Pipelines: a job type is an ordered list of stages.
 //!
 //! A stage is anything implementing [`Stage`]: an external program run per
-//! the stage protocol ([`exec::ExecStage`]) or an in-process built-in
-//! ([`builtin::Builtin`]). The runner (`worker::runner`) calls the stages in
-//! order, passing each one the results of those before it.
+//! the stage protocol ([`exec::ExecStage`]), an in-process built-in
+//! ([`builtin::Builtin`]), or a Rust stage registered with
+//! [`crate::Worker::builder`]. The runner (`worker::runner`) calls the stages
+//! in order, passing each one the results of those before it.
 
 pub mod builtin;
 pub mod exec;
@@ -23,6 +24,41 @@ use crate::config::{Config, JobTypeConfig, RetryConfig};
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// One step of a pipeline.
+///
+/// Implement it to run a stage in-process, then register the
+/// implementation with [`crate::Worker::builder`] under a name; config
+/// stages written `builtin = "<name>"` run it. It gets the job in a
+/// [`StageContext`] and returns the stage's result (any JSON: it goes to
+/// later stages, in [`StageContext::results`], and to SQLite) or a
+/// [`StageError`] saying whether the job may be retried.
+///
+/// ```
+/// use conveyor::{BoxFuture, Stage, StageContext, StageError};
+/// use serde_json::{Value, json};
+///
+/// /// Counts the words of `payload.text`.
+/// struct WordCount;
+///
+/// impl Stage for WordCount {
+///     fn run<'a>(&'a self, ctx: &'a StageContext) -> BoxFuture<'a, Result<Value, StageError>> {
+///         Box::pin(async move {
+///             let Some(text) = ctx.payload["text"].as_str() else {
+///                 // Running it again would not help: no retry.
+///                 return Err(StageError::permanent("payload.text must be a string"));
+///             };
+///             if ctx.cancel.is_cancelled() {
+///                 // Shutdown or timeout: the job is put back and runs again.
+///                 return Err(StageError::interrupted());
+///             }
+///             ctx.progress(50.0, Some("counting".into()));
+///             Ok(json!({ "words": text.split_whitespace().count() }))
+///         })
+///     }
+/// }
+/// ```
+///
+/// A panic in a registered Rust stage is caught and fails the attempt
+/// like a crashed program: a retryable failure.
 pub trait Stage: Send + Sync + 'static {
     /// Runs the stage for one job. Must return soon after `ctx.cancel` fires
     /// (with [`StageError::interrupted`]); the job is then put back and the
@@ -50,6 +86,8 @@ pub struct StageContext {
 }
 
 impl StageContext {
+    /// Reports the stage's progress, 0-100 within the stage, with an
+    /// optional message; published at once as the job's weighted progress.
     pub fn progress(&self, percent: f64, message: Option<String>) {
         (self.progress)(percent, message);
     }
@@ -129,12 +167,18 @@ pub struct Pipeline {
     total_weight: u64,
 }
 
+/// In-process Rust stages by the name config stages give in `builtin`.
+pub type RustStages = HashMap<String, Arc<dyn Stage>>;
+
 impl Pipeline {
+    /// A job type's pipeline. A stage's `builtin` names one of `rust_stages`
+    /// or else a built-in.
     pub fn from_config(
         kind: &str,
         cfg: &JobTypeConfig,
         retry: RetryConfig,
         limits: &HashMap<String, Arc<limit::StageLimit>>,
+        rust_stages: &RustStages,
     ) -> Result<Self, String> {
         let stages = cfg
             .stages
@@ -142,7 +186,10 @@ impl Pipeline {
             .map(|s| {
                 let imp: Arc<dyn Stage> = match (&s.run, &s.builtin) {
                     (Some(argv), _) => Arc::new(exec::ExecStage::new(argv.clone(), s.env.clone())),
-                    (None, Some(name)) => Arc::new(builtin::Builtin::parse(name, &s.args_json())?),
+                    (None, Some(name)) => match rust_stages.get(name) {
+                        Some(stage) => stage.clone(),
+                        None => Arc::new(builtin::Builtin::parse(name, &s.args_json())?),
+                    },
                     (None, None) => return Err(format!("stage `{}` has nothing to run", s.name)),
                 };
                 Ok(StageSpec {
@@ -202,7 +249,17 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// The job types of `config`, with the built-in stages only.
     pub fn from_config(config: &Config) -> Result<Self, String> {
+        Self::from_config_with_stages(config, &RustStages::new())
+    }
+
+    /// The job types of `config`; a stage's `builtin` may also name one of
+    /// `rust_stages`.
+    pub fn from_config_with_stages(
+        config: &Config,
+        rust_stages: &RustStages,
+    ) -> Result<Self, String> {
         let mut limits = HashMap::new();
         for stage in config.jobs.values().flat_map(|j| &j.stages) {
             let Some(max) = stage.max_concurrent else {
@@ -221,7 +278,7 @@ impl Registry {
         }
         let mut pipelines = HashMap::new();
         for (kind, cfg) in &config.jobs {
-            let p = Pipeline::from_config(kind, cfg, config.retry_for(cfg), &limits)
+            let p = Pipeline::from_config(kind, cfg, config.retry_for(cfg), &limits, rust_stages)
                 .map_err(|e| format!("jobs.\"{kind}\": {e}"))?;
             pipelines.insert(kind.clone(), Arc::new(p));
         }

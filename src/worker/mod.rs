@@ -31,6 +31,7 @@
 //! 5. anything still in this daemon's active lists goes back to pending;
 //!    the registration is removed, the publisher drained, SQLite closed.
 
+pub mod builder;
 pub mod control;
 pub mod health;
 pub mod periodic;
@@ -71,12 +72,26 @@ pub enum WorkerError {
     Register(#[from] registry::RegisterError),
     #[error("job types: {0}")]
     Registry(String),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
 }
 
 /// Runs the daemon until `shutdown` fires, then drains as described in the
 /// module docs. Errors only at start (bad Redis, SQLite, worker id).
+///
+/// This is what `conveyor worker` runs: built-in and external stages only.
+/// [`crate::Worker`] runs the same engine with Rust stages added.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let registry = Registry::from_config(&config).map_err(WorkerError::Registry)?;
+    run_with_registry(config, registry, shutdown).await
+}
+
+/// [`run`] with the job types already built from `config`.
+pub(crate) async fn run_with_registry(
+    config: Config,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
     let worker_id = config.worker_id();
     let w = &config.worker;
     let db = config.store.path.clone();

@@ -1,0 +1,634 @@
+//! [`Client`]: enqueue, cancel and look up jobs from Rust.
+//!
+//! The client does what `conveyor enqueue`, `conveyor cancel` and
+//! `conveyor job` do, with the same Redis scripts and keys, so jobs it
+//! enqueues are unique by id and run by any daemon, the binary or a
+//! [`crate::Worker`].
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::progress::{ProgressEvent, Status};
+use crate::queue::{Broker, Job, When};
+use crate::store::{JobRecord, Reader, StoreError};
+
+/// How long [`Client::cancel`] waits for a running job's daemon to confirm
+/// (as `conveyor cancel` does).
+const CANCEL_CONFIRM_WAIT: Duration = Duration::from_secs(3);
+
+/// What went wrong in a [`Client`] call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The client was made with a config whose `[jobs]` do not have this type.
+    #[error("unknown job type `{kind}` (known: {known})")]
+    UnknownType { kind: String, known: String },
+    #[error("job id {0}")]
+    InvalidId(String),
+    #[error("queue `{queue}`: {message}")]
+    InvalidQueue { queue: String, message: String },
+    #[error("key prefix `{prefix}`: {message}")]
+    InvalidPrefix { prefix: String, message: String },
+    #[error("payload cannot be encoded as JSON: {0}")]
+    Payload(String),
+    #[error("the due time is before 1970")]
+    InvalidTime,
+    #[error("job of {size} bytes is over worker.max_job_bytes ({max})")]
+    TooLarge { size: usize, max: usize },
+    /// [`Client::cancel`] of a job SQLite knows as completed, failed or
+    /// cancelled.
+    #[error("job {id} is already {status}")]
+    AlreadyFinished { id: String, status: String },
+    /// A state conveyor does not know, read from Redis or SQLite.
+    #[error("unknown job state `{0}`")]
+    UnknownStatus(String),
+}
+
+/// A handle on the queues of one Redis and key prefix. Cheap to clone: the
+/// clones share one multiplexed, self-reconnecting connection.
+///
+/// ```no_run
+/// use std::time::Duration;
+///
+/// use conveyor::client::{Client, EnqueueRequest};
+/// use serde_json::json;
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), conveyor::client::ClientError> {
+///     let client = Client::connect("redis://127.0.0.1:6379", "conveyor")
+///         .await?
+///         .with_store("data/conveyor.db");
+///     let job = client
+///         .enqueue(
+///             EnqueueRequest::new("video.generate")
+///                 .payload(json!({ "video_id": 123 }))
+///                 .id("video-123")
+///                 .delay(Duration::from_secs(30)),
+///         )
+///         .await?;
+///     if !job.added {
+///         println!("{} is already {}", job.id, job.status.as_str());
+///     }
+///     if let Some(info) = client.job(&job.id).await? {
+///         println!("{} is {}", info.id, info.status.as_str());
+///     }
+///     client.cancel(&job.id).await?;
+///     Ok(())
+/// }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    broker: Broker,
+    /// Job types (their queues) and `max_job_bytes`; defaults for
+    /// [`Client::connect`].
+    config: Config,
+    /// SQLite file to read stored jobs from, if any.
+    store: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the URL: it may hold a password.
+        f.debug_struct("Client")
+            .field("prefix", &self.config.redis.prefix)
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects to `redis_url` (`redis://[user:password@]host:port[/db]`,
+    /// `rediss://`, `redis+unix:///path`) for keys under `prefix`
+    /// (`conveyor` is the daemon's default). Retries for a few seconds when
+    /// Redis does not answer. Jobs go to queue `default` unless the request
+    /// names one; no SQLite file is read (see [`Client::with_store`]).
+    pub async fn connect(redis_url: &str, prefix: &str) -> Result<Self, ClientError> {
+        check_name(prefix).map_err(|message| ClientError::InvalidPrefix {
+            prefix: prefix.to_owned(),
+            message,
+        })?;
+        let mut config = Config::default();
+        config.redis.url = redis_url.to_owned();
+        config.redis.prefix = prefix.to_owned();
+        let broker = Broker::connect(redis_url, prefix).await?;
+        Ok(Self {
+            broker,
+            config,
+            store: None,
+        })
+    }
+
+    /// Connects as `config` says (`redis.url`, `redis.prefix`). Jobs go to
+    /// their type's `queue`, types not in `[jobs]` are refused (unless it has
+    /// none), `worker.max_job_bytes` bounds a job's size, and
+    /// [`Client::job`] and [`Client::cancel`] read `store.path` when it exists.
+    pub async fn from_config(config: &Config) -> Result<Self, ClientError> {
+        let prefix = &config.redis.prefix;
+        check_name(prefix).map_err(|message| ClientError::InvalidPrefix {
+            prefix: prefix.clone(),
+            message,
+        })?;
+        let broker = Broker::connect(&config.redis.url, &config.redis.prefix).await?;
+        Ok(Self {
+            broker,
+            config: config.clone(),
+            store: Some(config.store.path.clone()),
+        })
+    }
+
+    /// Reads stored jobs from this SQLite file (the daemons' `store.path`).
+    pub fn with_store(mut self, path: impl Into<PathBuf>) -> Self {
+        self.store = Some(path.into());
+        self
+    }
+
+    /// The Redis handle underneath, for what the client does not cover.
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    /// Enqueues one job, now or later, with the atomic script of
+    /// `conveyor enqueue`: a job whose id is pending, scheduled or running
+    /// on that queue is not enqueued again ([`Enqueued::added`] is false and
+    /// [`Enqueued::status`] is the live job's). A request with an explicit
+    /// id starts a new run of that id in SQLite, so an id that ran before
+    /// may be enqueued again once it finished.
+    pub async fn enqueue(&self, request: EnqueueRequest) -> Result<Enqueued, ClientError> {
+        let EnqueueRequest {
+            kind,
+            payload,
+            queue,
+            id,
+            max_attempts,
+            timeout_secs,
+            due,
+        } = request;
+        let payload = payload.map_err(ClientError::Payload)?;
+        let job_type = self.config.jobs.get(&kind);
+        if job_type.is_none() && !self.config.jobs.is_empty() {
+            let known: Vec<_> = self.config.jobs.keys().map(String::as_str).collect();
+            return Err(ClientError::UnknownType {
+                kind,
+                known: known.join(", "),
+            });
+        }
+        let queue = queue
+            .or_else(|| job_type.map(|t| t.queue.clone()))
+            .unwrap_or_else(|| "default".into());
+        check_name(&queue).map_err(|message| ClientError::InvalidQueue {
+            queue: queue.clone(),
+            message,
+        })?;
+        let chosen_id = id.is_some();
+        let id = id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        crate::queue::job::check_id(&id).map_err(ClientError::InvalidId)?;
+        let mut job = Job::new(id.clone(), kind.clone(), payload);
+        if chosen_id {
+            // A chosen id may be one that ran before: a new epoch makes this
+            // a new story of the job in SQLite, not a duplicate of the
+            // finished one.
+            job.meta.epoch = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(1, |d| d.as_secs() as u32);
+        }
+        job.max_attempts = max_attempts;
+        job.timeout_secs = timeout_secs;
+        let body = job.to_json();
+        let max = self.config.worker.max_job_bytes;
+        if body.len() > max {
+            return Err(ClientError::TooLarge {
+                size: body.len(),
+                max,
+            });
+        }
+        let when = match due {
+            Due::Now => When::Now,
+            Due::After(d) if d.is_zero() => When::Now,
+            Due::After(d) => When::After(d),
+            Due::At(t) => When::At(unix_ms(t)?),
+        };
+        let enqueued = self.broker.enqueue(&queue, &id, &kind, &body, when).await?;
+        Ok(Enqueued {
+            id,
+            queue,
+            added: enqueued.added,
+            status: parse_status(&enqueued.status)?,
+            due: enqueued.due_ms.map(time_of_ms),
+        })
+    }
+
+    /// Cancels a job as `conveyor cancel` does: the cancellation is flagged
+    /// on every known queue (a pending or scheduled job is dropped when a
+    /// daemon takes it, and never runs) and sent to the daemons (a running
+    /// job stops). When the job is running, waits up to 3 s for its daemon
+    /// to confirm. Refuses a job the SQLite file (if any) knows as finished.
+    ///
+    /// Like `conveyor cancel` without a database, a client that reads no
+    /// SQLite file cannot tell a finished job from one that never started:
+    /// the flag is then set anyway, and the next job enqueued with that id
+    /// on that queue is dropped when taken.
+    pub async fn cancel(&self, id: &str) -> Result<Cancelled, ClientError> {
+        if let Some(record) = self.stored(id).await?
+            && Status::parse(&record.status).is_some_and(Status::is_final)
+        {
+            return Err(ClientError::AlreadyFinished {
+                id: id.to_owned(),
+                status: record.status,
+            });
+        }
+        // Listen first, so a running job's confirmation is not missed.
+        let mut pubsub = self.broker.pubsub().await?;
+        pubsub.subscribe(self.broker.keys().progress(id)).await?;
+        let queues = self.known_queues().await?;
+        self.broker.cancel(&queues, id, now_ms()).await?;
+        // Checked after the flag: a job taken before it holds a lease; one
+        // taken after it is dropped by the daemon.
+        if self.running_on(&queues, id).await?.is_none() {
+            return Ok(Cancelled::Recorded);
+        }
+        let mut messages = pubsub.on_message();
+        let confirmed = tokio::time::timeout(CANCEL_CONFIRM_WAIT, async {
+            while let Some(msg) = messages.next().await {
+                let body: Vec<u8> = msg.get_payload().unwrap_or_default();
+                if let Ok(ev) = serde_json::from_slice::<ProgressEvent>(&body)
+                    && ev.status == Status::Cancelled
+                {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false);
+        Ok(if confirmed {
+            Cancelled::Stopped
+        } else {
+            Cancelled::Recorded
+        })
+    }
+
+    /// A job as `conveyor job` sees it: its live state in Redis (pending or
+    /// scheduled through an enqueue script, or running), and its stored
+    /// record when the client reads a SQLite file. `None` when neither
+    /// knows the id.
+    pub async fn job(&self, id: &str) -> Result<Option<JobInfo>, ClientError> {
+        let record = self.stored(id).await?;
+        let live = self.live(id).await?;
+        let stored_status = record
+            .as_ref()
+            .map(|r| parse_status(&r.status))
+            .transpose()?;
+        let status = match (stored_status, &live) {
+            // SQLite knows a running job best (and a retrying one, which
+            // Redis still lists as enqueued).
+            (Some(s @ (Status::Running | Status::Retrying)), _) => s,
+            // Live Redis state wins over an older SQLite row (the id was
+            // enqueued again after it finished).
+            (_, Some(live)) => live.status,
+            (Some(s), None) => s,
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(JobInfo {
+            id: id.to_owned(),
+            status,
+            live,
+            record,
+        }))
+    }
+
+    /// Every queue the config names and every queue a registered daemon
+    /// serves.
+    async fn known_queues(&self) -> Result<Vec<String>, ClientError> {
+        Ok(crate::worker::status::known_queues(&self.broker, &self.config).await?)
+    }
+
+    /// The queue on which a delivery of `id` holds a lease (is running).
+    async fn running_on(&self, queues: &[String], id: &str) -> Result<Option<String>, ClientError> {
+        if queues.is_empty() {
+            return Ok(None);
+        }
+        let mut pipe = redis::pipe();
+        for q in queues {
+            pipe.hexists(self.broker.keys().leases(q), id);
+        }
+        let held: Vec<bool> = pipe.query_async(&mut self.broker.conn()).await?;
+        Ok(queues
+            .iter()
+            .zip(held)
+            .find_map(|(q, held)| held.then(|| q.clone())))
+    }
+
+    async fn live(&self, id: &str) -> Result<Option<LiveJob>, ClientError> {
+        let queues = self.known_queues().await?;
+        let running = self.running_on(&queues, id).await?;
+        // The enqueue record: on the running job's queue, else any queue.
+        let order = running
+            .iter()
+            .chain(queues.iter().filter(|q| Some(*q) != running.as_ref()));
+        for queue in order {
+            if let Some(entry) = self.broker.unique_entry(queue, id).await? {
+                let status = match &running {
+                    Some(_) => Status::Running,
+                    None => parse_status(&entry.state)?,
+                };
+                return Ok(Some(LiveJob {
+                    queue: queue.clone(),
+                    status,
+                    kind: (!entry.kind.is_empty()).then_some(entry.kind),
+                    due: entry.due_ms.filter(|_| running.is_none()).map(time_of_ms),
+                    enqueued_at: entry.enqueued_ms.map(time_of_ms),
+                }));
+            }
+            if running.is_some() {
+                break;
+            }
+        }
+        Ok(running.map(|queue| LiveJob {
+            queue,
+            status: Status::Running,
+            kind: None,
+            due: None,
+            enqueued_at: None,
+        }))
+    }
+
+    /// The SQLite record of `id`, when the client reads a file that exists.
+    async fn stored(&self, id: &str) -> Result<Option<JobRecord>, ClientError> {
+        let Some(path) = self.store.clone() else {
+            return Ok(None);
+        };
+        let id = id.to_owned();
+        let read = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || {
+                if !path.exists() {
+                    return Ok(None);
+                }
+                match Reader::open(&path)?.job(&id) {
+                    // The first daemon is still creating the file's tables.
+                    Err(StoreError::Sql(rusqlite::Error::SqliteFailure(_, Some(message))))
+                        if message.starts_with("no such table") =>
+                    {
+                        Ok(None)
+                    }
+                    read => read,
+                }
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Open {
+            path,
+            message: format!("the reading task failed: {e}"),
+        })?;
+        Ok(read?)
+    }
+}
+
+/// One job to enqueue: its type, then what the defaults do not cover.
+///
+/// ```
+/// use std::time::{Duration, SystemTime};
+///
+/// use conveyor::client::EnqueueRequest;
+///
+/// #[derive(serde::Serialize)]
+/// struct Report<'a> {
+///     scope: &'a str,
+/// }
+///
+/// let nightly = EnqueueRequest::new("report.daily")
+///     .payload(Report { scope: "all" })
+///     .id("report-2026-11-23")
+///     .queue("reports")
+///     .max_attempts(5)
+///     .timeout_secs(600)
+///     .at(SystemTime::now() + Duration::from_secs(3600));
+/// # let _ = nightly;
+/// ```
+#[derive(Debug, Clone)]
+pub struct EnqueueRequest {
+    kind: String,
+    /// The payload, or why it could not be encoded (reported by `enqueue`).
+    payload: Result<Value, String>,
+    queue: Option<String>,
+    id: Option<String>,
+    max_attempts: Option<u32>,
+    timeout_secs: Option<u64>,
+    due: Due,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Due {
+    Now,
+    After(Duration),
+    At(SystemTime),
+}
+
+impl EnqueueRequest {
+    /// A job of type `kind` (a `[jobs."<kind>"]` of the daemons' config),
+    /// with a `null` payload, a new UUIDv7 id, due now.
+    pub fn new(kind: impl Into<String>) -> Self {
+        Self {
+            kind: kind.into(),
+            payload: Ok(Value::Null),
+            queue: None,
+            id: None,
+            max_attempts: None,
+            timeout_secs: None,
+            due: Due::Now,
+        }
+    }
+
+    /// The payload: a [`serde_json::Value`] or anything [`Serialize`]. A
+    /// value that cannot be encoded makes [`Client::enqueue`] fail.
+    pub fn payload(mut self, payload: impl Serialize) -> Self {
+        self.payload = serde_json::to_value(payload).map_err(|e| e.to_string());
+        self
+    }
+
+    /// The queue [default: the job type's `queue` when the client has a
+    /// config, else `default`].
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// The job's id [default: a new UUIDv7]. A live job with this id on the
+    /// queue makes the request a duplicate.
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// Attempts before the job is dead-lettered [default: the job type's].
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = Some(attempts);
+        self
+    }
+
+    /// Deadline of one attempt, all stages together [default: the job type's].
+    pub fn timeout_secs(mut self, secs: u64) -> Self {
+        self.timeout_secs = Some(secs);
+        self
+    }
+
+    /// Due this long from now, by Redis' clock (replaces any [`Self::at`]).
+    /// The job waits in the scheduled set, status `scheduled`.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.due = Due::After(delay);
+        self
+    }
+
+    /// Due at this time (replaces any [`Self::delay`]).
+    pub fn at(mut self, at: SystemTime) -> Self {
+        self.due = Due::At(at);
+        self
+    }
+}
+
+/// The answer of [`Client::enqueue`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueued {
+    pub id: String,
+    pub queue: String,
+    /// False: a job with this id is live on the queue; nothing was enqueued.
+    pub added: bool,
+    /// `Pending` or `Scheduled` (the new job, or the live one), or `Running`
+    /// (the live one).
+    pub status: Status,
+    /// When a scheduled job is due.
+    pub due: Option<SystemTime>,
+}
+
+/// The answer of [`Client::cancel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancelled {
+    /// The job was running; its daemon stopped it and reported it cancelled.
+    Stopped,
+    /// The cancellation is recorded: the job was not running (a pending or
+    /// scheduled job is dropped when a daemon takes it), or its daemon has
+    /// not confirmed within 3 s (it stops the job at its next lease check).
+    Recorded,
+}
+
+/// A job as [`Client::job`] finds it.
+#[derive(Debug, Clone)]
+pub struct JobInfo {
+    pub id: String,
+    /// The job's state: SQLite's for a running or retrying job, else the
+    /// live Redis state when there is one, else SQLite's.
+    pub status: Status,
+    /// Its live state in Redis.
+    pub live: Option<LiveJob>,
+    /// Its record in SQLite: attempts, stages and their results.
+    pub record: Option<JobRecord>,
+}
+
+impl JobInfo {
+    /// Completed, failed or cancelled.
+    pub fn is_final(&self) -> bool {
+        self.status.is_final()
+    }
+
+    /// The stored result of a completed stage.
+    pub fn result(&self, stage: &str) -> Option<&Value> {
+        self.record
+            .as_ref()?
+            .stages
+            .iter()
+            .find(|s| s.name == stage && s.status == "completed")
+            .map(|s| &s.result)
+    }
+}
+
+/// A job that is live in Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveJob {
+    pub queue: String,
+    /// `Running` when a daemon holds it; else `Pending` or `Scheduled` as
+    /// enqueued (a scheduled job keeps that state after it came due).
+    pub status: Status,
+    /// The job type, when the job was enqueued through a client or the CLI.
+    pub kind: Option<String>,
+    /// When a scheduled job is due.
+    pub due: Option<SystemTime>,
+    pub enqueued_at: Option<SystemTime>,
+}
+
+fn parse_status(s: &str) -> Result<Status, ClientError> {
+    Status::parse(s).ok_or_else(|| ClientError::UnknownStatus(s.to_owned()))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn unix_ms(t: SystemTime) -> Result<u64, ClientError> {
+    let since = t
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| ClientError::InvalidTime)?;
+    u64::try_from(since.as_millis()).map_err(|_| ClientError::InvalidTime)
+}
+
+fn time_of_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// Queue names and prefixes become parts of Redis keys (the config's rule).
+fn check_name(value: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > 128 {
+        return Err("must be 1 to 128 characters".into());
+    }
+    match value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        Some(c) => Err(format!(
+            "contains {c:?}; use letters, digits, '-', '_' or '.'"
+        )),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_keep_the_last_due_time_and_report_bad_payloads() {
+        let r = EnqueueRequest::new("t")
+            .at(UNIX_EPOCH)
+            .delay(Duration::from_secs(1));
+        assert!(matches!(r.due, Due::After(d) if d == Duration::from_secs(1)));
+        struct Bad;
+        impl Serialize for Bad {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("no"))
+            }
+        }
+        assert!(EnqueueRequest::new("t").payload(Bad).payload.is_err());
+        assert_eq!(
+            EnqueueRequest::new("t").payload([1, 2]).payload,
+            Ok(serde_json::json!([1, 2]))
+        );
+    }
+
+    #[test]
+    fn names_and_times_are_checked() {
+        assert!(check_name("video.gen-1_a").is_ok());
+        assert!(check_name("a{b}").is_err());
+        assert!(check_name("").is_err());
+        assert_eq!(unix_ms(time_of_ms(1234)).ok(), Some(1234));
+        assert!(unix_ms(UNIX_EPOCH - Duration::from_secs(1)).is_err());
+    }
+}
