@@ -3,29 +3,18 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::cli::{CliResult, DeadCommand, Failure, connect};
 use crate::config::Config;
-use crate::progress::{ProgressEvent, Status};
 use crate::queue::Broker;
 use crate::queue::job::{META_FIELD, Meta};
-use crate::store::Reader;
 
 /// See [`crate::worker::status::known_queues`].
 async fn known_queues(config: &Config, broker: &Broker) -> Result<Vec<String>, Failure> {
     crate::worker::status::known_queues(broker, config)
         .await
         .map_err(|e| Failure::other(format!("Redis: {e}")))
-}
-
-fn stored_status(config: &Config, id: &str) -> Option<String> {
-    if !config.store.path.exists() {
-        return None;
-    }
-    let job = Reader::open(&config.store.path).ok()?.job(id).ok()??;
-    Some(job.status)
 }
 
 fn now_ms() -> u64 {
@@ -36,46 +25,15 @@ fn now_ms() -> u64 {
 }
 
 pub async fn cancel(config: &Config, id: &str) -> CliResult {
-    if let Some(status) = stored_status(config, id)
-        && Status::parse(&status).is_some_and(Status::is_final)
-    {
-        return Err(Failure::other(format!("job {id} is already {status}")));
-    }
-    let broker = connect(config).await?;
-    // Listen first, so a running job's confirmation is not missed.
-    let mut pubsub = broker
-        .pubsub()
-        .await
-        .map_err(|e| Failure::other(format!("cannot subscribe: {e}")))?;
-    pubsub
-        .subscribe(broker.keys().progress(id))
-        .await
-        .map_err(|e| Failure::other(format!("cannot subscribe: {e}")))?;
-    let queues = known_queues(config, &broker).await?;
-    broker
-        .cancel(&queues, id, now_ms())
-        .await
-        .map_err(|e| Failure::other(format!("cancel failed: {e}")))?;
-    let mut messages = pubsub.on_message();
-    let confirmed = tokio::time::timeout(Duration::from_secs(3), async {
-        while let Some(msg) = messages.next().await {
-            let body: Vec<u8> = msg.get_payload().unwrap_or_default();
-            if let Ok(ev) = serde_json::from_slice::<ProgressEvent>(&body)
-                && ev.status == Status::Cancelled
-            {
-                return true;
-            }
-        }
-        false
-    })
-    .await
-    .unwrap_or(false);
-    if confirmed {
-        println!("{id} cancelled");
-    } else {
-        println!(
+    use crate::client::{Cancelled, ClientError};
+    let client = crate::Client::with_broker(connect(config).await?, config);
+    match client.cancel(id).await {
+        Ok(Cancelled::Stopped) => println!("{id} cancelled"),
+        Ok(Cancelled::Recorded) => println!(
             "{id} cancellation recorded: it is not running now, and is dropped when a daemon takes it"
-        );
+        ),
+        Err(e @ ClientError::AlreadyFinished { .. }) => return Err(Failure::other(e.to_string())),
+        Err(e) => return Err(Failure::other(format!("cancel failed: {e}"))),
     }
     Ok(())
 }

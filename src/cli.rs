@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::config::{Config, ConfigError, Overrides};
 use crate::progress::Status;
-use crate::queue::{Broker, Job, When};
+use crate::queue::Broker;
 use crate::store::{JobRecord, Reader};
 use crate::telemetry::LogFormat;
 
@@ -388,62 +388,48 @@ pub(crate) async fn connect(config: &Config) -> Result<Broker, Failure> {
 }
 
 async fn enqueue(config: &Config, args: &EnqueueArgs) -> CliResult {
+    use crate::client::{Client, EnqueueRequest, prepare};
     let payload: Value = serde_json::from_str(&args.payload)
         .map_err(|e| Failure::usage(format!("--payload is not valid JSON: {e}")))?;
-    let job_type = config.jobs.get(&args.kind);
-    if job_type.is_none() && !config.jobs.is_empty() {
-        let known: Vec<_> = config.jobs.keys().map(String::as_str).collect();
-        return Err(Failure::usage(format!(
-            "unknown job type `{}` (known: {})",
-            args.kind,
-            known.join(", ")
-        )));
+    let mut request = EnqueueRequest::new(&args.kind).payload(payload);
+    if let Some(q) = &args.queue {
+        request = request.queue(q);
     }
-    let queue = args
-        .queue
-        .clone()
-        .or_else(|| job_type.map(|t| t.queue.clone()))
-        .unwrap_or_else(|| "default".into());
-    let id = args
-        .id
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    crate::queue::job::check_id(&id).map_err(|e| Failure::usage(format!("--id {e}")))?;
-    let mut job = Job::new(id.clone(), args.kind.clone(), payload);
-    if args.id.is_some() {
-        // A chosen id may be one that ran before: a new epoch makes this a
-        // new story of the job in SQLite (fresh stages and attempts), not a
-        // duplicate of the finished one.
-        job.meta.epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_secs() as u32);
+    if let Some(id) = &args.id {
+        request = request.id(id);
     }
-    job.max_attempts = args.max_attempts;
-    job.timeout_secs = args.timeout_secs;
-    let body = job.to_json();
-    if body.len() > config.worker.max_job_bytes {
-        return Err(Failure::usage(format!(
-            "job of {} bytes is over worker.max_job_bytes ({})",
-            body.len(),
-            config.worker.max_job_bytes
-        )));
+    if let Some(n) = args.max_attempts {
+        request = request.max_attempts(n);
     }
-    let when = match (args.delay, args.at) {
-        (Some(d), _) if !d.is_zero() => When::After(d),
-        (_, Some(at)) => When::At(at),
-        _ => When::Now,
-    };
-    let broker = connect(config).await?;
-    let enqueued = broker
-        .enqueue(&queue, &id, &args.kind, &body, when)
+    if let Some(secs) = args.timeout_secs {
+        request = request.timeout_secs(secs);
+    }
+    if let Some(d) = args.delay {
+        request = request.delay(d);
+    } else if let Some(ms) = args.at {
+        request = request.at(std::time::UNIX_EPOCH + Duration::from_millis(ms));
+    }
+    // Checked before connecting: a bad command line is a usage error
+    // whether Redis is up or not.
+    let prepared = prepare(config, request).map_err(|e| match e {
+        crate::client::ClientError::InvalidId(m) => Failure::usage(format!("--id {m}")),
+        e => Failure::usage(e.to_string()),
+    })?;
+    let client = Client::with_broker(connect(config).await?, config);
+    let enqueued = client
+        .send(prepared)
         .await
         .map_err(|e| Failure::other(format!("enqueue failed: {e}")))?;
-    let due_at = enqueued.due_ms.map(crate::rfc3339_of_ms);
+    let (id, queue) = (&enqueued.id, &enqueued.queue);
+    let status = enqueued.status.as_str();
+    let due_at = enqueued
+        .due
+        .map(|t| humantime::format_rfc3339_millis(t).to_string());
     if args.json {
         let out = serde_json::json!({
             "id": id,
             "queue": queue,
-            "status": enqueued.status,
+            "status": status,
             "enqueued": enqueued.added,
             "due_at": due_at,
         });
@@ -453,8 +439,7 @@ async fn enqueue(config: &Config, args: &EnqueueArgs) -> CliResult {
     if !enqueued.added {
         let due = due_at.map(|t| format!(", due {t}")).unwrap_or_default();
         eprintln!(
-            "conveyor: job {id} is already {}{due} on queue {queue}; not enqueued again",
-            enqueued.status
+            "conveyor: job {id} is already {status}{due} on queue {queue}; not enqueued again"
         );
     } else if let Some(t) = &due_at {
         eprintln!("conveyor: scheduled for {t}");
@@ -475,44 +460,57 @@ fn open_reader(config: &Config) -> Result<Reader, Failure> {
 
 /// `conveyor job ID`: SQLite holds what ran; Redis knows a job that is
 /// pending or scheduled and has not started yet (or is enqueued again after
-/// an earlier run). Live Redis state wins over an older SQLite row.
+/// an earlier run). [`crate::Client::job`] decides which wins; with Redis
+/// down, SQLite alone still answers for a job that ran.
 async fn job(config: &Config, id: &str, json: bool) -> CliResult {
-    let stored = if config.store.path.exists() {
-        open_reader(config)?
+    let info = match connect(config).await {
+        Ok(broker) => crate::Client::with_broker(broker, config)
             .job(id)
-            .map_err(|e| Failure::other(e.to_string()))?
-    } else {
-        None
-    };
-    let live = match connect(config).await {
-        Ok(broker) => live_entry(&broker, config, id).await?,
-        // SQLite alone can still answer for a job that ran.
-        Err(err) if stored.is_some() => {
+            .await
+            .map_err(|e| Failure::other(e.to_string()))?,
+        Err(err) => {
+            let stored = if config.store.path.exists() {
+                open_reader(config)?
+                    .job(id)
+                    .map_err(|e| Failure::other(e.to_string()))?
+            } else {
+                None
+            };
+            let Some(record) = stored else {
+                return Err(err);
+            };
             eprintln!("conveyor: {} (showing SQLite only)", err.message);
-            None
+            print_job(&record, json);
+            return Ok(());
         }
-        Err(err) => return Err(err),
     };
-    let running = |r: &JobRecord| matches!(r.status.as_str(), "running" | "retrying");
-    let record = match (stored, live) {
-        (Some(r), _) if running(&r) => r,
-        (Some(mut r), Some((queue, entry))) => {
-            r.queue = queue;
-            r.status = entry.state;
-            r.due_at = entry.due_ms.map(crate::rfc3339_of_ms);
+    let Some(info) = info else {
+        return Err(Failure::other(format!(
+            "no job `{id}`: not in {} and not pending, scheduled or running in Redis",
+            config.store.path.display()
+        )));
+    };
+    let status = info.status.as_str().to_owned();
+    let waiting = matches!(info.status, Status::Pending | Status::Scheduled);
+    let rfc = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
+    let record = match (info.record, info.live) {
+        (Some(mut r), Some(live)) if waiting => {
+            r.status = status;
+            r.queue = live.queue;
+            r.due_at = live.due.map(rfc);
             r
         }
-        (Some(r), None) => r,
-        (None, Some((queue, entry))) => {
-            let enqueued = entry
-                .enqueued_ms
-                .map(crate::rfc3339_of_ms)
-                .unwrap_or_default();
+        (Some(mut r), _) => {
+            r.status = status;
+            r
+        }
+        (None, Some(live)) => {
+            let enqueued = live.enqueued_at.map(rfc).unwrap_or_default();
             JobRecord {
                 id: id.to_owned(),
-                kind: entry.kind,
-                queue,
-                status: entry.state,
+                kind: live.kind.unwrap_or_default(),
+                queue: live.queue,
+                status,
                 attempt: 0,
                 max_attempts: None,
                 progress: 0.0,
@@ -526,43 +524,24 @@ async fn job(config: &Config, id: &str, json: bool) -> CliResult {
                 finished_at: None,
                 stages: Vec::new(),
                 attempts: Vec::new(),
-                due_at: entry.due_ms.map(crate::rfc3339_of_ms),
+                due_at: live.due.map(rfc),
             }
         }
-        (None, None) => {
-            return Err(Failure::other(format!(
-                "no job `{id}`: not in {} and not pending or scheduled in Redis",
-                config.store.path.display()
-            )));
-        }
+        (None, None) => return Err(Failure::other(format!("no job `{id}`"))),
     };
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&record).unwrap_or_default()
-        );
-    } else {
-        print!("{}", render_job(&record));
-    }
+    print_job(&record, json);
     Ok(())
 }
 
-/// The queue and `enqueue`'s record of a live job id, if any queue has one.
-async fn live_entry(
-    broker: &Broker,
-    config: &Config,
-    id: &str,
-) -> Result<Option<(String, crate::queue::LiveEntry)>, Failure> {
-    let redis_err = |e: redis::RedisError| Failure::other(format!("Redis: {e}"));
-    let queues = crate::worker::status::known_queues(broker, config)
-        .await
-        .map_err(redis_err)?;
-    for queue in queues {
-        if let Some(entry) = broker.unique_entry(&queue, id).await.map_err(redis_err)? {
-            return Ok(Some((queue, entry)));
-        }
+fn print_job(record: &JobRecord, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(record).unwrap_or_default()
+        );
+    } else {
+        print!("{}", render_job(record));
     }
-    Ok(None)
 }
 
 fn render_job(job: &JobRecord) -> String {

@@ -151,6 +151,16 @@ impl Client {
     }
 
     /// The Redis handle underneath, for what the client does not cover.
+    /// A client on a connection already made (the command line makes its
+    /// own, to fail fast), with `config`'s job types, limits and SQLite file.
+    pub fn with_broker(broker: Broker, config: &Config) -> Self {
+        Self {
+            broker,
+            config: config.clone(),
+            store: Some(config.store.path.clone()),
+        }
+    }
+
     pub fn broker(&self) -> &Broker {
         &self.broker
     }
@@ -162,63 +172,19 @@ impl Client {
     /// id starts a new run of that id in SQLite, so an id that ran before
     /// may be enqueued again once it finished.
     pub async fn enqueue(&self, request: EnqueueRequest) -> Result<Enqueued, ClientError> {
-        let EnqueueRequest {
-            kind,
-            payload,
-            queue,
-            id,
-            max_attempts,
-            timeout_secs,
-            due,
-        } = request;
-        let payload = payload.map_err(ClientError::Payload)?;
-        let job_type = self.config.jobs.get(&kind);
-        if job_type.is_none() && !self.config.jobs.is_empty() {
-            let known: Vec<_> = self.config.jobs.keys().map(String::as_str).collect();
-            return Err(ClientError::UnknownType {
-                kind,
-                known: known.join(", "),
-            });
-        }
-        let queue = queue
-            .or_else(|| job_type.map(|t| t.queue.clone()))
-            .unwrap_or_else(|| "default".into());
-        check_name(&queue).map_err(|message| ClientError::InvalidQueue {
-            queue: queue.clone(),
-            message,
-        })?;
-        let chosen_id = id.is_some();
-        let id = id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        crate::queue::job::check_id(&id).map_err(ClientError::InvalidId)?;
-        let mut job = Job::new(id.clone(), kind.clone(), payload);
-        if chosen_id {
-            // A chosen id may be one that ran before: a new epoch makes this
-            // a new story of the job in SQLite, not a duplicate of the
-            // finished one.
-            job.meta.epoch = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(1, |d| d.as_secs() as u32);
-        }
-        job.max_attempts = max_attempts;
-        job.timeout_secs = timeout_secs;
-        let body = job.to_json();
-        let max = self.config.worker.max_job_bytes;
-        if body.len() > max {
-            return Err(ClientError::TooLarge {
-                size: body.len(),
-                max,
-            });
-        }
-        let when = match due {
-            Due::Now => When::Now,
-            Due::After(d) if d.is_zero() => When::Now,
-            Due::After(d) => When::After(d),
-            Due::At(t) => When::At(unix_ms(t)?),
-        };
-        let enqueued = self.broker.enqueue(&queue, &id, &kind, &body, when).await?;
+        let prepared = prepare(&self.config, request)?;
+        self.send(prepared).await
+    }
+
+    /// Pushes a job [`prepare`] checked.
+    pub(crate) async fn send(&self, p: Prepared) -> Result<Enqueued, ClientError> {
+        let enqueued = self
+            .broker
+            .enqueue(&p.queue, &p.id, &p.kind, &p.body, p.when)
+            .await?;
         Ok(Enqueued {
-            id,
-            queue,
+            id: p.id,
+            queue: p.queue,
             added: enqueued.added,
             status: parse_status(&enqueued.status)?,
             due: enqueued.due_ms.map(time_of_ms),
@@ -561,6 +527,81 @@ pub struct LiveJob {
     /// When a scheduled job is due.
     pub due: Option<SystemTime>,
     pub enqueued_at: Option<SystemTime>,
+}
+
+/// A job checked against the config and encoded, ready to push.
+#[derive(Debug, Clone)]
+pub(crate) struct Prepared {
+    pub id: String,
+    pub queue: String,
+    pub kind: String,
+    pub body: String,
+    pub when: When,
+}
+
+/// Everything about an enqueue that needs no Redis: the type is known (when
+/// the config has `[jobs]`), the queue is the type's unless given, the id is
+/// valid (or a new UUIDv7), the job fits `worker.max_job_bytes`. A chosen
+/// id gets a new epoch: it may be one that ran before, and this is then a
+/// new story of the job in SQLite, not a duplicate of the finished one.
+pub(crate) fn prepare(config: &Config, request: EnqueueRequest) -> Result<Prepared, ClientError> {
+    let EnqueueRequest {
+        kind,
+        payload,
+        queue,
+        id,
+        max_attempts,
+        timeout_secs,
+        due,
+    } = request;
+    let payload = payload.map_err(ClientError::Payload)?;
+    let job_type = config.jobs.get(&kind);
+    if job_type.is_none() && !config.jobs.is_empty() {
+        let known: Vec<_> = config.jobs.keys().map(String::as_str).collect();
+        return Err(ClientError::UnknownType {
+            kind,
+            known: known.join(", "),
+        });
+    }
+    let queue = queue
+        .or_else(|| job_type.map(|t| t.queue.clone()))
+        .unwrap_or_else(|| "default".into());
+    check_name(&queue).map_err(|message| ClientError::InvalidQueue {
+        queue: queue.clone(),
+        message,
+    })?;
+    let chosen_id = id.is_some();
+    let id = id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    crate::queue::job::check_id(&id).map_err(ClientError::InvalidId)?;
+    let mut job = Job::new(id.clone(), kind.clone(), payload);
+    if chosen_id {
+        job.meta.epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs() as u32);
+    }
+    job.max_attempts = max_attempts;
+    job.timeout_secs = timeout_secs;
+    let body = job.to_json();
+    let max = config.worker.max_job_bytes;
+    if body.len() > max {
+        return Err(ClientError::TooLarge {
+            size: body.len(),
+            max,
+        });
+    }
+    let when = match due {
+        Due::Now => When::Now,
+        Due::After(d) if d.is_zero() => When::Now,
+        Due::After(d) => When::After(d),
+        Due::At(t) => When::At(unix_ms(t)?),
+    };
+    Ok(Prepared {
+        id,
+        queue,
+        kind,
+        body,
+        when,
+    })
 }
 
 fn parse_status(s: &str) -> Result<Status, ClientError> {
