@@ -34,7 +34,7 @@ pub struct Global {
     /// Config file [default: config/conveyor.toml when it exists]
     #[arg(long, env = "CONVEYOR_CONFIG", global = true)]
     pub config: Option<PathBuf>,
-    /// Redis URL (redis://[user:password@]host:port[/db], rediss://, redis+unix://)
+    /// Redis URL (`redis://[user:password@]host:port[/db]`, `rediss://`, `redis+unix://`)
     #[arg(
         long,
         env = "CONVEYOR_REDIS_URL",

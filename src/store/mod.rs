@@ -1,7 +1,7 @@
 //! SQLite state: jobs, attempts and stages.
 //!
 //! One thread owns the write connection. Job tasks send it operations over a
-//! bounded channel; it applies everything waiting (up to [`BATCH`]) in one
+//! bounded channel; it applies everything waiting (up to `BATCH`) in one
 //! `BEGIN IMMEDIATE` transaction and then answers the operations that asked
 //! for the commit (group commit): thousands of jobs per second cost a few
 //! hundred transactions, and nothing is acknowledged before its commit.
