@@ -140,6 +140,9 @@ pub struct WorkerConfig {
     pub max_crashes: u32,
     /// How often scheduled jobs (retries) that are due move to pending.
     pub promote_interval_ms: u64,
+    /// Address of the daemon's HTTP listener (`/healthz`, `/readyz`,
+    /// `/metrics`), e.g. "127.0.0.1:9464"; none when unset.
+    pub http: Option<String>,
 }
 
 impl Default for WorkerConfig {
@@ -157,6 +160,7 @@ impl Default for WorkerConfig {
             max_job_bytes: 1024 * 1024,
             max_crashes: 3,
             promote_interval_ms: 1000,
+            http: None,
         }
     }
 }
@@ -519,6 +523,14 @@ impl Config {
             if !(1..=1000).contains(weight) {
                 return Err(invalid(key, "must be between 1 and 1000"));
             }
+        }
+        if let Some(addr) = &w.http
+            && addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "worker.http",
+                format!("`{addr}` is not an address like 127.0.0.1:9464"),
+            ));
         }
         if !(1..=4096).contains(&w.concurrency) {
             return Err(invalid("worker.concurrency", "must be between 1 and 4096"));

@@ -90,6 +90,7 @@ pub mod config;
 pub mod doctor;
 pub mod error;
 pub mod notify;
+pub mod observe;
 pub mod pipeline;
 pub mod progress;
 pub mod queue;

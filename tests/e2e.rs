@@ -978,7 +978,6 @@ env = {{ MARKER = {} }}
 /// CONTRACT "Pipelines (config)": the example config of the contract
 /// (with `[retry]` and `worker.http`) is a valid config.
 #[test]
-#[ignore = "issue 6: the contract example's worker.http key"]
 fn contract_example_config_is_accepted() {
     let h = Harness::new(
         r#"

@@ -354,6 +354,7 @@ impl Writer {
                 }
                 Err(err) => {
                     self.healthy.store(false, Ordering::Relaxed);
+                    crate::observe::sqlite_error();
                     if failures.is_multiple_of(20) {
                         tracing::error!(error = %err, ops = batch.len(),
                             "SQLite transaction failed; holding the batch and retrying");

@@ -13,6 +13,8 @@ pub struct Health {
     fetch_loop: AtomicU64,
     /// Last successful Redis round trip.
     redis: AtomicU64,
+    /// Last heartbeat that went through.
+    heartbeat: AtomicU64,
     /// Shutting down: the fetch loop is gone on purpose and the drain is
     /// bounded by the grace periods, so the watchdog keeps being fed.
     draining: AtomicBool,
@@ -26,6 +28,7 @@ impl Default for Health {
             epoch: Instant::now(),
             fetch_loop: AtomicU64::new(0),
             redis: AtomicU64::new(0),
+            heartbeat: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             sqlite_ok: None,
         }
@@ -70,6 +73,19 @@ impl Health {
 
     pub fn redis_ok(&self) {
         self.redis.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// A heartbeat went through (Redis answered too).
+    pub fn heartbeat_ok(&self) {
+        let now = self.now();
+        self.heartbeat.store(now, Ordering::Relaxed);
+        self.redis.store(now, Ordering::Relaxed);
+    }
+
+    /// Time since the last heartbeat went through (since start before one).
+    pub fn heartbeat_age(&self) -> Duration {
+        let last = self.heartbeat.load(Ordering::Relaxed);
+        Duration::from_millis(self.now().saturating_sub(last))
     }
 
     pub fn draining(&self) {

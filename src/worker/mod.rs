@@ -74,6 +74,8 @@ pub enum WorkerError {
     Registry(String),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("{0}")]
+    Http(String),
 }
 
 /// Runs the daemon until `shutdown` fires, then drains as described in the
@@ -94,6 +96,14 @@ pub(crate) async fn run_with_registry(
 ) -> Result<(), WorkerError> {
     let worker_id = config.worker_id();
     let w = &config.worker;
+    let http = match &w.http {
+        Some(addr) => Some(
+            crate::observe::bind(addr)
+                .await
+                .map_err(WorkerError::Http)?,
+        ),
+        None => None,
+    };
     let db = config.store.path.clone();
     let (store, store_closer) = tokio::task::spawn_blocking(move || Store::open(&db))
         .await
@@ -167,6 +177,24 @@ pub(crate) async fn run_with_registry(
         .run(background.clone()),
     );
     tracker.spawn(crate::notify::watchdog(health.clone(), background.clone()));
+    if let Some(listener) = http {
+        let in_flight = env.clone();
+        let probe = crate::observe::Probe {
+            health: health.clone(),
+            broker: broker.clone(),
+            queues: w.queues.clone(),
+            worker_id: worker_id.clone(),
+            in_flight: Box::new(move || {
+                in_flight
+                    .stats
+                    .running
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            }),
+            ready_window: Duration::from_secs(w.dead_after_secs),
+        };
+        // Up until the very end of the drain: `/readyz` says "shutting down".
+        tracker.spawn(crate::observe::serve(listener, probe, background.clone()));
+    }
     tracker.spawn(
         reaper::Reaper {
             broker: broker.clone(),
@@ -357,6 +385,7 @@ impl Fetcher {
                     }
                 }
                 Err(err) => {
+                    crate::observe::redis_error("fetch");
                     blocking = None;
                     let delay = backoff.next().unwrap_or(Duration::from_secs(5));
                     tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "Fetch failed");
@@ -422,7 +451,11 @@ impl Fetcher {
             }
             None => &self.queues,
         };
+        // The latency of a fetch that finds jobs or not, without the
+        // blocking wait for a job to arrive.
+        let started = std::time::Instant::now();
         let jobs = broker.fetch_available(queues, worker, want).await?;
+        crate::observe::fetched(started.elapsed());
         *probe = if jobs.len() == want {
             (*probe).max(want * 2).min(FETCH_BATCH)
         } else {

@@ -162,7 +162,7 @@ impl Heartbeat {
             self.refresh_counts(&env.stats);
             match self.beat().await {
                 Ok(expired) => {
-                    self.health.redis_ok();
+                    self.health.heartbeat_ok();
                     if failing {
                         tracing::info!("Heartbeat restored");
                         failing = false;

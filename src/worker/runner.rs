@@ -38,6 +38,7 @@ use super::runs::{RunGuard, RunStop, RunTable, StopReason};
 use crate::config::RetryConfig;
 use crate::error::{is_transient, job_op_backoff};
 use crate::now_rfc3339;
+use crate::observe;
 use crate::pipeline::{FailureKind, Pipeline, ProgressFn, Registry, StageContext, StageError};
 use crate::progress::{ProgressEvent, Publisher, Status};
 use crate::queue::batch::Batcher;
@@ -226,6 +227,7 @@ async fn dead_letter_poison(env: &JobEnv, fetched: &Fetched, poison: Poison) {
     let reason = poison.reason.clone();
     tracing::warn!(queue = %fetched.queue, job_id = id.as_deref().unwrap_or(""),
         worker_id = %env.worker_id, reason = %reason, bytes = fetched.raw.len(), "job_dead_lettered");
+    observe::dead_lettered(&fetched.queue);
     if let Some(id) = &id {
         let payload = poison
             .object
@@ -305,6 +307,7 @@ where
                         "Redis call failed; retrying");
                 }
                 failures += 1;
+                observe::redis_error(what);
                 tokio::select! {
                     biased;
                     _ = env.give_up.cancelled() => {
@@ -351,6 +354,8 @@ struct Run {
     slot: Option<OwnedSemaphorePermit>,
     /// Its place in the parking lot while it has no job slot.
     parked: Option<OwnedSemaphorePermit>,
+    /// When the delivery was claimed (for the duration metrics).
+    claimed_at: Instant,
     attempt: u32,
     results: Map<String, Value>,
     events: Arc<Events>,
@@ -379,6 +384,7 @@ impl Run {
             stop,
             slot: None,
             parked: None,
+            claimed_at: Instant::now(),
             attempt,
             events,
         }
@@ -465,6 +471,7 @@ impl Run {
             stages = self.pipeline.stages.len(),
             "job_started"
         );
+        observe::job_started(&self.job.kind, &self.queue);
         let progress = self.pipeline.overall_progress(start, 0.0);
         self.events
             .emit(Status::Running, "job_started", None, progress, None);
@@ -474,6 +481,15 @@ impl Run {
             Outcome::Failed(err) => self.fail(err, started).await,
             Outcome::Stopped(stop) => self.stopped(stop).await,
         }
+    }
+
+    fn outcome(&self, outcome: &'static str) {
+        observe::job_outcome(
+            &self.job.kind,
+            &self.queue,
+            outcome,
+            self.claimed_at.elapsed(),
+        );
     }
 
     async fn stopped(self, stop: Stop) {
@@ -690,6 +706,12 @@ impl Run {
                     let stored = Some(value.to_string());
                     self.results.insert(name.clone(), value);
                     tracing::info!(stage = %name, stage_index = index, attempt = self.attempt, elapsed_ms, "stage_completed");
+                    observe::stage_done(
+                        &self.job.kind,
+                        &name,
+                        "completed",
+                        stage_started.elapsed(),
+                    );
                     self.record_stage(index, "completed", &started_at, stored, None, done)
                         .await;
                     self.events
@@ -699,6 +721,12 @@ impl Run {
                     let cause = self.stop_cause();
                     tracing::info!(stage = %name, stage_index = index, attempt = self.attempt,
                         elapsed_ms, cause = ?cause, "stage_interrupted");
+                    observe::stage_done(
+                        &self.job.kind,
+                        &name,
+                        "interrupted",
+                        stage_started.elapsed(),
+                    );
                     if cause != Stop::LeaseLost {
                         let at = self.events.high_water();
                         self.record_stage(index, "interrupted", &started_at, None, None, at)
@@ -709,6 +737,7 @@ impl Run {
                 Err(err) => {
                     tracing::warn!(stage = %name, stage_index = index, attempt = self.attempt, elapsed_ms,
                         error = %err, permanent = err.kind == FailureKind::Permanent, "stage_failed");
+                    observe::stage_done(&self.job.kind, &name, "failed", stage_started.elapsed());
                     let at = self.events.high_water();
                     let error = Some(err.message.clone());
                     self.record_stage(index, "failed", &started_at, None, error, at)
@@ -834,6 +863,7 @@ impl Run {
         self.env.stats.completed.fetch_add(1, Ordering::Relaxed);
         let elapsed_ms = started.elapsed().as_millis() as u64;
         tracing::info!(attempt = self.attempt, elapsed_ms, "job_completed");
+        self.outcome("completed");
         self.events
             .emit(Status::Completed, "job_completed", None, 100.0, None);
     }
@@ -864,6 +894,7 @@ impl Run {
             self.env.stats.retried.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(attempt = self.attempt, max_attempts = retry.max_attempts, delay_ms,
                 elapsed_ms, error = %err.message, "job_retrying");
+            self.outcome("retried");
             let message = format!(
                 "attempt {} of {} failed: {}; next attempt in {:.1}s",
                 self.attempt,
@@ -901,6 +932,8 @@ impl Run {
         self.env.stats.failed.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(attempt = self.attempt, elapsed_ms, error = %err.message,
             permanent = err.kind == FailureKind::Permanent, "job_failed");
+        self.outcome("failed");
+        observe::dead_lettered(&self.queue);
         self.events.emit(
             Status::Failed,
             "job_failed",
@@ -931,6 +964,7 @@ impl Run {
             finished_stages = done,
             "job_requeued"
         );
+        self.outcome("requeued");
         self.events.emit(
             Status::Pending,
             "job_requeued",
@@ -953,6 +987,7 @@ impl Run {
             return;
         }
         tracing::info!(attempt = self.attempt, "job_cancelled");
+        self.outcome("cancelled");
         self.events.emit(
             Status::Cancelled,
             "job_cancelled",
