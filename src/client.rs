@@ -199,8 +199,9 @@ impl Client {
     ///
     /// Like `conveyor cancel` without a database, a client that reads no
     /// SQLite file cannot tell a finished job from one that never started:
-    /// the flag is then set anyway, and the next job enqueued with that id
-    /// on that queue is dropped when taken.
+    /// the flag is then set anyway. It stays until a job with that id is
+    /// enqueued again through [`Client::enqueue`] (or `conveyor enqueue`),
+    /// which clears it; a raw `LPUSH` of that id would be dropped.
     pub async fn cancel(&self, id: &str) -> Result<Cancelled, ClientError> {
         if let Some(record) = self.stored(id).await?
             && Status::parse(&record.status).is_some_and(Status::is_final)

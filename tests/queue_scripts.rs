@@ -1188,6 +1188,30 @@ async fn enqueue_later_schedules_by_redis_time_or_at_a_given_time() {
 }
 
 #[tokio::test]
+async fn enqueue_clears_a_cancel_flag_left_from_an_earlier_job() {
+    let c = ctx().await;
+    // Cancelled after it had finished: the flag outlived the job.
+    c.hset(&c.k().cancelled(Q), "j1", "100");
+    c.hset(&c.k().cancelled(Q), "other", "200");
+    let got = c
+        .broker
+        .enqueue(Q, "j1", "t", &job("j1"), When::Now)
+        .await
+        .unwrap();
+    assert!(got.added);
+    assert_eq!(c.hash(&c.k().cancelled(Q)), map(&[("other", "200")]));
+    // A live duplicate keeps the flag (the live job is the one cancelled).
+    c.hset(&c.k().cancelled(Q), "j1", "300");
+    let dup = c
+        .broker
+        .enqueue(Q, "j1", "t", &job("j1"), When::Now)
+        .await
+        .unwrap();
+    assert!(!dup.added);
+    assert_eq!(c.hash(&c.k().cancelled(Q)).len(), 2);
+}
+
+#[tokio::test]
 async fn enqueue_of_a_live_id_changes_nothing() {
     let c = ctx().await;
     c.broker

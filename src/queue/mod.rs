@@ -531,6 +531,7 @@ impl Broker {
             .key(self.keys.scheduled(queue))
             .key(self.keys.leases(queue))
             .key(self.keys.unique(queue))
+            .key(self.keys.cancelled(queue))
             .arg(id)
             .arg(job_json)
             .arg(mode)

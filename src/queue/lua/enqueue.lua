@@ -12,20 +12,23 @@
 -- ARGV[4]  milliseconds (see ARGV[3])
 -- ARGV[5]  job type (kept in the unique entry, for `conveyor job`)
 --
+-- KEYS[5]  HASH  cancelled: job id -> when cancellation was asked; a new
+--                job with the id clears a cancel flag left from before
+--
 -- For a periodic job's tick, also:
--- KEYS[5]  HASH  schedules: schedule name -> last tick enqueued (Unix ms)
+-- KEYS[6]  HASH  schedules: schedule name -> last tick enqueued (Unix ms)
 -- ARGV[6]  schedule name   ARGV[7]  this tick (Unix ms)
 -- A tick not after the last one is refused ({0, "fired", 0}): each tick is
 -- enqueued once however many daemons run the schedule, and never again.
 --
 -- Returns {added (1 or 0), state, due ms}: when 0, nothing changed and
 -- state is the live job's ("running", "pending", "scheduled").
-if KEYS[5] then
-  local last = tonumber(redis.call('HGET', KEYS[5], ARGV[6]) or '0')
+if KEYS[6] then
+  local last = tonumber(redis.call('HGET', KEYS[6], ARGV[6]) or '0')
   if tonumber(ARGV[7]) <= last then
     return {0, 'fired', 0}
   end
-  redis.call('HSET', KEYS[5], ARGV[6], ARGV[7])
+  redis.call('HSET', KEYS[6], ARGV[6], ARGV[7])
 end
 local id = ARGV[1]
 if id ~= '' then
@@ -54,6 +57,11 @@ else
   redis.call('ZADD', KEYS[2], string.format('%.0f', due), ARGV[2])
 end
 if id ~= '' then
+  -- Not live, so a cancel flag for this id is left from an earlier job
+  -- (asked after it had finished): it must not drop this one. (A raw-pushed
+  -- copy of the id still waiting in pending loses its cancel too: ids are
+  -- unique only among jobs enqueued through this script.)
+  redis.call('HDEL', KEYS[5], id)
   local entry = string.format('%s %.0f %.0f %s', state, due, now_ms, ARGV[5])
   redis.call('HSET', KEYS[4], id, entry)
 end
