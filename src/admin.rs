@@ -75,54 +75,151 @@ fn entry_id(entry: &[u8]) -> Option<String> {
     v.get("id").and_then(Value::as_str).map(str::to_owned)
 }
 
+/// One entry of a dead list, as stored.
+#[derive(Debug, Clone)]
+pub struct DeadEntry {
+    pub queue: String,
+    pub raw: Vec<u8>,
+}
+
+impl DeadEntry {
+    /// The job id, when the entry is a job object with one.
+    pub fn id(&self) -> Option<String> {
+        entry_id(&self.raw)
+    }
+
+    /// The entry as JSON; a message that was not JSON as `{"raw": text}`.
+    pub fn value(&self) -> Value {
+        serde_json::from_slice(&self.raw)
+            .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&self.raw)}))
+    }
+}
+
+/// What [`revive_entries`] did with one entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revival {
+    /// Back on its queue's pending list; `id` is empty for a raw message.
+    Requeued { queue: String, id: String },
+    /// Not a job that can be revived (unreadable); left in place.
+    Unreadable { queue: String },
+    /// Gone from the dead list meanwhile (retried or purged by someone else).
+    Gone,
+}
+
+/// Up to `limit` entries of each of `queues`' dead lists, newest first.
+pub async fn dead_list(
+    broker: &Broker,
+    queues: &[String],
+    limit: usize,
+) -> redis::RedisResult<Vec<DeadEntry>> {
+    let mut out = Vec::new();
+    if limit == 0 {
+        return Ok(out);
+    }
+    let stop = isize::try_from(limit).unwrap_or(isize::MAX) - 1;
+    for q in queues {
+        for raw in broker.dead_entries(q, 0, stop).await? {
+            out.push(DeadEntry {
+                queue: q.clone(),
+                raw,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Dead entries of the chosen queues whose id is in `ids` (all when empty).
-async fn dead_matching(
+pub async fn dead_matching(
     broker: &Broker,
     queues: &[String],
     ids: &[String],
-) -> Result<Vec<(String, Vec<u8>)>, Failure> {
+) -> redis::RedisResult<Vec<DeadEntry>> {
     let mut out = Vec::new();
     for q in queues {
-        let entries = broker
-            .dead_entries(q, 0, -1)
-            .await
-            .map_err(|e| Failure::other(format!("Redis: {e}")))?;
-        for e in entries {
-            let wanted = ids.is_empty() || entry_id(&e).is_some_and(|id| ids.contains(&id));
+        for raw in broker.dead_entries(q, 0, -1).await? {
+            let wanted = ids.is_empty() || entry_id(&raw).is_some_and(|id| ids.contains(&id));
             if wanted {
-                out.push((q.clone(), e));
+                out.push(DeadEntry {
+                    queue: q.clone(),
+                    raw,
+                });
             }
         }
     }
     Ok(out)
 }
 
-async fn revive_all(broker: &Broker, entries: Vec<(String, Vec<u8>)>) -> Result<u64, Failure> {
+/// Puts dead entries back on their queues with fresh attempts (see
+/// [`revived`]); `each` hears of every entry as it is done.
+pub async fn revive_entries(
+    broker: &Broker,
+    entries: Vec<DeadEntry>,
+    mut each: impl FnMut(&Revival),
+) -> redis::RedisResult<u64> {
     let mut n = 0;
-    for (queue, entry) in entries {
-        let Some((id, job)) = revived(&entry) else {
-            eprintln!("conveyor: skipping an unreadable dead entry on {queue}");
+    for DeadEntry { queue, raw } in entries {
+        let Some((id, job)) = revived(&raw) else {
+            each(&Revival::Unreadable { queue });
             continue;
         };
-        let moved = broker
-            .revive(&queue, &entry, &id, &job)
-            .await
-            .map_err(|e| Failure::other(format!("Redis: {e}")))?;
-        if moved {
+        if broker.revive(&queue, &raw, &id, &job).await? {
             n += 1;
-            println!(
-                "{} requeued on {queue}",
-                if id.is_empty() { "(raw message)" } else { &id }
-            );
+            each(&Revival::Requeued { queue, id });
+        } else {
+            each(&Revival::Gone);
         }
     }
     Ok(n)
 }
 
+/// Deletes the dead entries of `queues` whose id is in `ids`, or every
+/// entry when `ids` is empty; returns how many went.
+pub async fn purge_dead(
+    broker: &Broker,
+    queues: &[String],
+    ids: &[String],
+) -> redis::RedisResult<u64> {
+    let mut n = 0;
+    if ids.is_empty() {
+        for q in queues {
+            n += broker.purge_dead(q).await?;
+        }
+    } else {
+        for entry in dead_matching(broker, queues, ids).await? {
+            if broker.remove_dead(&entry.queue, &entry.raw).await? {
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+fn redis_failure(e: redis::RedisError) -> Failure {
+    Failure::other(format!("Redis: {e}"))
+}
+
+/// [`revive_entries`], printing each.
+async fn revive_all(broker: &Broker, entries: Vec<DeadEntry>) -> Result<u64, Failure> {
+    revive_entries(broker, entries, |r| match r {
+        Revival::Requeued { queue, id } => println!(
+            "{} requeued on {queue}",
+            if id.is_empty() { "(raw message)" } else { id }
+        ),
+        Revival::Unreadable { queue } => {
+            eprintln!("conveyor: skipping an unreadable dead entry on {queue}")
+        }
+        Revival::Gone => {}
+    })
+    .await
+    .map_err(redis_failure)
+}
+
 pub async fn retry(config: &Config, id: &str) -> CliResult {
     let broker = connect(config).await?;
     let queues = known_queues(config, &broker).await?;
-    let found = dead_matching(&broker, &queues, &[id.to_owned()]).await?;
+    let found = dead_matching(&broker, &queues, &[id.to_owned()])
+        .await
+        .map_err(redis_failure)?;
     if found.is_empty() {
         return Err(Failure::other(format!(
             "no dead job `{id}` (queues: {})",
@@ -142,19 +239,12 @@ pub async fn dead(config: &Config, cmd: &DeadCommand) -> CliResult {
     match cmd {
         DeadCommand::List { queue, limit, json } => {
             let queues = pick(queue, known_queues(config, &broker).await?);
-            let mut rows = Vec::new();
-            for q in &queues {
-                let stop = (*limit as isize) - 1;
-                let entries = broker
-                    .dead_entries(q, 0, stop)
-                    .await
-                    .map_err(|e| Failure::other(format!("Redis: {e}")))?;
-                for e in entries {
-                    let v: Value = serde_json::from_slice(&e)
-                        .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&e)}));
-                    rows.push((q.clone(), v));
-                }
-            }
+            let rows: Vec<(String, Value)> = dead_list(&broker, &queues, *limit)
+                .await
+                .map_err(redis_failure)?
+                .into_iter()
+                .map(|e| (e.queue.clone(), e.value()))
+                .collect();
             if *json {
                 let list: Vec<Value> = rows
                     .into_iter()
@@ -185,32 +275,18 @@ pub async fn dead(config: &Config, cmd: &DeadCommand) -> CliResult {
         }
         DeadCommand::Retry { queue, ids } => {
             let queues = pick(queue, known_queues(config, &broker).await?);
-            let found = dead_matching(&broker, &queues, ids).await?;
+            let found = dead_matching(&broker, &queues, ids)
+                .await
+                .map_err(redis_failure)?;
             let n = revive_all(&broker, found).await?;
             eprintln!("{n} job(s) requeued");
             Ok(())
         }
         DeadCommand::Purge { queue, ids } => {
             let queues = pick(queue, known_queues(config, &broker).await?);
-            let mut n = 0;
-            if ids.is_empty() {
-                for q in &queues {
-                    n += broker
-                        .purge_dead(q)
-                        .await
-                        .map_err(|e| Failure::other(format!("Redis: {e}")))?;
-                }
-            } else {
-                for (q, entry) in dead_matching(&broker, &queues, ids).await? {
-                    if broker
-                        .remove_dead(&q, &entry)
-                        .await
-                        .map_err(|e| Failure::other(format!("Redis: {e}")))?
-                    {
-                        n += 1;
-                    }
-                }
-            }
+            let n = purge_dead(&broker, &queues, ids)
+                .await
+                .map_err(redis_failure)?;
             println!("{n} dead job(s) purged");
             Ok(())
         }

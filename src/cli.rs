@@ -115,6 +115,13 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Web page of queues, workers and jobs with live progress (`/events`),
+    /// and a JSON API under `/api/`; actions need CONVEYOR_DASHBOARD_TOKEN
+    Dashboard {
+        /// Address to listen on (a non-loopback one shows every job to the network)
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+    },
     /// Measure throughput, latency, memory and Redis cost on this machine
     /// (a private redis-server unless --redis-url is given; see BENCHMARKS.md)
     Bench(BenchArgs),
@@ -340,6 +347,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             Command::Retry { id } => crate::admin::retry(&config, id).await,
             Command::Dead(cmd) => crate::admin::dead(&config, cmd).await,
             Command::Bench(args) => crate::bench::command(&cli.global, args).await,
+            Command::Dashboard { listen } => crate::dashboard::command(config, listen).await,
             Command::Cleanup {
                 older_than,
                 vacuum,
@@ -631,6 +639,7 @@ async fn jobs(config: &Config, args: &JobsArgs) -> CliResult {
                 kind: args.kind.clone(),
                 queue: args.queue.clone(),
                 since: args.since.map(crate::rfc3339_of_ms),
+                id_contains: None,
                 limit: args.limit,
                 offset,
             };

@@ -78,6 +78,8 @@
 //! - [`shutdown`]: OS signals to a cancellation token.
 //! - [`telemetry`]: structured logs.
 //! - [`notify`]: systemd readiness, watchdog and status.
+//! - [`dashboard`]: `conveyor dashboard`, a web page and JSON API over
+//!   Redis and SQLite, with live progress as server-sent events.
 //! - [`cli`]: the `conveyor` command line (the binary is a thin wrapper);
 //!   [`admin`]: its operator commands (cancel, retry, dead letters);
 //!   [`mod@bench`]: `conveyor bench`, the benchmark.
@@ -87,6 +89,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod dashboard;
 pub mod doctor;
 pub mod error;
 pub mod notify;

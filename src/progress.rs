@@ -8,7 +8,19 @@
 //! messages in order. When Redis is slow and the channel fills, events are
 //! dropped (and counted) rather than blocking a stage: pub/sub is
 //! at-most-once anyway, and SQLite is the source of truth.
+//!
+//! The same pipeline keeps each running job's latest message in the HASH
+//! `P:live` (job id -> message JSON), for a dashboard that opens late or
+//! reconnects: a message with status `running` is stored (`HSET`), any
+//! other status (completed, failed, cancelled, retrying: waiting in the
+//! scheduled set, pending: requeued at shutdown) removes the entry (`HDEL`).
+//! Within one pipeline only the last message of each job touches the hash,
+//! as one `HSET` with every stored job and one `HDEL` with every removed
+//! one: no extra round trip, and at most two more commands per pipeline.
+//! A daemon killed mid-job leaves its entries behind until the job runs
+//! again elsewhere; readers skip entries whose worker is not live.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -82,10 +94,19 @@ pub struct ProgressEvent {
     pub seq: u64,
 }
 
+/// One message on its way: channel, job id, body, and whether the job is
+/// running (its entry in `P:live` is kept) or not (removed).
+struct Outgoing {
+    channel: String,
+    job_id: String,
+    body: String,
+    running: bool,
+}
+
 /// Cheap handle used by job tasks to publish events.
 #[derive(Clone)]
 pub struct Publisher {
-    tx: mpsc::Sender<(String, String)>,
+    tx: mpsc::Sender<Outgoing>,
     keys: Keys,
     dropped: Arc<AtomicU64>,
 }
@@ -102,10 +123,11 @@ impl Publisher {
         let dropped = Arc::new(AtomicU64::new(0));
         let publisher = Self {
             tx,
-            keys,
+            keys: keys.clone(),
             dropped: dropped.clone(),
         };
         let task = PublisherTask {
+            live_key: keys.live(),
             rx,
             conn,
             dropped,
@@ -129,7 +151,13 @@ impl Publisher {
             Ok(body) => body,
             Err(_) => return,
         };
-        if self.tx.try_send((channel, body)).is_err() {
+        let outgoing = Outgoing {
+            channel,
+            job_id: event.job_id.clone(),
+            body,
+            running: event.status == Status::Running,
+        };
+        if self.tx.try_send(outgoing).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -142,7 +170,9 @@ impl Publisher {
 
 /// Owns the publishing connection; see the module docs.
 pub struct PublisherTask {
-    rx: mpsc::Receiver<(String, String)>,
+    rx: mpsc::Receiver<Outgoing>,
+    /// `P:live`.
+    live_key: String,
     conn: ConnectionManager,
     dropped: Arc<AtomicU64>,
     round_trips: Arc<AtomicU64>,
@@ -153,9 +183,36 @@ impl PublisherTask {
         let mut batch = Vec::with_capacity(BATCH);
         let mut failures = 0u64;
         while self.rx.recv_many(&mut batch, BATCH).await > 0 {
+            // Per job of the batch: the index of its last message.
+            let mut last: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
             let mut pipe = redis::pipe();
-            for (channel, body) in &batch {
-                pipe.cmd("PUBLISH").arg(channel).arg(body).ignore();
+            for (i, out) in batch.iter().enumerate() {
+                pipe.cmd("PUBLISH")
+                    .arg(&out.channel)
+                    .arg(&out.body)
+                    .ignore();
+                last.insert(out.job_id.as_str(), i);
+            }
+            let (mut set, mut del) = (redis::cmd("HSET"), redis::cmd("HDEL"));
+            set.arg(&self.live_key);
+            del.arg(&self.live_key);
+            let (mut sets, mut dels) = (0, 0);
+            for &i in last.values() {
+                let out = &batch[i];
+                if out.running {
+                    set.arg(&out.job_id).arg(&out.body);
+                    sets += 1;
+                } else {
+                    del.arg(&out.job_id);
+                    dels += 1;
+                }
+            }
+            drop(last);
+            if sets > 0 {
+                pipe.add_command(set).ignore();
+            }
+            if dels > 0 {
+                pipe.add_command(del).ignore();
             }
             self.round_trips.fetch_add(1, Ordering::Relaxed);
             match pipe.query_async::<()>(&mut self.conn).await {

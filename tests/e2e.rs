@@ -1022,7 +1022,6 @@ stages = [
 
 /// CONTRACT "CLI": the commands and options it lists exist.
 #[test]
-#[ignore = "issue 6: the dashboard command"]
 fn contract_cli_commands_exist() {
     let h = Harness::new("");
     let mut missing = Vec::new();

@@ -89,6 +89,13 @@ impl Keys {
         format!("{}:progress:{job_id}", self.prefix)
     }
 
+    /// HASH `P:live`: job id -> the latest progress message (JSON) of each
+    /// running job, kept by the daemons' publishers (see
+    /// [`crate::progress`]) for dashboards that open late or reconnect.
+    pub fn live(&self) -> String {
+        format!("{}:live", self.prefix)
+    }
+
     /// Pattern matching every job's progress channel.
     pub fn progress_pattern(&self) -> String {
         format!("{}:progress:*", self.prefix)
@@ -125,5 +132,6 @@ mod tests {
         assert_eq!(k.crashes("q"), "conveyor:{q}:crashes");
         assert_eq!(k.cancelled("q"), "conveyor:{q}:cancelled");
         assert_eq!(k.control(), "conveyor:control");
+        assert_eq!(k.live(), "conveyor:live");
     }
 }

@@ -19,6 +19,8 @@ pub struct JobFilter {
     /// (RFC 3339, UTC, milliseconds: [`crate::rfc3339_of_ms`]), which
     /// compares as text.
     pub since: Option<String>,
+    /// Only jobs whose id contains this text.
+    pub id_contains: Option<String>,
     /// Page size.
     pub limit: usize,
     /// Jobs skipped before the page (newest first).
@@ -59,6 +61,7 @@ impl Reader {
         add("type = ?", &filter.kind);
         add("queue = ?", &filter.queue);
         add("updated_at >= ?", &filter.since);
+        add("instr(id, ?) > 0", &filter.id_contains);
         let filter_sql = if clauses.is_empty() {
             String::new()
         } else {
@@ -94,6 +97,39 @@ impl Reader {
             })
         })?;
         Ok((rows.collect::<Result<_, _>>()?, total as u64))
+    }
+}
+
+/// Jobs that finished in one minute, per queue and final status.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinishedCount {
+    /// `YYYY-MM-DDTHH:MM` (UTC).
+    pub minute: String,
+    pub queue: String,
+    pub status: String,
+    pub count: u64,
+}
+
+impl Reader {
+    /// Completed and failed jobs per minute, queue and status since `since`
+    /// (stored format, see [`JobFilter::since`]); through the
+    /// `(status, updated_at)` index, as a finished job's `updated_at` is
+    /// its `finished_at`.
+    pub fn finished_per_minute(&self, since: &str) -> Result<Vec<FinishedCount>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT substr(coalesce(finished_at, updated_at), 1, 16) AS minute, queue, status, count(*)
+             FROM jobs WHERE status IN ('completed', 'failed') AND updated_at >= ?1
+             GROUP BY minute, queue, status ORDER BY minute",
+        )?;
+        let rows = stmt.query_map([since], |r| {
+            Ok(FinishedCount {
+                minute: r.get(0)?,
+                queue: r.get(1)?,
+                status: r.get(2)?,
+                count: r.get::<_, i64>(3)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 }
 
@@ -241,6 +277,18 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(ids(&r.list_jobs(&odd).unwrap().0), ["j3"]);
+        let by_id = JobFilter {
+            id_contains: Some("3".into()),
+            limit: 10,
+            ..Default::default()
+        };
+        assert_eq!(ids(&r.list_jobs(&by_id).unwrap().0), ["j3"]);
+        let per_minute = r.finished_per_minute("2026-11-23T00:00:00.000Z").unwrap();
+        let got: Vec<_> = per_minute
+            .iter()
+            .map(|c| (c.minute.as_str(), c.status.as_str(), c.count))
+            .collect();
+        assert_eq!(got, [("2026-11-24T00:00", "completed", 1)]);
         let none = JobFilter {
             queue: Some("other".into()),
             limit: 10,

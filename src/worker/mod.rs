@@ -122,6 +122,7 @@ pub(crate) async fn run_with_registry(
         completed: 0,
         failed: 0,
         version: env!("CARGO_PKG_VERSION").into(),
+        ttl_ms: w.dead_after_secs.saturating_mul(1000),
     };
     let ttl = Duration::from_secs(w.dead_after_secs);
     registry::register(&broker, &info, ttl).await?;

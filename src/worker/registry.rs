@@ -53,6 +53,11 @@ pub struct WorkerInfo {
     #[serde(default)]
     pub failed: u64,
     pub version: String,
+    /// The registration's TTL (`dead_after_secs`) in ms: the heartbeat's
+    /// age is this minus the key's PTTL, by Redis' clock. 0 from daemons
+    /// older than the field.
+    #[serde(default)]
+    pub ttl_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -830,3 +830,220 @@ pub fn open_sqlite_read_only(path: &Path) -> Option<rusqlite::Connection> {
     conn.busy_timeout(Duration::from_secs(5)).ok()?;
     Some(conn)
 }
+
+// ---------------------------------------------------------------- HTTP
+
+/// A free loopback port (free when asked: bind it soon).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// An HTTP response: status code, headers (names lowercased), body.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub code: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request on a new connection (`Connection: close`), 10 s
+/// at most; `None` when nothing answers. Chunked bodies are decoded.
+pub fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Option<HttpResponse> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n")?;
+    let mut lines = head.lines();
+    let code = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    Some(HttpResponse {
+        code,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// `conveyor dashboard` as a child process, killed on drop; its stderr
+/// and stdout go to a file, printed when a test panics.
+pub struct DashboardProc {
+    child: Child,
+    pub port: u16,
+    log_path: PathBuf,
+}
+
+impl DashboardProc {
+    pub fn get(&self, path: &str) -> HttpResponse {
+        http(self.port, "GET", path, &[], None)
+            .unwrap_or_else(|| panic!("GET {path}: no answer; log:\n{}", self.log()))
+    }
+
+    /// GET, expecting 200 and JSON.
+    pub fn get_json(&self, path: &str) -> Value {
+        let r = self.get(path);
+        assert_eq!(r.code, 200, "GET {path}: {}", r.body);
+        r.json()
+    }
+
+    /// POST with a JSON body and, when given, a bearer token.
+    pub fn post(&self, path: &str, token: Option<&str>, body: &str) -> HttpResponse {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| vec![("Authorization", a)])
+            .unwrap_or_default();
+        http(self.port, "POST", path, &headers, Some(body))
+            .unwrap_or_else(|| panic!("POST {path}: no answer; log:\n{}", self.log()))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn sigterm(&self) {
+        // SAFETY: sends a signal to our own child, not yet reaped.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+    }
+
+    /// Waits for the exit, `None` after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for DashboardProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- log of the dashboard -----\n{}\n----- end of log -----",
+                self.log()
+            );
+        }
+    }
+}
+
+impl Harness {
+    /// Starts `conveyor dashboard --listen 127.0.0.1:<free port>` with this
+    /// test's Redis, prefix, database and config, and `token` as
+    /// `CONVEYOR_DASHBOARD_TOKEN`; waits until `/api/queues` answers (15 s).
+    pub fn dashboard(&self, token: Option<&str>) -> DashboardProc {
+        self.dashboard_on("127.0.0.1", token)
+    }
+
+    /// [`Harness::dashboard`] on another address (`0.0.0.0`, say).
+    pub fn dashboard_on(&self, host: &str, token: Option<&str>) -> DashboardProc {
+        let port = free_port();
+        let log_path = self
+            .dir
+            .path()
+            .join(format!("dashboard-{}.log", random_hex()));
+        let log = File::create(&log_path).expect("dashboard log file");
+        let mut cmd = base_command(&self.redis.url(), &self.prefix, &self.db);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("dashboard")
+            .args(["--listen", &format!("{host}:{port}")])
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log);
+        if let Some(t) = token {
+            cmd.env("CONVEYOR_DASHBOARD_TOKEN", t);
+        }
+        let child = cmd.spawn().expect("spawn conveyor dashboard");
+        let mut d = DashboardProc {
+            child,
+            port,
+            log_path,
+        };
+        let up = poll_until(Duration::from_secs(15), || {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("the dashboard exited ({status}); log:\n{}", d.log());
+            }
+            http(port, "GET", "/api/queues", &[], None).is_some_and(|r| r.code == 200)
+        });
+        assert!(
+            up,
+            "the dashboard did not answer within 15 s; log:\n{}",
+            d.log()
+        );
+        d
+    }
+}

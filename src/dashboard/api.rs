@@ -1,0 +1,617 @@
+//! The dashboard's JSON API. Reads are open; actions (`POST`) need
+//! `Authorization: Bearer <token>` with the token of
+//! `CONVEYOR_DASHBOARD_TOKEN`, and are refused (403) when none is set.
+//!
+//! | endpoint | answer |
+//! |---|---|
+//! | `GET /api/queues` | per queue: pending, active, scheduled, dead; finished jobs per minute (15 min, SQLite) |
+//! | `GET /api/workers` | live daemons with their heartbeat's age |
+//! | `GET /api/jobs?status=&type=&queue=&q=&page=&limit=` | jobs from SQLite, newest first (`q`: id contains) |
+//! | `GET /api/jobs/{id}` | one job: record (stages, attempts), live message, whether it is dead |
+//! | `GET /api/dead?queue=&limit=` | dead entries, newest first |
+//! | `GET /api/live` | the latest message of every running job (`P:live`) |
+//! | `POST /api/jobs/{id}/cancel` | cancel, as `conveyor cancel` |
+//! | `POST /api/jobs/{id}/retry` | a dead job back to its queue, as `conveyor retry` |
+//! | `POST /api/dead/retry`, `/api/dead/purge` | `{"queue"?, "ids": [...]}` or `{"queue"?, "all": true}` |
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{App, TOKEN_ENV};
+use crate::admin::{self, Revival};
+use crate::client::{Cancelled, Client, ClientError};
+use crate::progress::Status;
+use crate::queue::job::META_FIELD;
+use crate::store::{JobFilter, Reader, StoreError};
+
+/// Minutes of throughput `/api/queues` reports.
+const THROUGHPUT_MINUTES: u64 = 15;
+/// Largest page of `/api/jobs`.
+const MAX_PAGE: usize = 500;
+/// Largest `limit` of `/api/dead` (per queue).
+const MAX_DEAD: usize = 1000;
+
+/// A request that could not be served, as `{"error": "..."}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("this action needs `Authorization: Bearer <token>` with the dashboard's token")]
+    Unauthorized,
+    #[error(
+        "actions are disabled: start the dashboard with {TOKEN_ENV}=<secret> in its environment, then send `Authorization: Bearer <secret>` (the page has a token field)"
+    )]
+    Disabled,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("SQLite: {0}")]
+    Store(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e.to_string())
+    }
+}
+
+impl From<ClientError> for ApiError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Redis(e) => Self::Redis(e),
+            ClientError::Store(e) => Self::Store(e.to_string()),
+            e @ ClientError::AlreadyFinished { .. } => Self::Conflict(e.to_string()),
+            e => Self::BadRequest(e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = match &self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Disabled => StatusCode::FORBIDDEN,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Busy(_) | Self::Redis(_) | Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let body = Json(json!({ "error": self.to_string() }));
+        if code == StatusCode::UNAUTHORIZED {
+            return (code, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response();
+        }
+        (code, body).into_response()
+    }
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("no such page; the API is under /api/ (see the README)".into())
+}
+
+// ------------------------------------------------------------ helpers
+
+/// Runs `read` on a read-only connection to the SQLite file, on a
+/// blocking thread; `None` while there is no file (or no tables) yet.
+async fn read<T, F>(app: &App, read: F) -> Result<Option<T>, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Reader) -> Result<T, StoreError> + Send + 'static,
+{
+    let _slot = app
+        .sqlite
+        .acquire()
+        .await
+        .map_err(|_| ApiError::Busy("shutting down".into()))?;
+    let path = app.config.store.path.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        if !path.exists() {
+            return Ok(None);
+        }
+        match Reader::open(&path).and_then(|r| read(&r)) {
+            Ok(v) => Ok(Some(v)),
+            // The first daemon is still creating the tables.
+            Err(StoreError::Sql(rusqlite::Error::SqliteFailure(_, Some(m))))
+                if m.starts_with("no such table") =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .map_err(|e| ApiError::Store(format!("the reading task failed: {e}")))?;
+    Ok(done?)
+}
+
+async fn known_queues(app: &App) -> Result<Vec<String>, ApiError> {
+    Ok(crate::worker::status::known_queues(&app.broker, &app.config).await?)
+}
+
+/// `None` for an absent or empty parameter.
+fn given(v: &Option<String>) -> Option<String> {
+    v.as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Compares in time that depends on the expected token's length only.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = u8::from(given.len() != expected.len());
+    for (i, e) in expected.iter().enumerate() {
+        diff |= e ^ given.get(i).copied().unwrap_or(0);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &app.token else {
+        return Err(ApiError::Disabled);
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if same_secret(given.trim().as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+// ------------------------------------------------------------ reads
+
+/// `GET /api/queues`.
+pub async fn queues(State(app): State<Arc<App>>) -> ApiResult {
+    let report = crate::worker::status::collect(&app.broker, &app.config).await?;
+    let minute = 60_000;
+    let first = (now_ms() / minute - (THROUGHPUT_MINUTES - 1)) * minute;
+    let minutes: Vec<String> = (0..THROUGHPUT_MINUTES)
+        .map(|i| crate::rfc3339_of_ms(first + i * minute)[..16].to_owned())
+        .collect();
+    let since = crate::rfc3339_of_ms(first);
+    let counts = read(&app, move |r| r.finished_per_minute(&since))
+        .await?
+        .unwrap_or_default();
+    let by_status = read(&app, |r| r.counts_by_status())
+        .await?
+        .unwrap_or_default();
+    let slot = |m: &str| minutes.iter().position(|x| x == m);
+    let zeros = vec![0u64; minutes.len()];
+    let (mut completed, mut failed) = (zeros.clone(), zeros.clone());
+    let mut by_queue: BTreeMap<String, Vec<u64>> = report
+        .queues
+        .iter()
+        .map(|q| (q.name.clone(), zeros.clone()))
+        .collect();
+    for c in &counts {
+        let Some(i) = slot(&c.minute) else { continue };
+        if c.status == "completed" {
+            completed[i] += c.count;
+            by_queue
+                .entry(c.queue.clone())
+                .or_insert_with(|| zeros.clone())[i] += c.count;
+        } else {
+            failed[i] += c.count;
+        }
+    }
+    Ok(Json(json!({
+        "queues": report.queues,
+        "throughput": {
+            "minutes": minutes,
+            "completed": completed,
+            "failed": failed,
+            "by_queue": by_queue,
+        },
+        "jobs_by_status": by_status.into_iter().collect::<BTreeMap<_, _>>(),
+        "store": app.config.store.path,
+    })))
+}
+
+/// `GET /api/workers`.
+pub async fn workers(State(app): State<Arc<App>>) -> ApiResult {
+    let report = crate::worker::status::collect(&app.broker, &app.config).await?;
+    let mut ttls: Vec<i64> = Vec::new();
+    if !report.workers.is_empty() {
+        let mut pipe = redis::pipe();
+        for w in &report.workers {
+            pipe.pttl(app.broker.keys().worker(&w.id));
+        }
+        ttls = pipe.query_async(&mut app.broker.conn()).await?;
+    }
+    let workers: Vec<Value> = report
+        .workers
+        .iter()
+        .zip(ttls.iter().copied().chain(std::iter::repeat(-1)))
+        .map(|(w, pttl)| {
+            let mut v = serde_json::to_value(w).unwrap_or(Value::Null);
+            let age = (w.ttl_ms > 0 && pttl >= 0).then(|| w.ttl_ms.saturating_sub(pttl as u64));
+            v["heartbeat_age_ms"] = json!(age);
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "workers": workers })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct JobsQuery {
+    status: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    queue: Option<String>,
+    /// Id contains.
+    q: Option<String>,
+    page: Option<usize>,
+    limit: Option<usize>,
+}
+
+/// `GET /api/jobs`: as `conveyor jobs --json`, from SQLite.
+pub async fn jobs(State(app): State<Arc<App>>, Query(q): Query<JobsQuery>) -> ApiResult {
+    let limit = q.limit.unwrap_or(50);
+    let page = q.page.unwrap_or(1);
+    if !(1..=MAX_PAGE).contains(&limit) || page == 0 {
+        return Err(ApiError::BadRequest(format!(
+            "limit is 1 to {MAX_PAGE} and page starts at 1"
+        )));
+    }
+    let status = given(&q.status);
+    if let Some(s) = &status
+        && Status::parse(s).is_none()
+    {
+        return Err(ApiError::BadRequest(format!(
+            "status `{s}` is not one of pending, scheduled, running, retrying, completed, failed, cancelled"
+        )));
+    }
+    let filter = JobFilter {
+        status,
+        kind: given(&q.kind),
+        queue: given(&q.queue),
+        since: None,
+        id_contains: given(&q.q),
+        limit,
+        offset: (page - 1).saturating_mul(limit),
+    };
+    let (rows, total) = read(&app, move |r| r.list_jobs(&filter))
+        .await?
+        .unwrap_or_default();
+    Ok(Json(
+        json!({ "total": total, "page": page, "limit": limit, "jobs": rows }),
+    ))
+}
+
+/// `GET /api/jobs/{id}`: SQLite's record, Redis' live state (pending,
+/// scheduled, running: as `conveyor job`), the latest progress message,
+/// and whether it sits in a dead list (so it can be retried).
+pub async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
+    let client = Client::with_broker(app.broker.clone(), &app.config);
+    let Some(info) = client.job(&id).await? else {
+        return Err(ApiError::NotFound(format!("no job `{id}`")));
+    };
+    let message: Option<String> = redis::cmd("HGET")
+        .arg(app.broker.keys().live())
+        .arg(&id)
+        .query_async(&mut app.broker.conn())
+        .await?;
+    let live = message.and_then(|m| serde_json::from_str::<Value>(&m).ok());
+    let dead = if info.status == Status::Failed {
+        let queues = known_queues(&app).await?;
+        !admin::dead_matching(&app.broker, &queues, std::slice::from_ref(&id))
+            .await?
+            .is_empty()
+    } else {
+        false
+    };
+    let rfc = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
+    let queue = info
+        .live
+        .as_ref()
+        .map(|l| l.queue.clone())
+        .or_else(|| info.record.as_ref().map(|r| r.queue.clone()));
+    let kind = info
+        .record
+        .as_ref()
+        .map(|r| r.kind.clone())
+        .or_else(|| info.live.as_ref().and_then(|l| l.kind.clone()));
+    Ok(Json(json!({
+        "id": info.id,
+        "status": info.status,
+        "queue": queue,
+        "type": kind,
+        "due_at": info.live.as_ref().and_then(|l| l.due).map(rfc),
+        "record": info.record,
+        "live": live,
+        "dead": dead,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DeadQuery {
+    queue: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /api/dead`.
+pub async fn dead(State(app): State<Arc<App>>, Query(q): Query<DeadQuery>) -> ApiResult {
+    let limit = q.limit.unwrap_or(100).min(MAX_DEAD);
+    let queues = match given(&q.queue) {
+        Some(q) => vec![q],
+        None => known_queues(&app).await?,
+    };
+    let entries: Vec<Value> = admin::dead_list(&app.broker, &queues, limit)
+        .await?
+        .into_iter()
+        .map(|e| {
+            let v = e.value();
+            let meta = &v[META_FIELD];
+            json!({
+                "queue": e.queue,
+                "id": v.get("id").and_then(Value::as_str),
+                "type": v.get("type").and_then(Value::as_str),
+                "failed_at": meta.get("failed_at"),
+                "error": meta.get("error"),
+                "attempt": meta.get("attempt"),
+                "entry": v,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "queues": queues, "entries": entries })))
+}
+
+/// `GET /api/live`: the latest message of every running job, from
+/// `P:live`; entries left by a daemon that is gone (killed mid-job) are
+/// counted as `stale` and not listed.
+pub async fn live(State(app): State<Arc<App>>) -> ApiResult {
+    let keys = app.broker.keys();
+    let mut conn = app.broker.conn();
+    let all: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(keys.live())
+        .query_async(&mut conn)
+        .await?;
+    let messages: Vec<Value> = all
+        .into_iter()
+        .filter_map(|(_, m)| serde_json::from_str::<Value>(&m).ok())
+        .collect();
+    let workers: Vec<String> = messages
+        .iter()
+        .filter_map(|m| m.get("worker_id").and_then(Value::as_str))
+        .map(str::to_owned)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut alive = BTreeSet::new();
+    if !workers.is_empty() {
+        let mut pipe = redis::pipe();
+        for w in &workers {
+            pipe.exists(keys.worker(w));
+        }
+        let exists: Vec<bool> = pipe.query_async(&mut conn).await?;
+        alive.extend(
+            workers
+                .iter()
+                .zip(exists)
+                .filter(|(_, e)| *e)
+                .map(|(w, _)| w.as_str()),
+        );
+    }
+    let (mut jobs, stale): (Vec<Value>, Vec<Value>) = messages.into_iter().partition(|m| {
+        m.get("worker_id")
+            .and_then(Value::as_str)
+            .is_some_and(|w| alive.contains(w))
+    });
+    jobs.sort_by(|a, b| a["job_id"].as_str().cmp(&b["job_id"].as_str()));
+    Ok(Json(json!({ "jobs": jobs, "stale": stale.len() })))
+}
+
+// ------------------------------------------------------------ actions
+
+/// `POST /api/jobs/{id}/cancel`.
+pub async fn cancel(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    authorize(&app, &headers)?;
+    let client = Client::with_broker(app.broker.clone(), &app.config);
+    let (result, message) = match client.cancel(&id).await? {
+        Cancelled::Stopped => ("stopped", format!("{id} cancelled")),
+        Cancelled::Recorded => (
+            "recorded",
+            format!(
+                "{id} cancellation recorded: it is not running, and is dropped when a daemon takes it"
+            ),
+        ),
+    };
+    tracing::info!(job_id = %id, result, "Dashboard: cancel");
+    Ok(Json(
+        json!({ "id": id, "result": result, "message": message }),
+    ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct DeadTarget {
+    queue: Option<String>,
+    #[serde(default)]
+    ids: Vec<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+/// [`DeadTarget`] in a query string: `?queue=q&ids=a,b&all=true`.
+#[derive(Debug, Default, Deserialize)]
+pub struct DeadTargetQuery {
+    queue: Option<String>,
+    /// Comma-separated.
+    ids: Option<String>,
+    all: Option<bool>,
+}
+
+/// The target of a dead-list action: the query string, overridden by a
+/// JSON body when there is one.
+fn target(query: DeadTargetQuery, body: &Bytes) -> Result<DeadTarget, ApiError> {
+    let query = DeadTarget {
+        queue: query.queue,
+        ids: query
+            .ids
+            .iter()
+            .flat_map(|ids| ids.split(','))
+            .map(str::trim)
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        all: query.all.unwrap_or(false),
+    };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(query);
+    }
+    let t: DeadTarget = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not {{queue, ids, all}}: {e}")))?;
+    Ok(DeadTarget {
+        queue: t.queue.or(query.queue),
+        ids: if t.ids.is_empty() { query.ids } else { t.ids },
+        all: t.all || query.all,
+    })
+}
+
+async fn queues_of(app: &App, queue: &Option<String>) -> Result<Vec<String>, ApiError> {
+    match given(queue) {
+        Some(q) => Ok(vec![q]),
+        None => known_queues(app).await,
+    }
+}
+
+async fn revive(app: &App, entries: Vec<admin::DeadEntry>) -> Result<(u64, Vec<Value>), ApiError> {
+    let mut done = Vec::new();
+    let n = admin::revive_entries(&app.broker, entries, |r| {
+        if let Revival::Requeued { queue, id } = r {
+            done.push(json!({ "queue": queue, "id": id }));
+        }
+    })
+    .await?;
+    Ok((n, done))
+}
+
+/// `POST /api/jobs/{id}/retry` (`?queue=` to look in one queue only).
+pub async fn retry(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<DeadQuery>,
+) -> ApiResult {
+    authorize(&app, &headers)?;
+    let queues = queues_of(&app, &q.queue).await?;
+    let found = admin::dead_matching(&app.broker, &queues, std::slice::from_ref(&id)).await?;
+    if found.is_empty() {
+        return Err(ApiError::NotFound(format!(
+            "no dead job `{id}` (queues: {})",
+            queues.join(", ")
+        )));
+    }
+    let (n, requeued) = revive(&app, found.into_iter().take(1).collect()).await?;
+    tracing::info!(job_id = %id, requeued = n, "Dashboard: retry");
+    Ok(Json(json!({
+        "requeued": requeued,
+        "message": format!("{id} requeued"),
+    })))
+}
+
+/// `POST /api/dead/retry`.
+pub async fn dead_retry(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(q): Query<DeadTargetQuery>,
+    body: Bytes,
+) -> ApiResult {
+    authorize(&app, &headers)?;
+    let t = target(q, &body)?;
+    if t.ids.is_empty() && !t.all {
+        return Err(ApiError::BadRequest(
+            "name the jobs (`ids`), or send `all: true`".into(),
+        ));
+    }
+    let queues = queues_of(&app, &t.queue).await?;
+    let found = admin::dead_matching(&app.broker, &queues, &t.ids).await?;
+    let (n, requeued) = revive(&app, found).await?;
+    tracing::info!(requeued = n, "Dashboard: dead retry");
+    Ok(Json(json!({
+        "requeued": requeued,
+        "message": format!("{n} job(s) requeued"),
+    })))
+}
+
+/// `POST /api/dead/purge`.
+pub async fn dead_purge(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(q): Query<DeadTargetQuery>,
+    body: Bytes,
+) -> ApiResult {
+    authorize(&app, &headers)?;
+    let t = target(q, &body)?;
+    if t.ids.is_empty() && !t.all {
+        return Err(ApiError::BadRequest(
+            "name the jobs (`ids`), or send `all: true`".into(),
+        ));
+    }
+    let queues = queues_of(&app, &t.queue).await?;
+    let ids = if t.all { Vec::new() } else { t.ids };
+    let n = admin::purge_dead(&app.broker, &queues, &ids).await?;
+    tracing::info!(purged = n, "Dashboard: dead purge");
+    Ok(Json(json!({
+        "purged": n,
+        "message": format!("{n} dead job(s) purged"),
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        assert!(!same_secret(b"s3cre", b"s3cret"));
+        assert!(!same_secret(b"s3cret!", b"s3cret"));
+        assert!(!same_secret(b"", b"s3cret"));
+        assert!(!same_secret(b"s3creT", b"s3cret"));
+    }
+
+    #[test]
+    fn a_body_overrides_the_query() {
+        let q = || DeadTargetQuery {
+            queue: Some("a".into()),
+            ids: Some("x, z".into()),
+            all: None,
+        };
+        let t = target(q(), &Bytes::new()).unwrap();
+        assert_eq!(t.ids, ["x", "z"]);
+        let t = target(q(), &Bytes::from_static(br#"{"ids":["y"]}"#)).unwrap();
+        assert_eq!(
+            (t.queue.as_deref(), t.ids, t.all),
+            (Some("a"), vec!["y".to_owned()], false)
+        );
+        assert!(target(DeadTargetQuery::default(), &Bytes::from_static(b"[")).is_err());
+        assert!(target(DeadTargetQuery::default(), &Bytes::from_static(b" ")).is_ok());
+    }
+}

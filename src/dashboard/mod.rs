@@ -1,0 +1,213 @@
+//! `conveyor dashboard`: a web page of queues, workers and jobs with live
+//! progress, and the JSON API it is drawn from.
+//!
+//! The dashboard is a reader like the CLI: any number of daemons on any
+//! hosts report to it only through Redis (queue lists, registrations, the
+//! `P:live` snapshot, the `P:progress:*` channels) and the SQLite file at
+//! `store.path` (opened read-only, per request).
+//!
+//! - [`api`]: `/api/...` JSON, and the actions (cancel, retry, purge),
+//!   which need `Authorization: Bearer $CONVEYOR_DASHBOARD_TOKEN`.
+//! - [`events`]: `/events`, server-sent events bridged from one
+//!   `PSUBSCRIBE P:progress:*` connection shared by every browser.
+//! - `assets/`: one static page (HTML, JS, CSS) embedded in the binary; the
+//!   JS renders the API and never writes job data as HTML. The
+//!   `Content-Security-Policy` allows scripts and styles from this origin
+//!   only (no inline script).
+//!
+//! Shutdown: the token given to [`serve`] ends the SSE streams
+//! (`take_until`), the pub/sub bridge, and then axum's graceful shutdown,
+//! which an open SSE stream would otherwise hold up forever.
+
+pub mod api;
+pub mod events;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::{HeaderValue, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::sync::{Semaphore, broadcast};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::queue::Broker;
+
+/// Environment variable holding the token the actions need.
+pub const TOKEN_ENV: &str = "CONVEYOR_DASHBOARD_TOKEN";
+/// Browsers following `/events` at once; more are answered 503.
+const MAX_EVENT_STREAMS: usize = 256;
+/// SQLite reads running at once (each on a blocking thread).
+const MAX_SQLITE_READS: usize = 8;
+/// Progress messages buffered per browser before it is told to resync.
+const EVENT_BUFFER: usize = 1024;
+
+const INDEX_HTML: &str = include_str!("assets/index.html");
+const APP_JS: &str = include_str!("assets/app.js");
+const APP_CSS: &str = include_str!("assets/app.css");
+
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+                   img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// Why the dashboard could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DashboardError {
+    #[error("--listen `{0}` is not an address like 127.0.0.1:8080")]
+    BadAddress(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("the HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// What every handler reads.
+pub struct App {
+    pub config: Config,
+    pub broker: Broker,
+    /// `CONVEYOR_DASHBOARD_TOKEN`; `None`: actions are refused.
+    pub token: Option<String>,
+    /// Progress messages from the bridge to the browsers.
+    pub events: broadcast::Sender<events::Message>,
+    /// Slots for `/events` streams.
+    pub streams: Arc<Semaphore>,
+    /// Slots for SQLite reads.
+    pub sqlite: Arc<Semaphore>,
+    /// Cancelled at shutdown: ends the SSE streams.
+    pub shutdown: CancellationToken,
+}
+
+/// The router, for [`serve`] and for tests that drive it in-process.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/assets/app.js", get(app_js))
+        .route("/assets/app.css", get(app_css))
+        .route("/events", get(events::stream))
+        .route("/api/queues", get(api::queues))
+        .route("/api/workers", get(api::workers))
+        .route("/api/jobs", get(api::jobs))
+        .route("/api/jobs/{id}", get(api::job))
+        .route("/api/jobs/{id}/cancel", post(api::cancel))
+        .route("/api/jobs/{id}/retry", post(api::retry))
+        .route("/api/dead", get(api::dead))
+        .route("/api/dead/retry", post(api::dead_retry))
+        .route("/api/dead/purge", post(api::dead_purge))
+        .route("/api/live", get(api::live))
+        .fallback(api::not_found)
+        .layer(middleware::from_fn(security_headers))
+        .with_state(app)
+}
+
+/// `conveyor dashboard --listen ADDR`: serves until `shutdown`.
+pub async fn serve(
+    config: Config,
+    listen: &str,
+    token: Option<String>,
+    shutdown: CancellationToken,
+) -> Result<(), DashboardError> {
+    let addr: SocketAddr = listen
+        .parse()
+        .map_err(|_| DashboardError::BadAddress(listen.to_owned()))?;
+    let broker = Broker::connect(&config.redis.url, &config.redis.prefix).await?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| DashboardError::Bind { addr, source })?;
+    let local = listener.local_addr().unwrap_or(addr);
+    if !local.ip().is_loopback() {
+        eprintln!(
+            "conveyor: warning: the dashboard listens on {local}, beyond this host; \
+             its pages and API show job payloads to anyone who can reach it"
+        );
+    }
+    let token = token.filter(|t| !t.is_empty());
+    if token.is_none() {
+        eprintln!(
+            "conveyor: actions (cancel, retry, purge) are disabled: set {TOKEN_ENV} to enable them"
+        );
+    }
+    let (events, _) = broadcast::channel(EVENT_BUFFER);
+    let bridge = events::Bridge::new(broker.clone(), events.clone());
+    let bridge = tokio::spawn(bridge.run(shutdown.clone()));
+    let app = Arc::new(App {
+        config,
+        broker,
+        token,
+        events,
+        streams: Arc::new(Semaphore::new(MAX_EVENT_STREAMS)),
+        sqlite: Arc::new(Semaphore::new(MAX_SQLITE_READS)),
+        shutdown: shutdown.clone(),
+    });
+    println!("conveyor dashboard on http://{local}/");
+    tracing::info!(addr = %local, "dashboard_started");
+    let served = axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    let _ = bridge.await;
+    tracing::info!("dashboard_stopped");
+    served.map_err(DashboardError::Serve)
+}
+
+/// `conveyor dashboard`: serves until SIGTERM or SIGINT.
+pub async fn command(config: Config, listen: &str) -> crate::cli::CliResult {
+    use crate::cli::Failure;
+    let shutdown = crate::shutdown::on_signals()
+        .map_err(|e| Failure::other(format!("cannot install signal handlers: {e}")))?;
+    let token = std::env::var(TOKEN_ENV).ok();
+    serve(config, listen, token, shutdown)
+        .await
+        .map_err(|e| match e {
+            e @ DashboardError::BadAddress(_) => Failure::usage(e.to_string()),
+            e => Failure::other(e.to_string()),
+        })
+}
+
+async fn security_headers(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    response
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn index() -> Response {
+    asset("text/html; charset=utf-8", INDEX_HTML)
+}
+
+async fn app_js() -> Response {
+    asset("text/javascript; charset=utf-8", APP_JS)
+}
+
+async fn app_css() -> Response {
+    asset("text/css; charset=utf-8", APP_CSS)
+}

@@ -1,0 +1,432 @@
+//! `conveyor dashboard` against a real Redis, real daemons and the real
+//! binary: the JSON API, the token on actions, `/events`, the `P:live`
+//! snapshot, escaping, and shutdown with a stream open.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Harness, enqueue, wait_for, wait_until};
+use serde_json::Value;
+
+const LONG: Duration = Duration::from_secs(30);
+
+const CONFIG: &str = r#"
+[worker]
+queues = ["default", "other"]
+concurrency = 4
+
+[retry]
+max_attempts = 1
+
+[jobs.quick]
+stages = [{ name = "only", builtin = "echo" }]
+
+[jobs.broken]
+queue = "other"
+stages = [{ name = "boom", builtin = "fail", args = { message = "broken on purpose" } }]
+
+[jobs.slow]
+stages = [
+  { name = "one",   builtin = "sleep", args = { ms = 600 } },
+  { name = "two",   builtin = "sleep", args = { ms = 600 } },
+  { name = "three", builtin = "sleep", args = { ms = 600 } },
+]
+"#;
+
+/// Percent-encodes a path segment.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    v["jobs"]
+        .as_array()
+        .expect("jobs array")
+        .iter()
+        .map(|j| j["id"].as_str().expect("id").to_owned())
+        .collect()
+}
+
+#[test]
+fn the_api_reports_queues_workers_jobs_and_the_dead() {
+    let h = Harness::new(CONFIG);
+    let _d = h.daemon("w1", &[]);
+    let dash = h.dashboard(None);
+    enqueue(&h, &["quick", "--id", "q1", "--payload", r#"{"n":1}"#]);
+    enqueue(&h, &["quick", "--id", "q2"]);
+    enqueue(&h, &["broken", "--id", "b1"]);
+    wait_until(LONG, "the jobs ran", || {
+        h.count_status("completed") == 2 && h.count_status("failed") == 1
+    });
+
+    let queues = dash.get_json("/api/queues");
+    let other = queues["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "other")
+        .cloned()
+        .expect("queue other listed");
+    assert_eq!(other["dead"], 1, "{queues}");
+    let t = &queues["throughput"];
+    assert_eq!(t["minutes"].as_array().unwrap().len(), 15);
+    let sum = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_u64)
+            .sum::<u64>()
+    };
+    assert_eq!(sum(&t["completed"]), 2, "{t}");
+    assert_eq!(sum(&t["failed"]), 1, "{t}");
+    assert_eq!(sum(&t["by_queue"]["default"]), 2, "{t}");
+    assert_eq!(queues["jobs_by_status"]["completed"], 2);
+
+    let workers = dash.get_json("/api/workers");
+    let w = &workers["workers"][0];
+    assert_eq!(w["id"], "w1", "{workers}");
+    assert!(w["heartbeat_age_ms"].is_u64(), "{workers}");
+
+    let all = dash.get_json("/api/jobs");
+    assert_eq!(all["total"], 3);
+    let failed = dash.get_json("/api/jobs?status=failed");
+    assert_eq!(ids(&failed), ["b1"]);
+    let searched = dash.get_json("/api/jobs?q=q2");
+    assert_eq!(ids(&searched), ["q2"]);
+    let by_type = dash.get_json("/api/jobs?type=quick&queue=default&limit=1&page=2");
+    assert_eq!(
+        (by_type["total"].as_u64(), ids(&by_type).len()),
+        (Some(2), 1)
+    );
+    assert_eq!(dash.get("/api/jobs?status=bogus").code, 400);
+
+    let q1 = dash.get_json("/api/jobs/q1");
+    assert_eq!(q1["status"], "completed");
+    assert_eq!(q1["dead"], false);
+    let stage = &q1["record"]["stages"][0];
+    assert_eq!(
+        (stage["name"].as_str(), stage["status"].as_str()),
+        (Some("only"), Some("completed"))
+    );
+    assert_eq!(stage["result"]["n"], 1, "echo's result is the payload");
+    assert!(stage["started_at"].is_string() && stage["finished_at"].is_string());
+    assert_eq!(q1["record"]["attempts"][0]["status"], "completed");
+    let b1 = dash.get_json("/api/jobs/b1");
+    assert_eq!(
+        (b1["status"].as_str(), b1["dead"].as_bool()),
+        (Some("failed"), Some(true))
+    );
+    assert_eq!(dash.get("/api/jobs/nope").code, 404);
+
+    let dead = dash.get_json("/api/dead");
+    let entries = dead["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{dead}");
+    assert_eq!(entries[0]["id"], "b1");
+    assert_eq!(entries[0]["queue"], "other");
+    assert!(
+        entries[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("broken on purpose"),
+        "{dead}"
+    );
+    assert_eq!(
+        dash.get_json("/api/dead?queue=default")["entries"],
+        Value::Array(vec![])
+    );
+    assert_eq!(dash.get("/nothing-here").code, 404);
+}
+
+#[test]
+fn actions_need_the_token() {
+    let h = Harness::new(CONFIG);
+    let _d = h.daemon("w1", &[]);
+    enqueue(&h, &["broken", "--id", "b1"]);
+    enqueue(&h, &["broken", "--id", "b2"]);
+    wait_until(LONG, "both failed", || h.llen(&h.dead_key("other")) == 2);
+
+    // No token configured: refused, saying how to enable them.
+    let open = h.dashboard(None);
+    let r = open.post("/api/dead/purge", Some("anything"), r#"{"all":true}"#);
+    assert_eq!(r.code, 403, "{}", r.body);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("CONVEYOR_DASHBOARD_TOKEN"),
+        "{}",
+        r.body
+    );
+    drop(open);
+
+    let dash = h.dashboard(Some("s3cret-token"));
+    for token in [
+        None,
+        Some("wrong"),
+        Some("s3cret-toke"),
+        Some("s3cret-token!"),
+    ] {
+        let r = dash.post("/api/jobs/b1/retry", token, "");
+        assert_eq!(r.code, 401, "token {token:?}: {}", r.body);
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        let r = dash.post("/api/dead/purge", token, r#"{"all":true}"#);
+        assert_eq!(r.code, 401, "token {token:?}: {}", r.body);
+    }
+    assert_eq!(h.llen(&h.dead_key("other")), 2, "nothing was done");
+
+    let token = Some("s3cret-token");
+    let r = dash.post("/api/dead/purge", token, "{}");
+    assert_eq!(r.code, 400, "neither ids nor all: {}", r.body);
+    let r = dash.post("/api/jobs/b1/retry", token, "");
+    assert_eq!(r.code, 200, "{}", r.body);
+    assert_eq!(r.json()["requeued"][0]["id"], "b1");
+    // It runs again and fails again.
+    wait_until(LONG, "b1 ran again", || {
+        h.job_ok("b1")["attempts"].as_array().unwrap().len() == 2
+            && h.llen(&h.dead_key("other")) == 2
+    });
+    let r = dash.post("/api/jobs/nope/retry", token, "");
+    assert_eq!(r.code, 404, "{}", r.body);
+    let r = dash.post("/api/dead/purge?queue=other&ids=b2", token, "");
+    assert_eq!(
+        (r.code, r.json()["purged"].as_u64()),
+        (200, Some(1)),
+        "{}",
+        r.body
+    );
+    let r = dash.post("/api/dead/retry", token, r#"{"ids":["b1"]}"#);
+    assert_eq!(r.code, 200, "{}", r.body);
+    wait_until(LONG, "b1 ran a third time", || {
+        h.job_ok("b1")["attempts"].as_array().unwrap().len() == 3
+            && h.llen(&h.dead_key("other")) == 1
+    });
+    let r = dash.post("/api/dead/purge", token, r#"{"all":true}"#);
+    assert_eq!(r.json()["purged"], 1, "{}", r.body);
+    assert_eq!(h.llen(&h.dead_key("other")), 0);
+
+    // Cancel: a scheduled job never runs; a finished one is refused.
+    enqueue(&h, &["quick", "--id", "later", "--delay", "1h"]);
+    let r = dash.post("/api/jobs/later/cancel", token, "");
+    assert_eq!(
+        (r.code, r.json()["result"].as_str()),
+        (200, Some("recorded")),
+        "{}",
+        r.body
+    );
+    let r = dash.post("/api/jobs/b1/cancel", token, "");
+    assert_eq!(r.code, 409, "{}", r.body);
+    let r = dash.post("/api/jobs/later/cancel", None, "");
+    assert_eq!(r.code, 401);
+}
+
+/// Reads an SSE stream in a thread of its own: the `data:` lines of
+/// message events, and `resync` events counted.
+struct SseReader {
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl SseReader {
+    fn open(port: u16) -> Self {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        write!(
+            s,
+            "GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        .expect("write");
+        let mut reader = BufReader::new(s);
+        let mut status = String::new();
+        reader.read_line(&mut status).expect("status line");
+        assert!(status.contains(" 200 "), "GET /events: {status}");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(line.trim_end().to_owned());
+                line.clear();
+            }
+        });
+        SseReader { lines }
+    }
+
+    /// Progress messages (parsed `data:` lines that are JSON objects with a job id).
+    fn messages(&self) -> Vec<Value> {
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+            .filter(|v| v.get("job_id").is_some())
+            .collect()
+    }
+}
+
+#[test]
+fn events_stream_progress_and_live_holds_running_jobs() {
+    let h = Harness::new(CONFIG);
+    let _d = h.daemon("w1", &[]);
+    let dash = h.dashboard(None);
+    let sse = SseReader::open(dash.port);
+    // The bridge subscribes on its own; messages before that are not seen.
+    wait_until(LONG, "the dashboard's PSUBSCRIBE", || {
+        redis::cmd("PUBSUB")
+            .arg("NUMPAT")
+            .query::<i64>(&mut h.redis.conn())
+            .is_ok_and(|n| n >= 1)
+    });
+    let id = enqueue(&h, &["slow", "--id", "s1"]);
+
+    // While it runs, /api/live holds its latest message.
+    let live = wait_for(LONG, "s1 in /api/live", || {
+        let v = dash.get_json("/api/live");
+        v["jobs"]
+            .as_array()
+            .and_then(|a| a.iter().find(|j| j["job_id"] == id.as_str()).cloned())
+    });
+    assert_eq!(live["status"], "running");
+    assert_eq!(live["stages_total"], 3);
+    assert_eq!(live["worker_id"], "w1");
+    let raw: Option<String> = redis::cmd("HGET")
+        .arg(format!("{}:live", h.prefix))
+        .arg(&id)
+        .query(&mut h.redis.conn())
+        .expect("HGET");
+    assert!(raw.is_some(), "P:live holds the running job");
+
+    // The stream carries its whole run, in order, to the end.
+    let done = wait_for(LONG, "job_completed on /events", || {
+        let mine: Vec<Value> = sse
+            .messages()
+            .into_iter()
+            .filter(|m| m["job_id"] == id.as_str())
+            .collect();
+        mine.iter()
+            .any(|m| m["event"] == "job_completed")
+            .then_some(mine)
+    });
+    let events: Vec<&str> = done.iter().filter_map(|m| m["event"].as_str()).collect();
+    assert!(
+        events.contains(&"stage_started") && events.contains(&"progress"),
+        "{events:?}"
+    );
+    let seqs: Vec<u64> = done.iter().filter_map(|m| m["seq"].as_u64()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+    let last = done.last().unwrap();
+    assert_eq!(
+        (last["status"].as_str(), last["progress"].as_f64()),
+        (Some("completed"), Some(100.0))
+    );
+
+    // Once it ended, the snapshot drops it.
+    wait_until(LONG, "s1 gone from /api/live", || {
+        dash.get_json("/api/live")["jobs"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|j| j["job_id"] != id.as_str()))
+    });
+    let left: i64 = redis::cmd("HLEN")
+        .arg(format!("{}:live", h.prefix))
+        .query(&mut h.redis.conn())
+        .expect("HLEN");
+    assert_eq!(left, 0);
+}
+
+#[test]
+fn the_page_is_static_and_job_data_stays_data() {
+    let h = Harness::new(CONFIG);
+    let _d = h.daemon("w1", &[]);
+    let dash = h.dashboard(None);
+    let page = dash.get("/");
+    assert_eq!(page.code, 200);
+    assert!(
+        page.header("content-type")
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let csp = page.header("content-security-policy").expect("a CSP");
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+    assert_eq!(page.header("x-content-type-options"), Some("nosniff"));
+    assert!(
+        page.body
+            .contains(r#"<script src="/assets/app.js" defer></script>"#)
+    );
+    let js = dash.get("/assets/app.js");
+    assert_eq!(js.code, 200);
+    assert!(
+        js.header("content-type")
+            .unwrap()
+            .starts_with("text/javascript")
+    );
+    for sink in [
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+    ] {
+        assert!(!js.body.contains(sink), "app.js uses {sink}");
+    }
+    assert_eq!(dash.get("/assets/app.css").code, 200);
+
+    // HTML in an id and a payload comes back as JSON text, never markup.
+    let evil = r#"<img/src=x/onerror=alert(1)>"#;
+    let id = enqueue(
+        &h,
+        &[
+            "quick",
+            "--id",
+            evil,
+            "--payload",
+            r#"{"html":"<script>alert(2)</script>"}"#,
+        ],
+    );
+    assert_eq!(id, evil);
+    wait_until(LONG, "it ran", || h.count_status("completed") == 1);
+    let r = dash.get(&format!("/api/jobs/{}", encode(evil)));
+    assert_eq!(r.code, 200, "{}", r.body);
+    assert!(
+        r.header("content-type")
+            .unwrap()
+            .starts_with("application/json")
+    );
+    let v = r.json();
+    assert_eq!(v["id"], evil);
+    assert_eq!(v["record"]["payload"]["html"], "<script>alert(2)</script>");
+}
+
+#[test]
+fn sigterm_ends_open_streams_and_a_public_address_is_warned_about() {
+    let h = Harness::new(CONFIG);
+    let mut dash = h.dashboard_on("0.0.0.0", None);
+    assert!(
+        dash.log()
+            .contains("warning: the dashboard listens on 0.0.0.0"),
+        "{}",
+        dash.log()
+    );
+    let _sse = SseReader::open(dash.port);
+    let _sse2 = SseReader::open(dash.port);
+    dash.sigterm();
+    let status = dash
+        .wait_exit(Duration::from_secs(10))
+        .expect("the dashboard exits within 10 s of SIGTERM with streams open");
+    assert!(status.success(), "{status}");
+}
