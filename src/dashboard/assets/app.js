@@ -207,7 +207,7 @@ async function overview() {
     }
   };
   await refresh();
-  refreshTimer = setInterval(refresh, 5000);
+  refreshTimer = setInterval(refresh, 3000);
 }
 
 async function jobs(params) {
