@@ -11,7 +11,7 @@ PROG=${0##*/}
 
 usage() {
     cat <<EOF
-Usage: $PROG [-n N] [-e ENV_FILE] [--demo] [-h] [ID]
+Usage: $PROG [-n N] [-e ENV_FILE] [--demo [--dashboard]] [-h] [ID]
 
 Start the conveyor worker daemon (conveyor worker) from this checkout.
 
@@ -36,6 +36,11 @@ Start the conveyor worker daemon (conveyor worker) from this checkout.
                  progress live, print the job, then stop everything.
                  Exits 0 if the job completed, 1 if it failed. ID and -n are
                  ignored.
+  --dashboard    with --demo: also start 'conveyor dashboard' on
+                 \$DEMO_DASHBOARD_LISTEN (default 127.0.0.1:8080; log in
+                 data/demo-dashboard.log), print its URL, wait a few seconds
+                 before enqueueing so the page can be opened, and keep it
+                 (and the daemon) running after the job until Ctrl-C.
   -h, --help     show this help.
 
 The script first changes to its own directory: stage commands in
@@ -61,12 +66,14 @@ Environment (flags given to the daemon > environment > config file > default):
                         (logs are JSON lines when stderr is not a terminal)
   DEMO_STAGE_SLEEP      seconds per progress step of the demo stages
                         (default 0.15)
+  DEMO_DASHBOARD_LISTEN address of the --dashboard page (default 127.0.0.1:8080)
 
 Exit status: the daemon's (0 after a graceful shutdown), 2 for a usage error,
 1 for other failures; with --demo, the status of 'conveyor watch'.
 
 Examples:
   $PROG --demo                 # try it out
+  $PROG --demo --dashboard     # the same, with the web dashboard on 127.0.0.1:8080
   $PROG                        # one daemon, id "\$(hostname)-1"
   $PROG -n 4                   # four daemons, ids "\$(hostname)-1..4"
   $PROG -e prod.env -n 2 box7  # ids box7-1 and box7-2, settings from prod.env
@@ -83,6 +90,7 @@ num=1
 env_file=
 env_file_explicit=0
 demo=0
+dashboard=0
 id_arg=
 orig_pwd=$PWD
 
@@ -96,6 +104,7 @@ while [ "$#" -gt 0 ]; do
             env_file=$2; env_file_explicit=1; shift 2 ;;
         -e*) env_file=${1#-e}; env_file_explicit=1; shift ;;
         --demo) demo=1; shift ;;
+        --dashboard) dashboard=1; shift ;;
         --) shift
             [ "$#" -le 1 ] || usage_error "too many arguments: $*"
             if [ "$#" -eq 1 ]; then
@@ -107,6 +116,9 @@ while [ "$#" -gt 0 ]; do
             id_arg=$1; shift ;;
     esac
 done
+
+[ "$dashboard" -eq 0 ] || [ "$demo" -eq 1 ] \
+    || usage_error "--dashboard goes with --demo (otherwise run: conveyor dashboard)"
 
 case $num in
     ''|*[!0-9]*) usage_error "-n wants a positive integer, got '$num'" ;;
@@ -385,6 +397,7 @@ redis_ping() {
 # Demo state, read by demo_cleanup.
 redis_pid=
 daemon_pid=
+dashboard_pid=
 force_stop=0
 cleaned=0
 
@@ -394,6 +407,9 @@ demo_cleanup() {
     cleaned=1
     # A second Ctrl-C while we wait for the drain: stop waiting, SIGKILL.
     trap 'force_stop=1' INT TERM HUP
+    if [ -n "$dashboard_pid" ] && kill -0 "$dashboard_pid" 2>/dev/null; then
+        stop_child "$dashboard_pid" 10 "the dashboard"
+    fi
     if [ -n "$daemon_pid" ] && kill -0 "$daemon_pid" 2>/dev/null; then
         log "stopping the daemon (SIGTERM; it finishes or requeues its jobs; Ctrl-C again to kill it)..."
         # 20 s shutdown grace + 5 s TERM->KILL for stages + margin.
@@ -484,6 +500,25 @@ run_demo() {
         sleep 0.2
     done
 
+    # The web dashboard, when asked for.
+    if [ "$dashboard" -eq 1 ]; then
+        local listen=${DEMO_DASHBOARD_LISTEN:-127.0.0.1:8080}
+        spawn_bg "$BIN" dashboard --listen "$listen" >data/demo-dashboard.log 2>&1
+        dashboard_pid=$!
+        for ((i = 0; ; i++)); do
+            grep -q "conveyor dashboard on" data/demo-dashboard.log 2>/dev/null && break
+            if ! kill -0 "$dashboard_pid" 2>/dev/null; then
+                dashboard_pid=
+                tail -n 20 data/demo-dashboard.log >&2 || true
+                die "the dashboard did not start (log: data/demo-dashboard.log; DEMO_DASHBOARD_LISTEN picks another address)"
+            fi
+            [ "$i" -lt 50 ] || die "the dashboard did not start within 10 s (log: data/demo-dashboard.log)"
+            sleep 0.2
+        done
+        log "dashboard: open http://$listen/ now (the job is enqueued in 5 s)"
+        sleep 5
+    fi
+
     # d) A job.
     local job_id
     job_id=$("$BIN" enqueue video.generate --payload '{"video_id": 123, "title": "A day at the sea"}') \
@@ -495,6 +530,11 @@ run_demo() {
     "$BIN" watch "$job_id" || watch_rc=$?
     echo
     "$BIN" job "$job_id" || log "warning: 'conveyor job $job_id' failed"
+
+    if [ -n "$dashboard_pid" ]; then
+        log "the dashboard stays up at http://${DEMO_DASHBOARD_LISTEN:-127.0.0.1:8080}/: Ctrl-C stops everything"
+        wait_child "$dashboard_pid"
+    fi
 
     # f) Stop everything (also done by the EXIT trap on any other way out).
     demo_cleanup
