@@ -189,7 +189,12 @@ pub async fn queues(State(app): State<Arc<App>>) -> ApiResult {
     let minute = 60_000;
     let first = (now_ms() / minute - (THROUGHPUT_MINUTES - 1)) * minute;
     let minutes: Vec<String> = (0..THROUGHPUT_MINUTES)
-        .map(|i| crate::rfc3339_of_ms(first + i * minute)[..16].to_owned())
+        .map(|i| {
+            crate::rfc3339_of_ms(first + i * minute)
+                .chars()
+                .take(16)
+                .collect()
+        })
         .collect();
     let since = crate::rfc3339_of_ms(first);
     let counts = read(&app, move |r| r.finished_per_minute(&since))

@@ -91,14 +91,21 @@ const live = new Map();
 let snapshotDone = false;
 let buffered = [];
 
-/** Whether `ev` is newer than what the page shows for its job: per job the last (attempt, seq); a new delivery restarts at job_started; a final status always counts. */
+/**
+ * Whether `ev` is newer than what the page shows for its job: per job the
+ * last (attempt, seq), as `conveyor watch` does; a final status always counts.
+ */
 function accept(ev) {
   const last = live.get(ev.job_id);
   if (!last) return true;
   if (FINAL.has(ev.status)) return true;
+  // After the end, only a later run of the same id (enqueued again, or
+  // revived from the dead list, with fresh attempts); a snapshot read
+  // before the end is older.
+  if (FINAL.has(last.status)) return ev.event === "job_started" && String(ev.ts) > String(last.ts);
   if (ev.attempt !== last.attempt) return ev.attempt > last.attempt;
+  // A new delivery of the same attempt (requeued at shutdown) starts over at seq 1.
   if (ev.event === "job_started") return true;
-  if (FINAL.has(last.status)) return false;
   return ev.seq > last.seq;
 }
 
