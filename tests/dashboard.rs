@@ -430,3 +430,83 @@ fn sigterm_ends_open_streams_and_a_public_address_is_warned_about() {
         .expect("the dashboard exits within 10 s of SIGTERM with streams open");
     assert!(status.success(), "{status}");
 }
+
+fn live_ids(h: &Harness) -> Vec<String> {
+    redis::cmd("HKEYS")
+        .arg(format!("{}:live", h.prefix))
+        .query(&mut h.redis.conn())
+        .expect("HKEYS")
+}
+
+/// `P:live` holds running jobs only: a job waiting for its retry, or put
+/// back on pending at shutdown, is not running.
+#[test]
+fn live_drops_a_job_waiting_for_a_retry_or_requeued() {
+    let h = Harness::new(
+        r#"
+[worker]
+shutdown_grace_secs = 1
+kill_grace_secs = 1
+
+[jobs.flaky]
+max_attempts = 3
+backoff_ms = 600000
+stages = [
+  { name = "nap",  builtin = "sleep", args = { ms = 300 } },
+  { name = "boom", builtin = "fail" },
+]
+
+[jobs.long]
+stages = [{ name = "nap", builtin = "sleep", args = { ms = 20000 } }]
+"#,
+    );
+    let mut d = h.daemon("w1", &[]);
+    let sub = h.subscribe();
+    enqueue(&h, &["flaky", "--id", "f1"]);
+    wait_until(LONG, "f1 in P:live while it runs", || {
+        live_ids(&h) == ["f1"]
+    });
+    sub.wait_status("f1", "retrying", LONG);
+    wait_until(LONG, "f1 gone from P:live", || live_ids(&h).is_empty());
+
+    enqueue(&h, &["long", "--id", "l1"]);
+    wait_until(LONG, "l1 in P:live while it runs", || {
+        live_ids(&h) == ["l1"]
+    });
+    d.sigterm();
+    d.wait_exit(LONG);
+    sub.wait_status("l1", "pending", LONG);
+    assert!(live_ids(&h).is_empty(), "a requeued job is not live");
+}
+
+/// A daemon killed mid-job leaves its entry; `/api/live` skips it once
+/// the daemon's registration expired, and counts it as stale.
+#[test]
+fn live_skips_entries_of_a_dead_daemon() {
+    let h = Harness::new(
+        r#"
+[worker]
+heartbeat_secs = 1
+dead_after_secs = 2
+
+[jobs.long]
+stages = [{ name = "nap", builtin = "sleep", args = { ms = 20000 } }]
+"#,
+    );
+    let d = h.daemon("w1", &[]);
+    let dash = h.dashboard(None);
+    enqueue(&h, &["long", "--id", "l1"]);
+    wait_until(LONG, "l1 listed live", || {
+        dash.get_json("/api/live")["jobs"][0]["job_id"] == "l1"
+    });
+    d.sigkill();
+    wait_until(LONG, "l1 reported stale", || {
+        let v = dash.get_json("/api/live");
+        v["stale"] == 1 && v["jobs"] == Value::Array(vec![])
+    });
+    assert_eq!(
+        live_ids(&h),
+        ["l1"],
+        "the entry itself stays until the job runs again"
+    );
+}
