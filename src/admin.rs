@@ -293,6 +293,92 @@ pub async fn dead(config: &Config, cmd: &DeadCommand) -> CliResult {
     }
 }
 
+/// Most entries of one queue's pending list or scheduled set that
+/// [`waiting_jobs`] reads to filter and page through.
+const WAITING_SCAN: isize = 10_000;
+
+/// Which waiting jobs [`waiting_jobs`] lists.
+#[derive(Debug, Clone, Default)]
+pub struct WaitingQuery {
+    /// One queue, or every known one.
+    pub queue: Option<String>,
+    pub kind: Option<String>,
+    /// Only ids that contain this text.
+    pub id_contains: Option<String>,
+    /// Scheduled jobs due at or after this time (Unix ms).
+    pub since_ms: Option<u64>,
+    /// The scheduled sets, else the pending lists.
+    pub scheduled: bool,
+    pub offset: usize,
+    pub limit: usize,
+}
+
+/// Pending or scheduled jobs from Redis, in the order they will run (at
+/// most 10,000 per queue are read); one page, and how many match in all.
+/// What `conveyor jobs --status pending|scheduled` and the dashboard list.
+pub async fn waiting_jobs(
+    broker: &Broker,
+    config: &Config,
+    q: &WaitingQuery,
+) -> redis::RedisResult<(Vec<Value>, u64)> {
+    let queues = match &q.queue {
+        Some(queue) => vec![queue.clone()],
+        None => crate::worker::status::known_queues(broker, config).await?,
+    };
+    let mut conn = broker.conn();
+    let mut all = Vec::new();
+    for queue in &queues {
+        let entries: Vec<(Vec<u8>, Option<u64>)> = if q.scheduled {
+            let raw: Vec<(Vec<u8>, f64)> = redis::cmd("ZRANGE")
+                .arg(broker.keys().scheduled(queue))
+                .arg(0)
+                .arg(WAITING_SCAN - 1)
+                .arg("WITHSCORES")
+                .query_async(&mut conn)
+                .await?;
+            raw.into_iter()
+                .map(|(e, due)| (e, Some(due as u64)))
+                .collect()
+        } else {
+            // Daemons take from the right: the last entry runs first.
+            let mut raw: Vec<Vec<u8>> = redis::cmd("LRANGE")
+                .arg(broker.keys().pending(queue))
+                .arg(-WAITING_SCAN)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await?;
+            raw.reverse();
+            raw.into_iter().map(|e| (e, None)).collect()
+        };
+        for (entry, due) in entries {
+            let v: Value = serde_json::from_slice(&entry).unwrap_or(Value::Null);
+            let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
+            let id = v.get("id").and_then(Value::as_str).unwrap_or("");
+            if q.kind.as_deref().is_some_and(|k| k != kind)
+                || q.id_contains.as_deref().is_some_and(|s| !id.contains(s))
+            {
+                continue;
+            }
+            if let (Some(since), Some(due)) = (q.since_ms, due)
+                && due < since
+            {
+                continue;
+            }
+            all.push(json!({
+                "id": id,
+                "type": kind,
+                "queue": queue,
+                "status": if q.scheduled { "scheduled" } else { "pending" },
+                "attempt": v.pointer("/_conveyor/attempt").and_then(Value::as_u64).unwrap_or(0),
+                "due_at": due.map(crate::rfc3339_of_ms),
+            }));
+        }
+    }
+    let total = all.len() as u64;
+    let page = all.into_iter().skip(q.offset).take(q.limit).collect();
+    Ok((page, total))
+}
+
 /// `conveyor cleanup --older-than D [--vacuum]`.
 pub fn cleanup(config: &Config, older_than: Duration, vacuum: bool, json: bool) -> CliResult {
     let path = &config.store.path;

@@ -614,10 +614,6 @@ fn render_job(job: &JobRecord) -> String {
     out
 }
 
-/// Most entries of one queue's pending list or scheduled set that `jobs`
-/// reads to filter and page through.
-const WAITING_SCAN: isize = 10_000;
-
 async fn jobs(config: &Config, args: &JobsArgs) -> CliResult {
     if args.limit == 0 || args.page == 0 {
         return Err(Failure::usage("--limit and --page start at 1"));
@@ -680,65 +676,18 @@ async fn waiting_jobs(
     scheduled: bool,
 ) -> Result<(Vec<Value>, u64), Failure> {
     let broker = connect(config).await?;
-    let redis_err = |e: redis::RedisError| Failure::other(format!("Redis: {e}"));
-    let queues = match &args.queue {
-        Some(q) => vec![q.clone()],
-        None => crate::worker::status::known_queues(&broker, config)
-            .await
-            .map_err(redis_err)?,
+    let query = crate::admin::WaitingQuery {
+        queue: args.queue.clone(),
+        kind: args.kind.clone(),
+        id_contains: None,
+        since_ms: args.since,
+        scheduled,
+        offset: (args.page - 1) * args.limit,
+        limit: args.limit,
     };
-    let mut conn = broker.conn();
-    let mut all = Vec::new();
-    for queue in &queues {
-        let entries: Vec<(Vec<u8>, Option<u64>)> = if scheduled {
-            let raw: Vec<(Vec<u8>, f64)> = redis::cmd("ZRANGE")
-                .arg(broker.keys().scheduled(queue))
-                .arg(0)
-                .arg(WAITING_SCAN - 1)
-                .arg("WITHSCORES")
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_err)?;
-            raw.into_iter()
-                .map(|(e, due)| (e, Some(due as u64)))
-                .collect()
-        } else {
-            // Daemons take from the right: the last entry runs first.
-            let mut raw: Vec<Vec<u8>> = redis::cmd("LRANGE")
-                .arg(broker.keys().pending(queue))
-                .arg(-WAITING_SCAN)
-                .arg(-1)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_err)?;
-            raw.reverse();
-            raw.into_iter().map(|e| (e, None)).collect()
-        };
-        for (entry, due) in entries {
-            let v: Value = serde_json::from_slice(&entry).unwrap_or(Value::Null);
-            let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
-            if args.kind.as_deref().is_some_and(|k| k != kind) {
-                continue;
-            }
-            if let (Some(since), Some(due)) = (args.since, due)
-                && due < since
-            {
-                continue;
-            }
-            all.push(json!({
-                "id": v.get("id").and_then(Value::as_str).unwrap_or(""),
-                "type": kind,
-                "queue": queue,
-                "status": if scheduled { "scheduled" } else { "pending" },
-                "attempt": v.pointer("/_conveyor/attempt").and_then(Value::as_u64).unwrap_or(0),
-                "due_at": due.map(crate::rfc3339_of_ms),
-            }));
-        }
-    }
-    let total = all.len() as u64;
-    let offset = (args.page - 1) * args.limit;
-    let page = all.into_iter().skip(offset).take(args.limit).collect();
-    Ok((page, total))
+    crate::admin::waiting_jobs(&broker, config, &query)
+        .await
+        .map_err(|e| Failure::other(format!("Redis: {e}")))
 }
 
 fn render_jobs(rows: &[Value]) -> String {

@@ -110,6 +110,14 @@ fn the_api_reports_queues_workers_jobs_and_the_dead() {
         (Some(2), 1)
     );
     assert_eq!(dash.get("/api/jobs?status=bogus").code, 400);
+    enqueue(&h, &["quick", "--id", "later", "--delay", "1h"]);
+    let scheduled = dash.get_json("/api/jobs?status=scheduled");
+    assert_eq!(ids(&scheduled), ["later"], "waiting jobs come from Redis");
+    assert!(scheduled["jobs"][0]["due_at"].is_string());
+    assert_eq!(
+        dash.get_json("/api/jobs?status=scheduled&q=zzz")["total"],
+        0
+    );
 
     let q1 = dash.get_json("/api/jobs/q1");
     assert_eq!(q1["status"], "completed");

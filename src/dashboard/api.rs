@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `GET /api/queues` | per queue: pending, active, scheduled, dead; finished jobs per minute (15 min, SQLite) |
 //! | `GET /api/workers` | live daemons with their heartbeat's age |
-//! | `GET /api/jobs?status=&type=&queue=&q=&page=&limit=` | jobs from SQLite, newest first (`q`: id contains) |
+//! | `GET /api/jobs?status=&type=&queue=&q=&page=&limit=` | jobs from SQLite, newest first (`q`: id contains); pending and scheduled ones from Redis |
 //! | `GET /api/jobs/{id}` | one job: record (stages, attempts), live message, whether it is dead |
 //! | `GET /api/dead?queue=&limit=` | dead entries, newest first |
 //! | `GET /api/live` | the latest message of every running job (`P:live`) |
@@ -272,7 +272,8 @@ pub struct JobsQuery {
     limit: Option<usize>,
 }
 
-/// `GET /api/jobs`: as `conveyor jobs --json`, from SQLite.
+/// `GET /api/jobs`: as `conveyor jobs --json`: from SQLite, and waiting
+/// jobs (`status=pending|scheduled`) from Redis, in the order they will run.
 pub async fn jobs(State(app): State<Arc<App>>, Query(q): Query<JobsQuery>) -> ApiResult {
     let limit = q.limit.unwrap_or(50);
     let page = q.page.unwrap_or(1);
@@ -289,6 +290,22 @@ pub async fn jobs(State(app): State<Arc<App>>, Query(q): Query<JobsQuery>) -> Ap
             "status `{s}` is not one of pending, scheduled, running, retrying, completed, failed, cancelled"
         )));
     }
+    let offset = (page - 1).saturating_mul(limit);
+    if let Some(waiting @ ("pending" | "scheduled")) = status.as_deref() {
+        let query = admin::WaitingQuery {
+            queue: given(&q.queue),
+            kind: given(&q.kind),
+            id_contains: given(&q.q),
+            since_ms: None,
+            scheduled: waiting == "scheduled",
+            offset,
+            limit,
+        };
+        let (rows, total) = admin::waiting_jobs(&app.broker, &app.config, &query).await?;
+        return Ok(Json(
+            json!({ "total": total, "page": page, "limit": limit, "jobs": rows }),
+        ));
+    }
     let filter = JobFilter {
         status,
         kind: given(&q.kind),
@@ -296,7 +313,7 @@ pub async fn jobs(State(app): State<Arc<App>>, Query(q): Query<JobsQuery>) -> Ap
         since: None,
         id_contains: given(&q.q),
         limit,
-        offset: (page - 1).saturating_mul(limit),
+        offset,
     };
     let (rows, total) = read(&app, move |r| r.list_jobs(&filter))
         .await?
