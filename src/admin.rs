@@ -149,8 +149,9 @@ pub async fn dead_matching(
     Ok(out)
 }
 
-/// Puts dead entries back on their queues with fresh attempts (see
-/// [`revived`]); `each` hears of every entry as it is done.
+/// Puts dead entries back on their queues with fresh attempts: the error
+/// is cleared, the epoch raised, finished stages' results kept (a raw
+/// message goes back as it was); `each` hears of every entry as it is done.
 pub async fn revive_entries(
     broker: &Broker,
     entries: Vec<DeadEntry>,

@@ -6,8 +6,9 @@
 //! `P:live` snapshot, the `P:progress:*` channels) and the SQLite file at
 //! `store.path` (opened read-only, per request).
 //!
-//! - [`api`]: `/api/...` JSON, and the actions (cancel, retry, purge),
-//!   which need `Authorization: Bearer $CONVEYOR_DASHBOARD_TOKEN`.
+//! - [`api`]: `/api/...` JSON reads, open to all.
+//! - [`actions`]: cancel, retry, purge (`POST`), which need
+//!   `Authorization: Bearer $CONVEYOR_DASHBOARD_TOKEN`.
 //! - [`events`]: `/events`, server-sent events bridged from one
 //!   `PSUBSCRIBE P:progress:*` connection shared by every browser.
 //! - `assets/`: one static page (HTML, JS, CSS) embedded in the binary; the
@@ -19,6 +20,7 @@
 //! (`take_until`), the pub/sub bridge, and then axum's graceful shutdown,
 //! which an open SSE stream would otherwise hold up forever.
 
+pub mod actions;
 pub mod api;
 pub mod events;
 
@@ -96,11 +98,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/workers", get(api::workers))
         .route("/api/jobs", get(api::jobs))
         .route("/api/jobs/{id}", get(api::job))
-        .route("/api/jobs/{id}/cancel", post(api::cancel))
-        .route("/api/jobs/{id}/retry", post(api::retry))
+        .route("/api/jobs/{id}/cancel", post(actions::cancel))
+        .route("/api/jobs/{id}/retry", post(actions::retry))
         .route("/api/dead", get(api::dead))
-        .route("/api/dead/retry", post(api::dead_retry))
-        .route("/api/dead/purge", post(api::dead_purge))
+        .route("/api/dead/retry", post(actions::dead_retry))
+        .route("/api/dead/purge", post(actions::dead_purge))
         .route("/api/live", get(api::live))
         .fallback(api::not_found)
         .layer(middleware::from_fn(security_headers))
