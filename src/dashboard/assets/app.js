@@ -288,9 +288,11 @@ async function jobDetail(id) {
         el("td", {}, s.result === null ? "" : el("pre", {}, JSON.stringify(s.result, null, 2))),
         el("td", {}, s.error || ""));
     })));
+  // Each enqueue of the id and each revival from the dead list is a run (an epoch).
+  const runs = [...new Set((rec.attempts || []).map((a) => a.epoch))].sort((a, b) => a - b);
   box.append(el("h2", {}, "Attempts"), el("table", {},
     el("tr", {}, ...["#", "worker", "status", "started", "finished", "error"].map((h) => el("th", {}, h))),
-    ...(rec.attempts || []).map((a) => el("tr", {}, el("td", {}, a.attempt + (a.epoch ? ` (revival ${a.epoch})` : "")),
+    ...(rec.attempts || []).map((a) => el("tr", {}, el("td", {}, a.attempt + (runs.length > 1 ? ` (run ${runs.indexOf(a.epoch) + 1})` : "")),
       el("td", { class: "mono" }, a.worker_id), el("td", {}, statusCell(a.status)), el("td", {}, a.started_at),
       el("td", {}, a.finished_at || ""), el("td", {}, a.error || "")))));
   box.append(el("h2", {}, "Payload"), el("pre", {}, JSON.stringify(rec.payload ?? null, null, 2)));
