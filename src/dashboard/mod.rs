@@ -163,7 +163,11 @@ pub async fn command(config: Config, listen: &str) -> crate::cli::CliResult {
     use crate::cli::Failure;
     let shutdown = crate::shutdown::on_signals()
         .map_err(|e| Failure::other(format!("cannot install signal handlers: {e}")))?;
-    let token = std::env::var(TOKEN_ENV).ok();
+    // An empty token would let an empty `Authorization: Bearer ` through.
+    let token = std::env::var(TOKEN_ENV)
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty());
     serve(config, listen, token, shutdown)
         .await
         .map_err(|e| match e {
