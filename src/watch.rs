@@ -25,14 +25,13 @@ pub async fn run(config: &Config, id: Option<&str>, json: bool) -> CliResult {
         .pubsub()
         .await
         .map_err(|e| Failure::other(format!("cannot subscribe: {e}")))?;
-    let channel = match id {
-        Some(id) => broker.keys().progress(id),
-        None => broker.keys().progress_pattern(),
+    // One job: SUBSCRIBE its channel (an ACL user allowed
+    // `&P:progress:*` may PSUBSCRIBE only that very pattern).
+    let subscribed = match id {
+        Some(id) => pubsub.subscribe(broker.keys().progress(id)).await,
+        None => pubsub.psubscribe(broker.keys().progress_pattern()).await,
     };
-    pubsub
-        .psubscribe(&channel)
-        .await
-        .map_err(|e| Failure::other(format!("cannot subscribe: {e}")))?;
+    subscribed.map_err(|e| Failure::other(format!("cannot subscribe: {e}")))?;
     let mut out = if json {
         Output::Json
     } else if std::io::stdout().is_terminal() {

@@ -1023,6 +1023,21 @@ impl Harness {
 
     /// [`Harness::dashboard`] on another address (`0.0.0.0`, say).
     pub fn dashboard_on(&self, host: &str, token: Option<&str>) -> DashboardProc {
+        self.dashboard_with(host, token, None)
+    }
+
+    /// [`Harness::dashboard`] connecting with another Redis URL (another
+    /// ACL user, say).
+    pub fn dashboard_as(&self, redis_url: &str, token: Option<&str>) -> DashboardProc {
+        self.dashboard_with("127.0.0.1", token, Some(redis_url))
+    }
+
+    fn dashboard_with(
+        &self,
+        host: &str,
+        token: Option<&str>,
+        redis_url: Option<&str>,
+    ) -> DashboardProc {
         let port = free_port();
         let log_path = self
             .dir
@@ -1038,6 +1053,9 @@ impl Harness {
             .stderr(log);
         if let Some(t) = token {
             cmd.env("CONVEYOR_DASHBOARD_TOKEN", t);
+        }
+        if let Some(url) = redis_url {
+            cmd.env("CONVEYOR_REDIS_URL", url);
         }
         let child = cmd.spawn().expect("spawn conveyor dashboard");
         let mut d = DashboardProc {
