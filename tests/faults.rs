@@ -535,20 +535,19 @@ fn slow_daemon_is_fenced_after_being_reaped() {
 
     let b = h.daemon("wb", &[]);
     signal(a.pid(), libc::SIGSTOP);
-    // dead_after_secs + 3 s: A's registration expires, B reaps A and runs
-    // the job (quickly: B has no SLOW).
-    std::thread::sleep(Duration::from_secs(6));
+    // A's registration expires (dead_after_secs), B reaps A and runs the
+    // job (quickly: B has no SLOW). Waited for, not timed: a busy machine
+    // only makes it later.
+    wait_until(LONG, "B to reap A", || {
+        b.log_events()
+            .iter()
+            .any(|e| e["message"] == "worker_reaped" && e["dead_worker"] == "wa")
+    });
     let done_while_stopped = h.job_status(&id);
     signal(a.pid(), libc::SIGCONT);
 
     wait_job_status(&h, &id, "completed");
     eprintln!("status when A woke up: {done_while_stopped:?}");
-    assert!(
-        b.log_events()
-            .iter()
-            .any(|e| e["message"] == "worker_reaped" && e["dead_worker"] == "wa"),
-        "B did not reap A"
-    );
     // A notices, one way or the other, and stays up.
     wait_until(LONG, "A to give the job up", || {
         let log = a.log();
