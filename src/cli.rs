@@ -388,7 +388,7 @@ pub(crate) async fn connect(config: &Config) -> Result<Broker, Failure> {
     // The command line fails fast rather than waiting out an outage.
     tokio::time::timeout(
         Duration::from_secs(5),
-        Broker::connect_with_retries(&config.redis.url, &config.redis.prefix, 0),
+        Broker::connect_config(&config.redis, 0),
     )
     .await
     .map_err(|_| Failure::other("Redis did not answer within 5 s"))?

@@ -136,7 +136,7 @@ impl Client {
             prefix: prefix.clone(),
             message,
         })?;
-        let broker = Broker::connect(&config.redis.url, &config.redis.prefix).await?;
+        let broker = Broker::connect_config(&config.redis, 6).await?;
         Ok(Self {
             broker,
             config: config.clone(),

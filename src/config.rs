@@ -94,6 +94,13 @@ pub struct RedisConfig {
     pub url: String,
     /// Prefix of every key this daemon reads or writes (`P` in the contract).
     pub prefix: String,
+    /// With a `rediss://` URL: the CA certificate (PEM) that signed the
+    /// server's; without it, the system's trust store is used.
+    pub tls_ca_file: Option<PathBuf>,
+    /// With a `rediss://` URL: a client certificate and its key (PEM), for
+    /// a server that asks for one (`tls-auth-clients yes`).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for RedisConfig {
@@ -101,6 +108,9 @@ impl Default for RedisConfig {
         Self {
             url: "redis://127.0.0.1:6379".into(),
             prefix: "conveyor".into(),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -497,7 +507,28 @@ impl Config {
                 "`#insecure` (TLS without certificate checks) is refused",
             ));
         }
-        check_name("redis.prefix", &self.redis.prefix)
+        let r = &self.redis;
+        let files = [
+            ("redis.tls_ca_file", &r.tls_ca_file),
+            ("redis.tls_cert_file", &r.tls_cert_file),
+            ("redis.tls_key_file", &r.tls_key_file),
+        ];
+        for (key, file) in files {
+            let Some(path) = file else { continue };
+            if !r.url.starts_with("rediss://") {
+                return Err(invalid(key, "is for a TLS connection: use a rediss:// URL"));
+            }
+            if let Err(e) = std::fs::metadata(path) {
+                return Err(invalid(key, format!("cannot read {}: {e}", path.display())));
+            }
+        }
+        if r.tls_cert_file.is_some() != r.tls_key_file.is_some() {
+            return Err(invalid(
+                "redis.tls_cert_file",
+                "a client certificate needs both tls_cert_file and tls_key_file",
+            ));
+        }
+        check_name("redis.prefix", &r.prefix)
     }
 
     fn validate_worker(&self) -> Result<(), ConfigError> {

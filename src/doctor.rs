@@ -86,7 +86,7 @@ async fn checks(cli: &Cli, report: &mut Report) {
     let url = redacted(&config.redis.url);
     let broker = match tokio::time::timeout(
         Duration::from_secs(5),
-        Broker::connect_with_retries(&config.redis.url, &config.redis.prefix, 0),
+        Broker::connect_config(&config.redis, 0),
     )
     .await
     {

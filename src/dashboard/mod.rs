@@ -119,7 +119,7 @@ pub async fn serve(
     let addr: SocketAddr = listen
         .parse()
         .map_err(|_| DashboardError::BadAddress(listen.to_owned()))?;
-    let broker = Broker::connect(&config.redis.url, &config.redis.prefix).await?;
+    let broker = Broker::connect_config(&config.redis, 6).await?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| DashboardError::Bind { addr, source })?;

@@ -143,7 +143,20 @@ impl Broker {
         prefix: &str,
         retries: usize,
     ) -> RedisResult<Self> {
-        let client = redis::Client::open(url)?;
+        Self::with_client(open_client(url, None)?, prefix, retries).await
+    }
+
+    /// [`Broker::connect_with_retries`] as `[redis]` says: URL, prefix and
+    /// TLS files.
+    pub async fn connect_config(
+        redis: &crate::config::RedisConfig,
+        retries: usize,
+    ) -> RedisResult<Self> {
+        let client = open_client(&redis.url, Some(redis))?;
+        Self::with_client(client, &redis.prefix, retries).await
+    }
+
+    async fn with_client(client: redis::Client, prefix: &str, retries: usize) -> RedisResult<Self> {
         let config = ConnectionManagerConfig::new()
             .set_number_of_retries(retries)
             .set_response_timeout(Some(COMMAND_TIMEOUT))
@@ -582,6 +595,46 @@ impl Broker {
             .await?;
         Ok(value.map(|v| LiveEntry::parse(&v)))
     }
+}
+
+/// A Redis client for `url`; for `rediss://`, with the CA and client
+/// certificate files of `[redis]` when given (else the system's roots).
+pub fn open_client(
+    url: &str,
+    tls: Option<&crate::config::RedisConfig>,
+) -> RedisResult<redis::Client> {
+    if !url.starts_with("rediss://") {
+        return redis::Client::open(url);
+    }
+    // rustls needs a process-wide crypto provider; installing it twice is
+    // harmless (the second call is refused).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(cfg) = tls.filter(|c| c.tls_ca_file.is_some() || c.tls_cert_file.is_some()) else {
+        return redis::Client::open(url);
+    };
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            redis::RedisError::from(std::io::Error::new(
+                e.kind(),
+                format!("cannot read {}: {e}", path.display()),
+            ))
+        })
+    };
+    let root_cert = cfg.tls_ca_file.as_deref().map(read).transpose()?;
+    let client_tls = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(cert)?,
+            client_key: read(key)?,
+        }),
+        _ => None,
+    };
+    redis::Client::build_with_tls(
+        url,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
 }
 
 /// When an enqueued job becomes due.

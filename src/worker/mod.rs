@@ -108,7 +108,7 @@ pub(crate) async fn run_with_registry(
     let (store, store_closer) = tokio::task::spawn_blocking(move || Store::open(&db))
         .await
         .map_err(|e| WorkerError::Registry(format!("SQLite open panicked: {e}")))??;
-    let broker = Broker::connect(&config.redis.url, &config.redis.prefix).await?;
+    let broker = Broker::connect_config(&config.redis, 6).await?;
 
     let info = registry::WorkerInfo {
         id: worker_id.clone(),
