@@ -1,7 +1,7 @@
 //! Operator commands on jobs: `cancel`, `retry`, `dead list|retry|purge`,
 //! `cleanup`.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -15,13 +15,6 @@ async fn known_queues(config: &Config, broker: &Broker) -> Result<Vec<String>, F
     crate::worker::status::known_queues(broker, config)
         .await
         .map_err(|e| Failure::other(format!("Redis: {e}")))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 pub async fn cancel(config: &Config, id: &str) -> CliResult {
@@ -386,7 +379,8 @@ pub fn cleanup(config: &Config, older_than: Duration, vacuum: bool, json: bool) 
     if !path.exists() {
         return Err(Failure::other(format!("no database at {}", path.display())));
     }
-    let cutoff = crate::rfc3339_of_ms(now_ms().saturating_sub(older_than.as_millis() as u64));
+    let cutoff =
+        crate::rfc3339_of_ms(crate::now_ms().saturating_sub(older_than.as_millis() as u64));
     let report = crate::store::cleanup(path, &cutoff, vacuum)
         .map_err(|e| Failure::other(format!("cleanup failed: {e}")))?;
     if json {

@@ -156,10 +156,7 @@ pub struct JobsArgs {
 /// `--since`: a duration ago, or a time; as Unix ms.
 fn parse_since(s: &str) -> Result<u64, String> {
     if let Ok(d) = humantime::parse_duration(s) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |n| n.as_millis() as u64);
-        return Ok(now.saturating_sub(d.as_millis() as u64));
+        return Ok(crate::now_ms().saturating_sub(d.as_millis() as u64));
     }
     crate::parse_rfc3339_ms(s)
         .map_err(|_| format!("`{s}` is neither a duration (1h, 2d) nor an RFC 3339 time"))
@@ -430,9 +427,7 @@ async fn enqueue(config: &Config, args: &EnqueueArgs) -> CliResult {
         .map_err(|e| Failure::other(format!("enqueue failed: {e}")))?;
     let (id, queue) = (&enqueued.id, &enqueued.queue);
     let status = enqueued.status.as_str();
-    let due_at = enqueued
-        .due
-        .map(|t| humantime::format_rfc3339_millis(t).to_string());
+    let due_at = enqueued.due.map(crate::rfc3339_of);
     if args.json {
         let out = serde_json::json!({
             "id": id,
@@ -500,12 +495,11 @@ async fn job(config: &Config, id: &str, json: bool) -> CliResult {
     };
     let status = info.status.as_str().to_owned();
     let waiting = matches!(info.status, Status::Pending | Status::Scheduled);
-    let rfc = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
     let record = match (info.record, info.live) {
         (Some(mut r), Some(live)) if waiting => {
             r.status = status;
             r.queue = live.queue;
-            r.due_at = live.due.map(rfc);
+            r.due_at = live.due.map(crate::rfc3339_of);
             r
         }
         (Some(mut r), _) => {
@@ -513,7 +507,7 @@ async fn job(config: &Config, id: &str, json: bool) -> CliResult {
             r
         }
         (None, Some(live)) => {
-            let enqueued = live.enqueued_at.map(rfc).unwrap_or_default();
+            let enqueued = live.enqueued_at.map(crate::rfc3339_of).unwrap_or_default();
             JobRecord {
                 id: id.to_owned(),
                 kind: live.kind.unwrap_or_default(),
@@ -532,7 +526,7 @@ async fn job(config: &Config, id: &str, json: bool) -> CliResult {
                 finished_at: None,
                 stages: Vec::new(),
                 attempts: Vec::new(),
-                due_at: live.due.map(rfc),
+                due_at: live.due.map(crate::rfc3339_of),
             }
         }
         (None, None) => return Err(Failure::other(format!("no job `{id}`"))),

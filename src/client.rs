@@ -215,7 +215,7 @@ impl Client {
         let mut pubsub = self.broker.pubsub().await?;
         pubsub.subscribe(self.broker.keys().progress(id)).await?;
         let queues = self.known_queues().await?;
-        self.broker.cancel(&queues, id, now_ms()).await?;
+        self.broker.cancel(&queues, id, crate::now_ms()).await?;
         // Checked after the flag: a job taken before it holds a lease; one
         // taken after it is dropped by the daemon.
         if self.running_on(&queues, id).await?.is_none() {
@@ -609,12 +609,6 @@ fn parse_status(s: &str) -> Result<Status, ClientError> {
     Status::parse(s).ok_or_else(|| ClientError::UnknownStatus(s.to_owned()))
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn unix_ms(t: SystemTime) -> Result<u64, ClientError> {
     let since = t
         .duration_since(UNIX_EPOCH)
@@ -628,18 +622,7 @@ fn time_of_ms(ms: u64) -> SystemTime {
 
 /// Queue names and prefixes become parts of Redis keys (the config's rule).
 fn check_name(value: &str) -> Result<(), String> {
-    if value.is_empty() || value.len() > 128 {
-        return Err("must be 1 to 128 characters".into());
-    }
-    match value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-    {
-        Some(c) => Err(format!(
-            "contains {c:?}; use letters, digits, '-', '_' or '.'"
-        )),
-        None => Ok(()),
-    }
+    crate::config::name_problem(value).map_or(Ok(()), Err)
 }
 
 #[cfg(test)]

@@ -739,22 +739,23 @@ fn validate_retry(key: &str, r: &RetryConfig) -> Result<(), ConfigError> {
 /// them printable, without the separators and hash-tag braces the key
 /// layout relies on.
 fn check_name(key: &str, value: &str) -> Result<(), ConfigError> {
+    name_problem(value).map_or(Ok(()), |message| Err(invalid(key, message)))
+}
+
+/// What is wrong with a name that becomes part of a Redis key (queue,
+/// prefix, worker id), if anything. The rule of [`Config::validate`], for
+/// names that come from elsewhere (the library's `Client`).
+pub(crate) fn name_problem(value: &str) -> Option<String> {
     if value.is_empty() {
-        return Err(invalid(key, "must not be empty"));
+        return Some("must not be empty".into());
     }
     if value.len() > 128 {
-        return Err(invalid(key, "must be at most 128 characters"));
+        return Some("must be at most 128 characters".into());
     }
-    if let Some(c) = value
+    value
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-    {
-        return Err(invalid(
-            key,
-            format!("`{value}` contains {c:?}; use letters, digits, '-', '_' or '.'"),
-        ));
-    }
-    Ok(())
+        .map(|c| format!("`{value}` contains {c:?}; use letters, digits, '-', '_' or '.'"))
 }
 
 pub fn hostname() -> String {

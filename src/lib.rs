@@ -110,13 +110,24 @@ pub use worker::builder::Worker;
 
 /// Current time as RFC 3339 UTC with milliseconds (sorts as text).
 pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+    rfc3339_of(std::time::SystemTime::now())
+}
+
+/// Now, in Unix milliseconds (0 for a clock before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// RFC 3339 (UTC, milliseconds) of a time.
+pub fn rfc3339_of(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// RFC 3339 (UTC, milliseconds) of a Unix time in milliseconds.
 pub fn rfc3339_of_ms(ms: u64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-    humantime::format_rfc3339_millis(t).to_string()
+    rfc3339_of(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
 }
 
 /// Parses an RFC 3339 time, `Z` or a `+HH:MM` / `-HH:MM` offset, to Unix ms.

@@ -148,19 +148,13 @@ pub(super) fn given(v: &Option<String>) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 // ------------------------------------------------------------ reads
 
 /// `GET /api/queues`.
 pub async fn queues(State(app): State<Arc<App>>) -> ApiResult {
     let report = crate::worker::status::collect(&app.broker, &app.config).await?;
     let minute = 60_000;
-    let first = (now_ms() / minute - (THROUGHPUT_MINUTES - 1)) * minute;
+    let first = (crate::now_ms() / minute - (THROUGHPUT_MINUTES - 1)) * minute;
     let minutes: Vec<String> = (0..THROUGHPUT_MINUTES)
         .map(|i| {
             crate::rfc3339_of_ms(first + i * minute)
@@ -318,7 +312,6 @@ pub async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResu
     } else {
         false
     };
-    let rfc = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
     let queue = info
         .live
         .as_ref()
@@ -334,7 +327,7 @@ pub async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResu
         "status": info.status,
         "queue": queue,
         "type": kind,
-        "due_at": info.live.as_ref().and_then(|l| l.due).map(rfc),
+        "due_at": info.live.as_ref().and_then(|l| l.due).map(crate::rfc3339_of),
         "record": info.record,
         "live": live,
         "dead": dead,

@@ -698,9 +698,7 @@ pub struct Enqueued {
 /// every call, which showed up at ~1 % of daemon CPU on the per-job path.
 /// Fencing tokens and generated job ids need uniqueness, not secrecy.
 pub fn quick_uuid_v7() -> uuid::Uuid {
-    let millis = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let millis = crate::now_ms();
     let mut random = [0u8; 10];
     fastrand::fill(&mut random);
     uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()

@@ -13,7 +13,7 @@
 //! job each. A daemon that oversleeps (suspended VM) by more than a few
 //! seconds goes on from the next tick after now, never a burst.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -66,12 +66,6 @@ pub struct Periodic {
     pub schedules: Vec<Schedule>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// How late a tick may still be enqueued (see `run`), in ms.
 const LATE_OK_MS: u64 = 5_000;
 
@@ -84,7 +78,7 @@ impl Periodic {
         if self.schedules.is_empty() {
             return;
         }
-        let start = now_ms();
+        let start = crate::now_ms();
         for s in self.schedules.iter().filter(|s| s.catch_up > 0) {
             let last = match self.broker.last_tick(&s.queue, &s.name).await {
                 Ok(last) => last,
@@ -119,7 +113,7 @@ impl Periodic {
             else {
                 return; // No schedule ticks ever again.
             };
-            let now = now_ms();
+            let now = crate::now_ms();
             if now < due {
                 let wait = Duration::from_millis(due - now).min(MAX_SLEEP);
                 tokio::select! {
@@ -137,8 +131,8 @@ impl Periodic {
             next[i] = s
                 .timing
                 .next_after(due)
-                .filter(|&t| t + LATE_OK_MS >= now_ms())
-                .or_else(|| s.timing.next_after(now_ms()));
+                .filter(|&t| t + LATE_OK_MS >= crate::now_ms())
+                .or_else(|| s.timing.next_after(crate::now_ms()));
         }
     }
 
