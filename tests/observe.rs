@@ -7,17 +7,9 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
-use common::{Harness, wait_until};
+use common::{Harness, free_port, wait_until};
 
 const LONG: Duration = Duration::from_secs(30);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A plain HTTP/1.1 GET: (status code, body). `None` when nothing answers.
 fn get(port: u16, path: &str) -> Option<(u16, String)> {

@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Harness, TestRedis, toml_str, wait_until};
+use common::{Harness, TestRedis, free_port, toml_str, wait_until};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -97,14 +96,6 @@ fn make_certs(dir: &Path) -> Option<()> {
         openssl(dir, &args);
     }
     Some(())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A harness whose Redis also listens with TLS; (harness, TLS port).

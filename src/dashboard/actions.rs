@@ -86,7 +86,7 @@ pub struct DeadTargetQuery {
 
 /// The target of a dead-list action: the query string, overridden by a
 /// JSON body when there is one.
-fn target(query: DeadTargetQuery, body: &Bytes) -> Result<DeadTarget, ApiError> {
+fn target(query: DeadTargetQuery, body: &[u8]) -> Result<DeadTarget, ApiError> {
     let query = DeadTarget {
         queue: query.queue,
         ids: query
@@ -116,6 +116,25 @@ async fn queues_of(app: &App, queue: &Option<String>) -> Result<Vec<String>, Api
         Some(q) => Ok(vec![q]),
         None => known_queues(app).await,
     }
+}
+
+/// What the dead-list actions share: the token, the target (`ids` or
+/// `all`, from the body or the query), and the queues to look in.
+async fn dead_action(
+    app: &App,
+    headers: &HeaderMap,
+    q: DeadTargetQuery,
+    body: &[u8],
+) -> Result<(DeadTarget, Vec<String>), ApiError> {
+    authorize(app, headers)?;
+    let t = target(q, body)?;
+    if t.ids.is_empty() && !t.all {
+        return Err(ApiError::BadRequest(
+            "name the jobs (`ids`), or send `all: true`".into(),
+        ));
+    }
+    let queues = queues_of(app, &t.queue).await?;
+    Ok((t, queues))
 }
 
 async fn revive(app: &App, entries: Vec<admin::DeadEntry>) -> Result<(u64, Vec<Value>), ApiError> {
@@ -160,14 +179,7 @@ pub async fn dead_retry(
     Query(q): Query<DeadTargetQuery>,
     body: Bytes,
 ) -> ApiResult {
-    authorize(&app, &headers)?;
-    let t = target(q, &body)?;
-    if t.ids.is_empty() && !t.all {
-        return Err(ApiError::BadRequest(
-            "name the jobs (`ids`), or send `all: true`".into(),
-        ));
-    }
-    let queues = queues_of(&app, &t.queue).await?;
+    let (t, queues) = dead_action(&app, &headers, q, &body).await?;
     let found = admin::dead_matching(&app.broker, &queues, &t.ids).await?;
     let (n, requeued) = revive(&app, found).await?;
     tracing::info!(requeued = n, "Dashboard: dead retry");
@@ -184,14 +196,7 @@ pub async fn dead_purge(
     Query(q): Query<DeadTargetQuery>,
     body: Bytes,
 ) -> ApiResult {
-    authorize(&app, &headers)?;
-    let t = target(q, &body)?;
-    if t.ids.is_empty() && !t.all {
-        return Err(ApiError::BadRequest(
-            "name the jobs (`ids`), or send `all: true`".into(),
-        ));
-    }
-    let queues = queues_of(&app, &t.queue).await?;
+    let (t, queues) = dead_action(&app, &headers, q, &body).await?;
     let ids = if t.all { Vec::new() } else { t.ids };
     let n = admin::purge_dead(&app.broker, &queues, &ids).await?;
     tracing::info!(purged = n, "Dashboard: dead purge");
