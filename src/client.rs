@@ -215,10 +215,13 @@ impl Client {
         let mut pubsub = self.broker.pubsub().await?;
         pubsub.subscribe(self.broker.keys().progress(id)).await?;
         let queues = self.known_queues().await?;
+        // Looked up on both sides of the flag: a daemon can see the flag and
+        // settle the job before the second look (its confirmation is then
+        // already on the subscription); a job taken after the flag is
+        // dropped by the daemon.
+        let running_before = self.running_on(&queues, id).await?.is_some();
         self.broker.cancel(&queues, id, crate::now_ms()).await?;
-        // Checked after the flag: a job taken before it holds a lease; one
-        // taken after it is dropped by the daemon.
-        if self.running_on(&queues, id).await?.is_none() {
+        if !running_before && self.running_on(&queues, id).await?.is_none() {
             return Ok(Cancelled::Recorded);
         }
         let mut messages = pubsub.on_message();
