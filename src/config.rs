@@ -90,8 +90,20 @@ impl Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
+    /// How Redis is deployed: one server (`url`), a Redis Cluster (`urls`
+    /// are seed nodes) or a master found through Sentinels (`urls` are the
+    /// Sentinels, `master` its name).
+    pub mode: RedisMode,
     /// `redis://[user:password@]host:port[/db]`, `rediss://` or `redis+unix:///path`.
     pub url: String,
+    /// Cluster seed nodes, or Sentinels (`redis://[user:password@]host:port`).
+    pub urls: Vec<String>,
+    /// Sentinel mode: the name of the master the Sentinels monitor.
+    pub master: Option<String>,
+    /// Sentinel mode: credentials for the master and its replicas (the
+    /// Sentinels' own go in their URLs).
+    pub master_username: Option<String>,
+    pub master_password: Option<String>,
     /// Prefix of every key this daemon reads or writes (`P` in the contract).
     pub prefix: String,
     /// With a `rediss://` URL: the CA certificate (PEM) that signed the
@@ -106,13 +118,27 @@ pub struct RedisConfig {
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
+            mode: RedisMode::Single,
             url: "redis://127.0.0.1:6379".into(),
+            urls: Vec::new(),
+            master: None,
+            master_username: None,
+            master_password: None,
             prefix: "conveyor".into(),
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
         }
     }
+}
+
+/// `[redis] mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    Single,
+    Cluster,
+    Sentinel,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -498,9 +524,58 @@ impl Config {
         Ok(())
     }
 
+    fn validate_redis_mode(&self) -> Result<(), ConfigError> {
+        let r = &self.redis;
+        let tls = r.tls_ca_file.is_some() || r.tls_cert_file.is_some();
+        match r.mode {
+            RedisMode::Single => {
+                if !r.urls.is_empty() {
+                    return Err(invalid(
+                        "redis.urls",
+                        "is for mode = \"cluster\" or \"sentinel\"; one server takes `url`",
+                    ));
+                }
+                if r.master.is_some() {
+                    return Err(invalid("redis.master", "is for mode = \"sentinel\""));
+                }
+                return Ok(());
+            }
+            RedisMode::Cluster if r.master.is_some() => {
+                return Err(invalid("redis.master", "is for mode = \"sentinel\""));
+            }
+            RedisMode::Sentinel if r.master.as_deref().is_none_or(str::is_empty) => {
+                return Err(invalid(
+                    "redis.master",
+                    "mode = \"sentinel\" needs the name of the master the Sentinels monitor",
+                ));
+            }
+            _ => {}
+        }
+        if r.urls.is_empty() {
+            return Err(invalid(
+                "redis.urls",
+                "must list at least one node (cluster seeds, or Sentinels)",
+            ));
+        }
+        for (i, url) in r.urls.iter().enumerate() {
+            let key = format!("redis.urls[{i}]");
+            let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                .map_err(|e| invalid(&key, format!("not a valid Redis URL: {e}")))?;
+            if !matches!(info.addr(), redis::ConnectionAddr::Tcp(..)) || tls {
+                return Err(invalid(
+                    &key,
+                    "cluster and Sentinel nodes are reached over plain TCP (redis://host:port); \
+                     TLS is supported with one server only",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_redis(&self) -> Result<(), ConfigError> {
         redis::Client::open(self.redis.url.as_str())
             .map_err(|e| invalid("redis.url", format!("not a valid Redis URL: {e}")))?;
+        self.validate_redis_mode()?;
         if self.redis.url.contains("#insecure") {
             return Err(invalid(
                 "redis.url",

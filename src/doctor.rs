@@ -83,7 +83,7 @@ async fn checks(cli: &Cli, report: &mut Report) {
     );
     sqlite(&config, report);
     let started = Instant::now();
-    let url = redacted(&config.redis.url);
+    let url = target(&config.redis);
     let broker = match tokio::time::timeout(
         Duration::from_secs(5),
         Broker::connect_config(&config.redis, 0),
@@ -116,6 +116,28 @@ async fn checks(cli: &Cli, report: &mut Report) {
     report.add("scripts", scripts(&broker).await);
 }
 
+/// What `[redis]` points at, without passwords.
+fn target(redis: &crate::config::RedisConfig) -> String {
+    use crate::config::RedisMode;
+    let urls = || {
+        redis
+            .urls
+            .iter()
+            .map(|u| redacted(u))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match redis.mode {
+        RedisMode::Single => redacted(&redis.url),
+        RedisMode::Cluster => format!("cluster (seeds {})", urls()),
+        RedisMode::Sentinel => format!(
+            "master {:?} of Sentinels {}",
+            redis.master.as_deref().unwrap_or_default(),
+            urls()
+        ),
+    }
+}
+
 /// The URL without its password.
 fn redacted(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -133,51 +155,88 @@ fn redacted(url: &str) -> String {
     }
 }
 
+/// `cmd`'s reply from every master, as `T`, each with " on <node>" (empty
+/// for a single server) to name it in a message.
+async fn on_every_master<T: redis::FromRedisValue>(
+    broker: &Broker,
+    cmd: &redis::Cmd,
+) -> redis::RedisResult<Vec<(String, T)>> {
+    let replies = broker.conn().on_every_master(cmd).await?;
+    replies
+        .into_iter()
+        .map(|(node, reply)| {
+            let on = if node.is_empty() {
+                node
+            } else {
+                format!(" on {node}")
+            };
+            Ok((on, redis::from_redis_value(reply)?))
+        })
+        .collect()
+}
+
 async fn version(broker: &Broker) -> Result<String, String> {
-    let mut conn = broker.conn();
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut conn)
+    let infos: Vec<(String, String)> = on_every_master(broker, redis::cmd("INFO").arg("server"))
         .await
         .map_err(|e| format!("INFO server: {e}"))?;
-    let version = info
-        .lines()
-        .find_map(|l| l.strip_prefix("redis_version:"))
-        .map(str::trim)
-        .ok_or("INFO server has no redis_version")?
-        .to_owned();
-    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    if (major, minor) >= (6, 2) {
-        Ok(format!("Redis {version} (6.2 or newer: LMOVE, BLMOVE)"))
-    } else {
-        Err(format!(
-            "Redis {version}: conveyor needs 6.2 or newer (LMOVE, BLMOVE)"
-        ))
+    let mut oldest: Option<(u32, u32, String)> = None;
+    for (on, info) in &infos {
+        let version = info
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .map(str::trim)
+            .ok_or_else(|| format!("INFO server has no redis_version{on}"))?;
+        let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if (major, minor) < (6, 2) {
+            return Err(format!(
+                "Redis {version}{on}: conveyor needs 6.2 or newer (LMOVE, BLMOVE)"
+            ));
+        }
+        if oldest.as_ref().is_none_or(|o| (major, minor) < (o.0, o.1)) {
+            oldest = Some((major, minor, version.to_owned()));
+        }
     }
+    let version = oldest.map(|o| o.2).unwrap_or_default();
+    let masters = match infos.len() {
+        1 => String::new(),
+        n => format!(" on all {n} masters"),
+    };
+    Ok(format!(
+        "Redis {version}{masters} (6.2 or newer: LMOVE, BLMOVE)"
+    ))
 }
 
 async fn eviction(broker: &Broker) -> Result<String, String> {
-    let mut conn = broker.conn();
-    let policy: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("maxmemory-policy")
-        .query_async(&mut conn)
-        .await;
-    match policy {
-        Ok(v) => match v.get(1).map(String::as_str) {
-            Some("noeviction") => Ok("maxmemory-policy noeviction: Redis never drops jobs".into()),
-            Some(p) => Err(format!(
-                "maxmemory-policy is {p}: Redis may evict queued jobs under memory pressure; set noeviction"
-            )),
-            None => Ok(
-                "maxmemory-policy not reported (managed Redis?); make sure it is noeviction".into(),
-            ),
-        },
-        Err(e) => Ok(format!(
-            "not checked (CONFIG GET refused: {e}); make sure maxmemory-policy is noeviction"
-        )),
+    let policies: redis::RedisResult<Vec<(String, Vec<String>)>> = on_every_master(
+        broker,
+        redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"),
+    )
+    .await;
+    let policies = match policies {
+        Ok(p) => p,
+        Err(e) => {
+            return Ok(format!(
+                "not checked (CONFIG GET refused: {e}); make sure maxmemory-policy is noeviction"
+            ));
+        }
+    };
+    for (on, v) in &policies {
+        match v.get(1).map(String::as_str) {
+            Some("noeviction") => {}
+            Some(p) => {
+                return Err(format!(
+                    "maxmemory-policy is {p}{on}: Redis may evict queued jobs under memory pressure; set noeviction"
+                ));
+            }
+            None => {
+                return Ok(format!(
+                    "maxmemory-policy not reported{on} (managed Redis?); make sure it is noeviction"
+                ));
+            }
+        }
     }
+    Ok("maxmemory-policy noeviction: Redis never drops jobs".into())
 }
 
 /// Every command conveyor sends, with keys shaped like its own, checked

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use redis::aio::ConnectionManager;
+use crate::queue::RedisConn;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -114,11 +114,7 @@ pub struct Publisher {
 impl Publisher {
     /// Creates the handle and the task that does the publishing; the task
     /// ends once every handle is dropped and the queue is drained.
-    pub fn new(
-        keys: Keys,
-        conn: ConnectionManager,
-        round_trips: Arc<AtomicU64>,
-    ) -> (Self, PublisherTask) {
+    pub fn new(keys: Keys, conn: RedisConn, round_trips: Arc<AtomicU64>) -> (Self, PublisherTask) {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let dropped = Arc::new(AtomicU64::new(0));
         let publisher = Self {
@@ -173,7 +169,7 @@ pub struct PublisherTask {
     rx: mpsc::Receiver<Outgoing>,
     /// `P:live`.
     live_key: String,
-    conn: ConnectionManager,
+    conn: RedisConn,
     dropped: Arc<AtomicU64>,
     round_trips: Arc<AtomicU64>,
 }

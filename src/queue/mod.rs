@@ -28,6 +28,7 @@
 //! would stall every other command for the whole block.
 
 pub mod batch;
+pub mod conn;
 pub mod job;
 pub mod keys;
 pub mod scripts;
@@ -36,8 +37,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, RedisResult, ScriptInvocation};
+use redis::{RedisResult, ScriptInvocation};
+
+pub use conn::{Connector, RedisConn};
 
 pub use job::Job;
 pub use keys::Keys;
@@ -120,8 +122,8 @@ pub enum Next<'a> {
 /// Handle on one Redis for one key prefix. Cheap to clone.
 #[derive(Clone)]
 pub struct Broker {
-    client: redis::Client,
-    conn: ConnectionManager,
+    connector: Connector,
+    conn: RedisConn,
     keys: Keys,
     /// Round trips made through this handle (and its clones): what a job
     /// costs in Redis latency, reported at shutdown and by `conveyor bench`.
@@ -143,28 +145,28 @@ impl Broker {
         prefix: &str,
         retries: usize,
     ) -> RedisResult<Self> {
-        Self::with_client(open_client(url, None)?, prefix, retries).await
+        let client = open_client(url, None)?;
+        Self::with_connector(Connector::Single(client), prefix, retries).await
     }
 
-    /// [`Broker::connect_with_retries`] as `[redis]` says: URL, prefix and
-    /// TLS files.
+    /// [`Broker::connect_with_retries`] as `[redis]` says: mode, URLs,
+    /// prefix and TLS files.
     pub async fn connect_config(
         redis: &crate::config::RedisConfig,
         retries: usize,
     ) -> RedisResult<Self> {
-        let client = open_client(&redis.url, Some(redis))?;
-        Self::with_client(client, &redis.prefix, retries).await
+        let connector = Connector::new(redis, open_client(&redis.url, Some(redis))?).await?;
+        Self::with_connector(connector, &redis.prefix, retries).await
     }
 
-    async fn with_client(client: redis::Client, prefix: &str, retries: usize) -> RedisResult<Self> {
-        let config = ConnectionManagerConfig::new()
-            .set_number_of_retries(retries)
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_max_delay(Duration::from_secs(5));
-        let conn = client.get_connection_manager_with_config(config).await?;
+    async fn with_connector(
+        connector: Connector,
+        prefix: &str,
+        retries: usize,
+    ) -> RedisResult<Self> {
+        let conn = connector.shared(retries).await?;
         Ok(Self {
-            client,
+            connector,
             conn,
             keys: Keys::new(prefix),
             round_trips: Arc::new(AtomicU64::new(0)),
@@ -190,7 +192,7 @@ impl Broker {
     }
 
     /// A clone of the shared command connection.
-    pub fn conn(&self) -> ConnectionManager {
+    pub fn conn(&self) -> RedisConn {
         self.conn.clone()
     }
 
@@ -198,18 +200,13 @@ impl Broker {
     /// timeout exceeds the server-side block (redis-rs' 500 ms default would
     /// abandon a BLMOVE that the server still completes: a job moved into
     /// the active list with nobody told).
-    pub async fn blocking_connection(&self, block: Duration) -> RedisResult<MultiplexedConnection> {
-        let config = AsyncConnectionConfig::new()
-            .set_response_timeout(Some(block + COMMAND_TIMEOUT))
-            .set_connection_timeout(Some(CONNECT_TIMEOUT));
-        self.client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
+    pub async fn blocking_connection(&self, block: Duration) -> RedisResult<RedisConn> {
+        self.connector.dedicated(block + COMMAND_TIMEOUT).await
     }
 
     /// A connection for SUBSCRIBE / PSUBSCRIBE.
     pub async fn pubsub(&self) -> RedisResult<redis::aio::PubSub> {
-        self.client.get_async_pubsub().await
+        self.connector.pubsub().await
     }
 
     /// Takes up to `max` jobs without blocking, from the first queue that has
@@ -250,7 +247,7 @@ impl Broker {
     /// Waits up to `block` (server side) for a job on one queue.
     pub async fn fetch_blocking(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         queue: &str,
         worker: &str,
         block: Duration,

@@ -433,7 +433,7 @@ impl Fetcher {
     async fn fetch(
         &self,
         max: usize,
-        blocking: &mut Option<redis::aio::MultiplexedConnection>,
+        blocking: &mut Option<crate::queue::RedisConn>,
         turn: &mut usize,
         probe: &mut usize,
     ) -> redis::RedisResult<Vec<Fetched>> {

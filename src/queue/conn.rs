@@ -1,0 +1,470 @@
+//! How conveyor reaches Redis, as `[redis] mode` says: one server, a Redis
+//! Cluster, or the master that a set of Sentinels points to.
+//!
+//! Everything above this module talks to a [`RedisConn`] (any command, any
+//! pipeline, any script) and asks a [`Connector`] for the two connections
+//! that cannot be shared: one for blocking `BLMOVE` and one for pub/sub.
+//!
+//! * **Single**: a [`ConnectionManager`] (multiplexed, reconnects itself).
+//! * **Cluster**: redis-rs' cluster connection, which follows `MOVED`/`ASK`
+//!   and refreshes its slot map after a failover. Every key of a queue
+//!   carries the `{Q}` hash tag, so each script and `BLMOVE` touches one
+//!   slot. A pipeline may still mix slots (a cancel flags the job on every
+//!   queue, the publisher updates `P:live` and publishes on job channels):
+//!   [`RedisConn`] splits such a pipeline into one sub-pipeline per slot,
+//!   sent concurrently, and puts the replies back in order. No command
+//!   that reaches a node crosses slots. Pub/sub uses a plain connection to
+//!   the first seed that answers: a cluster broadcasts `PUBLISH` to every
+//!   node, so any node hears every channel.
+//! * **Sentinel**: a connection to the master the Sentinels name
+//!   ([`FollowMaster`]); an error that means "this is not (or no longer)
+//!   the master" makes it ask the Sentinels again and switch.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection, PubSub,
+};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::Slot;
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, Cmd, Pipeline, RedisConnectionInfo, RedisError, RedisFuture,
+    RedisResult, Value,
+};
+
+use crate::config::{RedisConfig, RedisMode};
+
+/// A connection for ordinary commands. Cheap to clone; clones share the
+/// underlying sockets.
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(ConnectionManager),
+    /// A dedicated connection (blocking commands on one server or master).
+    Direct(MultiplexedConnection),
+    Cluster(ClusterConnection),
+    Sentinel(Arc<FollowMaster>),
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Direct(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Sentinel(f) => Box::pin(f.command(cmd)),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Direct(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => {
+                if !pipeline.is_transaction() && offset == 0 && count == pipeline.len() {
+                    Box::pin(per_slot(c, pipeline))
+                } else {
+                    c.req_packed_commands(pipeline, offset, count)
+                }
+            }
+            Self::Sentinel(f) => Box::pin(f.commands(pipeline, offset, count)),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Direct(c) => c.get_db(),
+            Self::Cluster(_) => 0,
+            Self::Sentinel(f) => f.db,
+        }
+    }
+}
+
+impl RedisConn {
+    /// Runs `cmd` on every master (one server, the Sentinels' master, or
+    /// each master of a cluster); the replies by node address.
+    pub async fn on_every_master(&mut self, cmd: &Cmd) -> RedisResult<Vec<(String, Value)>> {
+        use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+        let Self::Cluster(c) = self else {
+            return Ok(vec![(String::new(), self.req_packed_command(cmd).await?)]);
+        };
+        let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+        match c.route_command(cmd.clone(), routing).await? {
+            Value::Map(replies) => Ok(replies
+                .into_iter()
+                .map(|(node, reply)| {
+                    let node = redis::from_redis_value::<String>(node).unwrap_or_default();
+                    (node, reply)
+                })
+                .collect()),
+            other => Ok(vec![(String::new(), other)]),
+        }
+    }
+}
+
+/// Where a command goes in a cluster pipeline.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Target {
+    /// With the commands of this slot.
+    Slot(Slot),
+    /// Alone, routed by the cluster connection itself (a multi-key command
+    /// such as `MGET` or `DEL`, which it splits by slot).
+    Alone(usize),
+    /// Anywhere (a keyless command).
+    Any,
+}
+
+fn target(index: usize, cmd: &Cmd) -> Target {
+    let mut args = cmd.args_iter().map(|a| match a {
+        redis::Arg::Simple(bytes) => bytes,
+        _ => b"0".as_slice(),
+    });
+    let Some(name) = args.next() else {
+        return Target::Any;
+    };
+    let name = name.to_ascii_uppercase();
+    match name.as_slice() {
+        b"EVAL" | b"EVALSHA" | b"EVAL_RO" | b"EVALSHA_RO" | b"FCALL" | b"FCALL_RO" => {
+            let _script = args.next();
+            let keys = args
+                .next()
+                .and_then(|n| std::str::from_utf8(n).ok()?.parse::<usize>().ok());
+            match (keys, args.next()) {
+                (Some(n), Some(key)) if n > 0 => Target::Slot(Slot::for_key(key)),
+                _ => Target::Any,
+            }
+        }
+        b"MGET" | b"DEL" | b"EXISTS" | b"UNLINK" | b"TOUCH" if args.len() > 1 => {
+            Target::Alone(index)
+        }
+        b"TIME" | b"PING" | b"INFO" | b"ECHO" | b"ROLE" | b"CLIENT" | b"CONFIG" | b"ACL"
+        | b"SCRIPT" | b"DBSIZE" | b"COMMAND" | b"CLUSTER" => Target::Any,
+        _ => args
+            .next()
+            .map_or(Target::Any, |key| Target::Slot(Slot::for_key(key))),
+    }
+}
+
+/// Sends a non-transactional pipeline to a cluster as one sub-pipeline per
+/// slot (concurrently), and returns the replies in the pipeline's order.
+async fn per_slot(conn: &mut ClusterConnection, pipeline: &Pipeline) -> RedisResult<Vec<Value>> {
+    let mut groups: Vec<(Target, Pipeline, Vec<usize>)> = Vec::new();
+    let mut by_target: HashMap<Target, usize> = HashMap::new();
+    for (i, cmd) in pipeline.cmd_iter().enumerate() {
+        let mut t = target(i, cmd);
+        if t == Target::Any {
+            // With the first slot's commands, as redis-rs would route it.
+            t = groups.first().map_or(Target::Any, |g| g.0);
+        }
+        let g = *by_target.entry(t).or_insert_with(|| {
+            groups.push((t, Pipeline::new(), Vec::new()));
+            groups.len() - 1
+        });
+        groups[g].1.add_command(cmd.clone());
+        groups[g].2.push(i);
+    }
+    if groups.len() <= 1 {
+        return conn.req_packed_commands(pipeline, 0, pipeline.len()).await;
+    }
+    let replies = futures_util::future::join_all(groups.iter().map(|(t, sub, _)| {
+        let mut conn = conn.clone();
+        async move {
+            match t {
+                Target::Alone(_) => {
+                    let cmd = sub.cmd_iter().next().expect("one command");
+                    conn.req_packed_command(cmd).await.map(|v| vec![v])
+                }
+                _ => conn.req_packed_commands(sub, 0, sub.len()).await,
+            }
+        }
+    }))
+    .await;
+    let mut out = vec![Value::Nil; pipeline.len()];
+    for ((_, _, indices), reply) in groups.iter().zip(replies) {
+        for (&i, value) in indices.iter().zip(reply?) {
+            out[i] = value;
+        }
+    }
+    Ok(out)
+}
+
+/// Makes the connections of one `[redis]` setup.
+// One per Broker, made once: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+pub enum Connector {
+    Single(redis::Client),
+    Cluster {
+        client: ClusterClient,
+        /// Seed nodes, for pub/sub.
+        seeds: Vec<redis::Client>,
+    },
+    Sentinel(Arc<FollowMaster>),
+}
+
+impl Connector {
+    /// The connector for `[redis]` (`url` for one server, `urls` for the
+    /// others); for one server, `client` is used as given.
+    pub async fn new(redis: &RedisConfig, single: redis::Client) -> RedisResult<Self> {
+        Ok(match redis.mode {
+            RedisMode::Single => Self::Single(single),
+            RedisMode::Cluster => {
+                let seeds = redis
+                    .urls
+                    .iter()
+                    .map(|u| redis::Client::open(u.as_str()))
+                    .collect::<RedisResult<Vec<_>>>()?;
+                let client = ClusterClient::builder(redis.urls.iter().map(String::as_str))
+                    .connection_timeout(super::CONNECT_TIMEOUT)
+                    .response_timeout(super::COMMAND_TIMEOUT)
+                    .retries(6)
+                    .build()?;
+                Self::Cluster { client, seeds }
+            }
+            RedisMode::Sentinel => Self::Sentinel(Arc::new(FollowMaster::new(redis).await?)),
+        })
+    }
+
+    /// The shared connection for ordinary commands. On one server,
+    /// `retries` connection attempts are made before the first error is
+    /// returned (0: report the cause at once, as the command line does).
+    pub async fn shared(&self, retries: usize) -> RedisResult<RedisConn> {
+        Ok(match self {
+            Self::Single(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_number_of_retries(retries)
+                    .set_response_timeout(Some(super::COMMAND_TIMEOUT))
+                    .set_connection_timeout(Some(super::CONNECT_TIMEOUT))
+                    .set_max_delay(Duration::from_secs(5));
+                RedisConn::Single(client.get_connection_manager_with_config(config).await?)
+            }
+            Self::Cluster { client, .. } => RedisConn::Cluster(
+                client
+                    .get_async_connection_with_config(cluster_config(super::COMMAND_TIMEOUT))
+                    .await?,
+            ),
+            Self::Sentinel(f) => RedisConn::Sentinel(f.clone()),
+        })
+    }
+
+    /// A new connection of its own, whose replies may take `timeout`.
+    pub async fn dedicated(&self, timeout: Duration) -> RedisResult<RedisConn> {
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(super::CONNECT_TIMEOUT));
+        Ok(match self {
+            Self::Single(client) => RedisConn::Direct(
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?,
+            ),
+            Self::Cluster { client, .. } => RedisConn::Cluster(
+                client
+                    .get_async_connection_with_config(cluster_config(timeout))
+                    .await?,
+            ),
+            Self::Sentinel(f) => RedisConn::Direct(f.master_connection(&config).await?.0),
+        })
+    }
+
+    /// A connection for SUBSCRIBE / PSUBSCRIBE.
+    pub async fn pubsub(&self) -> RedisResult<PubSub> {
+        match self {
+            Self::Single(client) => client.get_async_pubsub().await,
+            Self::Cluster { seeds, .. } => {
+                let mut last = None;
+                for seed in seeds {
+                    match seed.get_async_pubsub().await {
+                        Ok(p) => return Ok(p),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| io_error("no cluster seed node")))
+            }
+            Self::Sentinel(f) => f.master_client().await?.get_async_pubsub().await,
+        }
+    }
+}
+
+fn cluster_config(response: Duration) -> ClusterConfig {
+    ClusterConfig::new()
+        .set_connection_timeout(super::CONNECT_TIMEOUT)
+        .set_response_timeout(response)
+}
+
+fn io_error(message: &str) -> RedisError {
+    RedisError::from(std::io::Error::other(message.to_owned()))
+}
+
+/// Refreshes are at most this frequent, however many commands fail at once.
+const REFRESH_EVERY: Duration = Duration::from_millis(250);
+
+/// A connection to the master that the Sentinels name, switched to the new
+/// master after a failover.
+///
+/// Commands go to the current master's connection. An error saying that
+/// the connection is gone, or that the server is now a read-only replica,
+/// makes it ask the Sentinels again (at most every [`REFRESH_EVERY`]) and
+/// connect to the master they name; the failed command's error is still
+/// returned, and callers retry as they do after any Redis error.
+pub struct FollowMaster {
+    sentinel: tokio::sync::Mutex<SentinelClient>,
+    current: RwLock<Option<Current>>,
+    refresh: tokio::sync::Mutex<Option<Instant>>,
+    config: AsyncConnectionConfig,
+    db: i64,
+}
+
+struct Current {
+    generation: u64,
+    address: String,
+    conn: MultiplexedConnection,
+}
+
+impl FollowMaster {
+    async fn new(redis: &RedisConfig) -> RedisResult<Self> {
+        let name = redis.master.clone().unwrap_or_default();
+        let mut info = RedisConnectionInfo::default();
+        if let Some(user) = &redis.master_username {
+            info = info.set_username(user);
+        }
+        if let Some(password) = &redis.master_password {
+            info = info.set_password(password);
+        }
+        let node = SentinelNodeConnectionInfo::default().set_redis_connection_info(info);
+        let sentinel = SentinelClient::build(
+            redis.urls.clone(),
+            name,
+            Some(node),
+            SentinelServerType::Master,
+        )?;
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(Some(super::COMMAND_TIMEOUT))
+            .set_connection_timeout(Some(super::CONNECT_TIMEOUT));
+        let this = Self {
+            sentinel: tokio::sync::Mutex::new(sentinel),
+            current: RwLock::new(None),
+            refresh: tokio::sync::Mutex::new(None),
+            config,
+            db: 0,
+        };
+        this.switch(0).await?;
+        Ok(this)
+    }
+
+    /// A client for the master the Sentinels name now.
+    async fn master_client(&self) -> RedisResult<redis::Client> {
+        self.sentinel.lock().await.async_get_client().await
+    }
+
+    /// A new connection to the current master, and its address.
+    async fn master_connection(
+        &self,
+        config: &AsyncConnectionConfig,
+    ) -> RedisResult<(MultiplexedConnection, String)> {
+        let client = self.master_client().await?;
+        let address = client.get_connection_info().addr().to_string();
+        let conn = client
+            .get_multiplexed_async_connection_with_config(config)
+            .await?;
+        Ok((conn, address))
+    }
+
+    /// The current connection and its generation (0: none yet).
+    fn current(&self) -> (u64, Option<MultiplexedConnection>) {
+        let c = self.current.read().unwrap_or_else(|p| p.into_inner());
+        c.as_ref()
+            .map_or((0, None), |c| (c.generation, Some(c.conn.clone())))
+    }
+
+    async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
+        let (generation, mut conn) = self.connection().await?;
+        let reply = conn.req_packed_command(cmd).await;
+        self.after(generation, &reply).await;
+        reply
+    }
+
+    async fn commands(
+        &self,
+        pipeline: &Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisResult<Vec<Value>> {
+        let (generation, mut conn) = self.connection().await?;
+        let reply = conn.req_packed_commands(pipeline, offset, count).await;
+        self.after(generation, &reply).await;
+        reply
+    }
+
+    /// The current connection (made in [`FollowMaster::new`], so always there).
+    async fn connection(&self) -> RedisResult<(u64, MultiplexedConnection)> {
+        match self.current() {
+            (generation, Some(conn)) => Ok((generation, conn)),
+            (_, None) => {
+                self.switch(0).await?;
+                match self.current() {
+                    (generation, Some(conn)) => Ok((generation, conn)),
+                    (_, None) => Err(io_error("no connection to the master")),
+                }
+            }
+        }
+    }
+
+    async fn after<T>(&self, generation: u64, reply: &RedisResult<T>) {
+        if let Err(e) = reply
+            && master_may_have_moved(e)
+            && let Err(err) = self.switch(generation).await
+        {
+            tracing::warn!(error = %err, "Cannot reach the master the Sentinels name; retrying");
+        }
+    }
+
+    /// Connects to the master the Sentinels name, unless the connection
+    /// was replaced since `seen` or was refreshed very recently.
+    async fn switch(&self, seen: u64) -> RedisResult<()> {
+        let mut last = self.refresh.lock().await;
+        if self.current().0 != seen {
+            return Ok(());
+        }
+        if seen > 0 && last.is_some_and(|t| t.elapsed() < REFRESH_EVERY) {
+            return Ok(());
+        }
+        *last = Some(Instant::now());
+        let (conn, address) = self.master_connection(&self.config).await?;
+        let mut c = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = c.as_ref()
+            && old.address != address
+        {
+            tracing::warn!(from = %old.address, to = %address, "The Sentinels name a new master; following it");
+        }
+        *c = Some(Current {
+            generation: seen + 1,
+            address,
+            conn,
+        });
+        Ok(())
+    }
+}
+
+/// Whether an error may mean that the master moved: the connection broke
+/// or was refused, or the server is now a replica.
+fn master_may_have_moved(e: &RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+        )
+}
