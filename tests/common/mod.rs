@@ -1117,6 +1117,24 @@ impl TestCluster {
         );
         let cluster = Self { nodes };
         cluster.wait_healthy(Duration::from_secs(30));
+        wait_until(
+            Duration::from_secs(30),
+            "every master's replicas to attach",
+            || {
+                let attached = cluster.nodes.iter().filter_map(|n| {
+                    let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut n.conn()).ok()?;
+                    match (role.first(), role.get(2)) {
+                        (
+                            Some(redis::Value::BulkString(r)),
+                            Some(redis::Value::Array(replicas)),
+                        ) if r == b"master" => Some(replicas.len()),
+                        _ => None,
+                    }
+                });
+                let counts: Vec<usize> = attached.collect();
+                counts.len() == masters && counts.iter().all(|&n| n == replicas)
+            },
+        );
         cluster
     }
 
@@ -1217,23 +1235,24 @@ impl TestCluster {
         panic!("no master for slot {slot}");
     }
 
-    /// The indices of the nodes that replicate node `master`.
+    /// The indices of the nodes that replicate node `master` (from `ROLE`).
     pub fn replicas_of(&self, master: usize) -> Vec<usize> {
-        let mut c = self.nodes[master].conn();
-        let id: String = redis::cmd("CLUSTER")
-            .arg("MYID")
-            .query(&mut c)
-            .expect("CLUSTER MYID");
-        let lines: Vec<String> = redis::cmd("CLUSTER")
-            .arg("REPLICAS")
-            .arg(&id)
-            .query(&mut c)
-            .expect("CLUSTER REPLICAS");
-        lines
+        let role: Vec<redis::Value> = redis::cmd("ROLE")
+            .query(&mut self.nodes[master].conn())
+            .expect("ROLE");
+        let Some(redis::Value::Array(replicas)) = role.get(2) else {
+            return Vec::new();
+        };
+        replicas
             .iter()
-            .filter_map(|l| {
-                let addr = l.split_whitespace().nth(1)?;
-                let port: u16 = addr.split(['@', ':']).nth(1)?.parse().ok()?;
+            .filter_map(|r| {
+                let redis::Value::Array(fields) = r else {
+                    return None;
+                };
+                let port: u16 = redis::from_redis_value_ref::<String>(fields.get(1)?)
+                    .ok()?
+                    .parse()
+                    .ok()?;
                 self.nodes.iter().position(|n| n.port() == port)
             })
             .collect()
