@@ -214,7 +214,13 @@ pub enum Connector {
 impl Connector {
     /// The connector for `[redis]` (`url` for one server, `urls` for the
     /// others); for one server, `client` is used as given.
-    pub async fn new(redis: &RedisConfig, single: redis::Client) -> RedisResult<Self> {
+    /// A Sentinel setup is asked `retries` more times (backing off) when
+    /// it names no master that answers, as during a failover.
+    pub async fn new(
+        redis: &RedisConfig,
+        single: redis::Client,
+        retries: usize,
+    ) -> RedisResult<Self> {
         Ok(match redis.mode {
             RedisMode::Single => Self::Single(single),
             RedisMode::Cluster => {
@@ -230,7 +236,9 @@ impl Connector {
                     .build()?;
                 Self::Cluster { client, seeds }
             }
-            RedisMode::Sentinel => Self::Sentinel(Arc::new(FollowMaster::new(redis).await?)),
+            RedisMode::Sentinel => {
+                Self::Sentinel(Arc::new(FollowMaster::new(redis, retries).await?))
+            }
         })
     }
 
@@ -331,7 +339,7 @@ struct Current {
 }
 
 impl FollowMaster {
-    async fn new(redis: &RedisConfig) -> RedisResult<Self> {
+    async fn new(redis: &RedisConfig, retries: usize) -> RedisResult<Self> {
         let name = redis.master.clone().unwrap_or_default();
         let mut info = RedisConnectionInfo::default();
         if let Some(user) = &redis.master_username {
@@ -357,6 +365,15 @@ impl FollowMaster {
             config,
             db: 0,
         };
+        let mut delay = Duration::from_millis(250);
+        for _ in 0..retries {
+            match this.switch(0).await {
+                Ok(()) => return Ok(this),
+                Err(e) => tracing::warn!(error = %e, "No master from the Sentinels yet; retrying"),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
         this.switch(0).await?;
         Ok(this)
     }

@@ -155,7 +155,8 @@ impl Broker {
         redis: &crate::config::RedisConfig,
         retries: usize,
     ) -> RedisResult<Self> {
-        let connector = Connector::new(redis, open_client(&redis.url, Some(redis))?).await?;
+        let connector =
+            Connector::new(redis, open_client(&redis.url, Some(redis))?, retries).await?;
         Self::with_connector(connector, &redis.prefix, retries).await
     }
 
