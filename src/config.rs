@@ -118,7 +118,7 @@ pub struct RedisConfig {
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
-            mode: RedisMode::Single,
+            mode: RedisMode::Standalone,
             url: "redis://127.0.0.1:6379".into(),
             urls: Vec::new(),
             master: None,
@@ -136,7 +136,7 @@ impl Default for RedisConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RedisMode {
-    Single,
+    Standalone,
     Cluster,
     Sentinel,
 }
@@ -528,7 +528,7 @@ impl Config {
         let r = &self.redis;
         let tls = r.tls_ca_file.is_some() || r.tls_cert_file.is_some();
         match r.mode {
-            RedisMode::Single => {
+            RedisMode::Standalone => {
                 if !r.urls.is_empty() {
                     return Err(invalid(
                         "redis.urls",
@@ -875,6 +875,45 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn redis_modes_name_the_missing_or_misplaced_key() {
+        let ok = |text: &str| Config::from_toml(text).unwrap().validate().unwrap();
+        ok(
+            "[redis]\nmode = \"cluster\"\nurls = [\"redis://10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]\n",
+        );
+        ok(
+            "[redis]\nmode = \"sentinel\"\nmaster = \"main\"\nurls = [\"redis://10.0.0.1:26379\"]\n",
+        );
+        let cases = [
+            ("mode = \"cluster\"\n", "redis.urls"),
+            (
+                "mode = \"sentinel\"\nurls = [\"redis://h:26379\"]\n",
+                "redis.master",
+            ),
+            ("urls = [\"redis://h:7000\"]\n", "redis.urls"),
+            (
+                "mode = \"cluster\"\nmaster = \"m\"\nurls = [\"redis://h:1\"]\n",
+                "redis.master",
+            ),
+            (
+                "mode = \"cluster\"\nurls = [\"redis://h:1\", \"nope\"]\n",
+                "redis.urls[1]",
+            ),
+            (
+                "mode = \"cluster\"\nurls = [\"rediss://h:1\"]\n",
+                "redis.urls[0]",
+            ),
+        ];
+        for (redis, key) in cases {
+            let e = err(&format!("[redis]\n{redis}"));
+            assert!(
+                e.starts_with(&format!("config key `{key}`")),
+                "{redis}: {e}"
+            );
+        }
+        assert!(err("[redis]\nmode = \"ring\"\n").contains("unknown variant `ring`"));
     }
 
     const JOBS: &str =

@@ -128,7 +128,7 @@ fn target(redis: &crate::config::RedisConfig) -> String {
             .join(", ")
     };
     match redis.mode {
-        RedisMode::Single => redacted(&redis.url),
+        RedisMode::Standalone => redacted(&redis.url),
         RedisMode::Cluster => format!("cluster (seeds {})", urls()),
         RedisMode::Sentinel => format!(
             "master {:?} of Sentinels {}",

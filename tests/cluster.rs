@@ -265,7 +265,11 @@ fn cluster_master_failover_mid_run() {
     let master = cluster.master_of(&pending);
     let replica = cluster.replicas_of(master)[0];
 
-    let total = 400;
+    // scripts/failover.sh runs this with many more jobs.
+    let total: usize = std::env::var("CONVEYOR_FAILOVER_JOBS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(400);
     let ids: Vec<String> = (0..total).map(|i| format!("job{i}")).collect();
     {
         let mut m = cluster.nodes[master].conn();

@@ -58,7 +58,11 @@ fn sentinel_failover_mid_run() {
 
     // The CLI finds the master through the Sentinels too.
     let first = enqueue(&h, &["t", "--id", "first"]);
-    let total = 300;
+    // scripts/failover.sh runs this with many more jobs.
+    let total: usize = std::env::var("CONVEYOR_FAILOVER_JOBS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(300);
     let mut ids: Vec<String> = (0..total).map(|i| format!("job{i}")).collect();
     {
         let mut m = redis.master.conn();

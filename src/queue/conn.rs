@@ -112,7 +112,7 @@ impl RedisConn {
 }
 
 /// Where a command goes in a cluster pipeline.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Target {
     /// With the commands of this slot.
     Slot(Slot),
@@ -146,8 +146,9 @@ fn target(index: usize, cmd: &Cmd) -> Target {
         b"MGET" | b"DEL" | b"EXISTS" | b"UNLINK" | b"TOUCH" if args.len() > 1 => {
             Target::Alone(index)
         }
-        b"TIME" | b"PING" | b"INFO" | b"ECHO" | b"ROLE" | b"CLIENT" | b"CONFIG" | b"ACL"
-        | b"SCRIPT" | b"DBSIZE" | b"COMMAND" | b"CLUSTER" => Target::Any,
+        // PUBLISH: a cluster forwards it to every node, whichever gets it.
+        b"PUBLISH" | b"TIME" | b"PING" | b"INFO" | b"ECHO" | b"ROLE" | b"CLIENT" | b"CONFIG"
+        | b"ACL" | b"SCRIPT" | b"DBSIZE" | b"COMMAND" | b"CLUSTER" => Target::Any,
         _ => args
             .next()
             .map_or(Target::Any, |key| Target::Slot(Slot::for_key(key))),
@@ -156,40 +157,60 @@ fn target(index: usize, cmd: &Cmd) -> Target {
 
 /// Sends a non-transactional pipeline to a cluster as one sub-pipeline per
 /// slot (concurrently), and returns the replies in the pipeline's order.
+/// Keyless commands, `PUBLISH` included (a cluster forwards it to every
+/// node), ride with the first slot's commands.
 async fn per_slot(conn: &mut ClusterConnection, pipeline: &Pipeline) -> RedisResult<Vec<Value>> {
-    let mut groups: Vec<(Target, Pipeline, Vec<usize>)> = Vec::new();
+    use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+    let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
+    let mut groups: Vec<(Target, Vec<usize>)> = Vec::new();
     let mut by_target: HashMap<Target, usize> = HashMap::new();
-    for (i, cmd) in pipeline.cmd_iter().enumerate() {
-        let mut t = target(i, cmd);
-        if t == Target::Any {
-            // With the first slot's commands, as redis-rs would route it.
-            t = groups.first().map_or(Target::Any, |g| g.0);
+    let mut anywhere = Vec::new();
+    for (i, cmd) in commands.iter().enumerate() {
+        match target(i, cmd) {
+            Target::Any => anywhere.push(i),
+            t => {
+                let g = *by_target.entry(t).or_insert_with(|| {
+                    groups.push((t, Vec::new()));
+                    groups.len() - 1
+                });
+                groups[g].1.push(i);
+            }
         }
-        let g = *by_target.entry(t).or_insert_with(|| {
-            groups.push((t, Pipeline::new(), Vec::new()));
-            groups.len() - 1
-        });
-        groups[g].1.add_command(cmd.clone());
-        groups[g].2.push(i);
     }
-    if groups.len() <= 1 {
-        return conn.req_packed_commands(pipeline, 0, pipeline.len()).await;
+    match groups.iter_mut().find(|g| matches!(g.0, Target::Slot(_))) {
+        Some(first) => {
+            first.1.extend(anywhere);
+            first.1.sort_unstable();
+        }
+        None if !anywhere.is_empty() => groups.push((Target::Any, anywhere)),
+        None => {}
     }
-    let replies = futures_util::future::join_all(groups.iter().map(|(t, sub, _)| {
+    let replies = futures_util::future::join_all(groups.iter().map(|(t, indices)| {
         let mut conn = conn.clone();
+        let mut sub = Pipeline::with_capacity(indices.len());
+        for &i in indices {
+            sub.add_command(commands[i].clone());
+        }
+        let commands = &commands;
         async move {
-            match t {
-                Target::Alone(_) => {
-                    let cmd = sub.cmd_iter().next().expect("one command");
-                    conn.req_packed_command(cmd).await.map(|v| vec![v])
+            let n = sub.len();
+            match *t {
+                Target::Alone(i) => conn.req_packed_command(commands[i]).await.map(|v| vec![v]),
+                Target::Slot(slot) => {
+                    let route = Route::with_slot(slot, SlotAddr::Master);
+                    conn.route_pipeline(sub, 0, n, SingleNodeRoutingInfo::SpecificNode(route))
+                        .await
                 }
-                _ => conn.req_packed_commands(sub, 0, sub.len()).await,
+                Target::Any => {
+                    conn.route_pipeline(sub, 0, n, SingleNodeRoutingInfo::RandomPrimary)
+                        .await
+                }
             }
         }
     }))
     .await;
     let mut out = vec![Value::Nil; pipeline.len()];
-    for ((_, _, indices), reply) in groups.iter().zip(replies) {
+    for ((_, indices), reply) in groups.iter().zip(replies) {
         for (&i, value) in indices.iter().zip(reply?) {
             out[i] = value;
         }
@@ -222,7 +243,7 @@ impl Connector {
         retries: usize,
     ) -> RedisResult<Self> {
         Ok(match redis.mode {
-            RedisMode::Single => Self::Single(single),
+            RedisMode::Standalone => Self::Single(single),
             RedisMode::Cluster => {
                 let seeds = redis
                     .urls
@@ -484,4 +505,55 @@ fn master_may_have_moved(e: &RedisError) -> bool {
             e.kind(),
             ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(key: &str) -> Target {
+        Target::Slot(Slot::for_key(key))
+    }
+
+    #[test]
+    fn cluster_pipelines_are_grouped_by_the_slot_of_each_command() {
+        let mut evalsha = redis::cmd("EVALSHA");
+        evalsha
+            .arg("abc")
+            .arg(2)
+            .arg("P:{q}:active:w")
+            .arg("P:{q}:leases")
+            .arg("x");
+        assert_eq!(target(0, &evalsha), slot("{q}"));
+        let mut keyless = redis::cmd("EVALSHA");
+        keyless.arg("abc").arg(0).arg("x");
+        assert_eq!(target(0, &keyless), Target::Any);
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg("P:progress:j1").arg("{}");
+        assert_eq!(target(0, &publish), Target::Any);
+        let mut hset = redis::cmd("hset");
+        hset.arg("P:{a}:cancelled").arg("j1").arg(1);
+        assert_eq!(target(0, &hset), slot("{a}"));
+        let mut mget = redis::cmd("MGET");
+        mget.arg("P:worker:a").arg("P:worker:b");
+        assert_eq!(target(3, &mget), Target::Alone(3));
+        let mut one = redis::cmd("MGET");
+        one.arg("P:worker:a");
+        assert_eq!(target(3, &one), slot("P:worker:a"));
+        assert_eq!(target(0, &redis::cmd("TIME")), Target::Any);
+    }
+
+    #[test]
+    fn only_errors_that_may_mean_a_new_master_switch_connections() {
+        use redis::{ErrorKind, ServerErrorKind};
+        let readonly = RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ReadOnly),
+            "You can't write against a read only replica.",
+        ));
+        assert!(master_may_have_moved(&readonly));
+        assert!(master_may_have_moved(&io_error("broken pipe")));
+        let wrongtype =
+            RedisError::from((ErrorKind::Server(ServerErrorKind::ExecAbort), "EXECABORT"));
+        assert!(!master_may_have_moved(&wrongtype));
+    }
 }
