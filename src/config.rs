@@ -33,6 +33,17 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
+/// The first `[redis]` key set that only a Sentinel setup uses.
+fn sentinel_only(r: &RedisConfig) -> Option<&'static str> {
+    [
+        ("redis.master", r.master.is_some()),
+        ("redis.master_username", r.master_username.is_some()),
+        ("redis.master_password", r.master_password.is_some()),
+    ]
+    .into_iter()
+    .find_map(|(key, set)| set.then_some(key))
+}
+
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -535,13 +546,14 @@ impl Config {
                         "is for mode = \"cluster\" or \"sentinel\"; one server takes `url`",
                     ));
                 }
-                if r.master.is_some() {
-                    return Err(invalid("redis.master", "is for mode = \"sentinel\""));
+                if let Some(key) = sentinel_only(r) {
+                    return Err(invalid(key, "is for mode = \"sentinel\""));
                 }
                 return Ok(());
             }
-            RedisMode::Cluster if r.master.is_some() => {
-                return Err(invalid("redis.master", "is for mode = \"sentinel\""));
+            RedisMode::Cluster if sentinel_only(r).is_some() => {
+                let key = sentinel_only(r).unwrap_or_default();
+                return Err(invalid(key, "is for mode = \"sentinel\""));
             }
             RedisMode::Sentinel if r.master.as_deref().is_none_or(str::is_empty) => {
                 return Err(invalid(

@@ -1215,3 +1215,34 @@ fn heartbeat_reports_no_lease_lost_for_jobs_it_settled() {
         stop_daemon(d);
     }
 }
+
+// ---------------------------------------------------------------- 13
+
+/// An entry in a live daemon's own active list that no run of it owns (a
+/// fetch whose reply was lost, and which a client retried by itself
+/// without reporting an error) is put back on pending by the fetch loop's
+/// periodic reconciliation (every 30 s), and runs.
+#[test]
+fn orphan_in_own_active_list_is_put_back() {
+    let h = Harness::new("");
+    let ledger = h.path("ledger");
+    let mut c = format!("[worker]\n{FAST_WORKER}\n[jobs.quick]\nmax_attempts = 1\n");
+    c += &ledger_stage("quick", "s1", &ledger, "");
+    h.write_config(&c);
+    let d = h.daemon("w1", &[]);
+    let first = enqueue(&h, &["quick"]);
+    wait_job_status(&h, &first, "completed");
+    // As if a BLMOVE had moved it and its reply had been lost.
+    let orphan = json!({"id": "orphan", "type": "quick"}).to_string();
+    let _: u64 = redis::cmd("LPUSH")
+        .arg(h.active_key("default", "w1"))
+        .arg(&orphan)
+        .query(&mut h.redis.conn())
+        .expect("LPUSH");
+    wait_until(Duration::from_secs(60), "the orphan to run", || {
+        h.job_status("orphan").as_deref() == Some("completed")
+    });
+    assert_eq!(ledger_count(&ledger, "S s1 orphan"), 1);
+    assert_no_residue(&h, &["w1"]);
+    drop(d);
+}

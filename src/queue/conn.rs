@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use redis::aio::{
     ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection, PubSub,
 };
-use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
@@ -158,9 +158,9 @@ fn target(index: usize, cmd: &Cmd) -> Target {
 /// Sends a non-transactional pipeline to a cluster as one sub-pipeline per
 /// slot (concurrently), and returns the replies in the pipeline's order.
 /// Keyless commands, `PUBLISH` included (a cluster forwards it to every
-/// node), ride with the first slot's commands.
+/// node), go last, once every keyed group has answered: a message then
+/// never announces a write that has not happened.
 async fn per_slot(conn: &mut ClusterConnection, pipeline: &Pipeline) -> RedisResult<Vec<Value>> {
-    use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
     let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
     let mut groups: Vec<(Target, Vec<usize>)> = Vec::new();
     let mut by_target: HashMap<Target, usize> = HashMap::new();
@@ -177,45 +177,57 @@ async fn per_slot(conn: &mut ClusterConnection, pipeline: &Pipeline) -> RedisRes
             }
         }
     }
-    match groups.iter_mut().find(|g| matches!(g.0, Target::Slot(_))) {
-        Some(first) => {
-            first.1.extend(anywhere);
-            first.1.sort_unstable();
-        }
-        None if !anywhere.is_empty() => groups.push((Target::Any, anywhere)),
-        None => {}
-    }
-    let replies = futures_util::future::join_all(groups.iter().map(|(t, indices)| {
-        let mut conn = conn.clone();
-        let mut sub = Pipeline::with_capacity(indices.len());
-        for &i in indices {
-            sub.add_command(commands[i].clone());
-        }
-        let commands = &commands;
-        async move {
-            let n = sub.len();
-            match *t {
-                Target::Alone(i) => conn.req_packed_command(commands[i]).await.map(|v| vec![v]),
-                Target::Slot(slot) => {
-                    let route = Route::with_slot(slot, SlotAddr::Master);
-                    conn.route_pipeline(sub, 0, n, SingleNodeRoutingInfo::SpecificNode(route))
-                        .await
-                }
-                Target::Any => {
-                    conn.route_pipeline(sub, 0, n, SingleNodeRoutingInfo::RandomPrimary)
-                        .await
-                }
-            }
-        }
-    }))
-    .await;
     let mut out = vec![Value::Nil; pipeline.len()];
+    let replies = futures_util::future::join_all(
+        groups
+            .iter()
+            .map(|(t, indices)| send_group(conn.clone(), *t, &commands, indices)),
+    )
+    .await;
     for ((_, indices), reply) in groups.iter().zip(replies) {
-        for (&i, value) in indices.iter().zip(reply?) {
-            out[i] = value;
-        }
+        place(&mut out, indices, reply?)?;
+    }
+    if !anywhere.is_empty() {
+        let reply = send_group(conn.clone(), Target::Any, &commands, &anywhere).await;
+        place(&mut out, &anywhere, reply?)?;
     }
     Ok(out)
+}
+
+/// Sends the commands at `indices` where `target` says.
+async fn send_group(
+    mut conn: ClusterConnection,
+    target: Target,
+    commands: &[&Cmd],
+    indices: &[usize],
+) -> RedisResult<Vec<Value>> {
+    use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+    let route = match target {
+        Target::Alone(i) => return conn.req_packed_command(commands[i]).await.map(|v| vec![v]),
+        Target::Slot(slot) => {
+            SingleNodeRoutingInfo::SpecificNode(Route::with_slot(slot, SlotAddr::Master))
+        }
+        Target::Any => SingleNodeRoutingInfo::RandomPrimary,
+    };
+    let mut sub = Pipeline::with_capacity(indices.len());
+    for &i in indices {
+        sub.add_command(commands[i].clone());
+    }
+    let n = sub.len();
+    conn.route_pipeline(sub, 0, n, route).await
+}
+
+/// Puts a group's replies at their places in the whole pipeline's.
+fn place(out: &mut [Value], indices: &[usize], replies: Vec<Value>) -> RedisResult<()> {
+    if replies.len() != indices.len() {
+        return Err(io_error(
+            "a cluster node answered a pipeline with too few replies",
+        ));
+    }
+    for (&i, value) in indices.iter().zip(replies) {
+        out[i] = value;
+    }
+    Ok(())
 }
 
 /// Makes the connections of one `[redis]` setup.
@@ -225,8 +237,9 @@ async fn per_slot(conn: &mut ClusterConnection, pipeline: &Pipeline) -> RedisRes
 pub enum Connector {
     Single(redis::Client),
     Cluster {
-        client: ClusterClient,
-        /// Seed nodes, for pub/sub.
+        /// Seed node URLs.
+        urls: Vec<String>,
+        /// The same, for pub/sub.
         seeds: Vec<redis::Client>,
     },
     Sentinel(Arc<FollowMaster>),
@@ -250,12 +263,10 @@ impl Connector {
                     .iter()
                     .map(|u| redis::Client::open(u.as_str()))
                     .collect::<RedisResult<Vec<_>>>()?;
-                let client = ClusterClient::builder(redis.urls.iter().map(String::as_str))
-                    .connection_timeout(super::CONNECT_TIMEOUT)
-                    .response_timeout(super::COMMAND_TIMEOUT)
-                    .retries(6)
-                    .build()?;
-                Self::Cluster { client, seeds }
+                Self::Cluster {
+                    urls: redis.urls.clone(),
+                    seeds,
+                }
             }
             RedisMode::Sentinel => {
                 Self::Sentinel(Arc::new(FollowMaster::new(redis, retries).await?))
@@ -276,9 +287,9 @@ impl Connector {
                     .set_max_delay(Duration::from_secs(5));
                 RedisConn::Single(client.get_connection_manager_with_config(config).await?)
             }
-            Self::Cluster { client, .. } => RedisConn::Cluster(
-                client
-                    .get_async_connection_with_config(cluster_config(super::COMMAND_TIMEOUT))
+            Self::Cluster { urls, .. } => RedisConn::Cluster(
+                cluster_client(urls, super::COMMAND_TIMEOUT)?
+                    .get_async_connection()
                     .await?,
             ),
             Self::Sentinel(f) => RedisConn::Sentinel(f.clone()),
@@ -296,9 +307,9 @@ impl Connector {
                     .get_multiplexed_async_connection_with_config(&config)
                     .await?,
             ),
-            Self::Cluster { client, .. } => RedisConn::Cluster(
-                client
-                    .get_async_connection_with_config(cluster_config(timeout))
+            Self::Cluster { urls, .. } => RedisConn::Cluster(
+                cluster_client(urls, timeout)?
+                    .get_async_connection()
                     .await?,
             ),
             Self::Sentinel(f) => RedisConn::Direct(f.master_connection(&config).await?.0),
@@ -324,10 +335,16 @@ impl Connector {
     }
 }
 
-fn cluster_config(response: Duration) -> ClusterConfig {
-    ClusterConfig::new()
-        .set_connection_timeout(super::CONNECT_TIMEOUT)
-        .set_response_timeout(response)
+/// A cluster client whose replies may take `response`. A command that
+/// meets a broken connection or a `MOVED` is retried by redis-rs within
+/// `response` plus [`super::COMMAND_TIMEOUT`] in all.
+fn cluster_client(urls: &[String], response: Duration) -> RedisResult<ClusterClient> {
+    ClusterClient::builder(urls.iter().map(String::as_str))
+        .connection_timeout(super::CONNECT_TIMEOUT)
+        .response_timeout(response)
+        .overall_response_timeout(Some(response + super::COMMAND_TIMEOUT))
+        .retries(6)
+        .build()
 }
 
 fn io_error(message: &str) -> RedisError {
@@ -468,16 +485,28 @@ impl FollowMaster {
 
     /// Connects to the master the Sentinels name, unless the connection
     /// was replaced since `seen` or was refreshed very recently.
+    ///
+    /// After the first connection, a command that fails while another one
+    /// is already asking the Sentinels returns at once: failing commands
+    /// never queue up behind lookups of a master that is gone.
     async fn switch(&self, seen: u64) -> RedisResult<()> {
-        let mut last = self.refresh.lock().await;
+        let mut last = if seen == 0 {
+            self.refresh.lock().await
+        } else {
+            match self.refresh.try_lock() {
+                Ok(guard) => guard,
+                Err(_) => return Ok(()),
+            }
+        };
         if self.current().0 != seen {
             return Ok(());
         }
         if seen > 0 && last.is_some_and(|t| t.elapsed() < REFRESH_EVERY) {
             return Ok(());
         }
+        let found = self.master_connection(&self.config).await;
         *last = Some(Instant::now());
-        let (conn, address) = self.master_connection(&self.config).await?;
+        let (conn, address) = found?;
         let mut c = self.current.write().unwrap_or_else(|p| p.into_inner());
         if let Some(old) = c.as_ref()
             && old.address != address
@@ -505,6 +534,9 @@ fn master_may_have_moved(e: &RedisError) -> bool {
             e.kind(),
             ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
         )
+        // A write inside a script on a replica (Redis 6.2: "ERR Error
+        // running script ... -READONLY ...").
+        || e.to_string().contains("READONLY")
 }
 
 #[cfg(test)]
@@ -552,6 +584,12 @@ mod tests {
         ));
         assert!(master_may_have_moved(&readonly));
         assert!(master_may_have_moved(&io_error("broken pipe")));
+        let in_script = RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ResponseError),
+            "Error running script",
+            "-READONLY You can't write against a read only replica.".to_owned(),
+        ));
+        assert!(master_may_have_moved(&in_script));
         let wrongtype =
             RedisError::from((ErrorKind::Server(ServerErrorKind::ExecAbort), "EXECABORT"));
         assert!(!master_may_have_moved(&wrongtype));

@@ -59,6 +59,10 @@ use health::Health;
 use runner::{JobEnv, Stats};
 use runs::RunTable;
 
+/// How often the fetch loop puts back entries of its active lists that no
+/// run owns, even when no fetch failed.
+const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+
 /// Most jobs taken in one non-blocking round trip.
 const FETCH_BATCH: usize = 64;
 
@@ -358,6 +362,7 @@ impl Fetcher {
         let mut failing = false;
         let mut turn = 0usize;
         let mut probe = 1usize;
+        let mut reconciled = tokio::time::Instant::now();
         loop {
             let Some(permits) = self.take_slots(&shutdown).await else {
                 return;
@@ -383,6 +388,13 @@ impl Fetcher {
                         // A BLMOVE whose reply was lost may have moved a job
                         // into our active list with nobody told.
                         self.reconcile().await;
+                        reconciled = tokio::time::Instant::now();
+                    } else if reconciled.elapsed() >= RECONCILE_EVERY {
+                        // The same, when a client retried a fetch by itself
+                        // (the cluster client re-sends a command whose
+                        // connection broke) and reported no error.
+                        self.reconcile().await;
+                        reconciled = tokio::time::Instant::now();
                     }
                 }
                 Err(err) => {
