@@ -8,10 +8,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Harness, TestCluster, enqueue, ledger_lines, ledger_stage, wait_for, wait_until};
+use common::{
+    Harness, TestCluster, enqueue, ledger_counts, ledger_lines, ledger_stage, wait_for, wait_until,
+};
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -34,17 +35,6 @@ fn lpush_jobs(c: &mut redis::cluster::ClusterConnection, key: &str, jobs: &[Valu
         cmd.arg(j.to_string());
     }
     let _: u64 = cmd.query(c).expect("LPUSH");
-}
-
-fn stage_count(h: &Harness, status: &str) -> u64 {
-    h.sql_query(|c| {
-        c.query_row(
-            "SELECT count(*) FROM jobs WHERE status = ?1",
-            [status],
-            |r| r.get::<_, i64>(0),
-        )
-    })
-    .unwrap_or(0) as u64
 }
 
 /// Queue names whose keys live on `n` different masters.
@@ -118,7 +108,7 @@ fn cluster_runs_the_main_scenarios() {
     ids.push(now.clone());
     ids.push(later.clone());
     wait_until(LONG, "every pipe job to complete", || {
-        stage_count(&h, "completed") == ids.len() as u64
+        h.count_status("completed") == ids.len() as u64
     });
     for id in [&ids[0], &now, &later] {
         let job = h.job_ok(id);
@@ -289,7 +279,7 @@ fn cluster_master_failover_mid_run() {
     let d1 = h.daemon("w1", &[]);
     let d2 = h.daemon("w2", &[]);
     wait_until(LONG, "a third of the jobs to complete", || {
-        stage_count(&h, "completed") >= total as u64 / 3
+        h.count_status("completed") >= total as u64 / 3
     });
     let killed_at = Instant::now();
     cluster.nodes[master].kill();
@@ -321,16 +311,11 @@ fn cluster_master_failover_mid_run() {
     });
     let expected = total + after.len();
     let done = common::poll_until(Duration::from_secs(120), || {
-        stage_count(&h, "completed") == expected as u64
+        h.count_status("completed") == expected as u64
     });
     let resumed_after = killed_at.elapsed();
 
-    let completed: BTreeSet<String> = h
-        .sql_query(|c| {
-            let mut st = c.prepare("SELECT id FROM jobs WHERE status = 'completed'")?;
-            st.query_map([], |r| r.get::<_, String>(0))?.collect()
-        })
-        .unwrap_or_default();
+    let completed = h.ids_with_status("completed");
     let lost: Vec<&String> = ids.iter().filter(|id| !completed.contains(*id)).collect();
     let (starts, completions) = ledger_counts(&ledger);
     let dup_starts: usize = starts.values().map(|n| n.saturating_sub(1)).sum();
@@ -350,18 +335,4 @@ fn cluster_master_failover_mid_run() {
         d1.log(),
         d2.log()
     );
-}
-
-/// `S` and `C` lines per job of a one-stage ledger.
-fn ledger_counts(ledger: &Path) -> (BTreeMap<String, usize>, BTreeMap<String, usize>) {
-    let (mut s, mut c) = (BTreeMap::new(), BTreeMap::new());
-    for line in ledger_lines(ledger) {
-        let mut parts = line.split_whitespace();
-        let (Some(kind), Some(_), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
-            continue;
-        };
-        let map = if kind == "S" { &mut s } else { &mut c };
-        *map.entry(id.to_owned()).or_insert(0) += 1;
-    }
-    (s, c)
 }

@@ -5,39 +5,16 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{Harness, TestSentinels, enqueue, ledger_lines, ledger_stage, wait_for, wait_until};
+use common::{Harness, TestSentinels, enqueue, ledger_counts, ledger_stage, wait_for, wait_until};
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(60);
 
 const FAST_WORKER: &str = "heartbeat_secs = 1\ndead_after_secs = 5\nfetch_block_ms = 200\n\
 promote_interval_ms = 50\nshutdown_grace_secs = 5\nkill_grace_secs = 1\n";
-
-fn completed(h: &Harness) -> BTreeSet<String> {
-    h.sql_query(|c| {
-        let mut st = c.prepare("SELECT id FROM jobs WHERE status = 'completed'")?;
-        st.query_map([], |r| r.get::<_, String>(0))?.collect()
-    })
-    .unwrap_or_default()
-}
-
-/// `S` (started) and `C` (completed) ledger lines per job.
-fn ledger_counts(ledger: &Path) -> (BTreeMap<String, usize>, BTreeMap<String, usize>) {
-    let (mut s, mut c) = (BTreeMap::new(), BTreeMap::new());
-    for line in ledger_lines(ledger) {
-        let mut parts = line.split_whitespace();
-        let (Some(kind), Some(_), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
-            continue;
-        };
-        let map = if kind == "S" { &mut s } else { &mut c };
-        *map.entry(id.to_owned()).or_insert(0) += 1;
-    }
-    (s, c)
-}
 
 /// Jobs were enqueued with `WAIT 1` (held by the replica before the kill),
 /// so none may be lost; a state change acknowledged by the old master and
@@ -83,7 +60,7 @@ fn sentinel_failover_mid_run() {
     let d1 = h.daemon("w1", &[]);
     let d2 = h.daemon("w2", &[]);
     wait_until(LONG, "a third of the jobs to complete", || {
-        completed(&h).len() >= total / 3
+        h.ids_with_status("completed").len() >= total / 3
     });
     let old_port = redis.master.port();
     let killed_at = Instant::now();
@@ -111,10 +88,12 @@ fn sentinel_failover_mid_run() {
         })
         .collect();
     let expected = ids.len() + after.len();
-    let done = common::poll_until(Duration::from_secs(120), || completed(&h).len() == expected);
+    let done = common::poll_until(Duration::from_secs(120), || {
+        h.ids_with_status("completed").len() == expected
+    });
     let done_after = killed_at.elapsed();
 
-    let finished = completed(&h);
+    let finished = h.ids_with_status("completed");
     let lost: Vec<&String> = ids
         .iter()
         .chain(&after)

@@ -551,6 +551,15 @@ impl Harness {
         .unwrap_or(0) as u64
     }
 
+    /// Ids of the jobs with `status` in SQLite.
+    pub fn ids_with_status(&self, status: &str) -> std::collections::BTreeSet<String> {
+        self.sql_query(|c| {
+            let mut st = c.prepare("SELECT id FROM jobs WHERE status = ?1")?;
+            st.query_map([status], |r| r.get::<_, String>(0))?.collect()
+        })
+        .unwrap_or_default()
+    }
+
     /// Runs a read-only query; `None` when the database or row is missing.
     pub fn sql_query<T>(
         &self,
@@ -791,6 +800,26 @@ env = {{ LEDGER = {ledger} }}
 "#,
         ledger = toml_str(ledger.to_string_lossy())
     )
+}
+
+/// `S` (started) and `C` (completed) ledger lines per job id, over all stages.
+pub fn ledger_counts(
+    ledger: &Path,
+) -> (
+    std::collections::BTreeMap<String, usize>,
+    std::collections::BTreeMap<String, usize>,
+) {
+    let (mut s, mut c) = (Default::default(), Default::default());
+    for line in ledger_lines(ledger) {
+        let mut parts = line.split_whitespace();
+        let (Some(kind), Some(_), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let map: &mut std::collections::BTreeMap<String, usize> =
+            if kind == "S" { &mut s } else { &mut c };
+        *map.entry(id.to_owned()).or_insert(0) += 1;
+    }
+    (s, c)
 }
 
 /// The pid logged on a ledger line `S <stage> <id> <pid>`.
