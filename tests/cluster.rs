@@ -10,9 +10,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::{
-    Harness, TestCluster, enqueue, ledger_counts, ledger_lines, ledger_stage, wait_for, wait_until,
-};
+use common::{Harness, TestCluster, enqueue, ledger_lines, ledger_stage, wait_for, wait_until};
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -309,30 +307,18 @@ fn cluster_master_failover_mid_run() {
             .query::<u64>(&mut conn)
             .ok()
     });
-    let expected = total + after.len();
-    let done = common::poll_until(Duration::from_secs(120), || {
-        h.count_status("completed") == expected as u64
-    });
-    let resumed_after = killed_at.elapsed();
-
-    let completed = h.ids_with_status("completed");
-    let lost: Vec<&String> = ids.iter().filter(|id| !completed.contains(*id)).collect();
-    let (starts, completions) = ledger_counts(&ledger);
-    let dup_starts: usize = starts.values().map(|n| n.saturating_sub(1)).sum();
-    let dup_completions: usize = completions.values().map(|n| n.saturating_sub(1)).sum();
-    eprintln!(
-        "cluster failover: {total} jobs (+{} after), replica promoted {promoted_after:?} after \
-         the kill, all done {resumed_after:?} after it: lost {}, stage re-runs {dup_starts}, \
-         stage completed twice {dup_completions}",
-        after.len(),
-        lost.len()
-    );
-    assert!(
-        done && lost.is_empty(),
-        "lost {} jobs: {:?}\n{}\n{}",
-        lost.len(),
-        lost.iter().take(10).collect::<Vec<_>>(),
-        d1.log(),
-        d2.log()
+    let all: Vec<String> = ids
+        .iter()
+        .cloned()
+        .chain((0..after.len()).map(|i| format!("after{i}")))
+        .collect();
+    common::report_failover(
+        "cluster",
+        &h,
+        &all,
+        killed_at,
+        promoted_after,
+        &ledger,
+        &[&d1, &d2],
     );
 }

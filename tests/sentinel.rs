@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{Harness, TestSentinels, enqueue, ledger_counts, ledger_stage, wait_for, wait_until};
+use common::{Harness, TestSentinels, enqueue, ledger_stage, wait_for, wait_until};
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -87,36 +87,15 @@ fn sentinel_failover_mid_run() {
             })
         })
         .collect();
-    let expected = ids.len() + after.len();
-    let done = common::poll_until(Duration::from_secs(120), || {
-        h.ids_with_status("completed").len() == expected
-    });
-    let done_after = killed_at.elapsed();
-
-    let finished = h.ids_with_status("completed");
-    let lost: Vec<&String> = ids
-        .iter()
-        .chain(&after)
-        .filter(|id| !finished.contains(*id))
-        .collect();
-    let (starts, completions) = ledger_counts(&ledger);
-    let reruns: usize = starts.values().map(|n| n.saturating_sub(1)).sum();
-    let twice: usize = completions.values().map(|n| n.saturating_sub(1)).sum();
-    eprintln!(
-        "sentinel failover: {} jobs (+{} after), replica promoted {promoted_after:?} after the \
-         kill, all done {done_after:?} after it: lost {}, stage re-runs {reruns}, stage \
-         completed twice {twice}",
-        ids.len(),
-        after.len(),
-        lost.len()
-    );
-    assert!(
-        done && lost.is_empty(),
-        "lost {} jobs: {:?}\n{}\n{}",
-        lost.len(),
-        lost.iter().take(10).collect::<Vec<_>>(),
-        d1.log(),
-        d2.log()
+    let all: Vec<String> = ids.iter().chain(&after).cloned().collect();
+    common::report_failover(
+        "sentinel",
+        &h,
+        &all,
+        killed_at,
+        promoted_after,
+        &ledger,
+        &[&d1, &d2],
     );
     for d in [&d1, &d2] {
         let log = d.log();
