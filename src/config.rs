@@ -8,7 +8,7 @@
 //!
 //! Every default lives in this file, next to the field it belongs to.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -62,6 +62,55 @@ pub struct Config {
     pub jobs: BTreeMap<String, JobTypeConfig>,
     /// Periodic jobs (`[[schedules]]`), enqueued by the daemons.
     pub schedules: Vec<ScheduleConfig>,
+    /// Remote workers over HTTP (`[api]`), served by `conveyor dashboard`.
+    pub api: ApiConfig,
+}
+
+/// `[api]`: the remote-worker API of `conveyor dashboard` (see
+/// [`crate::api`]).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Bearer tokens by name (a worker or a group of workers); more come
+    /// from `CONVEYOR_API_TOKENS="name=token,..."`. None: the API refuses
+    /// every call.
+    pub tokens: BTreeMap<String, String>,
+    /// A claimed job's lease: a worker that neither heartbeats nor reports
+    /// progress for this long loses the job (the attempt fails as
+    /// retryable, and the job runs again later, on any worker).
+    pub lease_secs: u64,
+    /// Jobs the API takes from Redis at once for remote workers (its
+    /// worker's concurrency). Jobs wait there, in flight, until claimed.
+    pub max_jobs: usize,
+    /// Claims waiting at once (long polls); more are answered 429.
+    pub max_waiting_claims: usize,
+    /// Worker id of the API's own daemon [default: `api-<host name>`].
+    pub worker_id: Option<String>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            tokens: BTreeMap::new(),
+            lease_secs: 30,
+            max_jobs: 16,
+            max_waiting_claims: 256,
+            worker_id: None,
+        }
+    }
+}
+
+/// Never prints the tokens.
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("tokens", &self.tokens.keys().collect::<Vec<_>>())
+            .field("lease_secs", &self.lease_secs)
+            .field("max_jobs", &self.max_jobs)
+            .field("max_waiting_claims", &self.max_waiting_claims)
+            .field("worker_id", &self.worker_id)
+            .finish()
+    }
 }
 
 /// One periodic job: `[[schedules]]`.
@@ -286,6 +335,11 @@ pub struct JobTypeConfig {
     /// Most job starts of this type per period across all daemons, e.g.
     /// "100/1m" (enforced in Redis); none by default.
     pub rate: Option<String>,
+    /// Run by remote workers over HTTP (`conveyor dashboard`'s API), not
+    /// by daemons: its stages name the steps a remote worker reports, with
+    /// no `run` or `builtin`, and its queue is served by the API only.
+    #[serde(default)]
+    pub remote: bool,
     pub stages: Vec<StageConfig>,
 }
 
@@ -466,6 +520,7 @@ impl Config {
             validate_job_type(name, job, rust_stages)?;
         }
         self.validate_stage_limits()?;
+        self.validate_remote()?;
         for (i, schedule) in self.schedules.iter().enumerate() {
             self.validate_schedule(i, schedule)?;
         }
@@ -531,6 +586,62 @@ impl Config {
             .map_err(|(field, message)| invalid(format!("{key}.{field}"), message))?;
         if s.catch_up > 1000 {
             return Err(invalid(format!("{key}.catch_up"), "must be at most 1000"));
+        }
+        Ok(())
+    }
+
+    /// Queues that hold remote job types (served by the API only).
+    pub fn remote_queues(&self) -> BTreeSet<&str> {
+        self.jobs
+            .values()
+            .filter(|j| j.remote)
+            .map(|j| j.queue.as_str())
+            .collect()
+    }
+
+    fn validate_remote(&self) -> Result<(), ConfigError> {
+        let remote = self.remote_queues();
+        for (name, job) in &self.jobs {
+            if !job.remote && remote.contains(job.queue.as_str()) {
+                return Err(invalid(
+                    format!("jobs.\"{name}\".queue"),
+                    format!(
+                        "queue `{}` holds remote job types; give local and remote types different queues",
+                        job.queue
+                    ),
+                ));
+            }
+        }
+        for (i, q) in self.worker.queues.iter().enumerate() {
+            if remote.contains(q.as_str()) {
+                return Err(invalid(
+                    format!("worker.queues[{i}]"),
+                    format!(
+                        "queue `{q}` holds remote job types, which the API serves (conveyor dashboard); daemons do not"
+                    ),
+                ));
+            }
+        }
+        let a = &self.api;
+        if a.lease_secs == 0 || a.lease_secs > 3600 {
+            return Err(invalid("api.lease_secs", "must be between 1 and 3600"));
+        }
+        if a.max_jobs == 0 {
+            return Err(invalid("api.max_jobs", "must be at least 1"));
+        }
+        if a.max_waiting_claims == 0 {
+            return Err(invalid("api.max_waiting_claims", "must be at least 1"));
+        }
+        if let Some(id) = &a.worker_id {
+            check_name("api.worker_id", id)?;
+        }
+        for (name, token) in &a.tokens {
+            if token.trim().len() < 16 {
+                return Err(invalid(
+                    format!("api.tokens.{name}"),
+                    "must be at least 16 characters",
+                ));
+            }
         }
         Ok(())
     }
@@ -752,6 +863,15 @@ fn validate_job_type(
                 "is for a stage with `max_concurrent`",
             ));
         }
+        if job.remote {
+            if stage.run.is_some() || stage.builtin.is_some() {
+                return Err(invalid(
+                    key,
+                    "is a stage of a remote job type: remote workers run it, so it has no `run` or `builtin`",
+                ));
+            }
+            continue;
+        }
         match (&stage.run, &stage.builtin) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
@@ -887,6 +1007,45 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn remote_job_types_keep_to_their_own_queues() {
+        let remote = "[worker]\nqueues = [\"a\"]\n[jobs.r]\nremote = true\nqueue = \"r\"\nstages = [{ name = \"s\" }]\n";
+        Config::from_toml(remote).unwrap().validate().unwrap();
+        let cases = [
+            (
+                remote.replace("{ name = \"s\" }", "{ name = \"s\", builtin = \"noop\" }"),
+                "jobs.\"r\".stages[0]",
+            ),
+            (
+                format!(
+                    "{remote}[jobs.l]\nqueue = \"r\"\nstages = [{{ name = \"x\", builtin = \"noop\" }}]\n"
+                ),
+                "jobs.\"l\".queue",
+            ),
+            (
+                remote.replace("queues = [\"a\"]", "queues = [\"a\", \"r\"]"),
+                "worker.queues[1]",
+            ),
+            (format!("{remote}[api]\nlease_secs = 0\n"), "api.lease_secs"),
+            (
+                format!("{remote}[api]\ntokens = {{ w = \"short\" }}\n"),
+                "api.tokens.w",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = err(&text);
+            assert!(e.starts_with(&format!("config key `{key}`")), "{text}: {e}");
+        }
+        let c = Config::from_toml(&format!(
+            "{remote}[api]\ntokens = {{ w = \"0123456789abcdefXYZ\" }}\n"
+        ))
+        .unwrap();
+        assert!(
+            !format!("{c:?}").contains("0123456789abcdefXYZ"),
+            "a token in Debug output"
+        );
     }
 
     #[test]

@@ -85,6 +85,7 @@
 //!   [`mod@bench`]: `conveyor bench`, the benchmark.
 
 pub mod admin;
+pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod client;

@@ -69,6 +69,8 @@ pub enum DashboardError {
     Redis(#[from] redis::RedisError),
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error("{0}")]
+    Api(String),
 }
 
 /// What every handler reads.
@@ -136,6 +138,25 @@ pub async fn serve(
             "conveyor: actions (cancel, retry, purge) are disabled: set {TOKEN_ENV} to enable them"
         );
     }
+    let api_tokens = crate::api::tokens(&config).map_err(DashboardError::Api)?;
+    let api = crate::api::start(&config, broker.clone(), shutdown.clone())
+        .map_err(DashboardError::Api)?;
+    let api_router = api.as_ref().map(|(dispatch, _)| {
+        if api_tokens.is_empty() {
+            eprintln!(
+                "conveyor: the remote-worker API refuses every call: set [api] tokens or {}",
+                crate::api::TOKENS_ENV
+            );
+        }
+        crate::api::router(Arc::new(crate::api::ApiState {
+            dispatch: dispatch.clone(),
+            tokens: api_tokens,
+            max_body: config.worker.max_job_bytes,
+            waiting: Arc::new(Semaphore::new(config.api.max_waiting_claims)),
+            waiting_workers: Default::default(),
+            shutdown: shutdown.clone(),
+        }))
+    });
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let bridge = events::Bridge::new(broker.clone(), events.clone());
     let bridge = tokio::spawn(bridge.run(shutdown.clone()));
@@ -150,10 +171,21 @@ pub async fn serve(
     });
     println!("conveyor dashboard on http://{local}/");
     tracing::info!(addr = %local, "dashboard_started");
-    let served = axum::serve(listener, router(app))
+    let routes = match api_router {
+        Some(api) => {
+            println!("remote-worker API on http://{local}/api/v1/ (OpenAPI: /api/v1/openapi.json)");
+            api.merge(router(app))
+        }
+        None => router(app),
+    };
+    let served = axum::serve(listener, routes)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;
     let _ = bridge.await;
+    if let Some((_, daemon)) = api {
+        // The API's daemon puts the jobs it holds back on their queues.
+        let _ = daemon.await;
+    }
     tracing::info!("dashboard_stopped");
     served.map_err(DashboardError::Serve)
 }
