@@ -86,6 +86,10 @@ pub struct ApiConfig {
     pub max_waiting_claims: usize,
     /// Worker id of the API's own daemon [default: `api-<host name>`].
     pub worker_id: Option<String>,
+    /// HTTPS for the whole `conveyor dashboard` server (pages and API):
+    /// the certificate chain and its private key (PEM).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for ApiConfig {
@@ -96,6 +100,8 @@ impl Default for ApiConfig {
             max_jobs: 16,
             max_waiting_claims: 256,
             worker_id: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -109,6 +115,8 @@ impl std::fmt::Debug for ApiConfig {
             .field("max_jobs", &self.max_jobs)
             .field("max_waiting_claims", &self.max_waiting_claims)
             .field("worker_id", &self.worker_id)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
             .finish()
     }
 }
@@ -634,6 +642,22 @@ impl Config {
         }
         if let Some(id) = &a.worker_id {
             check_name("api.worker_id", id)?;
+        }
+        if a.tls_cert_file.is_some() != a.tls_key_file.is_some() {
+            return Err(invalid(
+                "api.tls_cert_file",
+                "HTTPS needs both tls_cert_file and tls_key_file",
+            ));
+        }
+        for (key, file) in [
+            ("api.tls_cert_file", &a.tls_cert_file),
+            ("api.tls_key_file", &a.tls_key_file),
+        ] {
+            if let Some(path) = file
+                && let Err(e) = std::fs::metadata(path)
+            {
+                return Err(invalid(key, format!("cannot read {}: {e}", path.display())));
+            }
         }
         for (name, token) in &a.tokens {
             if token.trim().len() < 16 {

@@ -226,3 +226,69 @@ fn tls_files_need_a_tls_url_and_both_halves_of_a_client_certificate() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("tls_key_file"));
 }
+
+/// `[api] tls_cert_file` / `tls_key_file`: the dashboard and the
+/// remote-worker API answer over HTTPS with that certificate, and not over
+/// plain HTTP.
+#[test]
+fn the_dashboard_and_api_serve_https() {
+    let certs = tempfile::tempdir().unwrap();
+    if make_certs(certs.path()).is_none() {
+        return;
+    }
+    let p = |f: &str| toml_str(certs.path().join(f).display().to_string());
+    let h = Harness::new(&format!(
+        "[worker]\nqueues = [\"local\"]\n\n[api]\ntokens = {{ w = \"test-token-0123456789\" }}\n\
+         tls_cert_file = {}\ntls_key_file = {}\n\n\
+         [jobs.r]\nremote = true\nqueue = \"remote\"\nstages = [{{ name = \"s\" }}]\n",
+        p("server.crt"),
+        p("server.key")
+    ));
+    let d = h.dashboard_https();
+    let ca = certs.path().join("ca.crt");
+    let doc = https_get(d.port, &ca, "/api/v1/openapi.json", None);
+    assert!(doc.starts_with("HTTP/1.1 200"), "{doc}");
+    assert!(doc.contains("\"openapi\""), "{doc}");
+    let claim = https_get(
+        d.port,
+        &ca,
+        "/api/v1/claim",
+        Some(r#"{"worker_id": "w", "wait_secs": 0}"#),
+    );
+    assert!(claim.starts_with("HTTP/1.1 401"), "no token: {claim}");
+    // Plain HTTP gets no HTTP answer.
+    let plain = common::http(d.port, "GET", "/api/queues", &[], None);
+    assert!(plain.as_ref().is_none_or(|r| r.code != 200), "{plain:?}");
+}
+
+/// One HTTPS request (GET, or POST with `body`) trusting only `ca`; the
+/// raw response.
+fn https_get(port: u16, ca: &Path, path: &str, body: Option<&str>) -> String {
+    use rustls::pki_types::pem::PemObject;
+    use std::io::{Read, Write};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut sock = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    let request = match body {
+        Some(b) => format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        ),
+        None => format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
+    };
+    tls.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}

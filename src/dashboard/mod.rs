@@ -23,6 +23,7 @@
 pub mod actions;
 pub mod api;
 pub mod events;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -126,6 +127,18 @@ pub async fn serve(
         .await
         .map_err(|source| DashboardError::Bind { addr, source })?;
     let local = listener.local_addr().unwrap_or(addr);
+    let tls = match (&config.api.tls_cert_file, &config.api.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            Some(tls::server_config(cert, key).map_err(DashboardError::Api)?)
+        }
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    if !local.ip().is_loopback() && tls.is_none() {
+        eprintln!(
+            "conveyor: warning: the dashboard serves plain HTTP on {local}: set [api] tls_cert_file and tls_key_file for HTTPS"
+        );
+    }
     if !local.ip().is_loopback() {
         eprintln!(
             "conveyor: warning: the dashboard listens on {local}, beyond this host; \
@@ -169,18 +182,31 @@ pub async fn serve(
         sqlite: Arc::new(Semaphore::new(MAX_SQLITE_READS)),
         shutdown: shutdown.clone(),
     });
-    println!("conveyor dashboard on http://{local}/");
+    println!("conveyor dashboard on {scheme}://{local}/");
     tracing::info!(addr = %local, "dashboard_started");
     let routes = match api_router {
         Some(api) => {
-            println!("remote-worker API on http://{local}/api/v1/ (OpenAPI: /api/v1/openapi.json)");
+            println!(
+                "remote-worker API on {scheme}://{local}/api/v1/ (OpenAPI: /api/v1/openapi.json)"
+            );
             api.merge(router(app))
         }
         None => router(app),
     };
-    let served = axum::serve(listener, routes)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
+    let served = match &tls {
+        Some(config) => {
+            let listener = tls::TlsListener::new(listener, config.clone(), shutdown.clone())
+                .map_err(DashboardError::Serve)?;
+            axum::serve(listener, routes)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        }
+        None => {
+            axum::serve(listener, routes)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        }
+    };
     let _ = bridge.await;
     if let Some((_, daemon)) = api {
         // The API's daemon puts the jobs it holds back on their queues.

@@ -1061,11 +1061,27 @@ impl Harness {
         self.dashboard_with("127.0.0.1", token, Some(redis_url))
     }
 
+    /// [`Harness::dashboard`] serving HTTPS (the config sets `[api]
+    /// tls_cert_file`): ready once it says so on stdout.
+    pub fn dashboard_https(&self) -> DashboardProc {
+        self.dashboard_ready("127.0.0.1", None, None, true)
+    }
+
     fn dashboard_with(
         &self,
         host: &str,
         token: Option<&str>,
         redis_url: Option<&str>,
+    ) -> DashboardProc {
+        self.dashboard_ready(host, token, redis_url, false)
+    }
+
+    fn dashboard_ready(
+        &self,
+        host: &str,
+        token: Option<&str>,
+        redis_url: Option<&str>,
+        https: bool,
     ) -> DashboardProc {
         let port = free_port();
         let log_path = self
@@ -1096,7 +1112,11 @@ impl Harness {
             if let Ok(Some(status)) = d.child.try_wait() {
                 panic!("the dashboard exited ({status}); log:\n{}", d.log());
             }
-            http(port, "GET", "/api/queues", &[], None).is_some_and(|r| r.code == 200)
+            if https {
+                d.log().contains("conveyor dashboard on https://")
+            } else {
+                http(port, "GET", "/api/queues", &[], None).is_some_and(|r| r.code == 200)
+            }
         });
         assert!(
             up,
