@@ -296,6 +296,33 @@ fn heartbeats_keep_a_lease_and_failures_retry_then_dead_letter() {
 }
 
 #[test]
+fn a_released_job_comes_back_at_its_stage_without_an_attempt_counted() {
+    let h = Harness::new(&config(30));
+    let api = h.dashboard(None);
+    let id = enqueue(&h, &["demo.remote"]);
+    let job = claim(&api, "w-a", 10).expect("a job");
+    let lease = job["lease"]["token"].as_str().expect("token").to_owned();
+    let (code, _) = post(
+        &api,
+        &job_path(&id, "complete"),
+        json!({"lease": lease, "stage": "fetch", "result": "f"}),
+    );
+    assert_eq!(code, 200);
+    let (code, v) = post(&api, &job_path(&id, "release"), json!({"lease": lease}));
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = post(&api, &job_path(&id, "heartbeat"), json!({"lease": lease}));
+    assert_eq!(
+        (code, v["reason"].as_str()),
+        (409, Some("lease_lost")),
+        "{v}"
+    );
+    let again = claim(&api, "w-b", 10).expect("the job back");
+    assert_eq!(again["job_id"], id.as_str());
+    assert_eq!(again["attempt"], 1, "{again:#}");
+    assert_eq!(again["results"], json!({"fetch": "f"}), "{again:#}");
+}
+
+#[test]
 fn a_cancel_reaches_the_remote_worker() {
     let h = Harness::new(&config(30));
     let api = h.dashboard(None);
@@ -370,4 +397,16 @@ fn daemons_refuse_to_serve_a_remote_queue() {
         err.contains("config key `worker.queues[1]`") && err.contains("remote job types"),
         "{err}"
     );
+}
+
+#[test]
+fn the_readme_shows_the_served_openapi_document() {
+    let readme = std::fs::read_to_string(format!("{}/README.md", common::CRATE_ROOT)).unwrap();
+    let doc = conveyor::api::OPENAPI.trim_end();
+    assert!(
+        readme.contains(doc),
+        "README.md does not embed src/api/openapi.json as it is"
+    );
+    let parsed: Value = serde_json::from_str(doc).expect("the document is JSON");
+    assert_eq!(parsed["openapi"], "3.0.3");
 }

@@ -42,6 +42,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/jobs/{id}/progress", post(progress))
         .route("/api/v1/jobs/{id}/complete", post(complete))
         .route("/api/v1/jobs/{id}/fail", post(fail))
+        .route("/api/v1/jobs/{id}/release", post(release))
         .with_state(state)
 }
 
@@ -375,6 +376,20 @@ async fn fail(
     state
         .dispatch
         .fail(&id, &req.lease, req.error, req.retryable.unwrap_or(true))?;
+    Ok(ok(json!({ "status": "accepted", "next_stage": null })))
+}
+
+async fn release(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    request: Request,
+) -> ApiResult {
+    authorize(&state, &headers)?;
+    let req: LeaseOnly = body(&state, request).await?;
+    check_job_id(&id)?;
+    check_len("lease", &req.lease, 1, 200)?;
+    state.dispatch.give_back(&id, &req.lease)?;
     Ok(ok(json!({ "status": "accepted", "next_stage": null })))
 }
 

@@ -111,6 +111,9 @@ enum Event {
         error: String,
         retryable: bool,
     },
+    /// Given back unfinished: the job goes back to its queue (no attempt
+    /// counted) and resumes at this stage.
+    Release,
 }
 
 /// A job in the API's hands for one attempt, from its first remote stage
@@ -450,6 +453,15 @@ impl Dispatch {
         Ok(())
     }
 
+    /// Gives the job back: it returns to the head of its queue, its
+    /// attempt not counted, and resumes at its current stage.
+    pub fn give_back(&self, job_id: &str, token: &str) -> Result<(), Refusal> {
+        let job = self.leased(job_id, token)?;
+        let _ = job.events.send(Event::Release);
+        self.release(&job);
+        Ok(())
+    }
+
     /// Ends the lease once the worker reported the job's end (the engine
     /// finishes the job); later calls with it are refused.
     fn release(&self, job: &RemoteJob) {
@@ -538,6 +550,11 @@ impl RemoteStage {
                         } else {
                             StageError::permanent(error)
                         });
+                    }
+                    Some(Event::Release) => {
+                        d.end(&job, false);
+                        tracing::info!(job_id = %ctx.job_id, stage = %ctx.stage, "remote_job_released");
+                        return Err(StageError::interrupted());
                     }
                     None => return Err(StageError::retryable("remote job channel closed")),
                 },
