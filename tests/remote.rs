@@ -410,3 +410,18 @@ fn the_readme_shows_the_served_openapi_document() {
     let parsed: Value = serde_json::from_str(doc).expect("the document is JSON");
     assert_eq!(parsed["openapi"], "3.0.3");
 }
+
+/// Two APIs with one worker id: the second stops at once, saying why.
+#[test]
+fn a_second_api_with_the_same_worker_id_stops() {
+    let h = Harness::new(&config(30));
+    let _first = h.dashboard(None);
+    let port = common::free_port().to_string();
+    let out = h.cli(
+        &["dashboard", "--listen", &format!("127.0.0.1:{port}")],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("remote-worker API's daemon"), "{err}");
+}

@@ -589,8 +589,9 @@ impl Stage for RemoteStage {
     }
 }
 
-/// The API's dispatch and its daemon's task.
-pub type Started = (Arc<Dispatch>, tokio::task::JoinHandle<()>);
+/// The API's dispatch and its daemon's task (which ends with the
+/// daemon's error, if it could not start).
+pub type Started = (Arc<Dispatch>, tokio::task::JoinHandle<Result<(), String>>);
 
 /// Starts the API's daemon when the config has remote job types; the
 /// dispatch the HTTP handlers use, and the daemon's task.
@@ -608,9 +609,13 @@ pub fn start(
         .build()
         .map_err(|e| format!("the remote-worker API's daemon: {e}"))?;
     let task = tokio::spawn(async move {
-        if let Err(e) = worker.run(shutdown).await {
+        let stop = shutdown.clone();
+        worker.run(shutdown).await.map_err(|e| {
+            // Without its daemon the API would hand out nothing: stop all.
             tracing::error!(error = %e, "The remote-worker API's daemon stopped");
-        }
+            stop.cancel();
+            format!("the remote-worker API's daemon: {e}")
+        })
     });
     Ok(Some((dispatch, task)))
 }

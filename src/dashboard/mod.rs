@@ -210,7 +210,9 @@ pub async fn serve(
     let _ = bridge.await;
     if let Some((_, daemon)) = api {
         // The API's daemon puts the jobs it holds back on their queues.
-        let _ = daemon.await;
+        if let Ok(Err(e)) = daemon.await {
+            return Err(DashboardError::Api(e));
+        }
     }
     tracing::info!("dashboard_stopped");
     served.map_err(DashboardError::Serve)
