@@ -84,6 +84,8 @@ pub struct ApiConfig {
     pub max_jobs: usize,
     /// Claims waiting at once (long polls); more are answered 429.
     pub max_waiting_claims: usize,
+    /// Claims per second from one worker id; more are answered 429.
+    pub claims_per_sec: u32,
     /// Worker id of the API's own daemon [default: `api-<host name>`].
     pub worker_id: Option<String>,
     /// HTTPS for the whole `conveyor dashboard` server (pages and API):
@@ -99,6 +101,7 @@ impl Default for ApiConfig {
             lease_secs: 30,
             max_jobs: 16,
             max_waiting_claims: 256,
+            claims_per_sec: 10,
             worker_id: None,
             tls_cert_file: None,
             tls_key_file: None,
@@ -114,6 +117,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("lease_secs", &self.lease_secs)
             .field("max_jobs", &self.max_jobs)
             .field("max_waiting_claims", &self.max_waiting_claims)
+            .field("claims_per_sec", &self.claims_per_sec)
             .field("worker_id", &self.worker_id)
             .field("tls_cert_file", &self.tls_cert_file)
             .field("tls_key_file", &self.tls_key_file)
@@ -636,6 +640,9 @@ impl Config {
         }
         if a.max_jobs == 0 {
             return Err(invalid("api.max_jobs", "must be at least 1"));
+        }
+        if a.claims_per_sec == 0 {
+            return Err(invalid("api.claims_per_sec", "must be at least 1"));
         }
         if a.max_waiting_claims == 0 {
             return Err(invalid("api.max_waiting_claims", "must be at least 1"));

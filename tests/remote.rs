@@ -259,6 +259,21 @@ fn an_expired_lease_is_refused_and_another_worker_resumes_the_job() {
     );
 }
 
+/// A worker that dies right after its claim, before any other call: the
+/// lease runs out all the same.
+#[test]
+fn a_claim_never_followed_up_expires() {
+    let h = Harness::new(&config(2));
+    let api = h.dashboard(None);
+    let id = enqueue(&h, &["demo.remote"]);
+    let first = claim(&api, "w-a", 10).expect("a job");
+    assert_eq!(first["job_id"], id.as_str());
+    let again = claim(&api, "w-b", 15).expect("the job after the lease");
+    assert_eq!(again["job_id"], id.as_str());
+    assert_eq!(again["attempt"], 2, "{again:#}");
+    assert_eq!(again["results"], json!({}), "{again:#}");
+}
+
 #[test]
 fn heartbeats_keep_a_lease_and_failures_retry_then_dead_letter() {
     let h = Harness::new(&config(2));
@@ -381,6 +396,12 @@ fn tokens_bodies_and_limits_are_checked() {
     let r = api.post("/api/v1/jobs/x/complete", Some(TOKEN), &big);
     assert_eq!(r.code, 413, "{}", r.body);
     assert_eq!(r.json()["reason"], "too_large");
+    // One claim waiting per worker id is enough; a busy loop of empty
+    // claims is cut off (claims_per_sec = 10).
+    let codes: Vec<u16> = (0..15)
+        .map(|_| api.post("/api/v1/claim", Some(TOKEN), claim_body).code)
+        .collect();
+    assert!(codes.contains(&204) && codes.contains(&429), "{codes:?}");
     // The token never reaches the log.
     assert!(!api.log().contains(TOKEN), "{}", api.log());
 }

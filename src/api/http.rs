@@ -1,9 +1,9 @@
 //! The `/api/v1` routes: bearer tokens, bodies read within a limit and
 //! checked against the OpenAPI schemas, JSON errors with a `reason`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -30,6 +30,10 @@ pub struct ApiState {
     pub waiting: Arc<Semaphore>,
     /// Worker ids with a claim waiting (one each).
     pub waiting_workers: Mutex<HashSet<String>>,
+    /// Claims per worker id in the current second: (second's start, count).
+    pub claim_rate: Mutex<HashMap<String, (Instant, u32)>>,
+    /// Most claims per second per worker id.
+    pub claims_per_sec: u32,
     pub shutdown: CancellationToken,
 }
 
@@ -183,6 +187,24 @@ struct ClaimRequest {
     wait_secs: Option<u64>,
 }
 
+impl ApiState {
+    /// Counts a claim of `worker` against its per-second budget.
+    fn allow_claim(&self, worker: &str) -> bool {
+        let now = Instant::now();
+        let mut rate = self.claim_rate.lock().unwrap_or_else(|p| p.into_inner());
+        if rate.len() > 10_000 {
+            rate.retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(1));
+        }
+        let (start, count) = rate.entry(worker.to_owned()).or_insert((now, 0));
+        if now.duration_since(*start) >= Duration::from_secs(1) {
+            *start = now;
+            *count = 0;
+        }
+        *count += 1;
+        *count <= self.claims_per_sec
+    }
+}
+
 /// Frees a worker id's waiting slot when its claim ends, however it ends.
 struct Waiting<'a> {
     state: &'a ApiState,
@@ -232,6 +254,11 @@ async fn claim(
         ));
     }
     let too_many = |m: &str| ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_claims", m);
+    if !state.allow_claim(&req.worker_id) {
+        return Err(too_many(
+            "more than api.claims_per_sec claims this second from this worker id; wait_secs > 0 long-polls instead",
+        ));
+    }
     let _slot = state
         .waiting
         .clone()

@@ -114,6 +114,8 @@ enum Event {
     /// Given back unfinished: the job goes back to its queue (no attempt
     /// counted) and resumes at this stage.
     Release,
+    /// Claimed: the stage waiting on it starts watching the lease.
+    Leased,
 }
 
 /// A job in the API's hands for one attempt, from its first remote stage
@@ -303,6 +305,7 @@ impl Dispatch {
         });
         inner.tokens.insert(token.clone(), id.clone());
         drop(inner);
+        let _ = job.events.send(Event::Leased);
         tracing::info!(job_id = %id, worker = %worker, attempt = job.attempt, "remote_job_claimed");
         Some(Claimed {
             job_id: id,
@@ -551,6 +554,7 @@ impl RemoteStage {
                             StageError::permanent(error)
                         });
                     }
+                    Some(Event::Leased) => {}
                     Some(Event::Release) => {
                         d.end(&job, false);
                         tracing::info!(job_id = %ctx.job_id, stage = %ctx.stage, "remote_job_released");

@@ -167,6 +167,8 @@ pub async fn serve(
             max_body: config.worker.max_job_bytes,
             waiting: Arc::new(Semaphore::new(config.api.max_waiting_claims)),
             waiting_workers: Default::default(),
+            claim_rate: Default::default(),
+            claims_per_sec: config.api.claims_per_sec,
             shutdown: shutdown.clone(),
         }))
     });
