@@ -28,6 +28,16 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// A command that prints and exits (not a long-running process).
+    pub fn prints_and_exits(&self) -> bool {
+        !matches!(
+            self.command,
+            Command::Worker(_) | Command::Dashboard { .. } | Command::Bench(_)
+        )
+    }
+}
+
 /// Settings every command understands (flag > environment > file > default).
 #[derive(Debug, Args)]
 pub struct Global {

@@ -7,6 +7,16 @@ use conveyor::cli::Cli;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.prints_and_exits() {
+        // `conveyor jobs | head`: end quietly when the reader goes away,
+        // as other command-line tools do, instead of a panic on EPIPE.
+        // Not for the daemon, the dashboard or the bench: they write to
+        // stage stdins and sockets, where EPIPE is an error to handle.
+        // SAFETY: set before any other thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     conveyor::telemetry::init(cli.global.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

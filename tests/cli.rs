@@ -330,3 +330,21 @@ stages = [
     d.sigterm();
     d.wait_exit(LONG);
 }
+
+/// `conveyor ... | head` ends quietly when the reader goes away (SIGPIPE),
+/// instead of panicking on the broken pipe.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{}' completions bash 2>err.txt | head -c 1 >/dev/null; cat err.txt",
+            common::BIN
+        ))
+        .current_dir(tempfile::tempdir().unwrap().path())
+        .output()
+        .expect("run sh");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("panicked"), "{text}");
+    assert!(!text.contains("Broken pipe"), "{text}");
+}
