@@ -170,6 +170,26 @@ fn check_job_id(id: &str) -> Result<(), ApiError> {
     check_len("id", id, 1, 200)
 }
 
+/// A request body that carries a lease token.
+trait WithLease: DeserializeOwned {
+    fn lease(&self) -> &str;
+}
+
+/// What every call after a claim does first: the token, the body, the
+/// job id and the lease's shape.
+async fn leased_call<T: WithLease>(
+    state: &ApiState,
+    id: &str,
+    headers: &HeaderMap,
+    request: Request,
+) -> Result<T, ApiError> {
+    authorize(state, headers)?;
+    let req: T = body(state, request).await?;
+    check_job_id(id)?;
+    check_len("lease", req.lease(), 1, 200)?;
+    Ok(req)
+}
+
 async fn openapi() -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -301,16 +321,19 @@ struct LeaseOnly {
     lease: String,
 }
 
+impl WithLease for LeaseOnly {
+    fn lease(&self) -> &str {
+        &self.lease
+    }
+}
+
 async fn heartbeat(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
     headers: HeaderMap,
     request: Request,
 ) -> ApiResult {
-    authorize(&state, &headers)?;
-    let req: LeaseOnly = body(&state, request).await?;
-    check_job_id(&id)?;
-    check_len("lease", &req.lease, 1, 200)?;
+    let req: LeaseOnly = leased_call(&state, &id, &headers, request).await?;
     let lease = state.dispatch.heartbeat(&id, &req.lease)?;
     Ok(ok(serde_json::to_value(lease).unwrap_or(Value::Null)))
 }
@@ -324,16 +347,19 @@ struct ProgressRequest {
     message: Option<String>,
 }
 
+impl WithLease for ProgressRequest {
+    fn lease(&self) -> &str {
+        &self.lease
+    }
+}
+
 async fn progress(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
     headers: HeaderMap,
     request: Request,
 ) -> ApiResult {
-    authorize(&state, &headers)?;
-    let req: ProgressRequest = body(&state, request).await?;
-    check_job_id(&id)?;
-    check_len("lease", &req.lease, 1, 200)?;
+    let req: ProgressRequest = leased_call(&state, &id, &headers, request).await?;
     if let Some(stage) = &req.stage {
         check_len("stage", stage, 1, 200)?;
     }
@@ -362,16 +388,19 @@ struct CompleteRequest {
     result: Value,
 }
 
+impl WithLease for CompleteRequest {
+    fn lease(&self) -> &str {
+        &self.lease
+    }
+}
+
 async fn complete(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
     headers: HeaderMap,
     request: Request,
 ) -> ApiResult {
-    authorize(&state, &headers)?;
-    let req: CompleteRequest = body(&state, request).await?;
-    check_job_id(&id)?;
-    check_len("lease", &req.lease, 1, 200)?;
+    let req: CompleteRequest = leased_call(&state, &id, &headers, request).await?;
     if let Some(stage) = &req.stage {
         check_len("stage", stage, 1, 200)?;
     }
@@ -389,16 +418,19 @@ struct FailRequest {
     retryable: Option<bool>,
 }
 
+impl WithLease for FailRequest {
+    fn lease(&self) -> &str {
+        &self.lease
+    }
+}
+
 async fn fail(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
     headers: HeaderMap,
     request: Request,
 ) -> ApiResult {
-    authorize(&state, &headers)?;
-    let req: FailRequest = body(&state, request).await?;
-    check_job_id(&id)?;
-    check_len("lease", &req.lease, 1, 200)?;
+    let req: FailRequest = leased_call(&state, &id, &headers, request).await?;
     check_len("error", &req.error, 1, 4000)?;
     state
         .dispatch
@@ -412,10 +444,7 @@ async fn release(
     headers: HeaderMap,
     request: Request,
 ) -> ApiResult {
-    authorize(&state, &headers)?;
-    let req: LeaseOnly = body(&state, request).await?;
-    check_job_id(&id)?;
-    check_len("lease", &req.lease, 1, 200)?;
+    let req: LeaseOnly = leased_call(&state, &id, &headers, request).await?;
     state.dispatch.give_back(&id, &req.lease)?;
     Ok(ok(json!({ "status": "accepted", "next_stage": null })))
 }
