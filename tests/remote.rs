@@ -129,6 +129,15 @@ fn remote_job_runs_end_to_end_beside_a_local_daemon() {
         );
         assert_eq!(code, 200, "{stage}: {v}");
         assert_eq!(v["next_stage"], next, "{stage}: {v}");
+        if stage == "fetch" {
+            // A retried call (its answer lost) gets the same answer.
+            let (code, again) = post(
+                &api,
+                &job_path(&id, "complete"),
+                json!({"lease": lease, "stage": stage, "result": {"stage": stage}}),
+            );
+            assert_eq!((code, &again), (200, &v), "retry of {stage}");
+        }
     }
     sub.wait_status(&id, "completed", LONG);
     let rec = h.job_ok(&id);
@@ -445,4 +454,75 @@ fn a_second_api_with_the_same_worker_id_stops() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("remote-worker API's daemon"), "{err}");
+}
+
+/// SIGTERM to the API: a job nobody claimed goes back to its queue at
+/// once; a claimed one can still finish its current stage during the grace
+/// period (new claims get 503). As on a daemon, no further stage starts:
+/// the job goes back and resumes at its next stage. Then the server exits 0.
+#[test]
+fn on_sigterm_unclaimed_jobs_go_back_and_held_ones_finish_their_stage() {
+    let h = Harness::new(&config(30).replace(
+        "heartbeat_secs = 1",
+        "heartbeat_secs = 1\nshutdown_grace_secs = 15",
+    ));
+    let mut api = h.dashboard(None);
+    let held = enqueue(&h, &["demo.remote", "--id", "held"]);
+    let job = claim(&api, "w-a", 10).expect("a job");
+    assert_eq!(job["job_id"], held.as_str());
+    let lease = job["lease"]["token"].as_str().expect("token").to_owned();
+    let waiting = enqueue(&h, &["demo.remote", "--id", "waiting"]);
+    wait_until(LONG, "the second job in the API's hands", || {
+        h.llen(&h.pending_key("remote")) == 0
+    });
+    api.sigterm();
+    wait_until(LONG, "the unclaimed job back on its queue", || {
+        h.lrange(&h.pending_key("remote"))
+            .iter()
+            .any(|e| String::from_utf8_lossy(e).contains(&waiting))
+    });
+    let r = api.post(
+        "/api/v1/claim",
+        Some(TOKEN),
+        r#"{"worker_id": "w-b", "wait_secs": 0}"#,
+    );
+    assert_eq!(r.code, 503, "{}", r.body);
+    let (code, v) = post(
+        &api,
+        &job_path(&held, "progress"),
+        json!({"lease": lease, "progress": 90}),
+    );
+    assert_eq!(code, 200, "progress during the grace: {v}");
+    let (code, v) = post(
+        &api,
+        &job_path(&held, "complete"),
+        json!({"lease": lease, "stage": "fetch", "result": "f"}),
+    );
+    assert_eq!((code, &v["next_stage"]), (200, &Value::Null), "{v}");
+    let (code, v) = post(&api, &job_path(&held, "heartbeat"), json!({"lease": lease}));
+    assert_eq!(
+        (code, v["reason"].as_str()),
+        (409, Some("lease_lost")),
+        "{v}"
+    );
+    let status = api.wait_exit(LONG).expect("the API exits");
+    assert!(status.success(), "{status:?}\n{}", api.log());
+    assert_eq!(h.stage_status(&held, "fetch").as_deref(), Some("completed"));
+    // Both jobs wait on their queue; the next API resumes `held` at transform.
+    assert_eq!(h.llen(&h.pending_key("remote")), 2);
+    let api = h.dashboard(None);
+    let mut seen = Vec::new();
+    while let Some(job) = claim(&api, "w-c", 5) {
+        seen.push((
+            job["job_id"].as_str().unwrap_or("").to_owned(),
+            job["results"].clone(),
+        ));
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert!(
+        seen.contains(&(held.clone(), json!({"fetch": "f"}))),
+        "{seen:?}"
+    );
 }

@@ -303,6 +303,9 @@ async fn claim(
         let offered = d.offered();
         tokio::pin!(offered);
         offered.as_mut().enable();
+        if state.shutdown.is_cancelled() {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
         if let Some(job) = d.take(&req.worker_id, &req.types) {
             tracing::debug!(job_id = %job.job_id, token_name = %group, "Claimed through the API");
             return Ok(ok(serde_json::to_value(job).unwrap_or(Value::Null)));

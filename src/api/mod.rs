@@ -84,6 +84,13 @@ pub fn embedded_config(config: &Config) -> Option<Config> {
     Some(c)
 }
 
+/// Whether a call ends the job's lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ends {
+    Yes,
+    No,
+}
+
 /// Why a lease is not valid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -131,6 +138,8 @@ struct RemoteJob {
     state: Mutex<JobState>,
     events: mpsc::UnboundedSender<Event>,
     inbox: tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>,
+    /// Cancelled by [`Dispatch::end`].
+    ended: CancellationToken,
 }
 
 #[derive(Default)]
@@ -183,6 +192,8 @@ pub struct Dispatch {
     inner: Mutex<Inner>,
     /// Woken when a job is offered.
     offered: Notify,
+    /// The server's shutdown: unclaimed jobs go back at once.
+    shutdown: CancellationToken,
 }
 
 #[derive(Default)]
@@ -198,7 +209,7 @@ struct Inner {
 }
 
 impl Dispatch {
-    pub fn new(config: &Config, broker: Broker) -> Arc<Self> {
+    pub fn new(config: &Config, broker: Broker, shutdown: CancellationToken) -> Arc<Self> {
         let remote = config.jobs.iter().filter(|(_, j)| j.remote);
         let stages = remote
             .clone()
@@ -217,6 +228,7 @@ impl Dispatch {
             queues,
             inner: Mutex::new(Inner::default()),
             offered: Notify::new(),
+            shutdown,
         })
     }
 
@@ -231,7 +243,7 @@ impl Dispatch {
 
     /// The job a stage of `ctx` belongs to, offered to the workers when it
     /// is new (the first remote stage of this attempt).
-    fn enter(&self, ctx: &StageContext) -> Arc<RemoteJob> {
+    fn enter(self: &Arc<Self>, ctx: &StageContext) -> Arc<RemoteJob> {
         let mut inner = self.inner();
         if let Some(job) = inner.jobs.get(&ctx.job_id)
             && job.attempt == ctx.attempt
@@ -249,6 +261,20 @@ impl Dispatch {
             state: Mutex::new(JobState::default()),
             events: tx,
             inbox: tokio::sync::Mutex::new(rx),
+            ended: CancellationToken::new(),
+        });
+        // A run stopped between two stages (cancel, lost lease, shutdown)
+        // calls no stage again: its stop, which this stage's token follows,
+        // ends the job here.
+        let (dispatch, watched, stop) = (self.clone(), job.clone(), ctx.cancel.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = watched.ended.cancelled() => {}
+                _ = stop.cancelled() => {
+                    let cancelled = dispatch.was_cancelled(&watched.queue, &watched.id).await;
+                    dispatch.end(&watched, cancelled);
+                }
+            }
         });
         inner.jobs.insert(ctx.job_id.clone(), job.clone());
         inner.offers.retain(|id| id != &ctx.job_id);
@@ -260,6 +286,7 @@ impl Dispatch {
 
     /// Forgets a job (its attempt ended); its lease is refused from now on.
     fn end(&self, job: &RemoteJob, cancelled: bool) {
+        job.ended.cancel();
         let mut inner = self.inner();
         let lease = lock(&job.state).lease.take();
         if let Some(lease) = lease {
@@ -329,39 +356,54 @@ impl Dispatch {
         }
     }
 
-    /// The job `job_id` if `token` is its live lease.
-    fn leased(&self, job_id: &str, token: &str) -> Result<Arc<RemoteJob>, Refusal> {
-        let inner = self.inner();
-        let job = match inner.tokens.get(token) {
-            Some(id) if id == job_id => inner.jobs.get(id).cloned(),
-            _ => None,
+    /// Runs `f` on job `job_id`'s state while `token` is its live lease,
+    /// all under the state's lock: no expiry, end or other call can come
+    /// between the check and the change. When `f` says the lease ends
+    /// (`Ends::Yes`), it is taken and refused from then on.
+    fn with_lease<R>(
+        &self,
+        job_id: &str,
+        token: &str,
+        f: impl FnOnce(&RemoteJob, &mut JobState) -> Result<(R, Ends), Refusal>,
+    ) -> Result<R, Refusal> {
+        let job = {
+            let inner = self.inner();
+            let job = match inner.tokens.get(token) {
+                Some(id) if id == job_id => inner.jobs.get(id).cloned(),
+                _ => None,
+            };
+            match job {
+                Some(job) => job,
+                None if inner.cancelled.contains(token) => return Err(Refusal::Cancelled),
+                None => return Err(Refusal::LeaseLost),
+            }
         };
-        let Some(job) = job else {
-            return Err(if inner.cancelled.contains(token) {
-                Refusal::Cancelled
-            } else {
-                Refusal::LeaseLost
-            });
-        };
-        drop(inner);
-        let live = lock(&job.state)
+        let mut state = lock(&job.state);
+        let live = state
             .lease
             .as_ref()
             .is_some_and(|l| l.token == token && l.expires > Instant::now());
-        if live {
-            Ok(job)
-        } else {
-            Err(Refusal::LeaseLost)
+        if !live {
+            return Err(Refusal::LeaseLost);
         }
+        let (out, ends) = f(&job, &mut state)?;
+        if ends == Ends::Yes {
+            state.lease = None;
+            drop(state);
+            self.inner().tokens.remove(token);
+        }
+        Ok(out)
     }
 
     /// Renews a lease.
     pub fn heartbeat(&self, job_id: &str, token: &str) -> Result<LeaseInfo, Refusal> {
-        let job = self.leased(job_id, token)?;
         let expires = Instant::now() + self.ttl;
-        if let Some(l) = lock(&job.state).lease.as_mut() {
-            l.expires = expires;
-        }
+        self.with_lease(job_id, token, |_, state| {
+            if let Some(l) = state.lease.as_mut() {
+                l.expires = expires;
+            }
+            Ok(((), Ends::No))
+        })?;
         Ok(self.lease_info(token, expires))
     }
 
@@ -395,21 +437,21 @@ impl Dispatch {
         percent: f64,
         message: Option<String>,
     ) -> Result<LeaseInfo, Refusal> {
-        let job = self.leased(job_id, token)?;
         let expires = Instant::now() + self.ttl;
-        {
-            let mut state = lock(&job.state);
-            self.check_stage(&job, &state, stage)?;
+        self.with_lease(job_id, token, |job, state| {
+            self.check_stage(job, state, stage)?;
             if let Some(l) = state.lease.as_mut() {
                 l.expires = expires;
             }
-        }
-        let _ = job.events.send(Event::Progress { percent, message });
+            let _ = job.events.send(Event::Progress { percent, message });
+            Ok(((), Ends::No))
+        })?;
         Ok(self.lease_info(token, expires))
     }
 
     /// Finishes the current stage (`stage` given) or the whole job. Returns
-    /// the next stage, if the job has one.
+    /// the next stage, if the job has one. Completing a stage again (a
+    /// retried call whose answer was lost) answers the same.
     pub fn complete(
         &self,
         job_id: &str,
@@ -417,29 +459,35 @@ impl Dispatch {
         stage: Option<&str>,
         result: Value,
     ) -> Result<Option<String>, Refusal> {
-        let job = self.leased(job_id, token)?;
-        let mut state = lock(&job.state);
-        let current = self.check_stage(&job, &state, stage)?;
-        if stage.is_none() {
-            state.finished = Some(result.clone());
-            drop(state);
-            let _ = job.events.send(Event::JobDone { result });
-            self.release(&job);
-            return Ok(None);
-        }
-        state.done.push(current);
-        let next = self.current_stage(&job, &state);
-        if next.is_some()
-            && let Some(l) = state.lease.as_mut()
-        {
-            l.expires = Instant::now() + self.ttl;
-        }
-        drop(state);
-        let _ = job.events.send(Event::StageDone { result });
-        if next.is_none() {
-            self.release(&job);
-        }
-        Ok(next)
+        self.with_lease(job_id, token, |job, state| {
+            if let Some(s) = stage
+                && state.done.iter().any(|d| d == s)
+            {
+                return Ok((self.current_stage(job, state), Ends::No));
+            }
+            let current = self.check_stage(job, state, stage)?;
+            // A daemon that is shutting down starts no further stage: the
+            // job goes back to its queue after this one, and resumes at
+            // the next stage later, so this lease ends here.
+            let draining = self.shutdown.is_cancelled();
+            if stage.is_none() && !draining {
+                state.finished = Some(result.clone());
+                let _ = job.events.send(Event::JobDone { result });
+                return Ok((None, Ends::Yes));
+            }
+            state.done.push(current);
+            let next = self.current_stage(job, state).filter(|_| !draining);
+            let _ = job.events.send(Event::StageDone { result });
+            match next {
+                Some(next) => {
+                    if let Some(l) = state.lease.as_mut() {
+                        l.expires = Instant::now() + self.ttl;
+                    }
+                    Ok((Some(next), Ends::No))
+                }
+                None => Ok((None, Ends::Yes)),
+            }
+        })
     }
 
     /// Fails the attempt.
@@ -450,28 +498,19 @@ impl Dispatch {
         error: String,
         retryable: bool,
     ) -> Result<(), Refusal> {
-        let job = self.leased(job_id, token)?;
-        let _ = job.events.send(Event::Fail { error, retryable });
-        self.release(&job);
-        Ok(())
+        self.with_lease(job_id, token, |job, _| {
+            let _ = job.events.send(Event::Fail { error, retryable });
+            Ok(((), Ends::Yes))
+        })
     }
 
     /// Gives the job back: it returns to the head of its queue, its
     /// attempt not counted, and resumes at its current stage.
     pub fn give_back(&self, job_id: &str, token: &str) -> Result<(), Refusal> {
-        let job = self.leased(job_id, token)?;
-        let _ = job.events.send(Event::Release);
-        self.release(&job);
-        Ok(())
-    }
-
-    /// Ends the lease once the worker reported the job's end (the engine
-    /// finishes the job); later calls with it are refused.
-    fn release(&self, job: &RemoteJob) {
-        let lease = lock(&job.state).lease.take();
-        if let Some(lease) = lease {
-            self.inner().tokens.remove(&lease.token);
-        }
+        self.with_lease(job_id, token, |job, _| {
+            let _ = job.events.send(Event::Release);
+            Ok(((), Ends::Yes))
+        })
     }
 
     /// A `Notified` future taken before looking at the offers, so that an
@@ -483,9 +522,10 @@ impl Dispatch {
     /// Whether job `id` (on `queue`) was cancelled.
     async fn was_cancelled(&self, queue: &str, id: &str) -> bool {
         let runs = [(queue.to_owned(), id.to_owned(), String::new())];
+        let asked = tokio::time::timeout(Duration::from_secs(2), self.broker.check_runs(&runs));
         matches!(
-            self.broker.check_runs(&runs).await.as_deref(),
-            Ok([(_, true)])
+            asked.await.as_ref().map(|r| r.as_deref()),
+            Ok(Ok([(_, true)]))
         )
     }
 }
@@ -524,6 +564,7 @@ impl RemoteStage {
         let mut inbox = job.inbox.lock().await;
         loop {
             let deadline = lock(&job.state).lease.as_ref().map(|l| l.expires);
+            let unclaimed = deadline.is_none() && lock(&job.state).done.is_empty();
             let expiry = async {
                 match deadline {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -562,18 +603,28 @@ impl RemoteStage {
                     }
                     None => return Err(StageError::retryable("remote job channel closed")),
                 },
+                // Shutting down: a job nobody holds goes back at once; a
+                // held one may still be reported until the grace ends.
+                _ = d.shutdown.cancelled(), if unclaimed => {
+                    d.end(&job, false);
+                    return Err(StageError::interrupted());
+                }
                 _ = ctx.cancel.cancelled() => {
                     let cancelled = d.was_cancelled(&job.queue, &ctx.job_id).await;
                     d.end(&job, cancelled);
                     return Err(StageError::interrupted());
                 }
                 _ = expiry => {
-                    let lapsed = lock(&job.state)
-                        .lease
-                        .as_ref()
-                        .filter(|l| l.expires <= Instant::now())
-                        .map(|l| l.worker.clone());
-                    if let Some(worker) = lapsed {
+                    // Taken under the lock: no call can renew it after this.
+                    let lapsed = {
+                        let mut state = lock(&job.state);
+                        match &state.lease {
+                            Some(l) if l.expires <= Instant::now() => state.lease.take(),
+                            _ => None,
+                        }
+                    };
+                    if let Some(Lease { token, worker, .. }) = lapsed {
+                        d.inner().tokens.remove(&token);
                         d.end(&job, false);
                         tracing::warn!(job_id = %ctx.job_id, worker = %worker, "remote_lease_expired");
                         return Err(StageError::retryable(format!(
@@ -607,7 +658,7 @@ pub fn start(
     let Some(embedded) = embedded_config(config) else {
         return Ok(None);
     };
-    let dispatch = Dispatch::new(config, broker);
+    let dispatch = Dispatch::new(config, broker, shutdown.clone());
     let worker = crate::Worker::builder(embedded)
         .stage(REMOTE_STAGE, RemoteStage::new(dispatch.clone()))
         .build()

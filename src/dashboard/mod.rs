@@ -195,26 +195,49 @@ pub async fn serve(
         }
         None => router(app),
     };
+    // The server stays up until the API's daemon has drained, so remote
+    // workers can still report the jobs they hold during the grace period
+    // (new claims get 503).
+    let daemon_done = CancellationToken::new();
+    let daemon = api.map(|(_, handle)| {
+        let done = daemon_done.clone();
+        tokio::spawn(async move {
+            let result = handle.await;
+            done.cancel();
+            result
+        })
+    });
+    if daemon.is_none() {
+        daemon_done.cancel();
+    }
+    let http_stop = CancellationToken::new();
+    tokio::spawn({
+        let (shutdown, done, http_stop) = (shutdown.clone(), daemon_done, http_stop.clone());
+        async move {
+            shutdown.cancelled().await;
+            done.cancelled().await;
+            http_stop.cancel();
+        }
+    });
     let served = match &tls {
         Some(config) => {
             let listener = tls::TlsListener::new(listener, config.clone(), shutdown.clone())
                 .map_err(DashboardError::Serve)?;
             axum::serve(listener, routes)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .with_graceful_shutdown(http_stop.cancelled_owned())
                 .await
         }
         None => {
             axum::serve(listener, routes)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .with_graceful_shutdown(http_stop.cancelled_owned())
                 .await
         }
     };
     let _ = bridge.await;
-    if let Some((_, daemon)) = api {
-        // The API's daemon puts the jobs it holds back on their queues.
-        if let Ok(Err(e)) = daemon.await {
-            return Err(DashboardError::Api(e));
-        }
+    if let Some(daemon) = daemon
+        && let Ok(Ok(Err(e))) = daemon.await
+    {
+        return Err(DashboardError::Api(e));
     }
     tracing::info!("dashboard_stopped");
     served.map_err(DashboardError::Serve)
