@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::{Dispatch, OPENAPI, Refusal};
+use crate::dashboard::actions::same_secret;
 
 /// What the handlers share.
 pub struct ApiState {
@@ -104,15 +105,6 @@ impl IntoResponse for ApiError {
 }
 
 type ApiResult = Result<Response, ApiError>;
-
-/// Same-length, constant-time comparison.
-fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    let mut diff = u8::from(given.len() != expected.len());
-    for (i, e) in expected.iter().enumerate() {
-        diff |= e ^ given.get(i).copied().unwrap_or(0);
-    }
-    std::hint::black_box(diff) == 0
-}
 
 /// The name of the token the request carries; every token is compared,
 /// so the time taken does not tell which one matched.
@@ -450,18 +442,4 @@ async fn release(
     let req: LeaseOnly = leased_call(&state, &id, &headers, request).await?;
     state.dispatch.give_back(&id, &req.lease)?;
     Ok(ok(json!({ "status": "accepted", "next_stage": null })))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(same_secret(b"0123456789abcdef", b"0123456789abcdef"));
-        assert!(!same_secret(b"0123456789abcdeX", b"0123456789abcdef"));
-        assert!(!same_secret(b"0123456789abcde", b"0123456789abcdef"));
-        assert!(!same_secret(b"0123456789abcdef0", b"0123456789abcdef"));
-        assert!(!same_secret(b"", b"0123456789abcdef"));
-    }
 }

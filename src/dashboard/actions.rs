@@ -18,8 +18,9 @@ use super::api::{ApiError, ApiResult, DeadQuery, given, known_queues};
 use crate::admin::{self, Revival};
 use crate::client::{Cancelled, Client};
 
-/// Compares in time that depends on the expected token's length only.
-fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+/// Compares in time that depends on the expected token's length only
+/// (the dashboard's token, the remote-worker API's tokens).
+pub(crate) fn same_secret(given: &[u8], expected: &[u8]) -> bool {
     let mut diff = u8::from(given.len() != expected.len());
     for (i, e) in expected.iter().enumerate() {
         diff |= e ^ given.get(i).copied().unwrap_or(0);
@@ -217,6 +218,9 @@ mod tests {
         assert!(!same_secret(b"s3cret!", b"s3cret"));
         assert!(!same_secret(b"", b"s3cret"));
         assert!(!same_secret(b"s3creT", b"s3cret"));
+        assert!(same_secret(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!same_secret(b"0123456789abcdeX", b"0123456789abcdef"));
+        assert!(!same_secret(b"0123456789abcdef0", b"0123456789abcdef"));
     }
 
     #[test]
