@@ -185,15 +185,20 @@ pub struct LeaseInfo {
 pub struct Dispatch {
     broker: Broker,
     ttl: Duration,
-    /// Stage names and attempts by remote job type.
-    stages: HashMap<String, Vec<String>>,
-    max_attempts: HashMap<String, u32>,
-    queues: HashMap<String, String>,
+    /// The remote job types, by name.
+    types: HashMap<String, RemoteType>,
     inner: Mutex<Inner>,
     /// Woken when a job is offered.
     offered: Notify,
     /// The server's shutdown: unclaimed jobs go back at once.
     shutdown: CancellationToken,
+}
+
+/// What a claim tells of a remote job type.
+struct RemoteType {
+    queue: String,
+    stages: Vec<String>,
+    max_attempts: u32,
 }
 
 #[derive(Default)]
@@ -210,22 +215,23 @@ struct Inner {
 
 impl Dispatch {
     pub fn new(config: &Config, broker: Broker, shutdown: CancellationToken) -> Arc<Self> {
-        let remote = config.jobs.iter().filter(|(_, j)| j.remote);
-        let stages = remote
-            .clone()
-            .map(|(k, j)| (k.clone(), j.stages.iter().map(|s| s.name.clone()).collect()))
+        let types = config
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.remote)
+            .map(|(name, j)| {
+                let t = RemoteType {
+                    queue: j.queue.clone(),
+                    stages: j.stages.iter().map(|s| s.name.clone()).collect(),
+                    max_attempts: config.retry_for(j).max_attempts,
+                };
+                (name.clone(), t)
+            })
             .collect();
-        let max_attempts = remote
-            .clone()
-            .map(|(k, j)| (k.clone(), config.retry_for(j).max_attempts))
-            .collect();
-        let queues = remote.map(|(k, j)| (k.clone(), j.queue.clone())).collect();
         Arc::new(Self {
             broker,
             ttl: Duration::from_secs(config.api.lease_secs),
-            stages,
-            max_attempts,
-            queues,
+            types,
             inner: Mutex::new(Inner::default()),
             offered: Notify::new(),
             shutdown,
@@ -234,11 +240,6 @@ impl Dispatch {
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The remote job types.
-    pub fn kinds(&self) -> impl Iterator<Item = &str> {
-        self.stages.keys().map(String::as_str)
     }
 
     /// The job a stage of `ctx` belongs to, offered to the workers when it
@@ -254,7 +255,11 @@ impl Dispatch {
         let job = Arc::new(RemoteJob {
             id: ctx.job_id.clone(),
             kind: ctx.job_type.clone(),
-            queue: self.queues.get(&ctx.job_type).cloned().unwrap_or_default(),
+            queue: self
+                .types
+                .get(&ctx.job_type)
+                .map(|t| t.queue.clone())
+                .unwrap_or_default(),
             payload: ctx.payload.clone(),
             attempt: ctx.attempt,
             results: ctx.results.clone(),
@@ -334,14 +339,15 @@ impl Dispatch {
         drop(inner);
         let _ = job.events.send(Event::Leased);
         tracing::info!(job_id = %id, worker = %worker, attempt = job.attempt, "remote_job_claimed");
+        let kind = self.types.get(&job.kind);
         Some(Claimed {
             job_id: id,
             kind: job.kind.clone(),
             queue: job.queue.clone(),
             payload: job.payload.clone(),
             attempt: job.attempt,
-            max_attempts: self.max_attempts.get(&job.kind).copied().unwrap_or(1),
-            stages: self.stages.get(&job.kind).cloned().unwrap_or_default(),
+            max_attempts: kind.map_or(1, |t| t.max_attempts),
+            stages: kind.map(|t| t.stages.clone()).unwrap_or_default(),
             results: job.results.clone(),
             lease: self.lease_info(&token, expires),
         })
@@ -410,7 +416,7 @@ impl Dispatch {
     /// The stage the job is at now (the first one neither finished
     /// earlier nor reported done).
     fn current_stage(&self, job: &RemoteJob, state: &JobState) -> Option<String> {
-        self.stages.get(&job.kind)?.iter().find_map(|s| {
+        self.types.get(&job.kind)?.stages.iter().find_map(|s| {
             (!job.results.contains_key(s) && !state.done.contains(s)).then(|| s.clone())
         })
     }
@@ -550,9 +556,9 @@ impl RemoteStage {
         let d = &self.dispatch;
         let job = d.enter(ctx);
         let last = d
-            .stages
+            .types
             .get(&ctx.job_type)
-            .and_then(|s| s.last())
+            .and_then(|t| t.stages.last())
             .is_some_and(|s| s == &ctx.stage);
         let finished = lock(&job.state).finished.clone();
         if let Some(result) = finished {
