@@ -246,17 +246,13 @@ pub enum Connector {
 }
 
 impl Connector {
-    /// The connector for `[redis]` (`url` for one server, `urls` for the
-    /// others); for one server, `client` is used as given.
-    /// A Sentinel setup is asked `retries` more times (backing off) when
-    /// it names no master that answers, as during a failover.
-    pub async fn new(
-        redis: &RedisConfig,
-        single: redis::Client,
-        retries: usize,
-    ) -> RedisResult<Self> {
+    /// The connector for `[redis]` (`url` and the TLS files for one
+    /// server, `urls` for the others). A Sentinel setup is asked `retries`
+    /// more times (backing off) when it names no master that answers, as
+    /// during a failover.
+    pub async fn new(redis: &RedisConfig, retries: usize) -> RedisResult<Self> {
         Ok(match redis.mode {
-            RedisMode::Standalone => Self::Single(single),
+            RedisMode::Standalone => Self::Single(super::open_client(&redis.url, Some(redis))?),
             RedisMode::Cluster => {
                 let seeds = redis
                     .urls

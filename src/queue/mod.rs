@@ -155,8 +155,7 @@ impl Broker {
         redis: &crate::config::RedisConfig,
         retries: usize,
     ) -> RedisResult<Self> {
-        let connector =
-            Connector::new(redis, open_client(&redis.url, Some(redis))?, retries).await?;
+        let connector = Connector::new(redis, retries).await?;
         Self::with_connector(connector, &redis.prefix, retries).await
     }
 
