@@ -44,6 +44,13 @@ fn sentinel_only(r: &RedisConfig) -> Option<&'static str> {
     .find_map(|(key, set)| set.then_some(key))
 }
 
+/// A file named at `key` that the process cannot read stops the start.
+fn readable(key: &str, path: &Path) -> Result<(), ConfigError> {
+    std::fs::metadata(path)
+        .map(|_| ())
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))
+}
+
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -660,10 +667,8 @@ impl Config {
             ("api.tls_cert_file", &a.tls_cert_file),
             ("api.tls_key_file", &a.tls_key_file),
         ] {
-            if let Some(path) = file
-                && let Err(e) = std::fs::metadata(path)
-            {
-                return Err(invalid(key, format!("cannot read {}: {e}", path.display())));
+            if let Some(path) = file {
+                readable(key, path)?;
             }
         }
         for (name, token) in &a.tokens {
@@ -747,9 +752,7 @@ impl Config {
             if !r.url.starts_with("rediss://") {
                 return Err(invalid(key, "is for a TLS connection: use a rediss:// URL"));
             }
-            if let Err(e) = std::fs::metadata(path) {
-                return Err(invalid(key, format!("cannot read {}: {e}", path.display())));
-            }
+            readable(key, path)?;
         }
         if r.tls_cert_file.is_some() != r.tls_key_file.is_some() {
             return Err(invalid(
