@@ -1222,18 +1222,18 @@ impl TestCluster {
         self.try_conn().expect("connect to the test cluster")
     }
 
+    /// The nodes that answer (a killed one does not).
+    fn live_nodes(&self) -> impl Iterator<Item = &TestRedis> {
+        self.nodes.iter().filter(|n| {
+            n.client()
+                .get_connection_with_timeout(Duration::from_millis(300))
+                .is_ok()
+        })
+    }
+
     /// A cluster connection through the nodes that answer, if they do.
     pub fn try_conn(&self) -> Option<redis::cluster::ClusterConnection> {
-        let live: Vec<String> = self
-            .nodes
-            .iter()
-            .filter(|n| {
-                n.client()
-                    .get_connection_with_timeout(Duration::from_millis(300))
-                    .is_ok()
-            })
-            .map(TestRedis::url)
-            .collect();
+        let live: Vec<String> = self.live_nodes().map(TestRedis::url).collect();
         redis::cluster::ClusterClient::new(live)
             .ok()?
             .get_connection()
@@ -1242,15 +1242,7 @@ impl TestCluster {
 
     /// The index in `nodes` of the master serving `key` now.
     pub fn master_of(&self, key: &str) -> usize {
-        let live = self
-            .nodes
-            .iter()
-            .find(|n| {
-                n.client()
-                    .get_connection_with_timeout(Duration::from_millis(300))
-                    .is_ok()
-            })
-            .expect("a live node");
+        let live = self.live_nodes().next().expect("a live node");
         let mut c = live.conn();
         let slot: u16 = redis::cmd("CLUSTER")
             .arg("KEYSLOT")
