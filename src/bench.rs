@@ -7,7 +7,7 @@
 //! `exec1`), and runs daemons as child processes of this same binary, each
 //! run on a fresh key prefix and SQLite file. Scenarios run in rounds: each
 //! round runs every selected scenario once, so a "ratio to the ceiling"
-//! compares runs made minutes apart at most. See BENCHMARKS.md for what
+//! compares runs made minutes apart at most. See docs/benchmarks.md for what
 //! each figure means and what bounds it.
 //!
 //! Layout: [`infra`] (guards for the work dir, Redis and daemons; /proc and
@@ -21,9 +21,8 @@ pub mod scenarios;
 use std::collections::BTreeMap;
 
 use anyhow::{Result, bail};
-use clap::ValueEnum;
+use clap::{Args, ValueEnum};
 
-use crate::cli::{BenchArgs, CliResult, Failure, Global};
 use infra::{Env, Machine};
 use report::{
     Ceiling, CpuPerJob, Growth, Latency, MemoryReport, MemorySample, Params, Percentiles,
@@ -58,6 +57,28 @@ impl Scenario {
             Scenario::Redis => "redis",
         }
     }
+}
+
+/// `conveyor bench`. It writes its own config, SQLite files and key
+/// prefixes: `--config`, `--db`, `--prefix` and `CONVEYOR_REDIS_URL` are
+/// not used; `--redis-url` on the command line is.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Jobs per throughput run [default: 100000; 10000 with --quick]
+    #[arg(long)]
+    pub jobs: Option<u64>,
+    /// Runs of each scenario; the median is reported [default: 3; 1 with --quick]
+    #[arg(long)]
+    pub runs: Option<u32>,
+    /// Shorter: 1 run, 10000 jobs, 2 s per latency rate, memory over 100000 jobs
+    #[arg(long)]
+    pub quick: bool,
+    /// Print one JSON object instead of the table
+    #[arg(long)]
+    pub json: bool,
+    /// Scenarios, comma-separated [default: all]
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub scenarios: Option<Vec<Scenario>>,
 }
 
 /// The bench's parameters, defaults applied.
@@ -156,37 +177,6 @@ impl Options {
             },
         ]
     }
-}
-
-/// `conveyor bench`, called by the command line.
-pub(crate) async fn command(global: &Global, args: &BenchArgs) -> CliResult {
-    let redis_url = explicit_redis_url(global);
-    let options = Options::from_args(args, redis_url).map_err(Failure::usage)?;
-    run(options)
-        .await
-        .map_err(|e| Failure::other(format!("bench: {e:#}")))
-}
-
-/// `--redis-url` only when given on the command line: a `CONVEYOR_REDIS_URL`
-/// in the environment (a production Redis, say) is not benchmarked by
-/// accident.
-fn explicit_redis_url(global: &Global) -> Option<String> {
-    use clap::CommandFactory;
-    use clap::parser::ValueSource;
-    let url = global.redis_url.clone()?;
-    let matches = crate::cli::Cli::command()
-        .try_get_matches_from(std::env::args_os())
-        .ok()?;
-    let from_flag =
-        |m: &clap::ArgMatches| m.value_source("redis_url") == Some(ValueSource::CommandLine);
-    let explicit =
-        from_flag(&matches) || matches.subcommand_matches("bench").is_some_and(from_flag);
-    if !explicit {
-        eprintln!(
-            "conveyor bench: CONVEYOR_REDIS_URL is ignored (pass --redis-url to bench that Redis); starting a private redis-server"
-        );
-    }
-    explicit.then_some(url)
 }
 
 /// Runs the bench and prints its report. Ctrl-C or SIGTERM stops it: the

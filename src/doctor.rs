@@ -1,4 +1,5 @@
-//! `conveyor doctor`: one line per check, ✅ or ❌, exit 1 if any fails.
+//! The checks of `conveyor doctor`: each one a named line, passed or
+//! failed with a detail; the command line prints them (`crate::cli`).
 //!
 //! Checks: the config loads; Redis answers, is 6.2 or newer and will not
 //! evict keys; the Redis user may run every command conveyor sends, on
@@ -9,21 +10,22 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::json;
 
-use crate::cli::{Cli, CliResult, Failure};
 use crate::config::Config;
 use crate::queue::Broker;
 
+/// One check: its name, whether it passed, and what was found.
 #[derive(Debug, Serialize)]
-struct Check {
-    name: &'static str,
-    ok: bool,
-    detail: String,
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
 }
 
-#[derive(Default)]
-struct Report(Vec<Check>);
+/// Every check that ran, in order (a failed one may end the list: no
+/// Redis checks without a connection).
+#[derive(Debug, Default)]
+pub struct Report(pub Vec<Check>);
 
 impl Report {
     fn add(&mut self, name: &'static str, result: Result<String, String>) -> bool {
@@ -34,38 +36,23 @@ impl Report {
     }
 }
 
-pub async fn run(cli: &Cli, json: bool) -> CliResult {
+/// Runs the checks on `config` (or reports why it did not load), read
+/// from `source` (`None`: the default path, if that exists).
+pub async fn run(config: Result<Config, String>, source: Option<&Path>) -> Report {
     let mut report = Report::default();
-    checks(cli, &mut report).await;
-    let failed = report.0.iter().filter(|c| !c.ok).count();
-    if json {
-        println!("{}", json!({"ok": failed == 0, "checks": report.0}));
-    } else {
-        for c in &report.0 {
-            println!(
-                "{} {:<12} {}",
-                if c.ok { "✅" } else { "❌" },
-                c.name,
-                c.detail
-            );
-        }
-    }
-    if failed == 0 {
-        Ok(())
-    } else {
-        Err(Failure::other(format!("{failed} check(s) failed")))
-    }
+    checks(config, source, &mut report).await;
+    report
 }
 
-async fn checks(cli: &Cli, report: &mut Report) {
-    let config = match cli.load_config() {
+async fn checks(config: Result<Config, String>, source: Option<&Path>, report: &mut Report) {
+    let config = match config {
         Ok(c) => c,
         Err(e) => {
-            report.add("config", Err(e.message));
+            report.add("config", Err(e));
             return;
         }
     };
-    let source = match &cli.global.config {
+    let source = match source {
         Some(p) => p.display().to_string(),
         None if Path::new(crate::config::DEFAULT_CONFIG_PATH).exists() => {
             crate::config::DEFAULT_CONFIG_PATH.to_owned()

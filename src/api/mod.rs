@@ -357,7 +357,7 @@ impl Dispatch {
         let left = expires.saturating_duration_since(Instant::now());
         LeaseInfo {
             token: token.to_owned(),
-            expires_at: crate::rfc3339_of(SystemTime::now() + left),
+            expires_at: crate::time::rfc3339_of(SystemTime::now() + left),
             ttl_secs: self.ttl.as_secs(),
         }
     }

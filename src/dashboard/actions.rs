@@ -1,5 +1,6 @@
 //! The dashboard's actions: cancel, retry, and the dead list's retry and
-//! purge, as the CLI does them (`crate::admin`, [`crate::Client`]). Each
+//! purge, as the CLI does them (through [`crate::Client`] and its
+//! inspector). Each
 //! needs `Authorization: Bearer <token>` with the token of
 //! `CONVEYOR_DASHBOARD_TOKEN`; with none configured, every action is
 //! refused (403) with a message saying how to enable them.
@@ -15,8 +16,8 @@ use serde_json::{Value, json};
 
 use super::App;
 use super::api::{ApiError, ApiResult, DeadQuery, given, known_queues};
-use crate::admin::{self, Revival};
-use crate::client::{Cancelled, Client};
+use crate::client::Cancelled;
+use crate::client::inspect::{DeadEntry, Revival};
 
 /// Compares in time that depends on the expected token's length only
 /// (the dashboard's token, the remote-worker API's tokens).
@@ -51,8 +52,7 @@ pub async fn cancel(
     Path(id): Path<String>,
 ) -> ApiResult {
     authorize(&app, &headers)?;
-    let client = Client::with_broker(app.broker.clone(), &app.config);
-    let (result, message) = match client.cancel(&id).await? {
+    let (result, message) = match app.client.cancel(&id).await? {
         Cancelled::Stopped => ("stopped", format!("{id} cancelled")),
         Cancelled::Recorded => (
             "recorded",
@@ -138,14 +138,16 @@ async fn dead_action(
     Ok((t, queues))
 }
 
-async fn revive(app: &App, entries: Vec<admin::DeadEntry>) -> Result<(u64, Vec<Value>), ApiError> {
+async fn revive(app: &App, entries: Vec<DeadEntry>) -> Result<(u64, Vec<Value>), ApiError> {
     let mut done = Vec::new();
-    let n = admin::revive_entries(&app.broker, entries, |r| {
-        if let Revival::Requeued { queue, id } = r {
-            done.push(json!({ "queue": queue, "id": id }));
-        }
-    })
-    .await?;
+    let n = app
+        .inspector
+        .revive(entries, |r| {
+            if let Revival::Requeued { queue, id } = r {
+                done.push(json!({ "queue": queue, "id": id }));
+            }
+        })
+        .await?;
     Ok((n, done))
 }
 
@@ -158,7 +160,10 @@ pub async fn retry(
 ) -> ApiResult {
     authorize(&app, &headers)?;
     let queues = queues_of(&app, &q.queue).await?;
-    let found = admin::dead_matching(&app.broker, &queues, std::slice::from_ref(&id)).await?;
+    let found = app
+        .inspector
+        .dead_matching(&queues, std::slice::from_ref(&id))
+        .await?;
     if found.is_empty() {
         return Err(ApiError::NotFound(format!(
             "no dead job `{id}` (queues: {})",
@@ -181,7 +186,7 @@ pub async fn dead_retry(
     body: Bytes,
 ) -> ApiResult {
     let (t, queues) = dead_action(&app, &headers, q, &body).await?;
-    let found = admin::dead_matching(&app.broker, &queues, &t.ids).await?;
+    let found = app.inspector.dead_matching(&queues, &t.ids).await?;
     let (n, requeued) = revive(&app, found).await?;
     tracing::info!(requeued = n, "Dashboard: dead retry");
     Ok(Json(json!({
@@ -199,7 +204,7 @@ pub async fn dead_purge(
 ) -> ApiResult {
     let (t, queues) = dead_action(&app, &headers, q, &body).await?;
     let ids = if t.all { Vec::new() } else { t.ids };
-    let n = admin::purge_dead(&app.broker, &queues, &ids).await?;
+    let n = app.inspector.purge_dead(&queues, &ids).await?;
     tracing::info!(purged = n, "Dashboard: dead purge");
     Ok(Json(json!({
         "purged": n,

@@ -13,7 +13,7 @@
 //! | `POST /api/jobs/{id}/retry` | a dead job back to its queue, as `conveyor retry` |
 //! | `POST /api/dead/retry`, `/api/dead/purge` | `{"queue"?, "ids": [...]}` or `{"queue"?, "all": true}` |
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -24,8 +24,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{App, TOKEN_ENV};
-use crate::admin;
-use crate::client::{Client, ClientError};
+use crate::client::ClientError;
+use crate::client::inspect::WaitingQuery;
 use crate::progress::Status;
 use crate::queue::job::META_FIELD;
 use crate::store::{JobFilter, Reader, StoreError};
@@ -137,7 +137,7 @@ where
 }
 
 pub(super) async fn known_queues(app: &App) -> Result<Vec<String>, ApiError> {
-    Ok(crate::worker::status::known_queues(&app.broker, &app.config).await?)
+    Ok(app.inspector.queues().await?)
 }
 
 /// `None` for an absent or empty parameter.
@@ -152,18 +152,18 @@ pub(super) fn given(v: &Option<String>) -> Option<String> {
 
 /// `GET /api/queues`.
 pub async fn queues(State(app): State<Arc<App>>) -> ApiResult {
-    let report = crate::worker::status::collect(&app.broker, &app.config).await?;
+    let report = app.inspector.status().await?;
     let minute = 60_000;
-    let first = (crate::now_ms() / minute - (THROUGHPUT_MINUTES - 1)) * minute;
+    let first = (crate::time::now_ms() / minute - (THROUGHPUT_MINUTES - 1)) * minute;
     let minutes: Vec<String> = (0..THROUGHPUT_MINUTES)
         .map(|i| {
-            crate::rfc3339_of_ms(first + i * minute)
+            crate::time::rfc3339_of_ms(first + i * minute)
                 .chars()
                 .take(16)
                 .collect()
         })
         .collect();
-    let since = crate::rfc3339_of_ms(first);
+    let since = crate::time::rfc3339_of_ms(first);
     let counts = read(&app, move |r| r.finished_per_minute(&since))
         .await?
         .unwrap_or_default();
@@ -204,22 +204,13 @@ pub async fn queues(State(app): State<Arc<App>>) -> ApiResult {
 
 /// `GET /api/workers`.
 pub async fn workers(State(app): State<Arc<App>>) -> ApiResult {
-    let report = crate::worker::status::collect(&app.broker, &app.config).await?;
-    let mut ttls: Vec<i64> = Vec::new();
-    if !report.workers.is_empty() {
-        let mut pipe = redis::pipe();
-        for w in &report.workers {
-            pipe.pttl(app.broker.keys().worker(&w.id));
-        }
-        ttls = pipe.query_async(&mut app.broker.conn()).await?;
-    }
-    let workers: Vec<Value> = report
-        .workers
-        .iter()
-        .zip(ttls.iter().copied().chain(std::iter::repeat(-1)))
-        .map(|(w, pttl)| {
-            let mut v = serde_json::to_value(w).unwrap_or(Value::Null);
-            let age = (w.ttl_ms > 0 && pttl >= 0).then(|| w.ttl_ms.saturating_sub(pttl as u64));
+    let workers: Vec<Value> = app
+        .inspector
+        .workers()
+        .await?
+        .into_iter()
+        .map(|(w, age)| {
+            let mut v = serde_json::to_value(&w).unwrap_or(Value::Null);
             v["heartbeat_age_ms"] = json!(age);
             v
         })
@@ -259,7 +250,7 @@ pub async fn jobs(State(app): State<Arc<App>>, Query(q): Query<JobsQuery>) -> Ap
     }
     let offset = (page - 1).saturating_mul(limit);
     if let Some(waiting @ ("pending" | "scheduled")) = status.as_deref() {
-        let query = admin::WaitingQuery {
+        let query = WaitingQuery {
             queue: given(&q.queue),
             kind: given(&q.kind),
             id_contains: given(&q.q),
@@ -268,7 +259,7 @@ pub async fn jobs(State(app): State<Arc<App>>, Query(q): Query<JobsQuery>) -> Ap
             offset,
             limit,
         };
-        let (rows, total) = admin::waiting_jobs(&app.broker, &app.config, &query).await?;
+        let (rows, total) = app.inspector.waiting(&query).await?;
         return Ok(Json(
             json!({ "total": total, "page": page, "limit": limit, "jobs": rows }),
         ));
@@ -294,19 +285,14 @@ pub async fn jobs(State(app): State<Arc<App>>, Query(q): Query<JobsQuery>) -> Ap
 /// scheduled, running: as `conveyor job`), the latest progress message,
 /// and whether it sits in a dead list (so it can be retried).
 pub async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
-    let client = Client::with_broker(app.broker.clone(), &app.config);
-    let Some(info) = client.job(&id).await? else {
+    let Some(info) = app.client.job(&id).await? else {
         return Err(ApiError::NotFound(format!("no job `{id}`")));
     };
-    let message: Option<String> = redis::cmd("HGET")
-        .arg(app.broker.keys().live())
-        .arg(&id)
-        .query_async(&mut app.broker.conn())
-        .await?;
-    let live = message.and_then(|m| serde_json::from_str::<Value>(&m).ok());
+    let live = app.inspector.live_message(&id).await?;
     let dead = if info.status == Status::Failed {
         let queues = known_queues(&app).await?;
-        !admin::dead_matching(&app.broker, &queues, std::slice::from_ref(&id))
+        !app.inspector
+            .dead_matching(&queues, std::slice::from_ref(&id))
             .await?
             .is_empty()
     } else {
@@ -327,7 +313,7 @@ pub async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResu
         "status": info.status,
         "queue": queue,
         "type": kind,
-        "due_at": info.live.as_ref().and_then(|l| l.due).map(crate::rfc3339_of),
+        "due_at": info.live.as_ref().and_then(|l| l.due).map(crate::time::rfc3339_of),
         "record": info.record,
         "live": live,
         "dead": dead,
@@ -347,7 +333,9 @@ pub async fn dead(State(app): State<Arc<App>>, Query(q): Query<DeadQuery>) -> Ap
         Some(q) => vec![q],
         None => known_queues(&app).await?,
     };
-    let entries: Vec<Value> = admin::dead_list(&app.broker, &queues, limit)
+    let entries: Vec<Value> = app
+        .inspector
+        .dead_list(&queues, limit)
         .await?
         .into_iter()
         .map(|e| {
@@ -371,43 +359,6 @@ pub async fn dead(State(app): State<Arc<App>>, Query(q): Query<DeadQuery>) -> Ap
 /// `P:live`; entries left by a daemon that is gone (killed mid-job) are
 /// counted as `stale` and not listed.
 pub async fn live(State(app): State<Arc<App>>) -> ApiResult {
-    let keys = app.broker.keys();
-    let mut conn = app.broker.conn();
-    let all: Vec<(String, String)> = redis::cmd("HGETALL")
-        .arg(keys.live())
-        .query_async(&mut conn)
-        .await?;
-    let messages: Vec<Value> = all
-        .into_iter()
-        .filter_map(|(_, m)| serde_json::from_str::<Value>(&m).ok())
-        .collect();
-    let workers: Vec<String> = messages
-        .iter()
-        .filter_map(|m| m.get("worker_id").and_then(Value::as_str))
-        .map(str::to_owned)
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let mut alive = BTreeSet::new();
-    if !workers.is_empty() {
-        let mut pipe = redis::pipe();
-        for w in &workers {
-            pipe.exists(keys.worker(w));
-        }
-        let exists: Vec<bool> = pipe.query_async(&mut conn).await?;
-        alive.extend(
-            workers
-                .iter()
-                .zip(exists)
-                .filter(|(_, e)| *e)
-                .map(|(w, _)| w.as_str()),
-        );
-    }
-    let (mut jobs, stale): (Vec<Value>, Vec<Value>) = messages.into_iter().partition(|m| {
-        m.get("worker_id")
-            .and_then(Value::as_str)
-            .is_some_and(|w| alive.contains(w))
-    });
-    jobs.sort_by(|a, b| a["job_id"].as_str().cmp(&b["job_id"].as_str()));
-    Ok(Json(json!({ "jobs": jobs, "stale": stale.len() })))
+    let live = app.inspector.live_jobs().await?;
+    Ok(Json(json!({ "jobs": live.jobs, "stale": live.stale })))
 }

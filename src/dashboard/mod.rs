@@ -37,6 +37,8 @@ use axum::routing::{get, post};
 use tokio::sync::{Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 
+use crate::client::Client;
+use crate::client::inspect::Inspector;
 use crate::config::Config;
 use crate::queue::Broker;
 
@@ -77,7 +79,10 @@ pub enum DashboardError {
 /// What every handler reads.
 pub struct App {
     pub config: Config,
-    pub broker: Broker,
+    /// Job lookups and the actions.
+    pub client: Client,
+    /// Every read of the queues.
+    pub inspector: Inspector,
     /// `CONVEYOR_DASHBOARD_TOKEN`; `None`: actions are refused.
     pub token: Option<String>,
     /// Progress messages from the bridge to the browsers.
@@ -175,9 +180,11 @@ pub async fn serve(
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let bridge = events::Bridge::new(broker.clone(), events.clone());
     let bridge = tokio::spawn(bridge.run(shutdown.clone()));
+    let client = Client::with_broker(broker, &config);
     let app = Arc::new(App {
+        inspector: client.inspector(),
+        client,
         config,
-        broker,
         token,
         events,
         streams: Arc::new(Semaphore::new(MAX_EVENT_STREAMS)),
@@ -241,24 +248,6 @@ pub async fn serve(
     }
     tracing::info!("dashboard_stopped");
     served.map_err(DashboardError::Serve)
-}
-
-/// `conveyor dashboard`: serves until SIGTERM or SIGINT.
-pub async fn command(config: Config, listen: &str) -> crate::cli::CliResult {
-    use crate::cli::Failure;
-    let shutdown = crate::shutdown::on_signals()
-        .map_err(|e| Failure::other(format!("cannot install signal handlers: {e}")))?;
-    // An empty token would let an empty `Authorization: Bearer ` through.
-    let token = std::env::var(TOKEN_ENV)
-        .ok()
-        .map(|t| t.trim().to_owned())
-        .filter(|t| !t.is_empty());
-    serve(config, listen, token, shutdown)
-        .await
-        .map_err(|e| match e {
-            e @ DashboardError::BadAddress(_) => Failure::usage(e.to_string()),
-            e => Failure::other(e.to_string()),
-        })
 }
 
 async fn security_headers(request: Request, next: Next) -> Response {

@@ -29,6 +29,7 @@
 
 pub mod batch;
 pub mod conn;
+pub mod inspect;
 pub mod job;
 pub mod keys;
 pub mod scripts;
@@ -695,7 +696,7 @@ pub struct Enqueued {
 /// every call, which showed up at ~1 % of daemon CPU on the per-job path.
 /// Fencing tokens and generated job ids need uniqueness, not secrecy.
 pub fn quick_uuid_v7() -> uuid::Uuid {
-    let millis = crate::now_ms();
+    let millis = crate::time::now_ms();
     let mut random = [0u8; 10];
     fastrand::fill(&mut random);
     uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()

@@ -40,7 +40,6 @@ pub mod registry;
 pub mod runner;
 pub mod runs;
 pub mod scheduler;
-pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,7 +118,7 @@ pub(crate) async fn run_with_registry(
         host: crate::config::hostname(),
         pid: std::process::id(),
         instance: uuid::Uuid::now_v7().to_string(),
-        started_at: crate::now_rfc3339(),
+        started_at: crate::time::now_rfc3339(),
         queues: w.queues.clone(),
         concurrency: w.concurrency,
         running: 0,

@@ -78,7 +78,7 @@ impl Periodic {
         if self.schedules.is_empty() {
             return;
         }
-        let start = crate::now_ms();
+        let start = crate::time::now_ms();
         for s in self.schedules.iter().filter(|s| s.catch_up > 0) {
             let last = match self.broker.last_tick(&s.queue, &s.name).await {
                 Ok(last) => last,
@@ -113,7 +113,7 @@ impl Periodic {
             else {
                 return; // No schedule ticks ever again.
             };
-            let now = crate::now_ms();
+            let now = crate::time::now_ms();
             if now < due {
                 let wait = Duration::from_millis(due - now).min(MAX_SLEEP);
                 tokio::select! {
@@ -131,8 +131,8 @@ impl Periodic {
             next[i] = s
                 .timing
                 .next_after(due)
-                .filter(|&t| t + LATE_OK_MS >= crate::now_ms())
-                .or_else(|| s.timing.next_after(crate::now_ms()));
+                .filter(|&t| t + LATE_OK_MS >= crate::time::now_ms())
+                .or_else(|| s.timing.next_after(crate::time::now_ms()));
         }
     }
 

@@ -21,7 +21,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::health::Health;
@@ -29,36 +28,7 @@ use super::runner::{JobEnv, Stats};
 use super::runs::StopReason;
 use crate::queue::Broker;
 
-/// A daemon's entry in `P:workers`: what the reaper needs once it is gone.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Registration {
-    pub queues: Vec<String>,
-    pub host: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WorkerInfo {
-    pub id: String,
-    pub host: String,
-    pub pid: u32,
-    /// Random per process: tells this run from an earlier one with the same id.
-    pub instance: String,
-    pub started_at: String,
-    pub queues: Vec<String>,
-    pub concurrency: usize,
-    #[serde(default)]
-    pub running: u64,
-    #[serde(default)]
-    pub completed: u64,
-    #[serde(default)]
-    pub failed: u64,
-    pub version: String,
-    /// The registration's TTL (`dead_after_secs`) in ms: the heartbeat's
-    /// age is this minus the key's PTTL, by Redis' clock. 0 from daemons
-    /// older than the field.
-    #[serde(default)]
-    pub ttl_ms: u64,
-}
+pub use crate::queue::inspect::{Registration, WorkerInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::cli::{CliResult, Failure, connect};
+use super::{CliResult, Failure, connect};
 use crate::config::Config;
 use crate::progress::{ProgressEvent, Status};
 use crate::store::{JobRecord, Reader};

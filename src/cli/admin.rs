@@ -1,0 +1,192 @@
+//! Operator commands on jobs: `cancel`, `retry`, `dead list|retry|purge`,
+//! `cleanup`.
+
+use std::time::Duration;
+
+use clap::Subcommand;
+use serde_json::{Value, json};
+
+use super::{CliResult, Failure, client, client_failure};
+use crate::client::inspect::{DeadEntry, Inspector, Revival};
+use crate::client::{Cancelled, ClientError};
+use crate::config::Config;
+use crate::queue::job::META_FIELD;
+
+#[derive(Debug, Subcommand)]
+pub enum DeadCommand {
+    /// Show dead jobs, newest first
+    List {
+        #[arg(long)]
+        queue: Option<String>,
+        /// Entries shown per queue
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead jobs back on their queue with fresh attempts (all, or IDS)
+    Retry {
+        #[arg(long)]
+        queue: Option<String>,
+        ids: Vec<String>,
+    },
+    /// Delete dead jobs (all, or IDS)
+    Purge {
+        #[arg(long)]
+        queue: Option<String>,
+        ids: Vec<String>,
+    },
+}
+
+pub async fn cancel(config: &Config, id: &str) -> CliResult {
+    match client(config).await?.cancel(id).await {
+        Ok(Cancelled::Stopped) => println!("{id} cancelled"),
+        Ok(Cancelled::Recorded) => println!(
+            "{id} cancellation recorded: it is not running now, and is dropped when a daemon takes it"
+        ),
+        Err(e @ ClientError::AlreadyFinished { .. }) => return Err(Failure::other(e.to_string())),
+        Err(e) => return Err(Failure::other(format!("cancel failed: {e}"))),
+    }
+    Ok(())
+}
+
+/// [`Inspector::revive`], printing each.
+async fn revive_all(inspector: &Inspector, entries: Vec<DeadEntry>) -> Result<u64, Failure> {
+    inspector
+        .revive(entries, |r| match r {
+            Revival::Requeued { queue, id } => println!(
+                "{} requeued on {queue}",
+                if id.is_empty() { "(raw message)" } else { id }
+            ),
+            Revival::Unreadable { queue } => {
+                eprintln!("conveyor: skipping an unreadable dead entry on {queue}")
+            }
+            Revival::Gone => {}
+        })
+        .await
+        .map_err(client_failure)
+}
+
+pub async fn retry(config: &Config, id: &str) -> CliResult {
+    let inspector = client(config).await?.inspector();
+    let queues = inspector.queues().await.map_err(client_failure)?;
+    let found = inspector
+        .dead_matching(&queues, &[id.to_owned()])
+        .await
+        .map_err(client_failure)?;
+    if found.is_empty() {
+        return Err(Failure::other(format!(
+            "no dead job `{id}` (queues: {})",
+            queues.join(", ")
+        )));
+    }
+    revive_all(&inspector, found.into_iter().take(1).collect()).await?;
+    Ok(())
+}
+
+pub async fn dead(config: &Config, cmd: &DeadCommand) -> CliResult {
+    let inspector = client(config).await?.inspector();
+    let (DeadCommand::List { queue, .. }
+    | DeadCommand::Retry { queue, .. }
+    | DeadCommand::Purge { queue, .. }) = cmd;
+    let queues = inspector
+        .queues_or_all(queue.as_deref())
+        .await
+        .map_err(client_failure)?;
+    match cmd {
+        DeadCommand::List { limit, json, .. } => {
+            let entries = inspector
+                .dead_list(&queues, *limit)
+                .await
+                .map_err(client_failure)?;
+            print_dead(entries, *json);
+            Ok(())
+        }
+        DeadCommand::Retry { ids, .. } => {
+            let found = inspector
+                .dead_matching(&queues, ids)
+                .await
+                .map_err(client_failure)?;
+            let n = revive_all(&inspector, found).await?;
+            eprintln!("{n} job(s) requeued");
+            Ok(())
+        }
+        DeadCommand::Purge { ids, .. } => {
+            let n = inspector
+                .purge_dead(&queues, ids)
+                .await
+                .map_err(client_failure)?;
+            println!("{n} dead job(s) purged");
+            Ok(())
+        }
+    }
+}
+
+fn print_dead(entries: Vec<DeadEntry>, json: bool) {
+    let rows: Vec<(String, Value)> = entries
+        .into_iter()
+        .map(|e| (e.queue.clone(), e.value()))
+        .collect();
+    if json {
+        let list: Vec<Value> = rows
+            .into_iter()
+            .map(|(q, v)| json!({"queue": q, "entry": v}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&list).unwrap_or_default()
+        );
+        return;
+    }
+    println!(
+        "{:<12} {:<38} {:<18} {:<24} ERROR",
+        "QUEUE", "ID", "TYPE", "FAILED AT"
+    );
+    for (q, v) in rows {
+        let meta = &v[META_FIELD];
+        println!(
+            "{:<12} {:<38} {:<18} {:<24} {}",
+            q,
+            v["id"].as_str().unwrap_or("-"),
+            v["type"].as_str().unwrap_or("-"),
+            meta["failed_at"].as_str().unwrap_or("-"),
+            meta["error"].as_str().unwrap_or("-")
+        );
+    }
+}
+
+/// `conveyor cleanup --older-than D [--vacuum]`.
+pub fn cleanup(config: &Config, older_than: Duration, vacuum: bool, json: bool) -> CliResult {
+    let path = &config.store.path;
+    if !path.exists() {
+        return Err(Failure::other(format!("no database at {}", path.display())));
+    }
+    let cutoff = crate::time::rfc3339_of_ms(
+        crate::time::now_ms().saturating_sub(older_than.as_millis() as u64),
+    );
+    let report = crate::store::cleanup(path, &cutoff, vacuum)
+        .map_err(|e| Failure::other(format!("cleanup failed: {e}")))?;
+    if json {
+        let mut out = serde_json::to_value(&report).unwrap_or(Value::Null);
+        out["finished_before"] = json!(cutoff);
+        println!("{out}");
+    } else {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        println!(
+            "deleted {} job(s) finished before {cutoff} ({} stage rows, {} attempt rows)",
+            report.jobs_deleted, report.stages_deleted, report.attempts_deleted
+        );
+        println!(
+            "{}: {:.1} MiB -> {:.1} MiB{}",
+            path.display(),
+            mib(report.bytes_before),
+            mib(report.bytes_after),
+            if report.vacuumed {
+                " (vacuumed)"
+            } else {
+                "; --vacuum gives freed pages back to the file system"
+            }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,281 @@
+//! The `conveyor` command line: arguments, printing and exit codes.
+//!
+//! Only `main.rs` uses this module. Each command family has its file;
+//! they call the library ([`crate::client::Client`] and its inspector, the
+//! store's reader, the daemon, the dashboard, the bench) and turn what comes
+//! back into lines on stdout and a [`Failure`] with its exit code.
+//!
+//! Exit codes: 0 success, 2 usage or config error, 1 anything else.
+
+mod admin;
+mod doctor;
+mod enqueue;
+mod jobs;
+mod serve;
+mod status;
+mod watch;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::bench::BenchArgs;
+use crate::client::{Client, ClientError};
+use crate::config::{Config, ConfigError, Overrides};
+use crate::queue::Broker;
+use crate::telemetry::LogFormat;
+use admin::DeadCommand;
+use enqueue::{EnqueueArgs, parse_delay};
+use jobs::JobsArgs;
+use serve::WorkerArgs;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "conveyor",
+    version,
+    about = "A Redis-backed, crash-safe, multi-stage job daemon"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    /// A command that prints and exits (not a long-running process).
+    pub fn prints_and_exits(&self) -> bool {
+        !matches!(
+            self.command,
+            Command::Worker(_) | Command::Dashboard { .. } | Command::Bench(_)
+        )
+    }
+}
+
+/// Settings every command understands (flag > environment > file > default).
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Config file [default: config/conveyor.toml when it exists]
+    #[arg(long, env = "CONVEYOR_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Redis URL (`redis://[user:password@]host:port[/db]`, `rediss://`, `redis+unix://`)
+    #[arg(
+        long,
+        env = "CONVEYOR_REDIS_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key
+    #[arg(long, env = "CONVEYOR_PREFIX", global = true)]
+    pub prefix: Option<String>,
+    /// SQLite file
+    #[arg(long, env = "CONVEYOR_DB", global = true)]
+    pub db: Option<PathBuf>,
+    /// Log format
+    #[arg(
+        long,
+        env = "CONVEYOR_LOG_FORMAT",
+        global = true,
+        value_enum,
+        default_value = "auto"
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon
+    Worker(WorkerArgs),
+    /// Push a job; prints its id
+    Enqueue(EnqueueArgs),
+    /// Show a job and its stages (from SQLite)
+    Job {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List jobs, newest first, with filters and paging
+    Jobs(JobsArgs),
+    /// Queue depths, live workers, jobs by status
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a job: a pending or scheduled one never runs, a running one stops
+    Cancel { id: String },
+    /// Put a dead job back on its queue with fresh attempts
+    Retry { id: String },
+    /// The dead-letter lists
+    #[command(subcommand)]
+    Dead(DeadCommand),
+    /// Follow progress messages: of one job until it ends, or of all jobs
+    Watch {
+        id: Option<String>,
+        /// Print the raw JSON messages
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check config, Redis (reachable, version, permissions, scripts) and
+    /// SQLite (schema, WAL); one line per check, exit 1 if any fails
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete finished jobs older than a duration from SQLite, then
+    /// `PRAGMA optimize` (and `VACUUM` with --vacuum)
+    Cleanup {
+        /// Finished (completed, failed, cancelled) longer ago than this, e.g. 7d, 12h
+        #[arg(long, value_parser = parse_delay)]
+        older_than: Duration,
+        /// Also rebuild the file to give the space back (blocks writers while it runs)
+        #[arg(long)]
+        vacuum: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script (e.g. `conveyor completions bash > /etc/bash_completion.d/conveyor`)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Web page of queues, workers and jobs with live progress (`/events`),
+    /// and a JSON API under `/api/`; actions need CONVEYOR_DASHBOARD_TOKEN
+    Dashboard {
+        /// Address to listen on (a non-loopback one shows every job to the network)
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+    },
+    /// Measure throughput, latency, memory and Redis cost on this machine
+    /// (a private redis-server unless --redis-url is given; see docs/benchmarks.md)
+    Bench(BenchArgs),
+}
+
+/// A failure with its exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Self {
+        Self {
+            code: 2,
+            message: message.into(),
+        }
+    }
+    fn other(message: impl Into<String>) -> Self {
+        Self {
+            code: 1,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Self::usage(format!("config error: {e}"))
+    }
+}
+
+type CliResult = Result<(), Failure>;
+
+impl Cli {
+    pub fn overrides(&self) -> Overrides {
+        let mut o = Overrides {
+            redis_url: self.global.redis_url.clone(),
+            prefix: self.global.prefix.clone(),
+            db: self.global.db.clone(),
+            ..Default::default()
+        };
+        if let Command::Worker(w) = &self.command {
+            o.worker_id = w.worker_id.clone();
+            o.queues = w.queues.clone();
+            o.concurrency = w.concurrency;
+            o.shutdown_grace_secs = w.shutdown_grace_secs;
+        }
+        o
+    }
+
+    pub fn load_config(&self) -> Result<Config, Failure> {
+        Ok(Config::load(
+            self.global.config.as_deref(),
+            &self.overrides(),
+        )?)
+    }
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let config = match &cli.command {
+        // The bench writes its own config; the doctor loads it itself, to
+        // report a bad one as one of its checks.
+        Command::Bench(_) | Command::Completions { .. } | Command::Doctor { .. } => {
+            Ok(Config::default())
+        }
+        _ => cli.load_config(),
+    };
+    let result = match config {
+        Err(e) => Err(e),
+        Ok(config) => match &cli.command {
+            Command::Worker(_) => serve::worker(config).await,
+            Command::Enqueue(args) => enqueue::enqueue(&config, args).await,
+            Command::Job { id, json } => jobs::job(&config, id, *json).await,
+            Command::Jobs(args) => jobs::jobs(&config, args).await,
+            Command::Status { json } => status::status(&config, *json).await,
+            Command::Watch { id, json } => watch::run(&config, id.as_deref(), *json).await,
+            Command::Cancel { id } => admin::cancel(&config, id).await,
+            Command::Retry { id } => admin::retry(&config, id).await,
+            Command::Dead(cmd) => admin::dead(&config, cmd).await,
+            Command::Bench(args) => serve::bench(&cli.global, args).await,
+            Command::Dashboard { listen } => serve::dashboard(config, listen).await,
+            Command::Cleanup {
+                older_than,
+                vacuum,
+                json,
+            } => admin::cleanup(&config, *older_than, *vacuum, *json),
+            Command::Completions { shell } => {
+                use clap::CommandFactory;
+                let mut cmd = Cli::command();
+                clap_complete::generate(*shell, &mut cmd, "conveyor", &mut std::io::stdout());
+                Ok(())
+            }
+            Command::Doctor { json } => doctor::run(&cli, *json).await,
+        },
+    };
+    exit_code(result)
+}
+
+fn exit_code(result: CliResult) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("conveyor: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn connect(config: &Config) -> Result<Broker, Failure> {
+    // The command line fails fast rather than waiting out an outage.
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        Broker::connect_config(&config.redis, 0),
+    )
+    .await
+    .map_err(|_| Failure::other("Redis did not answer within 5 s"))?
+    .map_err(|e| Failure::other(format!("cannot connect to Redis: {e}")))
+}
+
+/// A [`Client`] on a connection made as [`connect`] makes it.
+async fn client(config: &Config) -> Result<Client, Failure> {
+    Ok(Client::with_broker(connect(config).await?, config))
+}
+
+/// A failed [`Client`] call (its message says what and where: `Redis: ...`).
+fn client_failure(e: ClientError) -> Failure {
+    Failure::other(e.to_string())
+}
