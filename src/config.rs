@@ -69,15 +69,33 @@ pub struct Config {
     pub jobs: BTreeMap<String, JobTypeConfig>,
     /// Periodic jobs (`[[schedules]]`), enqueued by the daemons.
     pub schedules: Vec<ScheduleConfig>,
-    /// Remote workers over HTTP (`[api]`), served by `conveyor dashboard`.
-    pub api: ApiConfig,
+    /// Remote workers over HTTP (`[gateway]`), served by `conveyor gateway`.
+    pub gateway: GatewayConfig,
+    /// `conveyor dashboard`'s own settings (`[dashboard]`).
+    pub dashboard: DashboardConfig,
+    /// `[api]`: what `[gateway]` was called while `conveyor dashboard`
+    /// served the remote-worker API; [`Config::from_toml`] moves it to
+    /// `gateway` and remembers that it did ([`Config::notices`]).
+    #[serde(rename = "api")]
+    legacy_api: Option<GatewayConfig>,
+    #[serde(skip)]
+    from_legacy_api: bool,
 }
 
-/// `[api]`: the remote-worker API of `conveyor dashboard` (see
-/// [`crate::api`]).
-#[derive(Clone, Deserialize)]
+/// `[dashboard]`: HTTPS for `conveyor dashboard`.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ApiConfig {
+pub struct DashboardConfig {
+    /// The certificate chain and its private key (PEM); both or neither.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+}
+
+/// `[gateway]`: the remote-worker API of `conveyor gateway` (see
+/// [`crate::gateway`]).
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
     /// Bearer tokens by name (a worker or a group of workers); more come
     /// from `CONVEYOR_API_TOKENS="name=token,..."`. None: the API refuses
     /// every call.
@@ -93,15 +111,15 @@ pub struct ApiConfig {
     pub max_waiting_claims: usize,
     /// Claims per second from one worker id; more are answered 429.
     pub claims_per_sec: u32,
-    /// Worker id of the API's own daemon [default: `api-<host name>`].
+    /// Worker id of the gateway's own daemon [default: `gateway-<host name>`].
     pub worker_id: Option<String>,
-    /// HTTPS for the whole `conveyor dashboard` server (pages and API):
-    /// the certificate chain and its private key (PEM).
+    /// HTTPS for `conveyor gateway`: the certificate chain and its private
+    /// key (PEM); both or neither.
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
 }
 
-impl Default for ApiConfig {
+impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             tokens: BTreeMap::new(),
@@ -117,9 +135,9 @@ impl Default for ApiConfig {
 }
 
 /// Never prints the tokens.
-impl std::fmt::Debug for ApiConfig {
+impl std::fmt::Debug for GatewayConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiConfig")
+        f.debug_struct("GatewayConfig")
             .field("tokens", &self.tokens.keys().collect::<Vec<_>>())
             .field("lease_secs", &self.lease_secs)
             .field("max_jobs", &self.max_jobs)
@@ -354,7 +372,7 @@ pub struct JobTypeConfig {
     /// Most job starts of this type per period across all daemons, e.g.
     /// "100/1m" (enforced in Redis); none by default.
     pub rate: Option<String>,
-    /// Run by remote workers over HTTP (`conveyor dashboard`'s API), not
+    /// Run by remote workers over HTTP (`conveyor gateway`), not
     /// by daemons: its stages name the steps a remote worker reports, with
     /// no `run` or `builtin`, and its queue is served by the API only.
     #[serde(default)]
@@ -480,7 +498,38 @@ impl Config {
     }
 
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+        let mut config: Self =
+            toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
+        if let Some(api) = config.legacy_api.take() {
+            if config.gateway != GatewayConfig::default() {
+                return Err(
+                    "[api] is the old name of [gateway]: keep one of them (rename [api] to [gateway])"
+                        .to_owned(),
+                );
+            }
+            config.gateway = api;
+            config.from_legacy_api = true;
+        }
+        Ok(config)
+    }
+
+    /// Whether the file had `[api]` (now `[gateway]`): its TLS files then
+    /// still serve `conveyor dashboard` when `[dashboard]` names none.
+    pub fn from_legacy_api(&self) -> bool {
+        self.from_legacy_api
+    }
+
+    /// What an operator should change in a config that still loads: one
+    /// message per outdated setting, for the command line to print.
+    pub fn notices(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.from_legacy_api {
+            out.push(
+                "config: [api] is now [gateway], and `conveyor gateway` serves the remote-worker API (/api/v1); rename the section"
+                    .to_owned(),
+            );
+        }
+        out
     }
 
     pub fn apply(&mut self, o: &Overrides) {
@@ -636,36 +685,36 @@ impl Config {
                 return Err(invalid(
                     format!("worker.queues[{i}]"),
                     format!(
-                        "queue `{q}` holds remote job types, which the API serves (conveyor dashboard); daemons do not"
+                        "queue `{q}` holds remote job types, which the gateway serves (conveyor gateway); daemons do not"
                     ),
                 ));
             }
         }
-        let a = &self.api;
+        let a = &self.gateway;
         if a.lease_secs == 0 || a.lease_secs > 3600 {
-            return Err(invalid("api.lease_secs", "must be between 1 and 3600"));
+            return Err(invalid("gateway.lease_secs", "must be between 1 and 3600"));
         }
         if a.max_jobs == 0 {
-            return Err(invalid("api.max_jobs", "must be at least 1"));
+            return Err(invalid("gateway.max_jobs", "must be at least 1"));
         }
         if a.claims_per_sec == 0 {
-            return Err(invalid("api.claims_per_sec", "must be at least 1"));
+            return Err(invalid("gateway.claims_per_sec", "must be at least 1"));
         }
         if a.max_waiting_claims == 0 {
-            return Err(invalid("api.max_waiting_claims", "must be at least 1"));
+            return Err(invalid("gateway.max_waiting_claims", "must be at least 1"));
         }
         if let Some(id) = &a.worker_id {
-            check_name("api.worker_id", id)?;
+            check_name("gateway.worker_id", id)?;
         }
         if a.tls_cert_file.is_some() != a.tls_key_file.is_some() {
             return Err(invalid(
-                "api.tls_cert_file",
+                "gateway.tls_cert_file",
                 "HTTPS needs both tls_cert_file and tls_key_file",
             ));
         }
         for (key, file) in [
-            ("api.tls_cert_file", &a.tls_cert_file),
-            ("api.tls_key_file", &a.tls_key_file),
+            ("gateway.tls_cert_file", &a.tls_cert_file),
+            ("gateway.tls_key_file", &a.tls_key_file),
         ] {
             if let Some(path) = file {
                 readable(key, path)?;
@@ -674,9 +723,24 @@ impl Config {
         for (name, token) in &a.tokens {
             if token.trim().len() < 16 {
                 return Err(invalid(
-                    format!("api.tokens.{name}"),
+                    format!("gateway.tokens.{name}"),
                     "must be at least 16 characters",
                 ));
+            }
+        }
+        let d = &self.dashboard;
+        if d.tls_cert_file.is_some() != d.tls_key_file.is_some() {
+            return Err(invalid(
+                "dashboard.tls_cert_file",
+                "HTTPS needs both tls_cert_file and tls_key_file",
+            ));
+        }
+        for (key, file) in [
+            ("dashboard.tls_cert_file", &d.tls_cert_file),
+            ("dashboard.tls_key_file", &d.tls_key_file),
+        ] {
+            if let Some(path) = file {
+                readable(key, path)?;
             }
         }
         Ok(())
@@ -1062,10 +1126,18 @@ mod tests {
                 remote.replace("queues = [\"a\"]", "queues = [\"a\", \"r\"]"),
                 "worker.queues[1]",
             ),
-            (format!("{remote}[api]\nlease_secs = 0\n"), "api.lease_secs"),
             (
-                format!("{remote}[api]\ntokens = {{ w = \"short\" }}\n"),
-                "api.tokens.w",
+                format!("{remote}[gateway]\nlease_secs = 0\n"),
+                "gateway.lease_secs",
+            ),
+            (
+                format!("{remote}[gateway]\ntokens = {{ w = \"short\" }}\n"),
+                "gateway.tokens.w",
+            ),
+            // The old name still loads, and its keys are named as they now are.
+            (
+                format!("{remote}[api]\nlease_secs = 0\n"),
+                "gateway.lease_secs",
             ),
         ];
         for (text, key) in cases {
@@ -1073,7 +1145,7 @@ mod tests {
             assert!(e.starts_with(&format!("config key `{key}`")), "{text}: {e}");
         }
         let c = Config::from_toml(&format!(
-            "{remote}[api]\ntokens = {{ w = \"0123456789abcdefXYZ\" }}\n"
+            "{remote}[gateway]\ntokens = {{ w = \"0123456789abcdefXYZ\" }}\n"
         ))
         .unwrap();
         assert!(

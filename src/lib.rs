@@ -84,7 +84,6 @@
 //!   [`admin`]: its operator commands (cancel, retry, dead letters);
 //!   [`mod@bench`]: `conveyor bench`, the benchmark.
 
-pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod client;
@@ -92,8 +91,8 @@ pub mod config;
 pub mod dashboard;
 pub mod doctor;
 pub mod error;
-pub mod notify;
-pub mod observe;
+pub mod gateway;
+pub mod http;
 pub mod pipeline;
 pub mod progress;
 pub mod queue;
@@ -110,3 +109,6 @@ pub use worker::builder::Worker;
 
 // Kept while the modules move; callers name `crate::time::...`.
 pub use time::{now_ms, now_rfc3339, parse_rfc3339_ms, rfc3339_of, rfc3339_of_ms};
+
+// Kept while the modules move; callers name `crate::telemetry::metrics`.
+pub(crate) use telemetry::metrics as observe;

@@ -49,7 +49,10 @@ impl Cli {
     pub fn prints_and_exits(&self) -> bool {
         !matches!(
             self.command,
-            Command::Worker(_) | Command::Dashboard { .. } | Command::Bench(_)
+            Command::Worker(_)
+                | Command::Dashboard { .. }
+                | Command::Gateway { .. }
+                | Command::Bench(_)
         )
     }
 }
@@ -142,10 +145,17 @@ pub enum Command {
         shell: clap_complete::Shell,
     },
     /// Web page of queues, workers and jobs with live progress (`/events`),
-    /// and a JSON API under `/api/`; actions need CONVEYOR_DASHBOARD_TOKEN
+    /// and a JSON API under `/api/`; read-only unless CONVEYOR_DASHBOARD_TOKEN is set
     Dashboard {
         /// Address to listen on (a non-loopback one shows every job to the network)
         #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+    },
+    /// Remote-worker HTTP API (`/api/v1`) for the remote job types, with
+    /// the daemon that hands their stages to remote workers
+    Gateway {
+        /// Address to listen on
+        #[arg(long, default_value = "127.0.0.1:8081")]
         listen: String,
     },
     /// Measure throughput, latency, memory and Redis cost on this machine
@@ -218,6 +228,11 @@ pub async fn run(cli: Cli) -> ExitCode {
         }
         _ => cli.load_config(),
     };
+    if let Ok(config) = &config {
+        for notice in config.notices() {
+            eprintln!("conveyor: {notice}");
+        }
+    }
     let result = match config {
         Err(e) => Err(e),
         Ok(config) => match &cli.command {
@@ -232,6 +247,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             Command::Dead(cmd) => admin::dead(&config, cmd).await,
             Command::Bench(args) => serve::bench(&cli.global, args).await,
             Command::Dashboard { listen } => serve::dashboard(config, listen).await,
+            Command::Gateway { listen } => serve::gateway(config, listen).await,
             Command::Cleanup {
                 older_than,
                 vacuum,

@@ -1,11 +1,12 @@
-//! The long-running commands: `conveyor worker` (the daemon) and
-//! `conveyor dashboard`.
+//! The long-running commands: `conveyor worker` (the daemon),
+//! `conveyor dashboard`, `conveyor gateway` and `conveyor bench`.
 
 use clap::Args;
 
 use super::{CliResult, Failure, Global};
 use crate::bench::BenchArgs;
 use crate::config::Config;
+use crate::http::ServeError;
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
@@ -45,7 +46,23 @@ pub async fn dashboard(config: Config, listen: &str) -> CliResult {
     crate::dashboard::serve(config, listen, token, shutdown)
         .await
         .map_err(|e| match e {
-            e @ DashboardError::BadAddress(_) => Failure::usage(e.to_string()),
+            DashboardError::Serve(e @ ServeError::BadAddress(_)) => Failure::usage(e.to_string()),
+            e => Failure::other(e.to_string()),
+        })
+}
+
+/// `conveyor gateway`: serves the remote-worker API until SIGTERM or SIGINT.
+pub async fn gateway(config: Config, listen: &str) -> CliResult {
+    use crate::gateway::GatewayError;
+    let shutdown = crate::shutdown::on_signals()
+        .map_err(|e| Failure::other(format!("cannot install signal handlers: {e}")))?;
+    crate::gateway::serve(config, listen, shutdown)
+        .await
+        .map_err(|e| match e {
+            GatewayError::Serve(e @ ServeError::BadAddress(_)) => Failure::usage(e.to_string()),
+            e @ (GatewayError::NothingToServe | GatewayError::Config(_)) => {
+                Failure::usage(e.to_string())
+            }
             e => Failure::other(e.to_string()),
         })
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -19,26 +19,12 @@ use super::api::{ApiError, ApiResult, DeadQuery, given, known_queues};
 use crate::client::Cancelled;
 use crate::client::inspect::{DeadEntry, Revival};
 
-/// Compares in time that depends on the expected token's length only
-/// (the dashboard's token, the remote-worker API's tokens).
-pub(crate) fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    let mut diff = u8::from(given.len() != expected.len());
-    for (i, e) in expected.iter().enumerate() {
-        diff |= e ^ given.get(i).copied().unwrap_or(0);
-    }
-    std::hint::black_box(diff) == 0
-}
-
 fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = &app.token else {
         return Err(ApiError::Disabled);
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if same_secret(given.trim().as_bytes(), expected.as_bytes()) {
+    let given = crate::http::bearer(headers).unwrap_or("");
+    if crate::http::same_secret(given.as_bytes(), expected.as_bytes()) {
         Ok(())
     } else {
         Err(ApiError::Unauthorized)
@@ -215,18 +201,6 @@ pub async fn dead_purge(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(same_secret(b"s3cret", b"s3cret"));
-        assert!(!same_secret(b"s3cre", b"s3cret"));
-        assert!(!same_secret(b"s3cret!", b"s3cret"));
-        assert!(!same_secret(b"", b"s3cret"));
-        assert!(!same_secret(b"s3creT", b"s3cret"));
-        assert!(same_secret(b"0123456789abcdef", b"0123456789abcdef"));
-        assert!(!same_secret(b"0123456789abcdeX", b"0123456789abcdef"));
-        assert!(!same_secret(b"0123456789abcdef0", b"0123456789abcdef"));
-    }
 
     #[test]
     fn a_body_overrides_the_query() {

@@ -1,10 +1,13 @@
 //! `conveyor dashboard`: a web page of queues, workers and jobs with live
 //! progress, and the JSON API it is drawn from.
 //!
-//! The dashboard is a reader like the CLI: any number of daemons on any
-//! hosts report to it only through Redis (queue lists, registrations, the
-//! `P:live` snapshot, the `P:progress:*` channels) and the SQLite file at
-//! `store.path` (opened read-only, per request).
+//! The dashboard is a reader like the CLI, and keeps no state of its own:
+//! any number may run, on any hosts. The daemons report to it only through
+//! Redis (queue lists, registrations, the `P:live` snapshot, the
+//! `P:progress:*` channels, read through [`crate::client::Inspector`]) and
+//! the SQLite file at `store.path` (opened read-only, per request). It
+//! changes nothing unless `CONVEYOR_DASHBOARD_TOKEN` is set. The
+//! remote-worker API is `conveyor gateway` ([`crate::gateway`]).
 //!
 //! - [`api`]: `/api/...` JSON reads, open to all.
 //! - [`actions`]: cancel, retry, purge (`POST`), which need
@@ -23,9 +26,8 @@
 pub mod actions;
 pub mod api;
 pub mod events;
-pub mod tls;
 
-use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
@@ -40,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::Client;
 use crate::client::inspect::Inspector;
 use crate::config::Config;
+use crate::http::{ServeError, Server};
 use crate::queue::Broker;
 
 /// Environment variable holding the token the actions need.
@@ -61,19 +64,10 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; conn
 /// Why the dashboard could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum DashboardError {
-    #[error("--listen `{0}` is not an address like 127.0.0.1:8080")]
-    BadAddress(String),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
     #[error("cannot connect to Redis: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("the HTTP server failed: {0}")]
-    Serve(std::io::Error),
-    #[error("{0}")]
-    Api(String),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
 }
 
 /// What every handler reads.
@@ -124,24 +118,12 @@ pub async fn serve(
     token: Option<String>,
     shutdown: CancellationToken,
 ) -> Result<(), DashboardError> {
-    let addr: SocketAddr = listen
-        .parse()
-        .map_err(|_| DashboardError::BadAddress(listen.to_owned()))?;
+    let server = Server::bind(listen, tls_files(&config)).await?;
     let broker = Broker::connect_config(&config.redis, 6).await?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| DashboardError::Bind { addr, source })?;
-    let local = listener.local_addr().unwrap_or(addr);
-    let tls = match (&config.api.tls_cert_file, &config.api.tls_key_file) {
-        (Some(cert), Some(key)) => {
-            Some(tls::server_config(cert, key).map_err(DashboardError::Api)?)
-        }
-        _ => None,
-    };
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    if !local.ip().is_loopback() && tls.is_none() {
+    let local = server.local;
+    if server.plain_beyond_loopback() {
         eprintln!(
-            "conveyor: warning: the dashboard serves plain HTTP on {local}: set [api] tls_cert_file and tls_key_file for HTTPS"
+            "conveyor: warning: the dashboard serves plain HTTP on {local}: set [dashboard] tls_cert_file and tls_key_file for HTTPS"
         );
     }
     if !local.ip().is_loopback() {
@@ -156,27 +138,13 @@ pub async fn serve(
             "conveyor: actions (cancel, retry, purge) are disabled: set {TOKEN_ENV} to enable them"
         );
     }
-    let api_tokens = crate::api::tokens(&config).map_err(DashboardError::Api)?;
-    let api = crate::api::start(&config, broker.clone(), shutdown.clone())
-        .map_err(DashboardError::Api)?;
-    let api_router = api.as_ref().map(|(dispatch, _)| {
-        if api_tokens.is_empty() {
-            eprintln!(
-                "conveyor: the remote-worker API refuses every call: set [api] tokens or {}",
-                crate::api::TOKENS_ENV
-            );
-        }
-        crate::api::router(Arc::new(crate::api::ApiState {
-            dispatch: dispatch.clone(),
-            tokens: api_tokens,
-            max_body: config.worker.max_job_bytes,
-            waiting: Arc::new(Semaphore::new(config.api.max_waiting_claims)),
-            waiting_workers: Default::default(),
-            claim_rate: Default::default(),
-            claims_per_sec: config.api.claims_per_sec,
-            shutdown: shutdown.clone(),
-        }))
-    });
+    let remote = config.remote_queues();
+    if !remote.is_empty() {
+        eprintln!(
+            "conveyor: the remote-worker API (/api/v1) of queue(s) {} is served by `conveyor gateway`, not by the dashboard",
+            remote.into_iter().collect::<Vec<_>>().join(", ")
+        );
+    }
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let bridge = events::Bridge::new(broker.clone(), events.clone());
     let bridge = tokio::spawn(bridge.run(shutdown.clone()));
@@ -191,63 +159,28 @@ pub async fn serve(
         sqlite: Arc::new(Semaphore::new(MAX_SQLITE_READS)),
         shutdown: shutdown.clone(),
     });
-    println!("conveyor dashboard on {scheme}://{local}/");
+    println!("conveyor dashboard on {}://{local}/", server.scheme());
     tracing::info!(addr = %local, "dashboard_started");
-    let routes = match api_router {
-        Some(api) => {
-            println!(
-                "remote-worker API on {scheme}://{local}/api/v1/ (OpenAPI: /api/v1/openapi.json)"
-            );
-            api.merge(router(app))
-        }
-        None => router(app),
-    };
-    // The server stays up until the API's daemon has drained, so remote
-    // workers can still report the jobs they hold during the grace period
-    // (new claims get 503).
-    let daemon_done = CancellationToken::new();
-    let daemon = api.map(|(_, handle)| {
-        let done = daemon_done.clone();
-        tokio::spawn(async move {
-            let result = handle.await;
-            done.cancel();
-            result
-        })
-    });
-    if daemon.is_none() {
-        daemon_done.cancel();
-    }
-    let http_stop = CancellationToken::new();
-    tokio::spawn({
-        let (shutdown, done, http_stop) = (shutdown.clone(), daemon_done, http_stop.clone());
-        async move {
-            shutdown.cancelled().await;
-            done.cancelled().await;
-            http_stop.cancel();
-        }
-    });
-    let served = match &tls {
-        Some(config) => {
-            let listener = tls::TlsListener::new(listener, config.clone(), shutdown.clone())
-                .map_err(DashboardError::Serve)?;
-            axum::serve(listener, routes)
-                .with_graceful_shutdown(http_stop.cancelled_owned())
-                .await
-        }
-        None => {
-            axum::serve(listener, routes)
-                .with_graceful_shutdown(http_stop.cancelled_owned())
-                .await
-        }
-    };
+    let served = server
+        .serve(router(app), shutdown.clone(), shutdown.clone())
+        .await;
     let _ = bridge.await;
-    if let Some(daemon) = daemon
-        && let Ok(Ok(Err(e))) = daemon.await
-    {
-        return Err(DashboardError::Api(e));
-    }
     tracing::info!("dashboard_stopped");
-    served.map_err(DashboardError::Serve)
+    Ok(served?)
+}
+
+/// `[dashboard]`'s certificate; else, for a config that still has the old
+/// `[api]` section, its TLS files, which served the whole dashboard then.
+fn tls_files(config: &Config) -> Option<(&'static str, &PathBuf, &PathBuf)> {
+    let d = &config.dashboard;
+    if let (Some(cert), Some(key)) = (&d.tls_cert_file, &d.tls_key_file) {
+        return Some(("dashboard", cert, key));
+    }
+    let g = &config.gateway;
+    match (&g.tls_cert_file, &g.tls_key_file) {
+        (Some(cert), Some(key)) if config.from_legacy_api() => Some(("api", cert, key)),
+        _ => None,
+    }
 }
 
 async fn security_headers(request: Request, next: Next) -> Response {

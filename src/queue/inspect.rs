@@ -215,6 +215,31 @@ impl Broker {
             .collect())
     }
 
+    /// Per queue: its pending, scheduled, dead and (this worker's) active
+    /// lengths, as (queue, list, length) rows; one pipeline.
+    pub async fn own_depths(
+        &self,
+        queues: &[String],
+        worker_id: &str,
+    ) -> RedisResult<Vec<(String, &'static str, u64)>> {
+        let keys = self.keys();
+        let mut pipe = redis::pipe();
+        for q in queues {
+            pipe.llen(keys.pending(q))
+                .zcard(keys.scheduled(q))
+                .llen(keys.dead(q))
+                .llen(keys.active(q, worker_id));
+        }
+        let counts: Vec<u64> = pipe.query_async(&mut self.conn()).await?;
+        let lists = ["pending", "scheduled", "dead", "active"];
+        Ok(queues
+            .iter()
+            .flat_map(|q| lists.iter().map(move |l| (q.clone(), *l)))
+            .zip(counts)
+            .map(|((q, l), n)| (q, l, n))
+            .collect())
+    }
+
     /// The latest progress message of a running job, from `P:live`.
     pub async fn live_message(&self, id: &str) -> RedisResult<Option<Value>> {
         let message: Option<String> = self.conn().hget(self.keys().live(), id).await?;

@@ -34,7 +34,9 @@
 pub mod builder;
 pub mod control;
 pub mod health;
+pub mod notify;
 pub mod periodic;
+pub mod probe;
 pub mod reaper;
 pub mod registry;
 pub mod runner;
@@ -100,11 +102,7 @@ pub(crate) async fn run_with_registry(
     let worker_id = config.worker_id();
     let w = &config.worker;
     let http = match &w.http {
-        Some(addr) => Some(
-            crate::observe::bind(addr)
-                .await
-                .map_err(WorkerError::Http)?,
-        ),
+        Some(addr) => Some(probe::bind(addr).await.map_err(WorkerError::Http)?),
         None => None,
     };
     let db = config.store.path.clone();
@@ -180,10 +178,10 @@ pub(crate) async fn run_with_registry(
         }
         .run(background.clone()),
     );
-    tracker.spawn(crate::notify::watchdog(health.clone(), background.clone()));
+    tracker.spawn(notify::watchdog(health.clone(), background.clone()));
     if let Some(listener) = http {
         let in_flight = env.clone();
-        let probe = crate::observe::Probe {
+        let probe = probe::Probe {
             health: health.clone(),
             broker: broker.clone(),
             queues: w.queues.clone(),
@@ -197,7 +195,7 @@ pub(crate) async fn run_with_registry(
             ready_window: Duration::from_secs(w.dead_after_secs),
         };
         // Up until the very end of the drain: `/readyz` says "shutting down".
-        tracker.spawn(crate::observe::serve(listener, probe, background.clone()));
+        tracker.spawn(probe::serve(listener, probe, background.clone()));
     }
     tracker.spawn(
         reaper::Reaper {
@@ -234,7 +232,7 @@ pub(crate) async fn run_with_registry(
 
     tracing::info!(worker_id = %worker_id, queues = ?w.queues, concurrency = w.concurrency,
         pid = info.pid, version = %info.version, "worker_started");
-    crate::notify::ready();
+    notify::ready();
 
     let jobs = TaskTracker::new();
     Fetcher {
@@ -251,10 +249,10 @@ pub(crate) async fn run_with_registry(
     health.draining();
 
     // Shutdown: the fetch loop has stopped taking jobs.
-    crate::notify::stopping();
+    notify::stopping();
     let grace = Duration::from_secs(w.shutdown_grace_secs);
     let drain_budget = grace + env.kill_grace + Duration::from_secs(10);
-    crate::notify::extend_timeout(drain_budget);
+    notify::extend_timeout(drain_budget);
     jobs.close();
     let running = env.stats.running.load(std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
@@ -397,7 +395,7 @@ impl Fetcher {
                     }
                 }
                 Err(err) => {
-                    crate::observe::redis_error("fetch");
+                    crate::telemetry::metrics::redis_error("fetch");
                     blocking = None;
                     let delay = backoff.next().unwrap_or(Duration::from_secs(5));
                     tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "Fetch failed");
@@ -467,7 +465,7 @@ impl Fetcher {
         // blocking wait for a job to arrive.
         let started = std::time::Instant::now();
         let jobs = broker.fetch_available(queues, worker, want).await?;
-        crate::observe::fetched(started.elapsed());
+        crate::telemetry::metrics::fetched(started.elapsed());
         *probe = if jobs.len() == want {
             (*probe).max(want * 2).min(FETCH_BATCH)
         } else {

@@ -160,8 +160,8 @@ impl Heartbeat {
                 self.info.running, self.info.completed, self.info.failed
             );
             match self.health.readiness(self.ttl) {
-                Ok(()) => crate::notify::status(&counts),
-                Err(why) => crate::notify::status(&format!("not ready: {why}; {counts}")),
+                Ok(()) => super::notify::status(&counts),
+                Err(why) => super::notify::status(&format!("not ready: {why}; {counts}")),
             }
         }
     }

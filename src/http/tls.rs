@@ -1,6 +1,6 @@
-//! HTTPS for `conveyor dashboard` (pages and the remote-worker API) when
-//! `[api] tls_cert_file` and `tls_key_file` are set: an axum [`Listener`]
-//! that hands over connections once their TLS handshake is done.
+//! HTTPS for `conveyor dashboard` and `conveyor gateway` when their
+//! section's `tls_cert_file` and `tls_key_file` are set: an axum
+//! [`Listener`] that hands over connections once their TLS handshake is done.
 //!
 //! Handshakes run in their own tasks, at most [`MAX_HANDSHAKES`] at once
 //! and [`HANDSHAKE_TIMEOUT`] each, so a slow or silent client never holds
@@ -24,25 +24,30 @@ use tokio_util::sync::CancellationToken;
 const MAX_HANDSHAKES: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The server's certificate chain and key, from PEM files.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+/// The server's certificate chain and key, from PEM files named by the
+/// config section `section` (`dashboard`, `gateway`).
+pub fn server_config(
+    section: &str,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ServerConfig>, String> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("api.tls_cert_file {}: {e}", cert.display()))?;
+        .map_err(|e| format!("{section}.tls_cert_file {}: {e}", cert.display()))?;
     if certs.is_empty() {
         return Err(format!(
-            "api.tls_cert_file {}: no certificate in it",
+            "{section}.tls_cert_file {}: no certificate in it",
             cert.display()
         ));
     }
     let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("api.tls_key_file {}: {e}", key.display()))?;
+        .map_err(|e| format!("{section}.tls_key_file {}: {e}", key.display()))?;
     rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map(Arc::new)
-        .map_err(|e| format!("api.tls_cert_file / api.tls_key_file: {e}"))
+        .map_err(|e| format!("{section}.tls_cert_file / {section}.tls_key_file: {e}"))
 }
 
 /// Accepts TCP connections and yields them after a TLS handshake.

@@ -1,4 +1,4 @@
-//! The `/api/v1` routes: bearer tokens, bodies read within a limit and
+//! The gateway's `/api/v1` routes: bearer tokens, bodies read within a limit and
 //! checked against the OpenAPI schemas, JSON errors with a `reason`.
 
 use std::collections::{HashMap, HashSet};
@@ -17,8 +17,9 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::{Dispatch, OPENAPI, Refusal};
-use crate::dashboard::actions::same_secret;
+use super::OPENAPI;
+use super::dispatch::{Dispatch, Refusal};
+use crate::http::{bearer, same_secret};
 
 /// What the handlers share.
 pub struct ApiState {
@@ -112,15 +113,11 @@ fn authorize(state: &ApiState, headers: &HeaderMap) -> Result<String, ApiError> 
     let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
     if state.tokens.is_empty() {
         return Err(unauthorized(
-            "the API has no tokens: set [api] tokens or CONVEYOR_API_TOKENS",
+            "the API has no tokens: set [gateway] tokens or CONVEYOR_API_TOKENS",
         ));
     }
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .ok_or_else(|| unauthorized("Authorization: Bearer <token> is required"))?;
+    let given =
+        bearer(headers).ok_or_else(|| unauthorized("Authorization: Bearer <token> is required"))?;
     let mut found = None;
     for (name, token) in &state.tokens {
         if same_secret(given.as_bytes(), token.as_bytes()) && found.is_none() {

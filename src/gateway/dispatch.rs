@@ -1,30 +1,10 @@
-//! Remote workers over HTTP: `/api/v1/...` on `conveyor dashboard`'s
-//! server, described by `openapi.json` (served at `/api/v1/openapi.json`).
+//! Remote jobs in the gateway's hands, and the workers' leases on them.
 //!
-//! Remote job types (`jobs."T".remote = true`) run through the same engine
-//! as every other job: the API starts its own daemon ([`embedded_config`])
-//! on the remote queues, in which each stage of a remote type is a
-//! [`RemoteStage`]. That daemon takes jobs from Redis into its active list,
-//! records them in SQLite, publishes progress, retries with backoff,
-//! dead-letters, honours cancels and requeues on shutdown, exactly as
-//! `conveyor worker` does. A [`RemoteStage`] only hands its stage to a
-//! remote worker and waits for what the worker reports:
-//!
-//! ```text
-//!  daemon (runner) ──stage a──► RemoteStage ──offer──► claim (long poll) ◄── remote worker
-//!                                   ▲ events: progress, stage done,           │
-//!                                   └──────── job done, fail ◄────────────────┘ (lease token)
-//! ```
-//!
-//! A claim leases the job to one worker for `api.lease_secs`; heartbeats
-//! and progress renew it. A lease that runs out fails the attempt as
-//! retryable ("remote worker W did not renew its lease"), and the engine
-//! retries the job later, on any worker, from its first unfinished stage.
-//! Every call carries the lease token; a token that is not the job's
-//! current lease (expired, stolen, the job cancelled or stopped) is refused
-//! with 409 and changes nothing.
-
-mod http;
+//! The embedded daemon offers a job when its first remote stage starts;
+//! a claim leases it to one worker; heartbeats, progress and stage reports
+//! renew the lease and go to the [`super::stage::RemoteStage`] waiting on
+//! the job; the job's end (done, failed, released, cancelled, lease run
+//! out) forgets the lease, so a late call with its token is refused.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -34,59 +14,14 @@ use serde_json::{Map, Value};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::ENDED_MEMORY;
 use crate::config::Config;
-use crate::pipeline::{BoxFuture, Stage, StageContext, StageError};
+use crate::pipeline::StageContext;
 use crate::queue::Broker;
-
-pub use http::{ApiState, router};
-
-/// The OpenAPI document of `/api/v1`.
-pub const OPENAPI: &str = include_str!("openapi.json");
-
-/// Name under which the embedded daemon knows [`RemoteStage`].
-pub const REMOTE_STAGE: &str = "remote";
-
-/// Tokens remembered to say why a lease ended (cancelled or not).
-const ENDED_MEMORY: usize = 4096;
-
-/// The config of the API's own daemon: the remote queues, `api.max_jobs`
-/// at once, and every remote stage run by [`RemoteStage`]. `None` when
-/// the config has no remote job type.
-pub fn embedded_config(config: &Config) -> Option<Config> {
-    let queues: Vec<String> = config
-        .remote_queues()
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    if queues.is_empty() {
-        return None;
-    }
-    let mut c = config.clone();
-    c.worker.id = Some(
-        config
-            .api
-            .worker_id
-            .clone()
-            .unwrap_or_else(|| format!("api-{}", crate::config::hostname())),
-    );
-    c.worker.queues = queues;
-    c.worker.queue_weights.clear();
-    c.worker.concurrency = config.api.max_jobs;
-    c.worker.http = None;
-    c.schedules.clear();
-    c.jobs.retain(|_, j| j.remote);
-    for job in c.jobs.values_mut() {
-        job.remote = false;
-        for stage in &mut job.stages {
-            stage.builtin = Some(REMOTE_STAGE.to_owned());
-        }
-    }
-    Some(c)
-}
 
 /// Whether a call ends the job's lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ends {
+pub(super) enum Ends {
     Yes,
     No,
 }
@@ -103,7 +38,7 @@ pub enum Refusal {
 }
 
 /// What a remote worker reported, for the stage waiting on it.
-enum Event {
+pub(super) enum Event {
     Progress {
         percent: f64,
         message: Option<String>,
@@ -127,35 +62,35 @@ enum Event {
 
 /// A job in the API's hands for one attempt, from its first remote stage
 /// to its end.
-struct RemoteJob {
-    id: String,
-    kind: String,
-    queue: String,
-    payload: Value,
-    attempt: u32,
+pub(super) struct RemoteJob {
+    pub(super) id: String,
+    pub(super) kind: String,
+    pub(super) queue: String,
+    pub(super) payload: Value,
+    pub(super) attempt: u32,
     /// Results of the stages finished by earlier attempts.
-    results: Map<String, Value>,
-    state: Mutex<JobState>,
-    events: mpsc::UnboundedSender<Event>,
-    inbox: tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>,
+    pub(super) results: Map<String, Value>,
+    pub(super) state: Mutex<JobState>,
+    pub(super) events: mpsc::UnboundedSender<Event>,
+    pub(super) inbox: tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>,
     /// Cancelled by [`Dispatch::end`].
-    ended: CancellationToken,
+    pub(super) ended: CancellationToken,
 }
 
 #[derive(Default)]
-struct JobState {
-    lease: Option<Lease>,
+pub(super) struct JobState {
+    pub(super) lease: Option<Lease>,
     /// Stages done in this attempt (reported, maybe not yet consumed).
-    done: Vec<String>,
+    pub(super) done: Vec<String>,
     /// The whole job was reported done, with this result.
-    finished: Option<Value>,
+    pub(super) finished: Option<Value>,
 }
 
 #[derive(Clone)]
-struct Lease {
-    token: String,
-    worker: String,
-    expires: Instant,
+pub(super) struct Lease {
+    pub(super) token: String,
+    pub(super) worker: String,
+    pub(super) expires: Instant,
 }
 
 /// A job as a claim returns it.
@@ -183,34 +118,34 @@ pub struct LeaseInfo {
 
 /// Remote jobs in flight and the workers' leases on them.
 pub struct Dispatch {
-    broker: Broker,
-    ttl: Duration,
+    pub(super) broker: Broker,
+    pub(super) ttl: Duration,
     /// The remote job types, by name.
-    types: HashMap<String, RemoteType>,
-    inner: Mutex<Inner>,
+    pub(super) types: HashMap<String, RemoteType>,
+    pub(super) inner: Mutex<Inner>,
     /// Woken when a job is offered.
-    offered: Notify,
+    pub(super) offered: Notify,
     /// The server's shutdown: unclaimed jobs go back at once.
-    shutdown: CancellationToken,
+    pub(super) shutdown: CancellationToken,
 }
 
 /// What a claim tells of a remote job type.
-struct RemoteType {
-    queue: String,
-    stages: Vec<String>,
-    max_attempts: u32,
+pub(super) struct RemoteType {
+    pub(super) queue: String,
+    pub(super) stages: Vec<String>,
+    pub(super) max_attempts: u32,
 }
 
 #[derive(Default)]
-struct Inner {
-    jobs: HashMap<String, Arc<RemoteJob>>,
+pub(super) struct Inner {
+    pub(super) jobs: HashMap<String, Arc<RemoteJob>>,
     /// Unclaimed jobs, oldest first.
-    offers: VecDeque<String>,
+    pub(super) offers: VecDeque<String>,
     /// Lease token -> job id.
-    tokens: HashMap<String, String>,
+    pub(super) tokens: HashMap<String, String>,
     /// Recently ended cancelled leases.
-    cancelled: HashSet<String>,
-    cancelled_order: VecDeque<String>,
+    pub(super) cancelled: HashSet<String>,
+    pub(super) cancelled_order: VecDeque<String>,
 }
 
 impl Dispatch {
@@ -230,7 +165,7 @@ impl Dispatch {
             .collect();
         Arc::new(Self {
             broker,
-            ttl: Duration::from_secs(config.api.lease_secs),
+            ttl: Duration::from_secs(config.gateway.lease_secs),
             types,
             inner: Mutex::new(Inner::default()),
             offered: Notify::new(),
@@ -238,13 +173,13 @@ impl Dispatch {
         })
     }
 
-    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+    pub(super) fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The job a stage of `ctx` belongs to, offered to the workers when it
     /// is new (the first remote stage of this attempt).
-    fn enter(self: &Arc<Self>, ctx: &StageContext) -> Arc<RemoteJob> {
+    pub(super) fn enter(self: &Arc<Self>, ctx: &StageContext) -> Arc<RemoteJob> {
         let mut inner = self.inner();
         if let Some(job) = inner.jobs.get(&ctx.job_id)
             && job.attempt == ctx.attempt
@@ -290,7 +225,7 @@ impl Dispatch {
     }
 
     /// Forgets a job (its attempt ended); its lease is refused from now on.
-    fn end(&self, job: &RemoteJob, cancelled: bool) {
+    pub(super) fn end(&self, job: &RemoteJob, cancelled: bool) {
         job.ended.cancel();
         let mut inner = self.inner();
         let lease = lock(&job.state).lease.take();
@@ -353,7 +288,7 @@ impl Dispatch {
         })
     }
 
-    fn lease_info(&self, token: &str, expires: Instant) -> LeaseInfo {
+    pub(super) fn lease_info(&self, token: &str, expires: Instant) -> LeaseInfo {
         let left = expires.saturating_duration_since(Instant::now());
         LeaseInfo {
             token: token.to_owned(),
@@ -366,7 +301,7 @@ impl Dispatch {
     /// all under the state's lock: no expiry, end or other call can come
     /// between the check and the change. When `f` says the lease ends
     /// (`Ends::Yes`), it is taken and refused from then on.
-    fn with_lease<R>(
+    pub(super) fn with_lease<R>(
         &self,
         job_id: &str,
         token: &str,
@@ -415,13 +350,13 @@ impl Dispatch {
 
     /// The stage the job is at now (the first one neither finished
     /// earlier nor reported done).
-    fn current_stage(&self, job: &RemoteJob, state: &JobState) -> Option<String> {
+    pub(super) fn current_stage(&self, job: &RemoteJob, state: &JobState) -> Option<String> {
         self.types.get(&job.kind)?.stages.iter().find_map(|s| {
             (!job.results.contains_key(s) && !state.done.contains(s)).then(|| s.clone())
         })
     }
 
-    fn check_stage(
+    pub(super) fn check_stage(
         &self,
         job: &RemoteJob,
         state: &JobState,
@@ -526,7 +461,7 @@ impl Dispatch {
     }
 
     /// Whether job `id` (on `queue`) was cancelled.
-    async fn was_cancelled(&self, queue: &str, id: &str) -> bool {
+    pub(super) async fn was_cancelled(&self, queue: &str, id: &str) -> bool {
         let runs = [(queue.to_owned(), id.to_owned(), String::new())];
         let asked = tokio::time::timeout(Duration::from_secs(2), self.broker.check_runs(&runs));
         matches!(
@@ -536,175 +471,6 @@ impl Dispatch {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
-
-/// The stage of every remote job type in the API's daemon: hands the stage
-/// to the remote worker holding (or about to claim) the job, and returns
-/// what it reports.
-pub struct RemoteStage {
-    dispatch: Arc<Dispatch>,
-}
-
-impl RemoteStage {
-    pub fn new(dispatch: Arc<Dispatch>) -> Self {
-        Self { dispatch }
-    }
-
-    async fn run_stage(&self, ctx: &StageContext) -> Result<Value, StageError> {
-        let d = &self.dispatch;
-        let job = d.enter(ctx);
-        let last = d
-            .types
-            .get(&ctx.job_type)
-            .and_then(|t| t.stages.last())
-            .is_some_and(|s| s == &ctx.stage);
-        let finished = lock(&job.state).finished.clone();
-        if let Some(result) = finished {
-            if last {
-                d.end(&job, false);
-            }
-            return Ok(result);
-        }
-        let mut inbox = job.inbox.lock().await;
-        loop {
-            let deadline = lock(&job.state).lease.as_ref().map(|l| l.expires);
-            let unclaimed = deadline.is_none() && lock(&job.state).done.is_empty();
-            let expiry = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                biased;
-                event = inbox.recv() => match event {
-                    Some(Event::Progress { percent, message }) => ctx.progress(percent, message),
-                    Some(Event::StageDone { result }) => {
-                        if last {
-                            d.end(&job, false);
-                        }
-                        return Ok(result);
-                    }
-                    Some(Event::JobDone { result }) => {
-                        if last {
-                            d.end(&job, false);
-                        }
-                        return Ok(result);
-                    }
-                    Some(Event::Fail { error, retryable }) => {
-                        d.end(&job, false);
-                        return Err(if retryable {
-                            StageError::retryable(error)
-                        } else {
-                            StageError::permanent(error)
-                        });
-                    }
-                    Some(Event::Leased) => {}
-                    Some(Event::Release) => {
-                        d.end(&job, false);
-                        tracing::info!(job_id = %ctx.job_id, stage = %ctx.stage, "remote_job_released");
-                        return Err(StageError::interrupted());
-                    }
-                    None => return Err(StageError::retryable("remote job channel closed")),
-                },
-                // Shutting down: a job nobody holds goes back at once; a
-                // held one may still be reported until the grace ends.
-                _ = d.shutdown.cancelled(), if unclaimed => {
-                    d.end(&job, false);
-                    return Err(StageError::interrupted());
-                }
-                _ = ctx.cancel.cancelled() => {
-                    let cancelled = d.was_cancelled(&job.queue, &ctx.job_id).await;
-                    d.end(&job, cancelled);
-                    return Err(StageError::interrupted());
-                }
-                _ = expiry => {
-                    // Taken under the lock: no call can renew it after this.
-                    let lapsed = {
-                        let mut state = lock(&job.state);
-                        match &state.lease {
-                            Some(l) if l.expires <= Instant::now() => state.lease.take(),
-                            _ => None,
-                        }
-                    };
-                    if let Some(Lease { token, worker, .. }) = lapsed {
-                        d.inner().tokens.remove(&token);
-                        d.end(&job, false);
-                        tracing::warn!(job_id = %ctx.job_id, worker = %worker, "remote_lease_expired");
-                        return Err(StageError::retryable(format!(
-                            "remote worker `{worker}` did not renew its lease within {} s",
-                            d.ttl.as_secs()
-                        )));
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl Stage for RemoteStage {
-    fn run<'a>(&'a self, ctx: &'a StageContext) -> BoxFuture<'a, Result<Value, StageError>> {
-        Box::pin(self.run_stage(ctx))
-    }
-}
-
-/// The API's dispatch and its daemon's task (which ends with the
-/// daemon's error, if it could not start).
-pub type Started = (Arc<Dispatch>, tokio::task::JoinHandle<Result<(), String>>);
-
-/// Starts the API's daemon when the config has remote job types; the
-/// dispatch the HTTP handlers use, and the daemon's task.
-pub fn start(
-    config: &Config,
-    broker: Broker,
-    shutdown: CancellationToken,
-) -> Result<Option<Started>, String> {
-    let Some(embedded) = embedded_config(config) else {
-        return Ok(None);
-    };
-    let dispatch = Dispatch::new(config, broker, shutdown.clone());
-    let worker = crate::Worker::builder(embedded)
-        .stage(REMOTE_STAGE, RemoteStage::new(dispatch.clone()))
-        .build()
-        .map_err(|e| format!("the remote-worker API's daemon: {e}"))?;
-    let task = tokio::spawn(async move {
-        let stop = shutdown.clone();
-        worker.run(shutdown).await.map_err(|e| {
-            // Without its daemon the API would hand out nothing: stop all.
-            tracing::error!(error = %e, "The remote-worker API's daemon stopped");
-            stop.cancel();
-            format!("the remote-worker API's daemon: {e}")
-        })
-    });
-    Ok(Some((dispatch, task)))
-}
-
-/// Tokens by name: `[api] tokens` and `CONVEYOR_API_TOKENS="name=token,..."`.
-pub fn tokens(config: &Config) -> Result<Vec<(String, String)>, String> {
-    let mut all: Vec<(String, String)> = config
-        .api
-        .tokens
-        .iter()
-        .map(|(k, v)| (k.clone(), v.trim().to_owned()))
-        .collect();
-    if let Ok(env) = std::env::var(TOKENS_ENV) {
-        for item in env.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-            let Some((name, token)) = item.split_once('=') else {
-                return Err(format!("{TOKENS_ENV}: `name=token` pairs expected"));
-            };
-            if token.trim().len() < 16 {
-                return Err(format!(
-                    "{TOKENS_ENV}: the token of `{}` must be at least 16 characters",
-                    name.trim()
-                ));
-            }
-            all.push((name.trim().to_owned(), token.trim().to_owned()));
-        }
-    }
-    Ok(all)
-}
-
-/// Environment variable with more API tokens.
-pub const TOKENS_ENV: &str = "CONVEYOR_API_TOKENS";

@@ -1,9 +1,12 @@
-//! Structured logs with `tracing`.
+//! What the process tells its operator: structured logs with `tracing`
+//! (here) and Prometheus metrics ([`metrics`]).
 //!
 //! JSON lines (one object per event, span fields included) when stderr is
 //! not a terminal, as under systemd or supervisor; readable text on a
 //! terminal. `RUST_LOG` filters (default: `info` for conveyor, `warn` for
 //! dependencies). Logs go to stderr so command output on stdout stays clean.
+
+pub mod metrics;
 
 use std::io::IsTerminal;
 

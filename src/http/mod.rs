@@ -1,0 +1,146 @@
+//! What the two HTTP servers, `conveyor dashboard` and `conveyor gateway`,
+//! share: binding with a clear error, HTTPS ([`tls`]), serving until a
+//! token says stop, and the bearer-token check.
+
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::{HeaderMap, header};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Why a server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("--listen `{0}` is not an address like 127.0.0.1:8080")]
+    BadAddress(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Tls(String),
+    #[error("the HTTP server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A bound listener, with HTTPS when the config names a certificate.
+pub struct Server {
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// The address actually bound (port 0 resolved).
+    pub local: SocketAddr,
+}
+
+impl Server {
+    /// Binds `listen`; `tls` is `(section, cert, key)` of the config section
+    /// naming the PEM files, when it names them.
+    pub async fn bind(
+        listen: &str,
+        tls: Option<(&str, &PathBuf, &PathBuf)>,
+    ) -> Result<Self, ServeError> {
+        let addr: SocketAddr = listen
+            .parse()
+            .map_err(|_| ServeError::BadAddress(listen.to_owned()))?;
+        let tls = match tls {
+            Some((section, cert, key)) => {
+                Some(tls::server_config(section, cert, key).map_err(ServeError::Tls)?)
+            }
+            None => None,
+        };
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        let local = listener.local_addr().unwrap_or(addr);
+        Ok(Self {
+            listener,
+            tls,
+            local,
+        })
+    }
+
+    /// `https` or `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
+    /// Whether it serves plain HTTP beyond this host.
+    pub fn plain_beyond_loopback(&self) -> bool {
+        self.tls.is_none() && !self.local.ip().is_loopback()
+    }
+
+    /// Serves `routes` until `stop` is cancelled, then lets the requests
+    /// under way finish. `shutdown` ends the TLS accept loop.
+    pub async fn serve(
+        self,
+        routes: Router,
+        stop: CancellationToken,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServeError> {
+        match self.tls {
+            Some(config) => {
+                let listener = tls::TlsListener::new(self.listener, config, shutdown)?;
+                axum::serve(listener, routes)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await?;
+            }
+            None => {
+                axum::serve(self.listener, routes)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`, trimmed; `None` when the
+/// header is absent or of another scheme.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Compares in time that depends on the expected token's length only.
+pub fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = u8::from(given.len() != expected.len());
+    for (i, e) in expected.iter().enumerate() {
+        diff |= e ^ given.get(i).copied().unwrap_or(0);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        assert!(!same_secret(b"s3cre", b"s3cret"));
+        assert!(!same_secret(b"s3cret!", b"s3cret"));
+        assert!(!same_secret(b"", b"s3cret"));
+        assert!(!same_secret(b"s3creT", b"s3cret"));
+        assert!(same_secret(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!same_secret(b"0123456789abcdeX", b"0123456789abcdef"));
+        assert!(!same_secret(b"0123456789abcdef0", b"0123456789abcdef"));
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_trimmed() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, "Bearer  abc ".parse().unwrap());
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&h), None);
+    }
+}
