@@ -177,9 +177,9 @@ fn doctor_names_a_missing_command_for_a_user_without_acl_rights() {
 }
 
 #[test]
-fn the_readme_shows_the_same_rules() {
-    let readme = std::fs::read_to_string(format!("{CRATE_ROOT}/README.md")).unwrap();
+fn the_operations_doc_shows_the_same_rules() {
+    let doc = std::fs::read_to_string(format!("{CRATE_ROOT}/docs/operations.md")).unwrap();
     for line in rules().lines().filter(|l| l.starts_with("user ")) {
-        assert!(readme.contains(line), "README lacks: {line}");
+        assert!(doc.contains(line), "docs/operations.md lacks: {line}");
     }
 }
