@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Fuzzes the remote-worker API (/api/v1) of `conveyor dashboard` from its
+# Fuzzes the remote-worker API (/api/v1) of `conveyor gateway` from its
 # own OpenAPI document with schemathesis: builds conveyor, starts a private
-# redis-server and `conveyor dashboard` on free loopback ports with the API
+# redis-server and `conveyor gateway` on free loopback ports with the API
 # enabled and a remote job type, enqueues remote jobs (so claims can answer
 # 200), runs `schemathesis run` with every check, positive and negative
 # data, then checks that the server still answers, that a claim gets a job
@@ -138,7 +138,7 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 
-# --- conveyor dashboard with the API on
+# --- conveyor gateway (the API and its daemon)
 token="fuzz-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
 cat >"$tmp/conveyor.toml" <<EOF
 [worker]
@@ -149,7 +149,7 @@ dead_after_secs = 3
 fetch_block_ms = 100
 promote_interval_ms = 50
 
-[api]
+[gateway]
 tokens = { workers = "$token" }
 lease_secs = 5
 max_jobs = 4
@@ -177,7 +177,7 @@ export CONVEYOR_LOG_FORMAT=json
 
 dash_port=$(free_port)
 base="http://127.0.0.1:$dash_port"
-"$bin" dashboard --listen "127.0.0.1:$dash_port" >"$tmp/dashboard.log" 2>&1 &
+"$bin" gateway --listen "127.0.0.1:$dash_port" >"$tmp/gateway.log" 2>&1 &
 dash_pid=$!
 up=0
 for _ in $(seq 150); do
@@ -186,8 +186,8 @@ for _ in $(seq 150); do
     sleep 0.1
 done
 if [ "$up" != 1 ]; then
-    tail -n 50 "$tmp/dashboard.log" >&2
-    echo "error: conveyor dashboard did not answer on $base" >&2
+    tail -n 50 "$tmp/gateway.log" >&2
+    echo "error: conveyor gateway did not answer on $base" >&2
     exit 1
 fi
 
@@ -279,8 +279,8 @@ timed_out=0
 # --- after the run: the server, conveyor's state
 after_ok=1
 if ! kill -0 "$dash_pid" 2>/dev/null; then
-    echo "FAIL: conveyor dashboard exited during the run" >&2
-    tail -n 50 "$tmp/dashboard.log" >&2
+    echo "FAIL: conveyor gateway exited during the run" >&2
+    tail -n 50 "$tmp/gateway.log" >&2
     after_ok=0
 elif ! curl -fsS -o /dev/null "$base/api/v1/openapi.json"; then
     echo "FAIL: the server no longer serves /api/v1/openapi.json" >&2
@@ -327,9 +327,9 @@ if command -v sqlite3 >/dev/null 2>&1; then
         after_ok=0
     fi
 fi
-if grep -q '"level":"ERROR"' "$tmp/dashboard.log" || grep -qi 'panicked' "$tmp/dashboard.log"; then
-    echo "FAIL: the dashboard logged errors or panics:" >&2
-    grep -E '"level":"ERROR"|panicked' "$tmp/dashboard.log" | head -n 20 >&2
+if grep -q '"level":"ERROR"' "$tmp/gateway.log" || grep -qi 'panicked' "$tmp/gateway.log"; then
+    echo "FAIL: the gateway logged errors or panics:" >&2
+    grep -E '"level":"ERROR"|panicked' "$tmp/gateway.log" | head -n 20 >&2
     after_ok=0
 fi
 

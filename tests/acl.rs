@@ -1,5 +1,5 @@
 //! Least-privilege Redis users: the rules in `examples/acl/users.acl` (and
-//! the README) are enough for a worker, a producer and the dashboard, and
+//! docs/operations.md) are enough for a worker, a producer and the dashboard, and
 //! `conveyor doctor` names what a user lacks.
 
 mod common;

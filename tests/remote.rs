@@ -429,22 +429,22 @@ fn daemons_refuse_to_serve_a_remote_queue() {
     );
 }
 
-/// The OpenAPI document lives in one place, `src/api/openapi.json`: the
+/// The OpenAPI document lives in one place, `src/gateway/openapi.json`: the
 /// remote-worker docs link to it, and the README does not carry a copy.
 #[test]
 fn the_docs_link_to_the_served_openapi_document() {
     let root = common::CRATE_ROOT;
     let guide = std::fs::read_to_string(format!("{root}/docs/remote-workers.md")).unwrap();
     assert!(
-        guide.contains("](../src/api/openapi.json)"),
-        "docs/remote-workers.md does not link to src/api/openapi.json"
+        guide.contains("](../src/gateway/openapi.json)"),
+        "docs/remote-workers.md does not link to src/gateway/openapi.json"
     );
     assert!(
-        std::path::Path::new(&format!("{root}/src/api/openapi.json")).is_file(),
-        "src/api/openapi.json is missing"
+        std::path::Path::new(&format!("{root}/src/gateway/openapi.json")).is_file(),
+        "src/gateway/openapi.json is missing"
     );
     let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
-    let doc = conveyor::api::OPENAPI.trim_end();
+    let doc = conveyor::gateway::OPENAPI.trim_end();
     assert!(
         !readme.contains(doc) && !readme.contains("\"openapi\": \"3.0.3\""),
         "README.md embeds the OpenAPI document; link to it instead"

@@ -8,7 +8,7 @@
 Prints the job id. Exit 0 when Redis accepted the job, 2 for a usage error,
 1 for anything else.
 
-What it does (the key layout of the README):
+What it does (the key layout of docs/reference/redis-keys.md):
     now:      LPUSH P:{Q}:pending '{"id": ..., "type": ..., "payload": ...}'
     --delay:  ZADD  P:{Q}:scheduled <due Unix ms> '<the same JSON>'
 The due time is Redis' TIME plus the delay, the clock the daemons promote by,

@@ -2,7 +2,7 @@
 # Demo stage 4 (last) of the "video.generate" pipeline: pretend to mux the
 # voice-over and the rendered frames into the final file.
 #
-# Stage protocol (see README / CONTRACT):
+# Stage protocol (see docs/stages.md):
 #   stdin   one JSON object {"id","type","payload","attempt","stage","results":{...}}
 #   env     CONVEYOR_JOB_ID, CONVEYOR_JOB_TYPE, CONVEYOR_STAGE, CONVEYOR_ATTEMPT
 #   stdout  {"progress": 0-100, "message": "..."} lines are progress reports,

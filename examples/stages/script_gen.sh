@@ -1,7 +1,7 @@
 #!/bin/sh
 # Demo stage 1 of the "video.generate" pipeline: pretend to write a script.
 #
-# Stage protocol (see README / CONTRACT):
+# Stage protocol (see docs/stages.md):
 #   stdin   one JSON object {"id","type","payload","attempt","stage","results":{...}}
 #   env     CONVEYOR_JOB_ID, CONVEYOR_JOB_TYPE, CONVEYOR_STAGE, CONVEYOR_ATTEMPT
 #   stdout  {"progress": 0-100, "message": "..."} lines are progress reports,

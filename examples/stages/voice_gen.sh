@@ -2,7 +2,7 @@
 # Demo stage 2 of the "video.generate" pipeline: pretend to record a voice-over
 # for the script written by script_gen.
 #
-# Stage protocol (see README / CONTRACT):
+# Stage protocol (see docs/stages.md):
 #   stdin   one JSON object {"id","type","payload","attempt","stage","results":{...}}
 #   env     CONVEYOR_JOB_ID, CONVEYOR_JOB_TYPE, CONVEYOR_STAGE, CONVEYOR_ATTEMPT
 #   stdout  {"progress": 0-100, "message": "..."} lines are progress reports,

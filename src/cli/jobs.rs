@@ -61,7 +61,7 @@ fn open_reader(config: &Config) -> Result<Reader, Failure> {
 /// down, SQLite alone still answers for a job that ran.
 pub async fn job(config: &Config, id: &str, json: bool) -> CliResult {
     let info = match connect(config).await {
-        Ok(broker) => crate::Client::with_broker(broker, config)
+        Ok(broker) => crate::client::Client::with_broker(broker, config)
             .job(id)
             .await
             .map_err(|e| Failure::other(e.to_string()))?,

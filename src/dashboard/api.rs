@@ -98,7 +98,7 @@ impl IntoResponse for ApiError {
 pub(super) type ApiResult = Result<Json<Value>, ApiError>;
 
 pub async fn not_found() -> ApiError {
-    ApiError::NotFound("no such page; the API is under /api/ (see the README)".into())
+    ApiError::NotFound("no such page; the API is under /api/ (see docs/dashboard.md)".into())
 }
 
 // ------------------------------------------------------------ helpers

@@ -104,7 +104,7 @@ pub fn start(
         return Ok(None);
     };
     let dispatch = Dispatch::new(config, broker, shutdown.clone());
-    let worker = crate::Worker::builder(embedded)
+    let worker = crate::worker::builder::Worker::builder(embedded)
         .stage(REMOTE_STAGE, RemoteStage::new(dispatch.clone()))
         .build()
         .map_err(|e| format!("the gateway's daemon: {e}"))?;

@@ -278,7 +278,7 @@ impl Registry {
         }
         let mut pipelines = HashMap::new();
         // Remote job types run on remote workers, through the API's own
-        // daemon (see `crate::api`), which gives them a Rust stage.
+        // daemon (see `crate::gateway`), which gives them a Rust stage.
         for (kind, cfg) in config.jobs.iter().filter(|(_, c)| !c.remote) {
             let p = Pipeline::from_config(kind, cfg, config.retry_for(cfg), &limits, rust_stages)
                 .map_err(|e| format!("jobs.\"{kind}\": {e}"))?;

@@ -4,7 +4,7 @@
  * pcntl for a graceful SIGTERM). The same options, environment, semantics
  * and demo handlers as ../python/worker.py.
  *
- * It takes jobs over the HTTP API of `conveyor dashboard` (the OpenAPI
+ * It takes jobs over the HTTP API of `conveyor gateway` (the OpenAPI
  * document is served at /api/v1/openapi.json) and holds no Redis connection:
  *
  *   claim  POST /api/v1/claim              long-poll for one job and a lease
@@ -14,7 +14,7 @@
  *          (POST .../progress), by $ctx->heartbeat() (POST .../heartbeat when
  *          a third of the lease has passed) and around each stage. A handler
  *          must therefore call one of them at least every ttl_secs/3 (the
- *          server's [api] lease_secs); the demo stages are far shorter.
+ *          server's [gateway] lease_secs); the demo stages are far shorter.
  *   done   POST /api/v1/jobs/{id}/complete {"lease", "stage", "result"} after
  *          each stage; the job is completed with its last stage
  *   error  POST /api/v1/jobs/{id}/fail {"lease", "error", "retryable"}:
@@ -39,7 +39,7 @@
  * resuming at its first unfinished stage).
  *
  * Usage:
- *   CONVEYOR_API_TOKEN=... php worker.php --api-url=http://127.0.0.1:8080 \
+ *   CONVEYOR_API_TOKEN=... php worker.php --api-url=http://127.0.0.1:8081 \
  *       --worker-id=php-1 --task-types=demo.remote
  *
  * Handlers: $HANDLERS maps a job type to a callable (all its stages) or to an
@@ -706,7 +706,7 @@ usage: php worker.php [--api-url=URL] [--worker-id=ID] [--task-types=T1,T2]
                       [--poll-interval=SECS] [--wait=SECS] [--max-runs=N]
                       [--grace=SECS] [--debug] [--token=TOKEN]
 
-  --api-url        base URL of `conveyor dashboard` [\$CONVEYOR_API_URL, http://127.0.0.1:8080]
+  --api-url        base URL of `conveyor gateway` [\$CONVEYOR_API_URL, http://127.0.0.1:8081]
   --worker-id      this process' name, [A-Za-z0-9_.-] [\$CONVEYOR_WORKER_ID, HOST-PID]
   --task-types     comma list of job types to claim [\$CONVEYOR_TASK_TYPES, the registry's]
   --poll-interval  seconds to sleep after an error or an empty claim [\$CONVEYOR_POLL_INTERVAL, 1]
@@ -765,7 +765,7 @@ function parse_options(array $handlers): array
     $types = array_values(array_filter(array_map('trim',
         explode(',', (string) ($o['task-types'] ?? envv('CONVEYOR_TASK_TYPES', ''))))));
     $opts = [
-        'api_url' => (string) ($o['api-url'] ?? envv('CONVEYOR_API_URL', 'http://127.0.0.1:8080')),
+        'api_url' => (string) ($o['api-url'] ?? envv('CONVEYOR_API_URL', 'http://127.0.0.1:8081')),
         'worker_id' => (string) ($o['worker-id'] ?? envv('CONVEYOR_WORKER_ID', substr($host, 0, 80) . '-' . getmypid())),
         'task_types' => $types ?: $known,
         'poll_interval' => (float) number_opt('poll-interval', $o['poll-interval'] ?? envv('CONVEYOR_POLL_INTERVAL', '1'), false),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A conveyor remote worker in Python 3, standard library only.
 
-It takes jobs over the HTTP API of `conveyor dashboard` (the OpenAPI document
+It takes jobs over the HTTP API of `conveyor gateway` (the OpenAPI document
 is served at /api/v1/openapi.json) and holds no Redis connection:
 
     claim   POST /api/v1/claim              long-poll for one job and a lease
@@ -28,7 +28,7 @@ current stage, without an attempt counted. The exit code is 0. A second
 signal ends the grace at once.
 
 Usage:
-    worker.py --api-url http://127.0.0.1:8080 --worker-id py-1 \\
+    worker.py --api-url http://127.0.0.1:8081 --worker-id py-1 \\
               --task-types demo.remote        # token: $CONVEYOR_API_TOKEN
 
 Handlers: HANDLERS maps (job type, stage) or a job type to a function taking
@@ -611,8 +611,8 @@ def parse_args(argv):
         prog="worker.py",
         description="conveyor remote worker: claims jobs over the HTTP API and runs their stages.",
     )
-    p.add_argument("--api-url", default=env("CONVEYOR_API_URL", "http://127.0.0.1:8080"),
-                   help="base URL of `conveyor dashboard` [$CONVEYOR_API_URL, http://127.0.0.1:8080]")
+    p.add_argument("--api-url", default=env("CONVEYOR_API_URL", "http://127.0.0.1:8081"),
+                   help="base URL of `conveyor gateway` [$CONVEYOR_API_URL, http://127.0.0.1:8081]")
     p.add_argument("--worker-id", default=env("CONVEYOR_WORKER_ID") or default_worker_id(),
                    help="this process' name, [A-Za-z0-9_.-] [$CONVEYOR_WORKER_ID, HOST-PID]")
     p.add_argument("--task-types", default=env("CONVEYOR_TASK_TYPES", ""),
