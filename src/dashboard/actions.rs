@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::App;
-use super::api::{ApiError, ApiResult, DeadQuery, given, known_queues};
+use super::reads::{ApiError, ApiResult, DeadQuery, given, known_queues};
 use crate::client::Cancelled;
 use crate::client::inspect::{DeadEntry, Revival};
 

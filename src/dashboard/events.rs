@@ -19,7 +19,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::App;
-use super::api::ApiError;
+use super::reads::ApiError;
 use crate::queue::Broker;
 
 /// What the bridge hands the browsers.

@@ -9,7 +9,7 @@
 //! changes nothing unless `CONVEYOR_DASHBOARD_TOKEN` is set. The
 //! remote-worker API is `conveyor gateway` ([`crate::gateway`]).
 //!
-//! - [`api`]: `/api/...` JSON reads, open to all.
+//! - [`reads`]: `/api/...` JSON reads, open to all.
 //! - [`actions`]: cancel, retry, purge (`POST`), which need
 //!   `Authorization: Bearer $CONVEYOR_DASHBOARD_TOKEN`.
 //! - [`events`]: `/events`, server-sent events bridged from one
@@ -24,7 +24,7 @@
 //! which an open SSE stream would otherwise hold up forever.
 
 pub mod actions;
-pub mod api;
+pub mod reads;
 pub mod events;
 
 use std::path::PathBuf;
@@ -96,17 +96,17 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/assets/app.js", get(app_js))
         .route("/assets/app.css", get(app_css))
         .route("/events", get(events::stream))
-        .route("/api/queues", get(api::queues))
-        .route("/api/workers", get(api::workers))
-        .route("/api/jobs", get(api::jobs))
-        .route("/api/jobs/{id}", get(api::job))
+        .route("/api/queues", get(reads::queues))
+        .route("/api/workers", get(reads::workers))
+        .route("/api/jobs", get(reads::jobs))
+        .route("/api/jobs/{id}", get(reads::job))
         .route("/api/jobs/{id}/cancel", post(actions::cancel))
         .route("/api/jobs/{id}/retry", post(actions::retry))
-        .route("/api/dead", get(api::dead))
+        .route("/api/dead", get(reads::dead))
         .route("/api/dead/retry", post(actions::dead_retry))
         .route("/api/dead/purge", post(actions::dead_purge))
-        .route("/api/live", get(api::live))
-        .fallback(api::not_found)
+        .route("/api/live", get(reads::live))
+        .fallback(reads::not_found)
         .layer(middleware::from_fn(security_headers))
         .with_state(app)
 }
