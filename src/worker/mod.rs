@@ -34,11 +34,11 @@
 pub mod builder;
 pub mod control;
 pub mod health;
+pub mod inflight;
 pub mod periodic;
 pub mod reaper;
 pub mod registry;
 pub mod runner;
-pub mod runs;
 pub mod scheduler;
 pub mod status;
 
@@ -56,8 +56,8 @@ use crate::progress::Publisher;
 use crate::queue::{Broker, Fetched, Next};
 use crate::store::Store;
 use health::Health;
+use inflight::InFlight;
 use runner::{JobEnv, Stats};
-use runs::RunTable;
 
 /// How often the fetch loop puts back entries of its active lists that no
 /// run owns, even when no fetch failed.
@@ -161,7 +161,7 @@ pub(crate) async fn run_with_registry(
         draining: shutdown.clone(),
         stop_stages: stop_stages.clone(),
         give_up: give_up.clone(),
-        runs: Arc::new(RunTable::default()),
+        runs: Arc::new(InFlight::default()),
         stats: Stats::default(),
         slots: Arc::new(Semaphore::new(w.concurrency)),
         parking: Arc::new(Semaphore::new(w.concurrency)),

@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::health::Health;
+use super::inflight::StopReason;
 use super::runner::{JobEnv, Stats};
-use super::runs::StopReason;
 use crate::queue::Broker;
 
 /// A daemon's entry in `P:workers`: what the reaper needs once it is gone.

@@ -34,7 +34,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::runs::{RunGuard, RunStop, RunTable, StopReason};
+use super::inflight::{InFlight, RunGuard, RunStop, StopReason};
 use crate::config::RetryConfig;
 use crate::error::{is_transient, job_op_backoff};
 use crate::now_rfc3339;
@@ -70,7 +70,7 @@ pub struct JobEnv {
     /// Fires when shutdown stops waiting for Redis: state changes still
     /// pending give up (their jobs stay listed as active and are recovered).
     pub give_up: CancellationToken,
-    pub runs: Arc<RunTable>,
+    pub runs: Arc<InFlight>,
     pub stats: Stats,
     /// The daemon's job slots (`concurrency`): a job holds one while it runs.
     pub slots: Arc<Semaphore>,
