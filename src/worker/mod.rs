@@ -33,6 +33,7 @@
 
 pub mod builder;
 pub mod control;
+pub(crate) mod events;
 pub mod health;
 pub mod inflight;
 pub mod periodic;
