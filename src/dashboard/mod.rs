@@ -24,8 +24,8 @@
 //! which an open SSE stream would otherwise hold up forever.
 
 pub mod actions;
-pub mod reads;
 pub mod events;
+pub mod reads;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use super::runs::{RunTable, StopReason};
+use super::inflight::{InFlight, StopReason};
 use crate::error::reconnect_backoff;
 use crate::queue::Broker;
 
@@ -28,7 +28,7 @@ enum SessionEnd {
 
 pub struct Control {
     pub broker: Broker,
-    pub runs: Arc<RunTable>,
+    pub runs: Arc<InFlight>,
 }
 
 impl Control {

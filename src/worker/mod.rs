@@ -33,14 +33,15 @@
 
 pub mod builder;
 pub mod control;
+pub(crate) mod events;
 pub mod health;
+pub mod inflight;
 pub mod notify;
 pub mod periodic;
 pub mod probe;
 pub mod reaper;
 pub mod registry;
 pub mod runner;
-pub mod runs;
 pub mod scheduler;
 
 use std::sync::Arc;
@@ -57,8 +58,8 @@ use crate::progress::Publisher;
 use crate::queue::{Broker, Fetched, Next};
 use crate::store::Store;
 use health::Health;
+use inflight::InFlight;
 use runner::{JobEnv, Stats};
-use runs::RunTable;
 
 /// How often the fetch loop puts back entries of its active lists that no
 /// run owns, even when no fetch failed.
@@ -158,7 +159,7 @@ pub(crate) async fn run_with_registry(
         draining: shutdown.clone(),
         stop_stages: stop_stages.clone(),
         give_up: give_up.clone(),
-        runs: Arc::new(RunTable::default()),
+        runs: Arc::new(InFlight::default()),
         stats: Stats::default(),
         slots: Arc::new(Semaphore::new(w.concurrency)),
         parking: Arc::new(Semaphore::new(w.concurrency)),

@@ -24,8 +24,8 @@ use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
 use super::health::Health;
+use super::inflight::StopReason;
 use super::runner::{JobEnv, Stats};
-use super::runs::StopReason;
 use crate::queue::Broker;
 
 pub use crate::queue::inspect::{Registration, WorkerInfo};

@@ -75,15 +75,16 @@ struct Entry {
     claim: Option<(String, String, Arc<RunStop>)>,
 }
 
+/// This daemon's in-flight deliveries, keyed by a per-fetch serial number.
 #[derive(Default)]
-pub struct RunTable {
+pub struct InFlight {
     entries: Mutex<HashMap<u64, Entry>>,
     next: AtomicU64,
 }
 
 /// Removes its entry from the table when dropped (the run's task ended).
 pub struct RunGuard {
-    table: Arc<RunTable>,
+    table: Arc<InFlight>,
     key: u64,
 }
 
@@ -109,7 +110,7 @@ impl RunGuard {
     }
 }
 
-impl RunTable {
+impl InFlight {
     fn lock(&self) -> MutexGuard<'_, HashMap<u64, Entry>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -177,7 +178,7 @@ mod tests {
 
     #[test]
     fn tracks_entries_claims_and_stops() {
-        let table = Arc::new(RunTable::default());
+        let table = Arc::new(InFlight::default());
         let g = table.register("q", b"raw1");
         assert!(table.owns("q", b"raw1"));
         assert!(!table.owns("other", b"raw1"));
