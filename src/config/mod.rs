@@ -16,6 +16,8 @@ use serde_json::Value;
 
 use crate::pipeline::builtin;
 
+pub mod timing;
+
 /// The path tried when no `--config` / `CONVEYOR_CONFIG` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "config/conveyor.toml";
 
@@ -601,7 +603,7 @@ impl Config {
         if let Some(q) = &s.queue {
             check_name(&format!("{key}.queue"), q)?;
         }
-        crate::schedule::Timing::parse(s.cron.as_deref(), s.every.as_deref())
+        timing::Timing::parse(s.cron.as_deref(), s.every.as_deref())
             .map_err(|(field, message)| invalid(format!("{key}.{field}"), message))?;
         if s.catch_up > 1000 {
             return Err(invalid(format!("{key}.catch_up"), "must be at most 1000"));
