@@ -74,8 +74,7 @@ fn sentinel_only(r: &RedisConfig) -> Option<&'static str> {
 }
 
 impl RedisConfig {
-    /// The `[redis]` checks, in the order that decides which problem is
-    /// reported first.
+    /// Checks `[redis]`: the URL(s) for the mode, TLS files, the prefix.
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         redis::Client::open(self.url.as_str())
             .map_err(|e| invalid("redis.url", format!("not a valid Redis URL: {e}")))?;
