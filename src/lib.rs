@@ -71,7 +71,7 @@
 //! - [`pipeline`]: the [`pipeline::Stage`] trait, built-in stages, and
 //!   external programs speaking the stage protocol ([`pipeline::exec`]).
 //! - [`worker`]: the daemon: fetch loop, job runner, heartbeat, shutdown,
-//!   periodic jobs ([`schedule`] says when they tick); [`Worker`] runs it
+//!   periodic jobs ([`config::timing`] says when they tick); [`Worker`] runs it
 //!   as a library ([`worker::builder`]).
 //! - [`store`]: SQLite state through one writer thread with group commit.
 //! - [`progress`]: progress events and their publisher.
@@ -96,7 +96,6 @@ pub mod http;
 pub mod pipeline;
 pub mod progress;
 pub mod queue;
-pub mod schedule;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

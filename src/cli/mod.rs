@@ -214,6 +214,7 @@ impl Cli {
         Ok(Config::load(
             self.global.config.as_deref(),
             &self.overrides(),
+            &crate::pipeline::builtin::checker(&[]),
         )?)
     }
 }

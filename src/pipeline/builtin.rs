@@ -1,10 +1,12 @@
-//! In-process stages for demos, tests and benchmarks.
+//! In-process stages for demos, tests and benchmarks, and the check of
+//! the config's `builtin = "..."` stages against them ([`checker`]).
 
 use std::time::Duration;
 
 use serde_json::Value;
 
 use super::{BoxFuture, Stage, StageContext, StageError};
+use crate::config::StageConfig;
 
 /// Names accepted in `builtin = "..."`.
 pub const NAMES: &[&str] = &["noop", "sleep", "echo", "fail"];
@@ -62,6 +64,41 @@ impl Builtin {
     }
 }
 
+/// The check of the config's `builtin = "..."` stages for a process whose
+/// in-process stages are the built-ins and `rust_stages` (Rust stages
+/// registered with [`crate::Worker::builder`]; none for the binary), to
+/// pass to [`crate::config::Config::validate_with`] or
+/// [`crate::config::Config::load`]. A Rust stage takes no `args`; a
+/// built-in's `args` must be the ones it takes.
+pub fn checker<'a>(
+    rust_stages: &'a [&'a str],
+) -> impl Fn(&str, &StageConfig) -> Result<(), (&'static str, String)> + 'a {
+    move |name: &str, stage: &StageConfig| {
+        if rust_stages.contains(&name) {
+            if stage.args.is_some() {
+                return Err((
+                    "args",
+                    format!("`{name}` is a Rust stage; it takes no `args`"),
+                ));
+            }
+            Ok(())
+        } else if !rust_stages.is_empty() && !NAMES.contains(&name) {
+            Err((
+                "builtin",
+                format!(
+                    "unknown stage `{name}` (built-ins: {}; Rust stages: {})",
+                    NAMES.join(", "),
+                    rust_stages.join(", ")
+                ),
+            ))
+        } else {
+            Builtin::parse(name, &stage.args_json())
+                .map(drop)
+                .map_err(|message| ("builtin", message))
+        }
+    }
+}
+
 impl Stage for Builtin {
     fn run<'a>(&'a self, ctx: &'a StageContext) -> BoxFuture<'a, Result<Value, StageError>> {
         Box::pin(async move {
@@ -97,7 +134,17 @@ async fn sleep(ctx: &StageContext, ms: u64) -> Result<Value, StageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, DEFAULT_CONFIG_PATH};
     use serde_json::json;
+
+    /// The parse error, or else the validation error, of a config text, for
+    /// the binary (built-ins only).
+    fn err(text: &str) -> String {
+        match Config::from_toml(text) {
+            Err(e) => e,
+            Ok(c) => c.validate_with(&checker(&[])).unwrap_err().to_string(),
+        }
+    }
 
     #[test]
     fn parses_arguments() {
@@ -120,5 +167,24 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown")
         );
+    }
+
+    #[test]
+    fn unknown_builtin_and_bad_args_are_refused() {
+        let e = err("[jobs.x]\nstages = [{ name = \"a\", builtin = \"nope\" }]\n");
+        assert!(e.contains("stages[0].builtin") && e.contains("nope"), "{e}");
+        let e = err(
+            "[jobs.x]\nstages = [{ name = \"a\", builtin = \"sleep\", args = { ms = \"x\" } }]\n",
+        );
+        assert!(e.contains("stages[0].builtin") && e.contains("ms"), "{e}");
+    }
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
+        let c = Config::from_file(&path).unwrap();
+        c.validate_with(&checker(&[])).unwrap();
+        assert!(c.jobs.contains_key("echo"));
+        assert_eq!(c.jobs["video.generate"].stages.len(), 4);
     }
 }

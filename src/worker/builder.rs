@@ -146,7 +146,7 @@ impl WorkerBuilder {
         }
         let mut names: Vec<&str> = stages.keys().map(String::as_str).collect();
         names.sort_unstable();
-        self.config.validate_with_stages(&names)?;
+        self.config.validate_with(&builtin::checker(&names))?;
         let registry = Registry::from_config_with_stages(&self.config, &stages)
             .map_err(BuildError::Pipeline)?;
         Ok(Worker {

@@ -1,7 +1,7 @@
 //! Periodic jobs (`[[schedules]]`): every daemon with schedules in its
 //! config runs this task, and each tick is enqueued once in all.
 //!
-//! Each daemon computes the same tick instants ([`crate::schedule`]) and,
+//! Each daemon computes the same tick instants ([`crate::config::timing`]) and,
 //! when one is due, asks `lua/enqueue.lua` to enqueue its job. The script
 //! keeps the last tick enqueued per schedule in `P:{Q}:schedules` and
 //! refuses a tick that is not later, in the same atomic step as the push:
@@ -19,9 +19,9 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::config::timing::Timing;
 use crate::error::reconnect_backoff;
 use crate::queue::{Broker, Job};
-use crate::schedule::Timing;
 
 /// One `[[schedules]]` entry, resolved.
 #[derive(Debug, Clone)]

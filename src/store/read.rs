@@ -1,13 +1,184 @@
-//! Operator queries on the SQLite file: job lists with filters and paging
-//! (`conveyor jobs`), and deleting old finished jobs (`conveyor cleanup`).
+//! The read side, for the CLI, the dashboard and tests: [`Reader`] opens
+//! its own read-only connection (WAL lets it read while daemons write) and
+//! returns a job with its stages and attempts ([`JobRecord`]), job lists
+//! with filters and paging (`conveyor jobs`), counts, and the file's
+//! journal mode and schema version.
 
 use std::path::Path;
-use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, params_from_iter, types::Value as SqlValue};
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, params_from_iter, types::Value as SqlValue,
+};
 use serde::Serialize;
+use serde_json::Value;
 
-use super::{Reader, StoreError, schema};
+use super::{StoreError, schema};
+
+/// A job as `conveyor job` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobRecord {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub queue: String,
+    pub status: String,
+    pub attempt: u32,
+    pub max_attempts: Option<u32>,
+    pub progress: f64,
+    pub stage: Option<String>,
+    pub error: Option<String>,
+    pub worker_id: Option<String>,
+    pub payload: Value,
+    pub created_at: String,
+    pub updated_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub stages: Vec<StageRecord>,
+    pub attempts: Vec<AttemptRecord>,
+    /// When a scheduled job is due (RFC 3339); from Redis, not SQLite.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub due_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptRecord {
+    pub epoch: u32,
+    pub attempt: u32,
+    pub worker_id: String,
+    pub status: String,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StageRecord {
+    pub name: String,
+    pub status: String,
+    pub attempt: u32,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub result: Value,
+    pub error: Option<String>,
+}
+
+/// Read-only access for the CLI and tests.
+pub struct Reader {
+    conn: Connection,
+}
+
+impl Reader {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| StoreError::Open {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        schema::configure(&conn)?;
+        Ok(Self { conn })
+    }
+
+    pub fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let job = self
+            .conn
+            .query_row(
+                "SELECT id, type, queue, status, attempt, max_attempts, progress, stage, error,
+                        worker_id, payload, created_at, updated_at, started_at, finished_at
+                 FROM jobs WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(JobRecord {
+                        id: r.get(0)?,
+                        kind: r.get(1)?,
+                        queue: r.get(2)?,
+                        status: r.get(3)?,
+                        attempt: r.get(4)?,
+                        max_attempts: r.get(5)?,
+                        progress: r.get(6)?,
+                        stage: r.get(7)?,
+                        error: r.get(8)?,
+                        worker_id: r.get(9)?,
+                        payload: json_column(r.get(10)?),
+                        created_at: r.get(11)?,
+                        updated_at: r.get(12)?,
+                        started_at: r.get(13)?,
+                        finished_at: r.get(14)?,
+                        stages: Vec::new(),
+                        attempts: Vec::new(),
+                        due_at: None,
+                    })
+                },
+            )
+            .optional()?;
+        let Some(mut job) = job else { return Ok(None) };
+        let mut stmt = self.conn.prepare(
+            "SELECT name, status, attempt, started_at, finished_at, result, error
+             FROM stages WHERE job_id = ?1 ORDER BY idx",
+        )?;
+        job.stages = stmt
+            .query_map([id], |r| {
+                Ok(StageRecord {
+                    name: r.get(0)?,
+                    status: r.get(1)?,
+                    attempt: r.get(2)?,
+                    started_at: r.get(3)?,
+                    finished_at: r.get(4)?,
+                    result: json_column(r.get(5)?),
+                    error: r.get(6)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut stmt = self.conn.prepare(
+            "SELECT epoch, attempt, worker_id, status, started_at, finished_at, error
+             FROM attempts WHERE job_id = ?1 ORDER BY epoch, attempt",
+        )?;
+        job.attempts = stmt
+            .query_map([id], |r| {
+                Ok(AttemptRecord {
+                    epoch: r.get(0)?,
+                    attempt: r.get(1)?,
+                    worker_id: r.get(2)?,
+                    status: r.get(3)?,
+                    started_at: r.get(4)?,
+                    finished_at: r.get(5)?,
+                    error: r.get(6)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(Some(job))
+    }
+
+    /// Number of jobs per status.
+    pub fn counts_by_status(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT status, count(*) FROM jobs GROUP BY status ORDER BY status")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// `PRAGMA journal_mode` of the file ("wal" once a worker opened it).
+    pub fn journal_mode(&self) -> Result<String, StoreError> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))?)
+    }
+
+    /// Schema version of the file (0 = never migrated).
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+}
+
+fn json_column(text: Option<String>) -> Value {
+    text.and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null)
+}
 
 /// Which jobs `conveyor jobs` lists. Every filter is optional.
 #[derive(Debug, Clone, Default)]
@@ -133,84 +304,13 @@ impl Reader {
     }
 }
 
-/// What `cleanup` removed.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct CleanupReport {
-    pub jobs_deleted: u64,
-    pub stages_deleted: u64,
-    pub attempts_deleted: u64,
-    pub vacuumed: bool,
-    /// Size of the database file before and after, in bytes.
-    pub bytes_before: u64,
-    pub bytes_after: u64,
-}
-
-/// Rows deleted per transaction: each batch holds the write lock briefly,
-/// so running daemons' commits slip in between.
-const CLEANUP_BATCH: i64 = 1000;
-
-/// Deletes finished jobs (completed, failed, cancelled) that finished before
-/// `cutoff` (RFC 3339, UTC, milliseconds, as stored), with their stages and attempts; then
-/// `PRAGMA optimize`, and `VACUUM` when asked. Safe while daemons run: it
-/// goes through SQLite's locking like any writer, in short batches.
-pub fn cleanup(path: &Path, cutoff: &str, vacuum: bool) -> Result<CleanupReport, StoreError> {
-    let open_err = |e: rusqlite::Error| StoreError::Open {
-        path: path.to_owned(),
-        message: e.to_string(),
-    };
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(open_err)?;
-    schema::configure(&conn)?;
-    conn.busy_timeout(Duration::from_secs(30))?;
-    let size = || std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    let mut report = CleanupReport {
-        bytes_before: size(),
-        ..Default::default()
-    };
-    let finished = "status IN ('completed', 'failed', 'cancelled')
-                    AND coalesce(finished_at, updated_at) < ?1";
-    loop {
-        let tx = conn.unchecked_transaction()?;
-        // Children first, counted; the jobs' cascade would delete them too.
-        let ids = format!("SELECT id FROM jobs WHERE {finished} ORDER BY id LIMIT {CLEANUP_BATCH}");
-        let stages = tx.execute(
-            &format!("DELETE FROM stages WHERE job_id IN ({ids})"),
-            [cutoff],
-        )?;
-        let attempts = tx.execute(
-            &format!("DELETE FROM attempts WHERE job_id IN ({ids})"),
-            [cutoff],
-        )?;
-        let jobs = tx.execute(&format!("DELETE FROM jobs WHERE id IN ({ids})"), [cutoff])?;
-        tx.commit()?;
-        report.jobs_deleted += jobs as u64;
-        report.stages_deleted += stages as u64;
-        report.attempts_deleted += attempts as u64;
-        if (jobs as i64) < CLEANUP_BATCH {
-            break;
-        }
-    }
-    conn.execute_batch("PRAGMA optimize;")?;
-    if vacuum {
-        conn.execute_batch("VACUUM;")?;
-        report.vacuumed = true;
-    }
-    // Fold the WAL back so the file sizes mean something.
-    let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
-    report.bytes_after = size();
-    Ok(report)
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::store::Store;
 
     /// A migrated file with `n` jobs: status by index, updated a minute apart.
-    async fn fixture(dir: &Path) -> std::path::PathBuf {
+    pub(crate) async fn fixture(dir: &Path) -> std::path::PathBuf {
         let path = dir.join("state.db");
         let (store, closer) = Store::open(&path).unwrap();
         drop(store);
@@ -242,7 +342,7 @@ mod tests {
         path
     }
 
-    fn ids(jobs: &[JobSummary]) -> Vec<&str> {
+    pub(crate) fn ids(jobs: &[JobSummary]) -> Vec<&str> {
         jobs.iter().map(|j| j.id.as_str()).collect()
     }
 
@@ -297,28 +397,5 @@ mod tests {
         let (page, total) = r.list_jobs(&none).unwrap();
         assert!(page.is_empty());
         assert_eq!(total, 0);
-    }
-
-    #[tokio::test]
-    async fn cleanup_deletes_old_finished_jobs_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = fixture(dir.path()).await;
-        // Before the 23rd: j0 (completed), j1 (failed), j2 (running: kept).
-        let report = cleanup(&path, "2026-11-23T00:00:00.000Z", true).unwrap();
-        assert_eq!(report.jobs_deleted, 2);
-        assert_eq!(report.stages_deleted, 2);
-        assert_eq!(report.attempts_deleted, 2);
-        assert!(report.vacuumed);
-        let r = Reader::open(&path).unwrap();
-        let (left, _) = r
-            .list_jobs(&JobFilter {
-                limit: 10,
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(ids(&left), ["j4", "j3", "j2"]);
-        // Nothing more to delete.
-        let again = cleanup(&path, "2026-11-23T00:00:00.000Z", false).unwrap();
-        assert_eq!(again.jobs_deleted, 0);
     }
 }

@@ -1,0 +1,177 @@
+//! The writer thread: batching, group commit, retrying a failed
+//! transaction, and the checkpointer that keeps the WAL short.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tokio::sync::mpsc;
+
+use super::write::{begin, finish, record, stage};
+use super::{Op, Prior, schema};
+
+/// Most operations applied in one transaction.
+const BATCH: usize = 1024;
+
+/// What an applied operation answers.
+enum Answer {
+    Prior(Prior),
+    Applied(bool),
+    Done,
+}
+
+/// Copies the WAL back into the database from its own thread and
+/// connection. SQLite would otherwise checkpoint inside the commit that
+/// crosses the threshold, with an fsync: every job waiting on that commit
+/// (p99 start latency) waited for the disk. A PASSIVE checkpoint never
+/// blocks the writer.
+pub(super) struct Checkpointer;
+
+/// How often the WAL is checkpointed.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+impl Checkpointer {
+    pub(super) fn start(
+        path: &Path,
+    ) -> Result<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>), String> {
+        let conn = Connection::open(path).map_err(|e| e.to_string())?;
+        schema::configure(&conn).map_err(|e| e.to_string())?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let handle = std::thread::Builder::new()
+            .name("conveyor-checkpoint".into())
+            .spawn(move || {
+                // Until the closer drops its sender (or sends): then once more.
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    if let Err(err) =
+                        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::debug!(error = %err, "WAL checkpoint failed; retrying later");
+                    }
+                }
+                let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+            })
+            .map_err(|e| format!("cannot start checkpoint thread: {e}"))?;
+        Ok((stop, handle))
+    }
+}
+
+pub(super) struct Writer {
+    pub(super) conn: Connection,
+    pub(super) rx: mpsc::Receiver<Op>,
+    pub(super) healthy: Arc<AtomicBool>,
+}
+
+impl Writer {
+    pub(super) fn run(mut self) {
+        let mut batch = Vec::with_capacity(BATCH);
+        while self.rx.blocking_recv_many(&mut batch, BATCH) > 0 {
+            let answers = self.commit_with_retry(&batch);
+            for (op, answer) in batch.drain(..).zip(answers) {
+                reply(op, answer);
+            }
+        }
+        // All handles dropped: everything is committed. Checkpoint so the
+        // WAL does not outgrow the database between runs.
+        let _ = self.conn.pragma_update(None, "wal_checkpoint", "PASSIVE");
+    }
+
+    fn commit_with_retry(&mut self, batch: &[Op]) -> Vec<Result<Answer, String>> {
+        let mut delay = Duration::from_millis(50);
+        let mut failures = 0u32;
+        loop {
+            match self.apply(batch) {
+                Ok(answers) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "SQLite writes resumed");
+                        self.healthy.store(true, Ordering::Relaxed);
+                    }
+                    return answers;
+                }
+                Err(err) => {
+                    self.healthy.store(false, Ordering::Relaxed);
+                    crate::observe::sqlite_error();
+                    if failures.is_multiple_of(20) {
+                        tracing::error!(error = %err, ops = batch.len(),
+                            "SQLite transaction failed; holding the batch and retrying");
+                    }
+                    failures += 1;
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// One transaction over the whole batch. A failing statement fails only
+    /// its own operation; a failing BEGIN or COMMIT fails the batch.
+    fn apply(&mut self, batch: &[Op]) -> rusqlite::Result<Vec<Result<Answer, String>>> {
+        // BEGIN IMMEDIATE / COMMIT through cached statements: rusqlite's
+        // Transaction parses them anew for every transaction, which showed
+        // in profiles of the hot path.
+        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        let answers = batch
+            .iter()
+            .map(|op| apply_op(&self.conn, op).map_err(|e| e.to_string()))
+            .collect();
+        if let Err(err) = self
+            .conn
+            .prepare_cached("COMMIT")
+            .and_then(|mut c| c.execute([]))
+        {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(err);
+        }
+        Ok(answers)
+    }
+}
+
+fn reply(op: Op, answer: Result<Answer, String>) {
+    match (op, answer) {
+        (Op::Begin(_, Some(tx)), Ok(Answer::Prior(p))) => {
+            let _ = tx.send(Ok(p));
+        }
+        (Op::Begin(job, None), Err(e)) => {
+            tracing::error!(job_id = %job.id, error = %e, "SQLite write failed");
+        }
+        (Op::Begin(_, None), Ok(_)) => {}
+        (Op::Finish(_, tx), Ok(Answer::Applied(b))) => {
+            let _ = tx.send(Ok(b));
+        }
+        (Op::Record(_, tx) | Op::Flush(tx), Ok(_)) => {
+            let _ = tx.send(Ok(()));
+        }
+        (Op::Stage(u), Err(e)) => {
+            tracing::error!(job_id = %u.job_id, error = %e, "SQLite write failed");
+        }
+        (Op::Stage(_), Ok(_)) => {}
+        (Op::Begin(_, Some(tx)), Err(e)) => {
+            let _ = tx.send(Err(e));
+        }
+        (Op::Finish(_, tx), Err(e)) => {
+            let _ = tx.send(Err(e));
+        }
+        (Op::Record(_, tx) | Op::Flush(tx), Err(e)) => {
+            let _ = tx.send(Err(e));
+        }
+        (Op::Begin(_, Some(tx)), Ok(_)) => {
+            let _ = tx.send(Err("internal: wrong answer".into()));
+        }
+        (Op::Finish(_, tx), Ok(_)) => {
+            let _ = tx.send(Err("internal: wrong answer".into()));
+        }
+    }
+}
+
+fn apply_op(tx: &Connection, op: &Op) -> rusqlite::Result<Answer> {
+    match op {
+        Op::Begin(job, _) => begin(tx, job).map(Answer::Prior),
+        Op::Stage(u) => stage(tx, u).map(|_| Answer::Done),
+        Op::Finish(f, _) => finish(tx, f).map(Answer::Applied),
+        Op::Record(r, _) => record(tx, r).map(|()| Answer::Done),
+        Op::Flush(_) => Ok(Answer::Done),
+    }
+}
