@@ -24,52 +24,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::queue::RedisConn;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::queue::Keys;
+use crate::job::Status;
+use crate::queue::{Keys, RedisConn};
 
 /// Events waiting to be published before new ones are dropped.
 const CHANNEL_CAPACITY: usize = 65_536;
 /// Most events sent in one pipeline.
 const BATCH: usize = 512;
-
-/// A job's state, as published and stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    Pending,
-    Scheduled,
-    Running,
-    Retrying,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Pending => "pending",
-            Status::Scheduled => "scheduled",
-            Status::Running => "running",
-            Status::Retrying => "retrying",
-            Status::Completed => "completed",
-            Status::Failed => "failed",
-            Status::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
-    }
-
-    /// No further change is expected without an operator.
-    pub fn is_final(self) -> bool {
-        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
-    }
-}
 
 /// One message on a job's progress channel (the contract's fields, plus
 /// `event` naming what happened and `seq`, increasing within one run of the

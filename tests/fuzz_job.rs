@@ -3,8 +3,8 @@
 //! entry, and every accepted job survives the round trip through the JSON
 //! the daemon writes back (requeue, retry, dead list).
 
-use conveyor::queue::Job;
-use conveyor::queue::job::poison_entry;
+use conveyor::job::Job;
+use conveyor::job::poison_entry;
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 
@@ -32,7 +32,7 @@ fn any_json() -> impl Strategy<Value = Value> {
 
 /// Checks the contract of a refusal: a reason, and a dead entry that is a
 /// JSON object carrying it.
-fn assert_poison_entry(raw: &[u8], result: Result<Job, conveyor::queue::job::Poison>) {
+fn assert_poison_entry(raw: &[u8], result: Result<Job, conveyor::job::Poison>) {
     if let Err(poison) = result {
         assert!(!poison.reason.is_empty());
         let reason = poison.reason.clone();

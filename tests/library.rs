@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::{TestRedis, toml_str, unique_prefix};
 use conveyor::client::{Cancelled, ClientError, EnqueueRequest, JobInfo};
 use conveyor::config::Config;
-use conveyor::progress::Status;
+use conveyor::job::Status;
 use conveyor::worker::WorkerError;
 use conveyor::{BoxFuture, Client, Stage, StageContext, StageError, Worker};
 use serde_json::{Value, json};

@@ -10,7 +10,7 @@ use super::{CliResult, Failure, client, client_failure};
 use crate::client::inspect::{DeadEntry, Inspector, Revival};
 use crate::client::{Cancelled, ClientError};
 use crate::config::Config;
-use crate::queue::job::META_FIELD;
+use crate::job::META_FIELD;
 
 #[derive(Debug, Subcommand)]
 pub enum DeadCommand {

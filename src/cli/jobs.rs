@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use super::{CliResult, Failure, client, client_failure, connect};
 use crate::client::inspect::WaitingQuery;
 use crate::config::Config;
-use crate::progress::Status;
+use crate::job::Status;
 use crate::store::{JobRecord, Reader};
 
 /// `conveyor jobs`: SQLite holds every job that started at least once;

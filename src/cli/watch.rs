@@ -16,7 +16,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::{CliResult, Failure, connect};
 use crate::config::Config;
-use crate::progress::{ProgressEvent, Status};
+use crate::job::Status;
+use crate::progress::ProgressEvent;
 use crate::store::{JobRecord, Reader};
 
 pub async fn run(config: &Config, id: Option<&str>, json: bool) -> CliResult {

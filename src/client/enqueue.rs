@@ -8,8 +8,9 @@ use serde_json::Value;
 
 use super::{ClientError, check_name};
 use crate::config::Config;
-use crate::progress::Status;
-use crate::queue::{Job, When};
+use crate::job::Job;
+use crate::job::Status;
+use crate::queue::When;
 
 /// One job to enqueue: its type, then what the defaults do not cover.
 ///
@@ -170,7 +171,7 @@ pub(crate) fn prepare(config: &Config, request: EnqueueRequest) -> Result<Prepar
     })?;
     let chosen_id = id.is_some();
     let id = id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    crate::queue::job::check_id(&id).map_err(ClientError::InvalidId)?;
+    crate::job::check_id(&id).map_err(ClientError::InvalidId)?;
     let mut job = Job::new(id.clone(), kind.clone(), payload);
     if chosen_id {
         job.meta.epoch = SystemTime::now()

@@ -19,7 +19,8 @@ pub(crate) use enqueue::{Prepared, prepare};
 pub use inspect::Inspector;
 
 use crate::config::Config;
-use crate::progress::{ProgressEvent, Status};
+use crate::job::Status;
+use crate::progress::ProgressEvent;
 use crate::queue::Broker;
 use crate::store::{JobRecord, Reader, StoreError};
 

@@ -26,8 +26,8 @@ use serde_json::{Value, json};
 use super::{App, TOKEN_ENV};
 use crate::client::ClientError;
 use crate::client::inspect::WaitingQuery;
-use crate::progress::Status;
-use crate::queue::job::META_FIELD;
+use crate::job::META_FIELD;
+use crate::job::Status;
 use crate::store::{JobFilter, Reader, StoreError};
 
 /// Minutes of throughput `/api/queues` reports.

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::Broker;
-use super::job::{META_FIELD, Meta};
+use crate::job::{META_FIELD, Meta};
 
 /// A daemon's entry in `P:workers`: what the reaper needs once it is gone.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -481,7 +481,7 @@ fn entry_id(entry: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::Job;
+    use crate::job::Job;
 
     #[test]
     fn revived_jobs_get_fresh_attempts_and_keep_results() {

@@ -30,7 +30,6 @@
 pub mod batch;
 pub mod conn;
 pub mod inspect;
-pub mod job;
 pub mod keys;
 pub mod scripts;
 
@@ -42,7 +41,6 @@ use redis::{RedisResult, ScriptInvocation};
 
 pub use conn::{Connector, RedisConn};
 
-pub use job::Job;
 pub use keys::Keys;
 
 /// Response timeout of ordinary commands. redis-rs defaults to 500 ms, which

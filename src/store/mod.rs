@@ -39,7 +39,7 @@ use rusqlite::Connection;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::progress::Status;
+use crate::job::Status;
 use writer::{Checkpointer, Writer};
 
 /// Operations queued before senders wait (back-pressure on intake).

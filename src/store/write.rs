@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
 use super::{BeginJob, FinishJob, Prior, RecordJob, StageUpdate};
-use crate::progress::Status;
+use crate::job::Status;
 
 pub(super) fn begin(tx: &Connection, job: &BeginJob) -> rusqlite::Result<Prior> {
     let prior: Option<(String, u32, u32)> = if job.first {

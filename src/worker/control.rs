@@ -12,8 +12,8 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use super::inflight::{InFlight, StopReason};
-use crate::error::reconnect_backoff;
 use crate::queue::Broker;
+use crate::retry::reconnect_backoff;
 
 #[derive(Debug, Deserialize)]
 struct ControlMessage {

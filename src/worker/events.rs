@@ -15,10 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::runner::{LOG_TARGET, Stats, Stop};
+use crate::job::Job;
+use crate::job::Status;
 use crate::now_rfc3339;
 use crate::pipeline::Pipeline;
-use crate::progress::{ProgressEvent, Publisher, Status};
-use crate::queue::Job;
+use crate::progress::{ProgressEvent, Publisher};
 use crate::telemetry::metrics;
 
 fn millis(d: Duration) -> u64 {

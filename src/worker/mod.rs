@@ -5,10 +5,10 @@
 //!   a job, and spawns the job's task with the permit;
 //! - job tasks ([`runner`]);
 //! - the progress publisher ([`crate::progress`]);
-//! - the heartbeat ([`registry::Heartbeat`]), which also checks the leases
+//! - the heartbeat ([`heartbeat::Heartbeat`]), which also checks the leases
 //!   and cancellation flags of running jobs;
 //! - the reaper ([`reaper::Reaper`]): recovers the jobs of dead daemons;
-//! - the promoter ([`scheduler::Promoter`]): due retries back to pending;
+//! - the promoter ([`promoter::Promoter`]): due retries back to pending;
 //! - periodic jobs ([`periodic::Periodic`]): `[[schedules]]` ticks, each
 //!   enqueued once across all daemons;
 //! - the control listener ([`control::Control`]): cancellations;
@@ -35,14 +35,14 @@ pub mod builder;
 pub mod control;
 pub(crate) mod events;
 pub mod health;
+pub mod heartbeat;
 pub mod inflight;
 pub mod notify;
 pub mod periodic;
 pub mod probe;
+pub mod promoter;
 pub mod reaper;
-pub mod registry;
 pub mod runner;
-pub mod scheduler;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,10 +52,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::error::reconnect_backoff;
 use crate::pipeline::Registry;
 use crate::progress::Publisher;
 use crate::queue::{Broker, Fetched, Next};
+use crate::retry::reconnect_backoff;
 use crate::store::Store;
 use health::Health;
 use inflight::InFlight;
@@ -75,7 +75,7 @@ pub enum WorkerError {
     #[error("cannot connect to Redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("{0}")]
-    Register(#[from] registry::RegisterError),
+    Register(#[from] heartbeat::RegisterError),
     #[error("job types: {0}")]
     Registry(String),
     #[error("cannot install signal handlers: {0}")]
@@ -112,7 +112,7 @@ pub(crate) async fn run_with_registry(
         .map_err(|e| WorkerError::Registry(format!("SQLite open panicked: {e}")))??;
     let broker = Broker::connect_config(&config.redis, 6).await?;
 
-    let info = registry::WorkerInfo {
+    let info = crate::queue::inspect::WorkerInfo {
         id: worker_id.clone(),
         host: crate::config::hostname(),
         pid: std::process::id(),
@@ -127,7 +127,7 @@ pub(crate) async fn run_with_registry(
         ttl_ms: w.dead_after_secs.saturating_mul(1000),
     };
     let ttl = Duration::from_secs(w.dead_after_secs);
-    registry::register(&broker, &info, ttl).await?;
+    heartbeat::register(&broker, &info, ttl).await?;
     // Jobs a previous run of this id left behind (crash, SIGKILL) go back to
     // pending, each with a crash counted; SQLite tells where each stopped.
     let recovered = recover_active(&broker, &w.queues, &worker_id, true).await;
@@ -169,7 +169,7 @@ pub(crate) async fn run_with_registry(
     health.fetch_loop_alive();
     let background = CancellationToken::new();
     tracker.spawn(
-        registry::Heartbeat {
+        heartbeat::Heartbeat {
             broker: broker.clone(),
             info: info.clone(),
             every: Duration::from_secs(w.heartbeat_secs),
@@ -207,7 +207,7 @@ pub(crate) async fn run_with_registry(
         .run(background.clone()),
     );
     tracker.spawn(
-        scheduler::Promoter {
+        promoter::Promoter {
             broker: broker.clone(),
             queues: w.queues.clone(),
             every: Duration::from_millis(w.promote_interval_ms),
@@ -278,7 +278,7 @@ pub(crate) async fn run_with_registry(
     if left > 0 {
         tracing::warn!(left, "Requeued jobs still listed as active");
     }
-    if let Err(err) = registry::deregister(&broker, &worker_id).await {
+    if let Err(err) = heartbeat::deregister(&broker, &worker_id).await {
         tracing::warn!(error = %err, "Cannot remove worker registration; it expires by itself");
     }
     let stats = &env.stats;

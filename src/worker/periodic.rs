@@ -20,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::config::timing::Timing;
-use crate::error::reconnect_backoff;
-use crate::queue::{Broker, Job};
+use crate::job::Job;
+use crate::queue::Broker;
+use crate::retry::reconnect_backoff;
 
 /// One `[[schedules]]` entry, resolved.
 #[derive(Debug, Clone)]

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
-use super::registry::Registration;
-use crate::error::jittered;
 use crate::queue::Broker;
+use crate::queue::inspect::Registration;
+use crate::retry::jittered;
 
 pub struct Reaper {
     pub broker: Broker,

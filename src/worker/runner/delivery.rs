@@ -12,12 +12,13 @@ use tracing::Instrument;
 
 use super::run::Run;
 use super::{JobEnv, LOG_TARGET};
-use crate::error::{is_transient, job_op_backoff};
+use crate::job::Job;
+use crate::job::Status;
+use crate::job::{Poison, poison_entry};
 use crate::now_rfc3339;
 use crate::pipeline::Pipeline;
-use crate::progress::Status;
-use crate::queue::job::{Poison, poison_entry};
-use crate::queue::{Broker, Claim, Fetched, Job, Next};
+use crate::queue::{Broker, Claim, Fetched, Next};
+use crate::retry::{is_transient, job_op_backoff};
 use crate::store::RecordJob;
 use crate::telemetry::metrics;
 use crate::worker::events::{JobCancelledUnstarted, JobDeadLettered};
@@ -125,7 +126,7 @@ pub(super) async fn dead_letter_poison(env: &JobEnv, fetched: &Fetched, poison: 
             .and_then(Value::as_str)
             .map(str::to_owned)
     };
-    let id = field("id").filter(|id| crate::queue::job::check_id(id).is_ok());
+    let id = field("id").filter(|id| crate::job::check_id(id).is_ok());
     let kind = field("type").unwrap_or_default();
     let reason = poison.reason.clone();
     if let Some(id) = &id {

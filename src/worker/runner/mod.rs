@@ -53,11 +53,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::inflight::{InFlight, RunGuard};
+use crate::job::Job;
+use crate::job::Poison;
 use crate::pipeline::Registry;
 use crate::progress::Publisher;
 use crate::queue::batch::Batcher;
-use crate::queue::job::Poison;
-use crate::queue::{Broker, Fetched, Job};
+use crate::queue::{Broker, Fetched};
 use crate::store::Store;
 pub(crate) use outcome::Stop;
 

@@ -1,5 +1,6 @@
-//! The job envelope: parsing untrusted messages, and the JSON a daemon
-//! writes back when it requeues or dead-letters a job.
+//! A job: its state ([`Status`]), and its envelope: parsing untrusted
+//! messages, and the JSON a daemon writes back when it requeues or
+//! dead-letters a job.
 //!
 //! A job is a JSON object `{"id", "type", "payload", "max_attempts",
 //! "timeout_secs", ...}`. Unknown fields are kept. The daemon's own
@@ -8,6 +9,42 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+/// A job's state, as published and stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pending,
+    Scheduled,
+    Running,
+    Retrying,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Scheduled => "scheduled",
+            Status::Running => "running",
+            Status::Retrying => "retrying",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+    }
+
+    /// No further change is expected without an operator.
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+}
 
 /// Name of the reserved field holding [`Meta`].
 pub const META_FIELD: &str = "_conveyor";

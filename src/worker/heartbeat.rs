@@ -28,7 +28,7 @@ use super::inflight::StopReason;
 use super::runner::{JobEnv, Stats};
 use crate::queue::Broker;
 
-pub use crate::queue::inspect::{Registration, WorkerInfo};
+use crate::queue::inspect::{Registration, WorkerInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::error::jittered;
 use crate::queue::Broker;
+use crate::retry::jittered;
 
 /// Most jobs moved per script call (keeps each call short).
 const BATCH: usize = 500;

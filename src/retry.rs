@@ -1,4 +1,5 @@
-//! Error classification shared by the daemon's loops.
+//! When the daemon's loops try again: which Redis errors pass
+//! ([`is_transient`]), and the backoffs of reconnects and job operations.
 
 use std::time::Duration;
 
