@@ -28,24 +28,23 @@
 //! `CHAOS_DAEMONS` (and `CHAOS_SEED` to replay a kill schedule). The temp
 //! dir (daemon logs, ledger, SQLite, AOF) is kept when a check fails, or
 //! always with `CHAOS_KEEP=1`.
+//!
+//! Redis, the daemon processes (crash, restart) and the key names come from
+//! the shared harness (`tests/common`); this file owns the scenario, the
+//! producer and the accounting.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::File;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use common::{open_sqlite_read_only, poll_until};
+use common::{
+    Daemon, Harness, ledger_counts_by_stage, ledger_stage, open_sqlite_read_only, poll_until,
+};
 use serde_json::Value;
 
-/// The binary under test.
-const BIN: &str = env!("CARGO_BIN_EXE_conveyor");
-const CRATE_ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const PREFIX: &str = "chaos";
 const QUEUE: &str = "default";
 const CONCURRENCY: usize = 4;
@@ -54,6 +53,19 @@ const STAGES: [&str; 2] = ["s1", "s2"];
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a daemon may take to exit after SIGTERM.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Redis keeps what it acknowledged across its own restarts (AOF), and
+/// refuses writes rather than evicting jobs.
+const REDIS_ARGS: &[&str] = &[
+    "--appendonly",
+    "yes",
+    "--appendfsync",
+    "everysec",
+    "--maxmemory-policy",
+    "noeviction",
+];
+/// Info, not the harness's debug: debug lines of thousands of jobs slow
+/// the daemons and the final scan of their logs.
+const DAEMON_ENV: &[(&str, &str)] = &[("RUST_LOG", "conveyor=info")];
 
 // ---------------------------------------------------------------- tests
 
@@ -134,26 +146,12 @@ fn run_chaos(p: &Params) -> Report {
         p.jobs, p.kills, p.daemons, p.kill_every_ms.0, p.kill_every_ms.1, p.seed
     );
     let mut rng = fastrand::Rng::with_seed(p.seed);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let redis = Redis::start(&dir.path().join("redis"));
-    let ctx = Ctx::new(dir.path(), redis.url());
+    let mut h = Harness::with_redis_args("", REDIS_ARGS);
+    h.prefix = PREFIX.to_owned();
+    let ledger = h.path("ledger.log");
+    h.write_config(&config_toml(&ledger));
 
-    // The daemons, one slot each; a slot's instance is replaced on restart.
-    // They start together, on a new SQLite file, as under `run_worker.sh -n`.
-    let mut instances: Vec<_> = (1..=p.daemons)
-        .map(|i| (i, ctx.spawn(&format!("d{i}"))))
-        .collect();
-    let mut slots: Vec<Slot> = Vec::new();
-    for (i, mut current) in instances.drain(..) {
-        current
-            .wait_started(START_TIMEOUT)
-            .unwrap_or_else(|e| panic!("initial start of d{i}: {e}"));
-        slots.push(Slot {
-            index: i,
-            renames: 0,
-            current,
-        });
-    }
+    let mut slots = start_slots(&h, p.daemons);
 
     // Producer: LPUSH every job, recording the acknowledged ones.
     let started = Instant::now();
@@ -165,24 +163,96 @@ fn run_chaos(p: &Params) -> Report {
         p.kills as u64 * ((p.kill_every_ms.0 + p.kill_every_ms.1) / 2 + 1000),
     );
     let producer = {
-        let url = ctx.redis_url.clone();
+        let (url, pending) = (h.redis.url(), h.pending_key(QUEUE));
         let jobs = p.jobs;
-        std::thread::spawn(move || produce(&url, jobs, spread))
+        std::thread::spawn(move || produce(&url, &pending, jobs, spread))
     };
 
-    // Chaos loop.
+    let kills = chaos_loop(p, &mut rng, &h, &mut slots, started);
+    let chaos_over = started.elapsed();
+
+    let produced = producer.join().expect("producer thread");
+    let acked: BTreeSet<String> = produced.acked.iter().cloned().collect();
+
+    let drained = drain(&h, &acked, p.drain_timeout, started);
+    let drain_time = started.elapsed();
+    // The last acks follow their SQLite commits by a round trip; and a
+    // duplicate copy still in pending is taken and dropped.
+    let residue_settled = poll_until(Duration::from_secs(10), || {
+        std::thread::sleep(Duration::from_millis(100));
+        Residue::read(&h).total() == 0
+    });
+    let residue_at_drain = Residue::read(&h);
+
+    let exits = stop_all(&mut slots);
+    let total_time = started.elapsed();
+
+    let residue = Residue::read(&h);
+    let mut report = Report::gather(&h, &ledger, produced, &acked);
+    report.params = (p.jobs, p.kills, p.daemons, p.seed);
+    report.kills = kills;
+    report.exits = exits;
+    report.drained = drained;
+    report.residue_settled = residue_settled;
+    report.residue_at_drain = residue_at_drain;
+    report.residue = residue;
+    report.chaos_time = chaos_over;
+    report.drain_time = drain_time;
+    report.total_time = total_time;
+    report.print();
+    if !report.ok() || std::env::var_os("CHAOS_KEEP").is_some() {
+        let kept = h.keep_dir();
+        println!(
+            "chaos: artifacts (logs, ledger, SQLite, AOF) kept in {}",
+            kept.display()
+        );
+    }
+    drop(slots);
+    drop(h);
+    report
+}
+
+/// The daemons, one slot each; a slot's instance is replaced on restart.
+/// They start together, on a new SQLite file, as under `run_worker.sh -n`.
+fn start_slots(h: &Harness, daemons: usize) -> Vec<Slot> {
+    let mut instances: Vec<_> = (1..=daemons)
+        .map(|i| (i, h.spawn_daemon(&format!("d{i}"), &[], DAEMON_ENV)))
+        .collect();
+    let mut slots: Vec<Slot> = Vec::new();
+    for (i, mut current) in instances.drain(..) {
+        current
+            .wait_started_within(START_TIMEOUT)
+            .unwrap_or_else(|e| panic!("initial start of d{i}: {e}"));
+        slots.push(Slot {
+            index: i,
+            renames: 0,
+            current,
+        });
+    }
+    slots
+}
+
+/// The chaos loop: `p.kills` crashes of a random daemon, each restarted
+/// under its id or a new one.
+fn chaos_loop(
+    p: &Params,
+    rng: &mut fastrand::Rng,
+    h: &Harness,
+    slots: &mut [Slot],
+    started: Instant,
+) -> Vec<Kill> {
     let mut kills = Vec::new();
     for k in 1..=p.kills {
         let pause = rng.u64(p.kill_every_ms.0..=p.kill_every_ms.1);
         std::thread::sleep(Duration::from_millis(pause));
         let slot = &mut slots[rng.usize(..p.daemons)];
-        let victim = slot.current.id.clone();
-        let key = active_key(&victim);
-        let mut conn = redis.conn();
+        let victim = slot.current.worker_id.clone();
+        let key = h.active_key(QUEUE, &victim);
+        let mut conn = h.redis.conn();
         let ((in_flight, pending), groups) = slot.current.crash(|| {
             redis::pipe()
                 .llen(&key)
-                .llen(pending_key())
+                .llen(h.pending_key(QUEUE))
                 .query::<(u64, u64)>(&mut conn)
                 .unwrap_or((0, 0))
         });
@@ -193,7 +263,7 @@ fn run_chaos(p: &Params) -> Report {
         } else {
             victim.clone()
         };
-        let refused_starts = slot.restart(&ctx, &new_id);
+        let refused_starts = slot.restart(h, &new_id);
         let at = started.elapsed();
         println!(
             "chaos: kill {k}/{} at {:>6.1}s: {victim} ({in_flight} in flight, {groups} stage groups, {pending} pending) -> {new_id}{}",
@@ -213,16 +283,16 @@ fn run_chaos(p: &Params) -> Report {
             refused_starts,
         });
     }
-    let chaos_over = started.elapsed();
+    kills
+}
 
-    let produced = producer.join().expect("producer thread");
-    let acked: BTreeSet<String> = produced.acked.iter().cloned().collect();
-
-    // Drain: every acknowledged job final in SQLite or dead.
+/// Waits until every acknowledged job is final in SQLite or dead; whether
+/// that happened within `timeout`.
+fn drain(h: &Harness, acked: &BTreeSet<String>, timeout: Duration, started: Instant) -> bool {
     let mut last_print = Instant::now();
-    let drained = poll_until(p.drain_timeout, || {
-        let finals = ctx.final_ids();
-        let dead = ctx.dead_entries(&redis);
+    poll_until(timeout, || {
+        let finals = final_ids(h);
+        let dead = dead_entries(h);
         let open = acked
             .iter()
             .filter(|id| !finals.contains(*id) && !dead.contains_key(*id))
@@ -237,50 +307,36 @@ fn run_chaos(p: &Params) -> Report {
         }
         std::thread::sleep(Duration::from_millis(200));
         open == 0
-    });
-    let drain_time = started.elapsed();
-    // The last acks follow their SQLite commits by a round trip; and a
-    // duplicate copy still in pending is taken and dropped.
-    let residue_settled = poll_until(Duration::from_secs(10), || {
-        std::thread::sleep(Duration::from_millis(100));
-        Residue::read(&redis).total() == 0
-    });
-    let residue_at_drain = Residue::read(&redis);
+    })
+}
 
-    // Graceful stop of every daemon.
-    for slot in &slots {
-        slot.current.signal(libc::SIGTERM);
+/// Graceful stop of every daemon: SIGTERM to all, then each one's exit.
+fn stop_all(slots: &mut [Slot]) -> Vec<(String, Option<ExitStatus>)> {
+    for slot in slots.iter() {
+        slot.current.sigterm();
     }
-    let mut exits = Vec::new();
-    for slot in &mut slots {
-        let status = slot.current.wait_exit(EXIT_TIMEOUT);
-        exits.push((slot.current.id.clone(), status));
-    }
-    let total_time = started.elapsed();
+    slots
+        .iter_mut()
+        .map(|slot| {
+            let status = stop(&mut slot.current);
+            (slot.current.worker_id.clone(), status)
+        })
+        .collect()
+}
 
-    let residue = Residue::read(&redis);
-    let mut report = Report::gather(&ctx, &redis, produced, &acked);
-    report.params = (p.jobs, p.kills, p.daemons, p.seed);
-    report.kills = kills;
-    report.exits = exits;
-    report.drained = drained;
-    report.residue_settled = residue_settled;
-    report.residue_at_drain = residue_at_drain;
-    report.residue = residue;
-    report.chaos_time = chaos_over;
-    report.drain_time = drain_time;
-    report.total_time = total_time;
-    report.print();
-    if !report.ok() || std::env::var_os("CHAOS_KEEP").is_some() {
-        let kept = dir.keep();
+/// Waits for a daemon's exit after SIGTERM; `None` when it did not exit
+/// in time (it is then SIGKILLed).
+fn stop(d: &mut Daemon) -> Option<ExitStatus> {
+    let status = d.try_wait_exit(EXIT_TIMEOUT);
+    if status.is_none() {
         println!(
-            "chaos: artifacts (logs, ledger, SQLite, AOF) kept in {}",
-            kept.display()
+            "chaos: {} did not exit within {EXIT_TIMEOUT:?} of SIGTERM; killing it. Log tail:\n{}",
+            d.worker_id,
+            d.log_tail(20)
         );
+        d.kill();
     }
-    drop(slots);
-    drop(redis);
-    report
+    status
 }
 
 /// What the producer did.
@@ -291,8 +347,9 @@ struct Produced {
     time: Duration,
 }
 
-/// Pushes `jobs` jobs, evenly over `spread` (at once when it is zero).
-fn produce(url: &str, jobs: usize, spread: Duration) -> Produced {
+/// Pushes `jobs` jobs onto `pending`, evenly over `spread` (at once when it
+/// is zero).
+fn produce(url: &str, pending: &str, jobs: usize, spread: Duration) -> Produced {
     let client = redis::Client::open(url).expect("redis url");
     let mut conn = None;
     let mut out = Produced {
@@ -317,12 +374,9 @@ fn produce(url: &str, jobs: usize, spread: Duration) -> Produced {
                 .get_connection_with_timeout(Duration::from_secs(5))
                 .ok();
         }
-        let pushed = conn.as_mut().map(|c| {
-            redis::cmd("LPUSH")
-                .arg(pending_key())
-                .arg(&body)
-                .query::<i64>(c)
-        });
+        let pushed = conn
+            .as_mut()
+            .map(|c| redis::cmd("LPUSH").arg(pending).arg(&body).query::<i64>(c));
         match pushed {
             Some(Ok(_)) => out.acked.push(id),
             _ => {
@@ -335,25 +389,31 @@ fn produce(url: &str, jobs: usize, spread: Duration) -> Produced {
     out
 }
 
-// ---------------------------------------------------------------- keys
+// ---------------------------------------------------------------- Redis and SQLite
 
-fn pending_key() -> String {
-    format!("{PREFIX}:{{{QUEUE}}}:pending")
+/// Ids of jobs in a final state in SQLite.
+fn final_ids(h: &Harness) -> BTreeSet<String> {
+    h.ids_with_any_status(&["completed", "failed", "cancelled"])
 }
-fn active_key(worker: &str) -> String {
-    format!("{PREFIX}:{{{QUEUE}}}:active:{worker}")
-}
-fn scheduled_key() -> String {
-    format!("{PREFIX}:{{{QUEUE}}}:scheduled")
-}
-fn dead_key() -> String {
-    format!("{PREFIX}:{{{QUEUE}}}:dead")
-}
-fn leases_key() -> String {
-    format!("{PREFIX}:{{{QUEUE}}}:leases")
-}
-fn crashes_key() -> String {
-    format!("{PREFIX}:{{{QUEUE}}}:crashes")
+
+/// The dead list: job id (or a placeholder) -> reason.
+fn dead_entries(h: &Harness) -> BTreeMap<String, String> {
+    h.lrange(&h.dead_key(QUEUE))
+        .iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let v: Value = serde_json::from_slice(entry).unwrap_or(Value::Null);
+            let id = v["id"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("<entry {i} without id>"));
+            let reason = v["_conveyor"]["error"]
+                .as_str()
+                .unwrap_or("<no reason>")
+                .to_owned();
+            (id, reason)
+        })
+        .collect()
 }
 
 /// What is left in Redis for the queue.
@@ -368,25 +428,9 @@ struct Residue {
 }
 
 impl Residue {
-    fn read(redis: &Redis) -> Self {
-        let mut conn = redis.conn();
-        let mut active_lists: Vec<String> = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(active_key("*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query(&mut conn)
-                .expect("SCAN");
-            active_lists.extend(keys);
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
+    fn read(h: &Harness) -> Self {
+        let active_lists = h.scan_keys(&h.active_key(QUEUE, "*"));
+        let mut conn = h.redis.conn();
         let mut active = 0;
         for key in &active_lists {
             active += redis::cmd("LLEN")
@@ -398,11 +442,11 @@ impl Residue {
             redis::cmd(cmd).arg(key).query(conn).expect(cmd)
         };
         Residue {
-            pending: q("LLEN", pending_key(), &mut conn),
+            pending: q("LLEN", h.pending_key(QUEUE), &mut conn),
             active,
-            scheduled: q("ZCARD", scheduled_key(), &mut conn),
-            leases: q("HLEN", leases_key(), &mut conn),
-            crashes: q("HLEN", crashes_key(), &mut conn),
+            scheduled: q("ZCARD", h.scheduled_key(QUEUE), &mut conn),
+            leases: q("HLEN", h.leases_key(QUEUE), &mut conn),
+            crashes: q("HLEN", h.crashes_key(QUEUE), &mut conn),
         }
     }
 
@@ -418,209 +462,10 @@ impl Residue {
     }
 }
 
-// ---------------------------------------------------------------- Redis
-
-/// A private `redis-server` with AOF on, killed on drop.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start(dir: &Path) -> Self {
-        std::fs::create_dir_all(dir).expect("redis dir");
-        let log_path = dir.join("redis.log");
-        for _ in 0..5 {
-            let port = {
-                let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-                l.local_addr().expect("local addr").port()
-            };
-            let log = File::create(&log_path).expect("redis log");
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args([
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "yes",
-                    "--appendfsync",
-                    "everysec",
-                ])
-                .args(["--maxmemory-policy", "noeviction"])
-                .arg("--dir")
-                .arg(dir)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("dup log"))
-                .stderr(log)
-                .spawn()
-                .expect("start redis-server (is it installed?)");
-            let mut redis = Redis { child, port };
-            let client = redis::Client::open(redis.url()).expect("redis url");
-            let ready = poll_until(Duration::from_secs(5), || {
-                if let Ok(Some(_)) = redis.child.try_wait() {
-                    return true;
-                }
-                client
-                    .get_connection_with_timeout(Duration::from_millis(200))
-                    .ok()
-                    .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c).ok())
-                    .is_some()
-            });
-            if ready && matches!(redis.child.try_wait(), Ok(None)) {
-                return redis;
-            }
-            // Drop kills it; another port (someone took this one).
-        }
-        panic!(
-            "redis-server did not start; log:\n{}",
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        );
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .expect("redis url")
-            .get_connection_with_timeout(Duration::from_secs(5))
-            .expect("connect to the test redis")
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 // ---------------------------------------------------------------- daemons
-
-/// Paths and settings shared by every daemon process of one run.
-struct Ctx {
-    redis_url: String,
-    db: PathBuf,
-    config: PathBuf,
-    ledger: PathBuf,
-    logs: PathBuf,
-    /// Every log file ever used, killed instances' included.
-    log_files: Mutex<Vec<PathBuf>>,
-    spawned: AtomicUsize,
-}
-
-impl Ctx {
-    fn new(dir: &Path, redis_url: String) -> Self {
-        let ledger = dir.join("ledger.log");
-        let logs = dir.join("logs");
-        std::fs::create_dir_all(&logs).expect("logs dir");
-        let config = dir.join("conveyor.toml");
-        std::fs::write(&config, config_toml(&ledger)).expect("write config");
-        Ctx {
-            redis_url,
-            db: dir.join("conveyor.db"),
-            config,
-            ledger,
-            logs,
-            log_files: Mutex::new(Vec::new()),
-            spawned: AtomicUsize::new(0),
-        }
-    }
-
-    /// Spawns `conveyor worker --worker-id ID` with its own log file.
-    fn spawn(&self, id: &str) -> Instance {
-        let n = self.spawned.fetch_add(1, Ordering::Relaxed) + 1;
-        let log_path = self.logs.join(format!("{n:03}-{id}.log"));
-        let log = File::create(&log_path).expect("daemon log file");
-        self.log_files
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(log_path.clone());
-        let mut cmd = Command::new(BIN);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("CONVEYOR_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd
-            .current_dir(CRATE_ROOT)
-            .env("CONVEYOR_REDIS_URL", &self.redis_url)
-            .env("CONVEYOR_PREFIX", PREFIX)
-            .env("CONVEYOR_DB", &self.db)
-            .env("CONVEYOR_LOG_FORMAT", "json")
-            .env("RUST_LOG", "conveyor=info")
-            .arg("worker")
-            .arg("--config")
-            .arg(&self.config)
-            .args(["--worker-id", id])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn conveyor worker");
-        Instance {
-            child,
-            id: id.to_owned(),
-            log_path,
-            exited: None,
-        }
-    }
-
-    fn sqlite(&self) -> Option<rusqlite::Connection> {
-        open_sqlite_read_only(&self.db)
-    }
-
-    /// Ids of jobs in a final state in SQLite.
-    fn final_ids(&self) -> BTreeSet<String> {
-        self.ids_with("SELECT id FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')")
-    }
-
-    fn ids_with(&self, sql: &str) -> BTreeSet<String> {
-        let Some(conn) = self.sqlite() else {
-            return BTreeSet::new();
-        };
-        let Ok(mut stmt) = conn.prepare(sql) else {
-            return BTreeSet::new();
-        };
-        stmt.query_map([], |r| r.get::<_, String>(0))
-            .map(|rows| rows.filter_map(Result::ok).collect())
-            .unwrap_or_default()
-    }
-
-    /// The dead list: job id (or a placeholder) -> reason.
-    fn dead_entries(&self, redis: &Redis) -> BTreeMap<String, String> {
-        let raw: Vec<Vec<u8>> = redis::cmd("LRANGE")
-            .arg(dead_key())
-            .arg(0)
-            .arg(-1)
-            .query(&mut redis.conn())
-            .expect("LRANGE dead");
-        raw.iter()
-            .enumerate()
-            .map(|(i, entry)| {
-                let v: Value = serde_json::from_slice(entry).unwrap_or(Value::Null);
-                let id = v["id"]
-                    .as_str()
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| format!("<entry {i} without id>"));
-                let reason = v["_conveyor"]["error"]
-                    .as_str()
-                    .unwrap_or("<no reason>")
-                    .to_owned();
-                (id, reason)
-            })
-            .collect()
-    }
-}
 
 /// The daemons' config: test timings and the ledger-writing job type.
 fn config_toml(ledger: &Path) -> String {
-    let ledger = ledger.to_string_lossy();
-    assert!(
-        !ledger.contains(['"', '\\']) && !ledger.chars().any(char::is_control),
-        "unusual temp dir path {ledger:?}"
-    );
     let mut out = format!(
         r#"[worker]
 queues = ["{QUEUE}"]
@@ -636,188 +481,44 @@ queue = "{QUEUE}"
 "#
     );
     for stage in STAGES {
-        // `$$` is the stage's pid and process group (each stage leads one).
-        out.push_str(&format!(
-            r#"
-[[jobs.chaos.stages]]
-name = "{stage}"
-run = ["sh", "-c", '''echo "S {stage} $CONVEYOR_JOB_ID $$" >> "$LEDGER"; cat > /dev/null; sleep 0.02; echo "C {stage} $CONVEYOR_JOB_ID $$" >> "$LEDGER"''']
-env = {{ LEDGER = "{ledger}" }}
-"#
-        ));
+        out.push_str(&ledger_stage("chaos", stage, ledger, "sleep 0.02;"));
     }
     out
-}
-
-/// One daemon process.
-struct Instance {
-    child: Child,
-    id: String,
-    log_path: PathBuf,
-    exited: Option<ExitStatus>,
-}
-
-impl Instance {
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn signal(&self, sig: i32) {
-        if self.exited.is_none() {
-            // SAFETY: a signal to our own child, not yet reaped.
-            unsafe {
-                libc::kill(self.pid(), sig);
-            }
-        }
-    }
-
-    fn has_exited(&mut self) -> bool {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().expect("try_wait");
-        }
-        self.exited.is_some()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    fn log_tail(&self) -> String {
-        let log = self.log();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    /// Waits for `worker_started`; `Err` when the process exited first or
-    /// the time ran out.
-    fn wait_started(&mut self, timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.log().contains("\"worker_started\"") {
-                return Ok(());
-            }
-            if self.has_exited() {
-                return Err(format!(
-                    "{} exited ({:?}) before it started:\n{}",
-                    self.id,
-                    self.exited,
-                    self.log_tail()
-                ));
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "{} did not start within {timeout:?}:\n{}",
-                    self.id,
-                    self.log_tail()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// `None` when it did not exit in time (it is then SIGKILLed).
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        if poll_until(timeout, || self.has_exited()) {
-            return self.exited;
-        }
-        println!(
-            "chaos: {} did not exit within {timeout:?} of SIGTERM; killing it. Log tail:\n{}",
-            self.id,
-            self.log_tail()
-        );
-        self.signal(libc::SIGKILL);
-        self.exited = self.child.wait().ok();
-        None
-    }
-
-    /// A crash of the whole service: freeze the daemon, run `probe` (it
-    /// cannot change anything meanwhile), SIGKILL it and the process groups
-    /// of its running stages (as systemd's cgroup kill would), reap it.
-    /// Returns the probe's value and the number of stage groups killed.
-    fn crash<T>(&mut self, probe: impl FnOnce() -> T) -> (T, usize) {
-        let pid = self.pid();
-        self.signal(libc::SIGSTOP);
-        let value = probe();
-        let stages = children_of(pid);
-        self.signal(libc::SIGKILL);
-        let mut groups = 0;
-        for child in stages {
-            // Each stage leads its own group; only those are killed.
-            if process_group(child) == Some(child) {
-                // SAFETY: a stage group our daemon started.
-                unsafe {
-                    libc::killpg(child, libc::SIGKILL);
-                }
-                groups += 1;
-            }
-        }
-        self.exited = Some(self.child.wait().expect("wait for the killed daemon"));
-        (value, groups)
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        if !self.has_exited() {
-            self.signal(libc::SIGKILL);
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Fields of `/proc/<pid>/stat` after the command name: state, ppid, pgrp.
-fn proc_stat(pid: i32) -> Option<(i32, i32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(1);
-    let ppid = fields.next()?.parse().ok()?;
-    let pgrp = fields.next()?.parse().ok()?;
-    Some((ppid, pgrp))
-}
-
-fn process_group(pid: i32) -> Option<i32> {
-    proc_stat(pid).map(|(_, pgrp)| pgrp)
-}
-
-fn children_of(parent: i32) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| proc_stat(pid).is_some_and(|(ppid, _)| ppid == parent))
-        .collect()
 }
 
 /// A daemon position: `d<index>`, renamed `d<index>-r<k>` by some restarts.
 struct Slot {
     index: usize,
     renames: usize,
-    current: Instance,
+    current: Daemon,
 }
 
 impl Slot {
     /// Starts the slot's next instance as `id`, retrying a refused start
     /// (e.g. the id's registration is still judged live) every second.
     /// Returns how many starts were refused.
-    fn restart(&mut self, ctx: &Ctx, id: &str) -> usize {
-        let mut refused = 0;
-        loop {
-            let mut next = ctx.spawn(id);
-            match next.wait_started(START_TIMEOUT) {
-                Ok(()) => {
-                    self.current = next;
-                    return refused;
-                }
-                Err(e) => {
-                    refused += 1;
-                    println!("chaos: restart of {id} refused ({refused}): {e}");
-                    assert!(refused < 10, "{id} could not be restarted 10 times");
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-            }
-        }
+    fn restart(&mut self, h: &Harness, id: &str) -> usize {
+        let (next, refused) = h.restart_daemon(id, DAEMON_ENV, START_TIMEOUT, |n, why| {
+            println!("chaos: restart of {id} refused ({n}): {why}");
+        });
+        self.current = next;
+        refused
     }
+}
+
+/// Every daemon log file of the run, killed and refused instances' too
+/// (each process has a file of its own, kept after it exits).
+fn daemon_log_files(h: &Harness) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(h.dir.path())
+        .expect("read the temp dir")
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let name = path.file_name()?.to_str()?;
+            (name.starts_with("worker-") && name.ends_with(".log")).then_some(path)
+        })
+        .collect();
+    files.sort();
+    files
 }
 
 // ---------------------------------------------------------------- report
@@ -859,16 +560,16 @@ struct Report {
 }
 
 impl Report {
-    fn gather(ctx: &Ctx, redis: &Redis, produced: Produced, acked: &BTreeSet<String>) -> Self {
+    fn gather(h: &Harness, ledger: &Path, produced: Produced, acked: &BTreeSet<String>) -> Self {
         let mut r = Report {
             acked: produced.acked.len(),
             indeterminate: produced.indeterminate.len(),
             produce_time: produced.time,
             ..Report::default()
         };
-        let completed = ctx.ids_with("SELECT id FROM jobs WHERE status = 'completed'");
+        let completed = h.ids_with_status("completed");
         r.completed = completed.len();
-        r.dead = ctx.dead_entries(redis);
+        r.dead = dead_entries(h);
         r.lost = acked
             .iter()
             .filter(|id| !completed.contains(*id) && !r.dead.contains_key(*id))
@@ -880,7 +581,7 @@ impl Report {
             .filter(|id| !acked.contains(*id) && !indeterminate.contains(id))
             .cloned()
             .collect();
-        if let Some(conn) = ctx.sqlite() {
+        if let Some(conn) = open_sqlite_read_only(&h.db) {
             r.integrity = conn
                 .query_row("PRAGMA integrity_check", [], |row| row.get::<_, String>(0))
                 .unwrap_or_else(|e| format!("error: {e}"));
@@ -896,11 +597,7 @@ impl Report {
         }
 
         // `job_completed` lines over every daemon process's log.
-        let files = ctx
-            .log_files
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let files = daemon_log_files(h);
         r.log_files = files.len();
         let mut completions: HashMap<String, usize> = HashMap::new();
         for file in &files {
@@ -932,21 +629,7 @@ impl Report {
             .count();
 
         // The ledger.
-        let mut starts: HashMap<(String, String), usize> = HashMap::new();
-        let mut ends: HashMap<(String, String), usize> = HashMap::new();
-        let ledger = std::fs::read_to_string(&ctx.ledger).unwrap_or_default();
-        for line in ledger.lines() {
-            let mut f = line.split(' ');
-            let (Some(kind), Some(stage), Some(job)) = (f.next(), f.next(), f.next()) else {
-                continue;
-            };
-            let key = (job.to_owned(), stage.to_owned());
-            match kind {
-                "S" => *starts.entry(key).or_default() += 1,
-                "C" => *ends.entry(key).or_default() += 1,
-                _ => {}
-            }
-        }
+        let (starts, ends) = ledger_counts_by_stage(ledger);
         r.runs_twice = starts
             .iter()
             .filter(|((_, stage), n)| stage == STAGES[0] && **n > 1)
