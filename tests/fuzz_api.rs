@@ -1,6 +1,6 @@
 //! Fuzzes the remote-worker API (`/api/v1`) from its OpenAPI document with
 //! schemathesis, through `scripts/fuzz_api.sh` (a private redis-server, the
-//! real binary as `conveyor dashboard`, every schemathesis check with
+//! real binary as `conveyor gateway`, every schemathesis check with
 //! positive and negative data, then the server's and conveyor's state).
 //! A few test cases per operation only; run the script by hand for more
 //! (`scripts/fuzz_api.sh -n 100`). Skips itself when schemathesis cannot be

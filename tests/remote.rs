@@ -1,4 +1,4 @@
-//! The remote-worker API (`/api/v1`) of `conveyor dashboard`, driven over
+//! The remote-worker API (`/api/v1`) of `conveyor gateway`, driven over
 //! HTTP by the test as a remote worker would: claim, progress, stage and
 //! job completion, failure, leases (expiry, another worker, late calls),
 //! cancel, auth and bad input. A real Redis, the real binary, SQLite.
@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{DashboardProc, Harness, enqueue, wait_until};
+use common::{GatewayProc, Harness, enqueue, wait_until};
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -23,7 +23,7 @@ dead_after_secs = 3
 fetch_block_ms = 100
 promote_interval_ms = 50
 
-[api]
+[gateway]
 tokens = {{ workers = "{TOKEN}" }}
 lease_secs = {lease_secs}
 
@@ -44,7 +44,7 @@ stages = [{{ name = "only", builtin = "noop" }}]
     )
 }
 
-fn post(api: &DashboardProc, path: &str, body: Value) -> (u16, Value) {
+fn post(api: &GatewayProc, path: &str, body: Value) -> (u16, Value) {
     let r = api.post(path, Some(TOKEN), &body.to_string());
     let v = if r.body.is_empty() {
         Value::Null
@@ -54,7 +54,7 @@ fn post(api: &DashboardProc, path: &str, body: Value) -> (u16, Value) {
     (r.code, v)
 }
 
-fn claim(api: &DashboardProc, worker: &str, wait: u64) -> Option<Value> {
+fn claim(api: &GatewayProc, worker: &str, wait: u64) -> Option<Value> {
     let (code, v) = post(
         api,
         "/api/v1/claim",
@@ -74,7 +74,7 @@ fn job_path(id: &str, what: &str) -> String {
 #[test]
 fn remote_job_runs_end_to_end_beside_a_local_daemon() {
     let h = Harness::new(&config(30));
-    let api = h.dashboard(None);
+    let api = h.gateway();
     let local_daemon = h.daemon("w1", &[]);
     let sub = h.subscribe();
     let local = enqueue(&h, &["local"]);
@@ -182,7 +182,7 @@ fn remote_job_runs_end_to_end_beside_a_local_daemon() {
 #[test]
 fn a_whole_job_completes_in_one_call() {
     let h = Harness::new(&config(30));
-    let api = h.dashboard(None);
+    let api = h.gateway();
     let id = enqueue(&h, &["demo.remote"]);
     let job = claim(&api, "php-1", 10).expect("a job");
     let lease = job["lease"]["token"].as_str().expect("token");
@@ -200,7 +200,7 @@ fn a_whole_job_completes_in_one_call() {
 #[test]
 fn an_expired_lease_is_refused_and_another_worker_resumes_the_job() {
     let h = Harness::new(&config(2));
-    let api = h.dashboard(None);
+    let api = h.gateway();
     let id = enqueue(&h, &["demo.remote"]);
     let first = claim(&api, "w-a", 10).expect("a job");
     let lease_a = first["lease"]["token"].as_str().expect("token").to_owned();
@@ -273,7 +273,7 @@ fn an_expired_lease_is_refused_and_another_worker_resumes_the_job() {
 #[test]
 fn a_claim_never_followed_up_expires() {
     let h = Harness::new(&config(2));
-    let api = h.dashboard(None);
+    let api = h.gateway();
     let id = enqueue(&h, &["demo.remote"]);
     let first = claim(&api, "w-a", 10).expect("a job");
     assert_eq!(first["job_id"], id.as_str());
@@ -286,7 +286,7 @@ fn a_claim_never_followed_up_expires() {
 #[test]
 fn heartbeats_keep_a_lease_and_failures_retry_then_dead_letter() {
     let h = Harness::new(&config(2));
-    let api = h.dashboard(None);
+    let api = h.gateway();
     let id = enqueue(&h, &["demo.remote"]);
     let job = claim(&api, "w-a", 10).expect("a job");
     let lease = job["lease"]["token"].as_str().expect("token").to_owned();
@@ -322,7 +322,7 @@ fn heartbeats_keep_a_lease_and_failures_retry_then_dead_letter() {
 #[test]
 fn a_released_job_comes_back_at_its_stage_without_an_attempt_counted() {
     let h = Harness::new(&config(30));
-    let api = h.dashboard(None);
+    let api = h.gateway();
     let id = enqueue(&h, &["demo.remote"]);
     let job = claim(&api, "w-a", 10).expect("a job");
     let lease = job["lease"]["token"].as_str().expect("token").to_owned();
@@ -349,7 +349,7 @@ fn a_released_job_comes_back_at_its_stage_without_an_attempt_counted() {
 #[test]
 fn a_cancel_reaches_the_remote_worker() {
     let h = Harness::new(&config(30));
-    let api = h.dashboard(None);
+    let api = h.gateway();
     let id = enqueue(&h, &["demo.remote"]);
     let job = claim(&api, "w-a", 10).expect("a job");
     let lease = job["lease"]["token"].as_str().expect("token").to_owned();
@@ -371,7 +371,7 @@ fn a_cancel_reaches_the_remote_worker() {
 #[test]
 fn tokens_bodies_and_limits_are_checked() {
     let h = Harness::new(&config(30));
-    let api = h.dashboard(None);
+    let api = h.gateway();
     let claim_body = r#"{"worker_id": "w", "wait_secs": 0}"#;
     for token in [None, Some("wrong-token-0123456789")] {
         let r = api.post("/api/v1/claim", token, claim_body);
@@ -444,7 +444,8 @@ fn the_docs_link_to_the_served_openapi_document() {
         "src/gateway/openapi.json is missing"
     );
     let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
-    let doc = conveyor::gateway::OPENAPI.trim_end();
+    let doc = std::fs::read_to_string(format!("{root}/src/gateway/openapi.json")).unwrap();
+    let doc = doc.trim_end();
     assert!(
         !readme.contains(doc) && !readme.contains("\"openapi\": \"3.0.3\""),
         "README.md embeds the OpenAPI document; link to it instead"
@@ -453,19 +454,69 @@ fn the_docs_link_to_the_served_openapi_document() {
     assert_eq!(parsed["openapi"], "3.0.3");
 }
 
-/// Two APIs with one worker id: the second stops at once, saying why.
+/// Two gateways with one worker id: the second stops at once, saying why.
 #[test]
-fn a_second_api_with_the_same_worker_id_stops() {
+fn a_second_gateway_with_the_same_worker_id_stops() {
     let h = Harness::new(&config(30));
-    let _first = h.dashboard(None);
+    let _first = h.gateway();
     let port = common::free_port().to_string();
-    let out = h.cli(
-        &["dashboard", "--listen", &format!("127.0.0.1:{port}")],
-        &[],
-    );
+    let out = h.cli(&["gateway", "--listen", &format!("127.0.0.1:{port}")], &[]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("remote-worker API's daemon"), "{err}");
+    assert!(err.contains("gateway's daemon"), "{err}");
+}
+
+/// The dashboard runs no daemon: any number of them may run beside a
+/// gateway, none serves `/api/v1`, and each says who does.
+#[test]
+fn dashboards_serve_no_remote_api_and_name_the_gateway() {
+    let h = Harness::new(&config(30));
+    let first = h.dashboard(None);
+    let second = h.dashboard(None);
+    for d in [&first, &second] {
+        assert!(
+            d.log().contains("served by `conveyor gateway`"),
+            "{}",
+            d.log()
+        );
+        let r = d.post("/api/v1/claim", Some(TOKEN), r#"{"worker_id":"w"}"#);
+        assert_eq!(r.code, 404, "{}", r.body);
+    }
+    // No daemon was registered by either dashboard.
+    let status = h.status();
+    assert_eq!(
+        status["workers"].as_array().map(Vec::len),
+        Some(0),
+        "{status}"
+    );
+    // The gateway takes the job they did not.
+    let api = h.gateway();
+    let id = enqueue(&h, &["demo.remote"]);
+    let job = claim(&api, "w-a", 10).expect("a job from the gateway");
+    assert_eq!(job["job_id"], id.as_str());
+}
+
+/// A config with the old `[api]` section still works, with a notice; a
+/// gateway with no remote job type refuses to start (exit 2).
+#[test]
+fn the_old_api_section_still_loads_and_a_gateway_needs_remote_types() {
+    let h = Harness::new(&config(30).replace("[gateway]", "[api]"));
+    let api = h.gateway();
+    assert!(
+        api.log().contains("[api] is now [gateway]"),
+        "{}",
+        api.log()
+    );
+    let id = enqueue(&h, &["demo.remote"]);
+    let job = claim(&api, "w-a", 10).expect("a job");
+    assert_eq!(job["job_id"], id.as_str());
+
+    let local = Harness::new("[jobs.local]\nstages = [{ name = \"only\", builtin = \"noop\" }]\n");
+    let port = common::free_port().to_string();
+    let out = local.cli(&["gateway", "--listen", &format!("127.0.0.1:{port}")], &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no remote job type"), "{err}");
 }
 
 /// SIGTERM to the API: a job nobody claimed goes back to its queue at
@@ -478,7 +529,7 @@ fn on_sigterm_unclaimed_jobs_go_back_and_held_ones_finish_their_stage() {
         "heartbeat_secs = 1",
         "heartbeat_secs = 1\nshutdown_grace_secs = 15",
     ));
-    let mut api = h.dashboard(None);
+    let mut api = h.gateway();
     let held = enqueue(&h, &["demo.remote", "--id", "held"]);
     let job = claim(&api, "w-a", 10).expect("a job");
     assert_eq!(job["job_id"], held.as_str());
@@ -522,7 +573,7 @@ fn on_sigterm_unclaimed_jobs_go_back_and_held_ones_finish_their_stage() {
     assert_eq!(h.stage_status(&held, "fetch").as_deref(), Some("completed"));
     // Both jobs wait on their queue; the next API resumes `held` at transform.
     assert_eq!(h.llen(&h.pending_key("remote")), 2);
-    let api = h.dashboard(None);
+    let api = h.gateway();
     let mut seen = Vec::new();
     while let Some(job) = claim(&api, "w-c", 5) {
         seen.push((

@@ -1,5 +1,5 @@
 //! The reference remote workers of `examples/workers/` (Python and PHP) as
-//! child processes against the real `conveyor dashboard` serving the
+//! child processes against the real `conveyor gateway` serving the
 //! remote-worker API, with a real Redis, SQLite and a local daemon beside
 //! them: demo jobs run end to end, failures retry and go dead, SIGTERM
 //! finishes the running stage and gives the rest of the job back.
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{CRATE_ROOT, DashboardProc, Harness, enqueue, random_hex, wait_until};
+use common::{CRATE_ROOT, GatewayProc, Harness, enqueue, random_hex, wait_until};
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -31,7 +31,7 @@ dead_after_secs = 3
 fetch_block_ms = 100
 promote_interval_ms = 50
 
-[api]
+[gateway]
 tokens = {{ workers = "{TOKEN}" }}
 lease_secs = {lease_secs}
 max_jobs = 16
@@ -139,7 +139,7 @@ struct RemoteWorker {
 impl RemoteWorker {
     /// Starts `lang`'s worker as `id` against `api`, with the token in
     /// `CONVEYOR_API_TOKEN` and `args` (`--name=value`) after the defaults.
-    fn spawn(h: &Harness, api: &DashboardProc, lang: Lang, id: &str, args: &[&str]) -> Self {
+    fn spawn(h: &Harness, api: &GatewayProc, lang: Lang, id: &str, args: &[&str]) -> Self {
         let log_path = h.path(&format!("remote-{id}-{}.log", random_hex()));
         let log = File::create(&log_path).expect("worker log file");
         let mut cmd = Command::new(lang.program());
@@ -295,7 +295,7 @@ fn demo_jobs_run_end_to_end_beside_a_local_daemon(lang: Lang) {
         return;
     }
     let h = Harness::new(&config(10));
-    let api = h.dashboard(None);
+    let api = h.gateway();
     let daemon = h.daemon("local-1", &[]);
     let worker_id = format!("{lang:?}-1").to_lowercase();
     let remote: Vec<(String, i64)> = (1..=10)
@@ -348,7 +348,7 @@ fn python_and_php_workers_share_one_queue() {
         return;
     }
     let h = Harness::new(&config(10));
-    let api = h.dashboard(None);
+    let api = h.gateway();
     let ids: Vec<String> = (1..=20)
         .map(|n| {
             let payload = json!({"n": n, "sleep": 0.05}).to_string();
@@ -379,7 +379,7 @@ fn failures_retry_then_go_to_the_dead_list(lang: Lang) {
         return;
     }
     let h = Harness::new(&config(10));
-    let api = h.dashboard(None);
+    let api = h.gateway();
     let always = enqueue(&h, &["fail.always", "--id", "always-1"]);
     let permanent = enqueue(&h, &["fail.permanent", "--id", "permanent-1"]);
     // Three attempts of one, one of the other.
@@ -441,7 +441,7 @@ fn sigterm_mid_stage_finishes_it_and_gives_the_job_back(lang: Lang) {
         return;
     }
     let h = Harness::new(&config(10));
-    let api = h.dashboard(None);
+    let api = h.gateway();
     // Each demo stage takes `sleep` seconds.
     let id = enqueue(
         &h,
@@ -495,7 +495,7 @@ fn sigterm_past_the_grace_releases_the_job(lang: Lang) {
         return;
     }
     let h = Harness::new(&config(10));
-    let api = h.dashboard(None);
+    let api = h.gateway();
     let id = enqueue(
         &h,
         &[
@@ -550,7 +550,7 @@ fn sigterm_while_idle_exits_at_once_and_loses_no_job(lang: Lang) {
         return;
     }
     let h = Harness::new(&config(10));
-    let api = h.dashboard(None);
+    let api = h.gateway();
     let mut idle = RemoteWorker::spawn(&h, &api, lang, "idle-a", &["--wait=30"]);
     idle.wait_log("worker_started");
     std::thread::sleep(Duration::from_millis(500));
@@ -593,7 +593,7 @@ fn a_cancelled_job_is_dropped_and_the_worker_goes_on(lang: Lang) {
         return;
     }
     let h = Harness::new(&config(10));
-    let api = h.dashboard(None);
+    let api = h.gateway();
     let id = enqueue(
         &h,
         &[
@@ -646,7 +646,7 @@ fn sigkilled_worker_job_is_finished_by_another_after_its_lease(lang: Lang) {
         return;
     }
     let h = Harness::new(&config(2));
-    let api = h.dashboard(None);
+    let api = h.gateway();
     let id = enqueue(
         &h,
         &[

@@ -227,38 +227,55 @@ fn tls_files_need_a_tls_url_and_both_halves_of_a_client_certificate() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("tls_key_file"));
 }
 
-/// `[api] tls_cert_file` / `tls_key_file`: the dashboard and the
-/// remote-worker API answer over HTTPS with that certificate, and not over
-/// plain HTTP.
+/// `[gateway]` and `[dashboard]` `tls_cert_file` / `tls_key_file`: the
+/// remote-worker API and the dashboard answer over HTTPS with that
+/// certificate, and not over plain HTTP. A config with the old `[api]`
+/// section keeps its dashboard on HTTPS.
 #[test]
-fn the_dashboard_and_api_serve_https() {
+fn the_dashboard_and_gateway_serve_https() {
     let certs = tempfile::tempdir().unwrap();
     if make_certs(certs.path()).is_none() {
         return;
     }
     let p = |f: &str| toml_str(certs.path().join(f).display().to_string());
-    let h = Harness::new(&format!(
-        "[worker]\nqueues = [\"local\"]\n\n[api]\ntokens = {{ w = \"test-token-0123456789\" }}\n\
-         tls_cert_file = {}\ntls_key_file = {}\n\n\
-         [jobs.r]\nremote = true\nqueue = \"remote\"\nstages = [{{ name = \"s\" }}]\n",
+    let files = format!(
+        "tls_cert_file = {}\ntls_key_file = {}\n",
         p("server.crt"),
         p("server.key")
+    );
+    let remote = "[jobs.r]\nremote = true\nqueue = \"remote\"\nstages = [{ name = \"s\" }]\n";
+    let h = Harness::new(&format!(
+        "[worker]\nqueues = [\"local\"]\n\n[gateway]\ntokens = {{ w = \"test-token-0123456789\" }}\n\
+         {files}\n[dashboard]\n{files}\n{remote}"
     ));
-    let d = h.dashboard_https();
     let ca = certs.path().join("ca.crt");
-    let doc = https_get(d.port, &ca, "/api/v1/openapi.json", None);
+    let g = h.gateway_https();
+    let doc = https_get(g.port, &ca, "/api/v1/openapi.json", None);
     assert!(doc.starts_with("HTTP/1.1 200"), "{doc}");
     assert!(doc.contains("\"openapi\""), "{doc}");
     let claim = https_get(
-        d.port,
+        g.port,
         &ca,
         "/api/v1/claim",
         Some(r#"{"worker_id": "w", "wait_secs": 0}"#),
     );
     assert!(claim.starts_with("HTTP/1.1 401"), "no token: {claim}");
     // Plain HTTP gets no HTTP answer.
+    let plain = common::http(g.port, "GET", "/api/v1/openapi.json", &[], None);
+    assert!(plain.as_ref().is_none_or(|r| r.code != 200), "{plain:?}");
+
+    let d = h.dashboard_https();
+    let queues = https_get(d.port, &ca, "/api/queues", None);
+    assert!(queues.starts_with("HTTP/1.1 200"), "{queues}");
     let plain = common::http(d.port, "GET", "/api/queues", &[], None);
     assert!(plain.as_ref().is_none_or(|r| r.code != 200), "{plain:?}");
+
+    let old = Harness::new(&format!(
+        "[worker]\nqueues = [\"local\"]\n\n[api]\n{files}\n{remote}"
+    ));
+    let d = old.dashboard_https();
+    let queues = https_get(d.port, &ca, "/api/queues", None);
+    assert!(queues.starts_with("HTTP/1.1 200"), "{queues}");
 }
 
 /// One HTTPS request (GET, or POST with `body`) trusting only `ca`; the

@@ -1,5 +1,5 @@
 //! HTTP for the tests: a small HTTP/1.1 client, and `conveyor dashboard`
-//! (the dashboard and its API) as a child process of a [`Harness`].
+//! and `conveyor gateway` as child processes of a [`Harness`].
 
 use std::fs::File;
 use std::io::Read;
@@ -112,15 +112,22 @@ pub fn http(
     })
 }
 
-/// `conveyor dashboard` as a child process, killed on drop; its stderr
-/// and stdout go to a file, printed when a test panics.
-pub struct DashboardProc {
+/// `conveyor dashboard` or `conveyor gateway` as a child process, killed
+/// on drop; its stderr and stdout go to a file, printed when a test panics.
+pub struct ServerProc {
     child: Child,
     pub port: u16,
     log_path: PathBuf,
+    /// `dashboard` or `gateway`.
+    command: &'static str,
 }
 
-impl DashboardProc {
+/// A `conveyor dashboard` process.
+pub type DashboardProc = ServerProc;
+/// A `conveyor gateway` process.
+pub type GatewayProc = ServerProc;
+
+impl ServerProc {
     pub fn get(&self, path: &str) -> HttpResponse {
         http(self.port, "GET", path, &[], None)
             .unwrap_or_else(|| panic!("GET {path}: no answer; log:\n{}", self.log()))
@@ -170,13 +177,14 @@ impl DashboardProc {
     }
 }
 
-impl Drop for DashboardProc {
+impl Drop for ServerProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
             eprintln!(
-                "----- log of the dashboard -----\n{}\n----- end of log -----",
+                "----- log of the {} -----\n{}\n----- end of log -----",
+                self.command,
                 self.log()
             );
         }
@@ -202,10 +210,23 @@ impl Harness {
         self.dashboard_with("127.0.0.1", token, Some(redis_url))
     }
 
-    /// [`Harness::dashboard`] serving HTTPS (the config sets `[api]
+    /// [`Harness::dashboard`] serving HTTPS (the config sets `[dashboard]
     /// tls_cert_file`): ready once it says so on stdout.
     pub fn dashboard_https(&self) -> DashboardProc {
-        self.dashboard_ready("127.0.0.1", None, None, true)
+        self.server("dashboard", "127.0.0.1", None, None, true)
+    }
+
+    /// Starts `conveyor gateway --listen 127.0.0.1:<free port>` with this
+    /// test's Redis, prefix, database and config; waits until
+    /// `/api/v1/openapi.json` answers (15 s).
+    pub fn gateway(&self) -> GatewayProc {
+        self.server("gateway", "127.0.0.1", None, None, false)
+    }
+
+    /// [`Harness::gateway`] serving HTTPS (the config sets `[gateway]
+    /// tls_cert_file`): ready once it says so on stdout.
+    pub fn gateway_https(&self) -> GatewayProc {
+        self.server("gateway", "127.0.0.1", None, None, true)
     }
 
     fn dashboard_with(
@@ -214,26 +235,27 @@ impl Harness {
         token: Option<&str>,
         redis_url: Option<&str>,
     ) -> DashboardProc {
-        self.dashboard_ready(host, token, redis_url, false)
+        self.server("dashboard", host, token, redis_url, false)
     }
 
-    fn dashboard_ready(
+    fn server(
         &self,
+        command: &'static str,
         host: &str,
         token: Option<&str>,
         redis_url: Option<&str>,
         https: bool,
-    ) -> DashboardProc {
+    ) -> ServerProc {
         let port = free_port();
         let log_path = self
             .dir
             .path()
-            .join(format!("dashboard-{}.log", random_hex()));
-        let log = File::create(&log_path).expect("dashboard log file");
+            .join(format!("{command}-{}.log", random_hex()));
+        let log = File::create(&log_path).expect("server log file");
         let mut cmd = base_command(&self.redis.url(), &self.prefix, &self.db);
         cmd.arg("--config")
             .arg(&self.config)
-            .arg("dashboard")
+            .arg(command)
             .args(["--listen", &format!("{host}:{port}")])
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log);
@@ -243,25 +265,32 @@ impl Harness {
         if let Some(url) = redis_url {
             cmd.env("CONVEYOR_REDIS_URL", url);
         }
-        let child = cmd.spawn().expect("spawn conveyor dashboard");
-        let mut d = DashboardProc {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn conveyor {command}: {e}"));
+        let mut d = ServerProc {
             child,
             port,
             log_path,
+            command,
+        };
+        let probe = match command {
+            "gateway" => "/api/v1/openapi.json",
+            _ => "/api/queues",
         };
         let up = poll_until(Duration::from_secs(15), || {
             if let Ok(Some(status)) = d.child.try_wait() {
-                panic!("the dashboard exited ({status}); log:\n{}", d.log());
+                panic!("the {command} exited ({status}); log:\n{}", d.log());
             }
             if https {
-                d.log().contains("conveyor dashboard on https://")
+                d.log().contains(&format!("conveyor {command} on https://"))
             } else {
-                http(port, "GET", "/api/queues", &[], None).is_some_and(|r| r.code == 200)
+                http(port, "GET", probe, &[], None).is_some_and(|r| r.code == 200)
             }
         });
         assert!(
             up,
-            "the dashboard did not answer within 15 s; log:\n{}",
+            "the {command} did not answer within 15 s; log:\n{}",
             d.log()
         );
         d
