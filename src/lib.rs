@@ -106,9 +106,3 @@ pub mod worker;
 pub use client::Client;
 pub use pipeline::{BoxFuture, Stage, StageContext, StageError};
 pub use worker::builder::Worker;
-
-// Kept while the modules move; callers name `crate::time::...`.
-pub use time::{now_ms, now_rfc3339, parse_rfc3339_ms, rfc3339_of, rfc3339_of_ms};
-
-// Kept while the modules move; callers name `crate::telemetry::metrics`.
-pub(crate) use telemetry::metrics as observe;

@@ -187,7 +187,7 @@ pub struct JobFilter {
     pub kind: Option<String>,
     pub queue: Option<String>,
     /// Only jobs updated at or after this time, in the stored format
-    /// (RFC 3339, UTC, milliseconds: [`crate::rfc3339_of_ms`]), which
+    /// (RFC 3339, UTC, milliseconds: [`crate::time::rfc3339_of_ms`]), which
     /// compares as text.
     pub since: Option<String>,
     /// Only jobs whose id contains this text.

@@ -93,7 +93,7 @@ impl Writer {
                 }
                 Err(err) => {
                     self.healthy.store(false, Ordering::Relaxed);
-                    crate::observe::sqlite_error();
+                    crate::telemetry::metrics::sqlite_error();
                     if failures.is_multiple_of(20) {
                         tracing::error!(error = %err, ops = batch.len(),
                             "SQLite transaction failed; holding the batch and retrying");

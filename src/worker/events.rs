@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use super::runner::{LOG_TARGET, Stats, Stop};
 use crate::job::Job;
 use crate::job::Status;
-use crate::now_rfc3339;
+use crate::time::now_rfc3339;
 use crate::pipeline::Pipeline;
 use crate::progress::{ProgressEvent, Publisher};
 use crate::telemetry::metrics;

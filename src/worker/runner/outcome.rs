@@ -10,7 +10,7 @@ use super::delivery::redis_op;
 use super::run::Run;
 use crate::config::RetryConfig;
 use crate::job::Status;
-use crate::now_rfc3339;
+use crate::time::now_rfc3339;
 use crate::pipeline::{FailureKind, StageError};
 use crate::queue::Next;
 use crate::store::FinishJob;

@@ -13,7 +13,7 @@ use super::{JobEnv, LOG_TARGET};
 use crate::config::RetryConfig;
 use crate::job::Job;
 use crate::job::Status;
-use crate::now_rfc3339;
+use crate::time::now_rfc3339;
 use crate::pipeline::{Pipeline, StageError};
 use crate::queue::Next;
 use crate::store::{BeginJob, Prior};
