@@ -21,11 +21,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use conveyor::client::EnqueueRequest;
-use conveyor::config::Config;
-use conveyor::job::Status;
-use conveyor::progress::ProgressEvent;
-use conveyor::{BoxFuture, Client, Stage, StageContext, StageError, Worker};
+use conveyor::{
+    BoxFuture, Client, Config, EnqueueRequest, ProgressEvent, Stage, StageContext, StageError,
+    Status, Worker,
+};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -121,7 +120,10 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     // The worker's logs only when asked for, e.g. RUST_LOG=conveyor=info.
     if std::env::var_os("RUST_LOG").is_some() {
-        conveyor::telemetry::init(conveyor::telemetry::LogFormat::Auto);
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
     }
     match run(args).await {
         Ok(true) => ExitCode::SUCCESS,
@@ -177,7 +179,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
 
     // Progress messages are published on a channel per job: subscribe
     // before enqueueing, so none is missed.
-    let id = format!("text-stats-{}", conveyor::queue::quick_uuid_v7());
+    let id = format!("text-stats-{}", uuid::Uuid::now_v7());
     let mut pubsub = client.broker().pubsub().await?;
     pubsub
         .subscribe(client.broker().keys().progress(&id))

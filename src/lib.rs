@@ -12,7 +12,9 @@
 //!
 //! - [`Client`] enqueues jobs (now, after a delay, or at a time; unique by
 //!   id), cancels them, and looks them up in Redis and SQLite, as
-//!   `conveyor enqueue`, `cancel` and `job` do.
+//!   `conveyor enqueue`, `cancel` and `job` do; its [`inspect::Inspector`]
+//!   reads the queues, workers and dead lists as `conveyor status` and the
+//!   dashboard do.
 //! - [`Stage`] is the trait every stage implements. Implement it to run a
 //!   stage in-process, and register it under a name with
 //!   [`Worker::builder`]: config stages written `builtin = "<name>"` run it.
@@ -20,9 +22,7 @@
 //!   those Rust stages added.
 //!
 //! ```no_run
-//! use conveyor::client::EnqueueRequest;
-//! use conveyor::config::Config;
-//! use conveyor::{BoxFuture, Client, Stage, StageContext, StageError, Worker};
+//! use conveyor::{BoxFuture, Client, Config, EnqueueRequest, Stage, StageContext, StageError, Worker};
 //! use serde_json::{Value, json};
 //! use tokio_util::sync::CancellationToken;
 //!
@@ -64,45 +64,54 @@
 //! rust_stage`.
 //!
 //! # Layout
-//! - [`config`]: TOML file + environment + flags, validated with the key named.
-//! - [`client`]: [`Client`], enqueue / cancel / look up jobs from Rust.
-//! - [`queue`]: Redis keys ([`queue::keys`]), Lua scripts, the job envelope
-//!   ([`queue::job`]), and fetch / ack / requeue / dead-letter.
-//! - [`pipeline`]: the [`pipeline::Stage`] trait, built-in stages, and
-//!   external programs speaking the stage protocol ([`pipeline::exec`]).
-//! - [`worker`]: the daemon: fetch loop, job runner, heartbeat, shutdown,
-//!   periodic jobs ([`config::timing`] says when they tick); [`Worker`] runs it
-//!   as a library ([`worker::builder`]).
-//! - [`store`]: SQLite state through one writer thread with group commit.
-//! - [`progress`]: progress events and their publisher.
-//! - [`shutdown`]: OS signals to a cancellation token.
-//! - [`telemetry`]: structured logs.
-//! - [`notify`]: systemd readiness, watchdog and status.
-//! - [`dashboard`]: `conveyor dashboard`, a web page and JSON API over
-//!   Redis and SQLite, with live progress as server-sent events.
-//! - [`cli`]: the `conveyor` command line (the binary is a thin wrapper);
-//!   [`admin`]: its operator commands (cancel, retry, dead letters);
-//!   [`mod@bench`]: `conveyor bench`, the benchmark.
+//!
+//! Every dependency points down (`tests/architecture.rs` checks it on each
+//! `crate::` path):
+//!
+//! | layer | modules | what they hold |
+//! |---|---|---|
+//! | 5 | `cli` | the command line: arguments, printing, exit codes (only `main.rs` uses it) |
+//! | 4 | `dashboard`, `gateway`, `bench`, `doctor` | the programs behind `conveyor dashboard`, `gateway`, `bench`, `doctor` |
+//! | 3 | `client`, `worker` | [`Client`] (enqueue, cancel, look up, [`inspect`]) and the daemon ([`Worker`]) |
+//! | 2 | `progress` | progress events and their publisher |
+//! | 1 | `queue`, `store`, `pipeline` | Redis (keys, Lua scripts, connections, inspection), SQLite, stages |
+//! | 0 | `job`, `time`, `config`, `telemetry`, `retry`, `shutdown`, `http` | the ground floor |
+//!
+//! Modules are private: what a library user needs is re-exported below.
+//! `cli`, `queue`, `job` and `store` are public but hidden from the docs,
+//! for the binary and the tests; they are not part of the library's API.
 
-pub mod bench;
+mod bench;
+#[doc(hidden)]
 pub mod cli;
-pub mod client;
-pub mod config;
-pub mod dashboard;
-pub mod doctor;
-pub mod gateway;
-pub mod http;
+mod client;
+mod config;
+mod dashboard;
+mod doctor;
+mod gateway;
+mod http;
+#[doc(hidden)]
 pub mod job;
-pub mod pipeline;
-pub mod progress;
+mod pipeline;
+mod progress;
+#[doc(hidden)]
 pub mod queue;
-pub mod retry;
-pub mod shutdown;
+mod retry;
+mod shutdown;
+#[doc(hidden)]
 pub mod store;
-pub mod telemetry;
-pub mod time;
-pub mod worker;
+mod telemetry;
+mod time;
+mod worker;
 
-pub use client::Client;
+pub use client::inspect;
+pub use client::{Cancelled, Client, ClientError, EnqueueRequest, Enqueued, JobInfo, LiveJob};
+pub use config::{Config, ConfigError};
+pub use job::Status;
 pub use pipeline::{BoxFuture, Stage, StageContext, StageError};
-pub use worker::builder::Worker;
+pub use progress::ProgressEvent;
+pub use queue::Keys;
+pub use shutdown::on_signals;
+pub use store::{AttemptRecord, JobRecord, StageRecord};
+pub use worker::WorkerError;
+pub use worker::builder::{Worker, WorkerBuilder};

@@ -10,11 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{TestRedis, toml_str, unique_prefix};
-use conveyor::client::{Cancelled, ClientError, EnqueueRequest, JobInfo};
-use conveyor::config::Config;
-use conveyor::job::Status;
-use conveyor::worker::WorkerError;
-use conveyor::{BoxFuture, Client, Stage, StageContext, StageError, Worker};
+use conveyor::{
+    BoxFuture, Cancelled, Client, ClientError, Config, EnqueueRequest, JobInfo, Stage,
+    StageContext, StageError, Status, Worker, WorkerError,
+};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;

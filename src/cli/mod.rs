@@ -45,6 +45,11 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// Sets up the logs as `--log-format` says (before the runtime starts).
+    pub fn init_logging(&self) {
+        crate::telemetry::init(self.global.log_format);
+    }
+
     /// A command that prints and exits (not a long-running process).
     pub fn prints_and_exits(&self) -> bool {
         !matches!(

@@ -17,7 +17,7 @@ use crate::queue::When;
 /// ```
 /// use std::time::{Duration, SystemTime};
 ///
-/// use conveyor::client::EnqueueRequest;
+/// use conveyor::EnqueueRequest;
 ///
 /// #[derive(serde::Serialize)]
 /// struct Report<'a> {

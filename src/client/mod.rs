@@ -16,7 +16,6 @@ pub mod inspect;
 
 pub use enqueue::{EnqueueRequest, Enqueued};
 pub(crate) use enqueue::{Prepared, prepare};
-pub use inspect::Inspector;
 
 use crate::config::Config;
 use crate::job::Status;
@@ -65,11 +64,11 @@ pub enum ClientError {
 /// ```no_run
 /// use std::time::Duration;
 ///
-/// use conveyor::client::{Client, EnqueueRequest};
+/// use conveyor::{Client, EnqueueRequest};
 /// use serde_json::json;
 ///
 /// #[tokio::main]
-/// async fn main() -> Result<(), conveyor::client::ClientError> {
+/// async fn main() -> Result<(), conveyor::ClientError> {
 ///     let client = Client::connect("redis://127.0.0.1:6379", "conveyor")
 ///         .await?
 ///         .with_store("data/conveyor.db");

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use host::hostname;
-pub use jobs::{BuiltinCheck, JobTypeConfig, StageConfig, parse_rate};
+pub use jobs::{BuiltinCheck, JobTypeConfig, StageConfig};
 pub use redis::{RedisConfig, RedisMode};
 pub use schedules::ScheduleConfig;
 pub use servers::{DashboardConfig, GatewayConfig};

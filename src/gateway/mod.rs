@@ -41,7 +41,7 @@ use crate::config::Config;
 use crate::http::{ServeError, Server};
 use crate::queue::Broker;
 
-pub use dispatch::{Claimed, Dispatch, LeaseInfo, Refusal};
+pub use dispatch::Dispatch;
 pub use routes::{ApiState, router};
 pub use stage::RemoteStage;
 

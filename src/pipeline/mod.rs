@@ -156,7 +156,6 @@ pub struct StageSpec {
 
 /// A job type's stages and limits.
 pub struct Pipeline {
-    pub kind: String,
     pub stages: Vec<StageSpec>,
     /// The stages' names, in order, shared by every job of this type.
     pub stage_names: Arc<[String]>,
@@ -174,7 +173,6 @@ impl Pipeline {
     /// A job type's pipeline. A stage's `builtin` names one of `rust_stages`
     /// or else a built-in.
     pub fn from_config(
-        kind: &str,
         cfg: &JobTypeConfig,
         retry: RetryConfig,
         limits: &HashMap<String, Arc<limit::StageLimit>>,
@@ -204,7 +202,6 @@ impl Pipeline {
         let total_weight = stages.iter().map(|s| u64::from(s.weight)).sum();
         let stage_names = stages.iter().map(|s| s.name.clone()).collect();
         Ok(Self {
-            kind: kind.to_owned(),
             stages,
             stage_names,
             retry,
@@ -280,7 +277,7 @@ impl Registry {
         // Remote job types run on remote workers, through the API's own
         // daemon (see `crate::gateway`), which gives them a Rust stage.
         for (kind, cfg) in config.jobs.iter().filter(|(_, c)| !c.remote) {
-            let p = Pipeline::from_config(kind, cfg, config.retry_for(cfg), &limits, rust_stages)
+            let p = Pipeline::from_config(cfg, config.retry_for(cfg), &limits, rust_stages)
                 .map_err(|e| format!("jobs.\"{kind}\": {e}"))?;
             pipelines.insert(kind.clone(), Arc::new(p));
         }
@@ -289,10 +286,6 @@ impl Registry {
 
     pub fn get(&self, kind: &str) -> Option<&Arc<Pipeline>> {
         self.pipelines.get(kind)
-    }
-
-    pub fn kinds(&self) -> impl Iterator<Item = &str> {
-        self.pipelines.keys().map(String::as_str)
     }
 }
 
@@ -313,7 +306,6 @@ mod tests {
             })
             .collect::<Vec<_>>();
         Pipeline {
-            kind: "t".into(),
             total_weight: weights.iter().map(|w| u64::from(*w)).sum(),
             stage_names: stages.iter().map(|s| s.name.clone()).collect(),
             stages,

@@ -43,8 +43,7 @@ pub enum BuildError {
 /// retries, recovery, heartbeat, reaper, periodic jobs, SQLite, progress).
 ///
 /// ```no_run
-/// use conveyor::config::Config;
-/// use conveyor::{BoxFuture, Stage, StageContext, StageError, Worker};
+/// use conveyor::{BoxFuture, Config, Stage, StageContext, StageError, Worker};
 /// use serde_json::{Value, json};
 ///
 /// struct Shout;

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use super::runner::{LOG_TARGET, Stats, Stop};
 use crate::job::Job;
 use crate::job::Status;
-use crate::time::now_rfc3339;
 use crate::pipeline::Pipeline;
 use crate::progress::{ProgressEvent, Publisher};
 use crate::telemetry::metrics;
+use crate::time::now_rfc3339;
 
 fn millis(d: Duration) -> u64 {
     d.as_millis() as u64

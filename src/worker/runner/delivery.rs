@@ -15,12 +15,12 @@ use super::{JobEnv, LOG_TARGET};
 use crate::job::Job;
 use crate::job::Status;
 use crate::job::{Poison, poison_entry};
-use crate::time::now_rfc3339;
 use crate::pipeline::Pipeline;
 use crate::queue::{Broker, Claim, Fetched, Next};
 use crate::retry::{is_transient, job_op_backoff};
 use crate::store::RecordJob;
 use crate::telemetry::metrics;
+use crate::time::now_rfc3339;
 use crate::worker::events::{JobCancelledUnstarted, JobDeadLettered};
 use crate::worker::inflight::{RunGuard, RunStop};
 

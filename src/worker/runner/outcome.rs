@@ -10,10 +10,10 @@ use super::delivery::redis_op;
 use super::run::Run;
 use crate::config::RetryConfig;
 use crate::job::Status;
-use crate::time::now_rfc3339;
 use crate::pipeline::{FailureKind, StageError};
 use crate::queue::Next;
 use crate::store::FinishJob;
+use crate::time::now_rfc3339;
 use crate::worker::events::{JobCancelled, JobCompleted, JobFailed, JobRequeued, JobRetrying};
 
 /// How an attempt's run ended, before anything is decided.

@@ -13,10 +13,10 @@ use super::{JobEnv, LOG_TARGET};
 use crate::config::RetryConfig;
 use crate::job::Job;
 use crate::job::Status;
-use crate::time::now_rfc3339;
 use crate::pipeline::{Pipeline, StageError};
 use crate::queue::Next;
 use crate::store::{BeginJob, Prior};
+use crate::time::now_rfc3339;
 use crate::worker::events::{JobEvents, JobStarted};
 use crate::worker::inflight::{RunStop, StopReason};
 

@@ -11,9 +11,9 @@ use serde_json::Value;
 use super::LOG_TARGET;
 use super::outcome::{Ended, Stop};
 use super::run::Run;
-use crate::time::now_rfc3339;
 use crate::pipeline::{FailureKind, ProgressFn, Stage, StageContext, StageError};
 use crate::store::StageUpdate;
+use crate::time::now_rfc3339;
 use crate::worker::events::{StageEnd, StageFinished, StageStarted};
 use crate::worker::inflight::StopReason;
 
