@@ -28,12 +28,28 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::job::Status;
-use crate::queue::{Keys, RedisConn};
+use redis::RedisResult;
+use redis::aio::PubSub;
+
+use crate::queue::{Broker, Keys, RedisConn};
 
 /// Events waiting to be published before new ones are dropped.
 const CHANNEL_CAPACITY: usize = 65_536;
 /// Most events sent in one pipeline.
 const BATCH: usize = 512;
+
+/// A subscription to the progress messages of one job (`SUBSCRIBE` of its
+/// channel: an ACL user allowed `&P:progress:*` may `PSUBSCRIBE` only that
+/// very pattern), or of every job (`PSUBSCRIBE P:progress:*`), on a
+/// connection of its own.
+pub async fn subscribe(broker: &Broker, job_id: Option<&str>) -> RedisResult<PubSub> {
+    let mut pubsub = broker.pubsub().await?;
+    match job_id {
+        Some(id) => pubsub.subscribe(broker.keys().progress(id)).await?,
+        None => pubsub.psubscribe(broker.keys().progress_pattern()).await?,
+    }
+    Ok(pubsub)
+}
 
 /// One message on a job's progress channel (the contract's fields, plus
 /// `event` naming what happened and `seq`, increasing within one run of the

@@ -22,17 +22,9 @@ use crate::store::{JobRecord, Reader};
 
 pub async fn run(config: &Config, id: Option<&str>, json: bool) -> CliResult {
     let broker = connect(config).await?;
-    let mut pubsub = broker
-        .pubsub()
+    let mut pubsub = crate::progress::subscribe(&broker, id)
         .await
         .map_err(|e| Failure::other(format!("cannot subscribe: {e}")))?;
-    // One job: SUBSCRIBE its channel (an ACL user allowed
-    // `&P:progress:*` may PSUBSCRIBE only that very pattern).
-    let subscribed = match id {
-        Some(id) => pubsub.subscribe(broker.keys().progress(id)).await,
-        None => pubsub.psubscribe(broker.keys().progress_pattern()).await,
-    };
-    subscribed.map_err(|e| Failure::other(format!("cannot subscribe: {e}")))?;
     let mut out = if json {
         Output::Json
     } else if std::io::stdout().is_terminal() {

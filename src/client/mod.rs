@@ -218,8 +218,7 @@ impl Client {
             });
         }
         // Listen first, so a running job's confirmation is not missed.
-        let mut pubsub = self.broker.pubsub().await?;
-        pubsub.subscribe(self.broker.keys().progress(id)).await?;
+        let mut pubsub = crate::progress::subscribe(&self.broker, Some(id)).await?;
         let queues = self.known_queues().await?;
         // Looked up on both sides of the flag: a daemon can see the flag and
         // settle the job before the second look (its confirmation is then

@@ -76,11 +76,8 @@ impl Bridge {
     }
 
     async fn session(&self, token: &CancellationToken, failing: &mut bool) -> SessionEnd {
-        let pattern = self.broker.keys().progress_pattern();
         let subscribed = tokio::time::timeout(CONNECT_TIMEOUT, async {
-            let mut pubsub = self.broker.pubsub().await?;
-            pubsub.psubscribe(&pattern).await?;
-            Ok::<_, redis::RedisError>(pubsub)
+            crate::progress::subscribe(&self.broker, None).await
         });
         let mut pubsub = tokio::select! {
             biased;
