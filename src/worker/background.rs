@@ -26,11 +26,23 @@ pub(super) fn spawn(
     shutdown: &CancellationToken,
     background: &CancellationToken,
 ) {
+    spawn_liveness(tracker, daemon, config, http, background);
+    spawn_upkeep(tracker, daemon, config, shutdown, background);
+}
+
+/// What tells others this daemon is alive and well: the heartbeat, the
+/// systemd watchdog and the HTTP probe.
+fn spawn_liveness(
+    tracker: &TaskTracker,
+    daemon: &Daemon,
+    config: &Config,
+    http: Option<TcpListener>,
+    background: &CancellationToken,
+) {
     let w = &config.worker;
-    let broker = &daemon.broker;
     tracker.spawn(
         heartbeat::Heartbeat {
-            broker: broker.clone(),
+            broker: daemon.broker.clone(),
             info: daemon.info.clone(),
             every: Duration::from_secs(w.heartbeat_secs),
             ttl: Duration::from_secs(w.dead_after_secs),
@@ -49,6 +61,19 @@ pub(super) fn spawn(
         // Up until the very end of the drain: `/readyz` says "shutting down".
         tracker.spawn(ProbeServer::new(listener, daemon, config).run(background.clone()));
     }
+}
+
+/// The upkeep: reaping dead daemons, promoting due retries, periodic jobs,
+/// and the control listener (cancellations).
+fn spawn_upkeep(
+    tracker: &TaskTracker,
+    daemon: &Daemon,
+    config: &Config,
+    shutdown: &CancellationToken,
+    background: &CancellationToken,
+) {
+    let w = &config.worker;
+    let broker = &daemon.broker;
     tracker.spawn(
         reaper::Reaper {
             broker: broker.clone(),
