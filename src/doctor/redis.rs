@@ -1,74 +1,17 @@
-//! The checks of `conveyor doctor`: each one a named line, passed or
-//! failed with a detail; the command line prints them (`crate::cli`).
-//!
-//! Checks: the config loads; Redis answers, is 6.2 or newer and will not
-//! evict keys; the Redis user may run every command conveyor sends, on
-//! keys shaped like conveyor's (`ACL DRYRUN`, Redis 7+); the Lua scripts
-//! load; the SQLite file has a schema this build knows and is in WAL mode.
+//! The Redis checks of `conveyor doctor`: reachability, version,
+//! eviction policy, the Lua scripts, and whether the Redis user may run
+//! every command conveyor sends (`ACL DRYRUN`, or by running them).
 
-use std::path::Path;
 use std::time::{Duration, Instant};
-
-use serde::Serialize;
 
 use crate::config::Config;
 use crate::queue::Broker;
 
-/// One check: its name, whether it passed, and what was found.
-#[derive(Debug, Serialize)]
-pub struct Check {
-    pub name: &'static str,
-    pub ok: bool,
-    pub detail: String,
-}
+use super::Report;
 
-/// Every check that ran, in order (a failed one may end the list: no
-/// Redis checks without a connection).
-#[derive(Debug, Default)]
-pub struct Report(pub Vec<Check>);
-
-impl Report {
-    fn add(&mut self, name: &'static str, result: Result<String, String>) -> bool {
-        let ok = result.is_ok();
-        let detail = result.unwrap_or_else(|e| e);
-        self.0.push(Check { name, ok, detail });
-        ok
-    }
-}
-
-/// Runs the checks on `config` (or reports why it did not load), read
-/// from `source` (`None`: the default path, if that exists).
-pub async fn run(config: Result<Config, String>, source: Option<&Path>) -> Report {
-    let mut report = Report::default();
-    checks(config, source, &mut report).await;
-    report
-}
-
-async fn checks(config: Result<Config, String>, source: Option<&Path>, report: &mut Report) {
-    let config = match config {
-        Ok(c) => c,
-        Err(e) => {
-            report.add("config", Err(e));
-            return;
-        }
-    };
-    let source = match source {
-        Some(p) => p.display().to_string(),
-        None if Path::new(crate::config::DEFAULT_CONFIG_PATH).exists() => {
-            crate::config::DEFAULT_CONFIG_PATH.to_owned()
-        }
-        None => "no file (defaults)".to_owned(),
-    };
-    report.add(
-        "config",
-        Ok(format!(
-            "{source}: {} job type(s), {} schedule(s), queues {}",
-            config.jobs.len(),
-            config.schedules.len(),
-            config.worker.queues.join(",")
-        )),
-    );
-    sqlite(&config, report);
+/// Connects to `[redis]` and runs the Redis checks in order; stops after
+/// a failed connection (nothing else can be checked).
+pub(super) async fn checks(config: &Config, report: &mut Report) {
     let started = Instant::now();
     let url = target(&config.redis);
     let broker = match tokio::time::timeout(
@@ -99,7 +42,7 @@ async fn checks(config: Result<Config, String>, source: Option<&Path>, report: &
     }
     report.add("version", version(&broker).await);
     report.add("eviction", eviction(&broker).await);
-    report.add("permissions", permissions(&broker, &config).await);
+    report.add("permissions", permissions(&broker, config).await);
     report.add("scripts", scripts(&broker).await);
 }
 
@@ -238,19 +181,57 @@ async fn permissions(broker: &Broker, config: &Config) -> Result<String, String>
         Err(e) if is_noperm(&e) => return probe_by_running(broker).await,
         Err(e) => return Ok(format!("not checked (ACL WHOAMI: {e})")),
     };
-    let k = broker.keys();
     let q = config
         .worker
         .queues
         .first()
         .map_or("default", String::as_str);
+    let probes = dry_run_probes(broker.keys(), q);
+    let mut refused = Vec::new();
+    for probe in &probes {
+        let answer: redis::RedisResult<String> = redis::cmd("ACL")
+            .arg("DRYRUN")
+            .arg(&user)
+            .arg(probe)
+            .query_async(&mut conn)
+            .await;
+        match answer {
+            Ok(ok) if ok == "OK" => {}
+            Ok(denied) => refused.push(format!(
+                "{} ({denied})",
+                probe[..2.min(probe.len())].join(" ")
+            )),
+            // A user that may not run DRYRUN: try the commands themselves.
+            Err(e) if is_noperm(&e) && refused.is_empty() && probe == &probes[0] => {
+                return probe_by_running(broker).await;
+            }
+            // Redis 6.2 has no DRYRUN.
+            Err(e) if refused.is_empty() && probe == &probes[0] => {
+                return Ok(format!("not checked for user {user} (ACL DRYRUN: {e})"));
+            }
+            Err(e) => refused.push(format!("{} ({e})", probe[0])),
+        }
+    }
+    if refused.is_empty() {
+        Ok(format!(
+            "user {user} may run all {} commands conveyor sends",
+            probes.len()
+        ))
+    } else {
+        Err(format!("user {user} is refused: {}", refused.join("; ")))
+    }
+}
+
+/// The commands [`permissions`] asks `ACL DRYRUN` about, on keys of queue
+/// `q` and of a worker named "doctor".
+fn dry_run_probes(k: &crate::queue::Keys, q: &str) -> Vec<Vec<String>> {
     let w = "doctor";
     let (pending, active, scheduled, dead) =
         (k.pending(q), k.active(q, w), k.scheduled(q), k.dead(q));
     let (leases, crashes, cancelled, unique) =
         (k.leases(q), k.crashes(q), k.cancelled(q), k.unique(q));
     let progress = k.progress("doctor");
-    let probes: Vec<Vec<String>> = [
+    [
         vec!["LMOVE", &pending, &active, "RIGHT", "LEFT"],
         vec!["BLMOVE", &pending, &active, "RIGHT", "LEFT", "1"],
         vec!["LPUSH", &pending, "x"],
@@ -292,40 +273,7 @@ async fn permissions(broker: &Broker, config: &Config) -> Result<String, String>
             .map(str::to_owned)
             .collect()
     })
-    .collect();
-    let mut refused = Vec::new();
-    for probe in &probes {
-        let answer: redis::RedisResult<String> = redis::cmd("ACL")
-            .arg("DRYRUN")
-            .arg(&user)
-            .arg(probe)
-            .query_async(&mut conn)
-            .await;
-        match answer {
-            Ok(ok) if ok == "OK" => {}
-            Ok(denied) => refused.push(format!(
-                "{} ({denied})",
-                probe[..2.min(probe.len())].join(" ")
-            )),
-            // A user that may not run DRYRUN: try the commands themselves.
-            Err(e) if is_noperm(&e) && refused.is_empty() && probe == &probes[0] => {
-                return probe_by_running(broker).await;
-            }
-            // Redis 6.2 has no DRYRUN.
-            Err(e) if refused.is_empty() && probe == &probes[0] => {
-                return Ok(format!("not checked for user {user} (ACL DRYRUN: {e})"));
-            }
-            Err(e) => refused.push(format!("{} ({e})", probe[0])),
-        }
-    }
-    if refused.is_empty() {
-        Ok(format!(
-            "user {user} may run all {} commands conveyor sends",
-            probes.len()
-        ))
-    } else {
-        Err(format!("user {user} is refused: {}", refused.join("; ")))
-    }
+    .collect()
 }
 
 fn is_noperm(e: &redis::RedisError) -> bool {
@@ -385,9 +333,24 @@ async fn probe_by_running(broker: &Broker) -> Result<String, String> {
         vec!["PUBLISH", &progress, "{}"],
         vec!["DEL", &list, &list2, &zset, &hash, &string],
     ];
+    let refused = run_probes(broker, &probes).await;
+    let n = probes.len() + 2;
+    if refused.is_empty() {
+        Ok(format!(
+            "may run all {n} commands conveyor sends (tried on scratch keys: this user may not run ACL DRYRUN)"
+        ))
+    } else {
+        Err(format!("refused: {}", refused.join(", ")))
+    }
+}
+
+/// Runs each probe, then the two subscriptions; the commands answered
+/// NOPERM.
+async fn run_probes(broker: &Broker, probes: &[Vec<&str>]) -> Vec<String> {
+    let k = broker.keys();
     let mut conn = broker.conn();
     let mut refused = Vec::new();
-    for probe in &probes {
+    for probe in probes {
         let mut cmd = redis::cmd(probe[0]);
         for a in &probe[1..] {
             cmd.arg(*a);
@@ -414,14 +377,7 @@ async fn probe_by_running(broker: &Broker) -> Result<String, String> {
         }
         Err(e) => refused.push(format!("a pub/sub connection ({e})")),
     }
-    let n = probes.len() + 2;
-    if refused.is_empty() {
-        Ok(format!(
-            "may run all {n} commands conveyor sends (tried on scratch keys: this user may not run ACL DRYRUN)"
-        ))
-    } else {
-        Err(format!("refused: {}", refused.join(", ")))
-    }
+    refused
 }
 
 async fn scripts(broker: &Broker) -> Result<String, String> {
@@ -441,60 +397,6 @@ async fn scripts(broker: &Broker) -> Result<String, String> {
         }
     }
     Ok(format!("{} Lua scripts loaded", all.len()))
-}
-
-fn sqlite(config: &Config, report: &mut Report) {
-    let path = &config.store.path;
-    if !path.exists() {
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let writable =
-            dir.exists() && std::fs::metadata(dir).is_ok_and(|m| !m.permissions().readonly());
-        report.add(
-            "sqlite",
-            if writable || !dir.exists() {
-                Ok(format!(
-                    "{} does not exist yet; the first worker creates it",
-                    path.display()
-                ))
-            } else {
-                Err(format!(
-                    "{} cannot be created: {} is read-only",
-                    path.display(),
-                    dir.display()
-                ))
-            },
-        );
-        return;
-    }
-    let result = (|| -> Result<String, String> {
-        let reader = crate::store::Reader::open(path).map_err(|e| e.to_string())?;
-        let version = reader.schema_version().map_err(|e| e.to_string())?;
-        let current = crate::store::schema::VERSION;
-        let schema = match version.cmp(&current) {
-            std::cmp::Ordering::Equal => format!("schema v{version}"),
-            std::cmp::Ordering::Less => {
-                format!("schema v{version}; the next worker migrates it to v{current}")
-            }
-            std::cmp::Ordering::Greater => {
-                return Err(format!(
-                    "{}: schema v{version} is newer than this build (v{current}); upgrade conveyor",
-                    path.display()
-                ));
-            }
-        };
-        let mode = reader.journal_mode().map_err(|e| e.to_string())?;
-        if !mode.eq_ignore_ascii_case("wal") && version > 0 {
-            return Err(format!(
-                "{}: journal_mode is {mode}, not WAL",
-                path.display()
-            ));
-        }
-        Ok(format!("{}: {schema}, journal_mode {mode}", path.display()))
-    })();
-    report.add("sqlite", result);
 }
 
 #[cfg(test)]

@@ -1,0 +1,130 @@
+//! The checks of `conveyor doctor`: each one a named line, passed or
+//! failed with a detail; the command line prints them (`crate::cli`).
+//!
+//! Checks: the config loads; Redis answers, is 6.2 or newer and will not
+//! evict keys; the Redis user may run every command conveyor sends, on
+//! keys shaped like conveyor's (`ACL DRYRUN`, Redis 7+); the Lua scripts
+//! load; the SQLite file has a schema this build knows and is in WAL mode.
+//!
+//! This file owns the report and the config and SQLite checks; the Redis
+//! checks and the ACL probes are in `redis.rs`.
+
+mod redis;
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::config::Config;
+
+/// One check: its name, whether it passed, and what was found.
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Every check that ran, in order (a failed one may end the list: no
+/// Redis checks without a connection).
+#[derive(Debug, Default)]
+pub struct Report(pub Vec<Check>);
+
+impl Report {
+    fn add(&mut self, name: &'static str, result: Result<String, String>) -> bool {
+        let ok = result.is_ok();
+        let detail = result.unwrap_or_else(|e| e);
+        self.0.push(Check { name, ok, detail });
+        ok
+    }
+}
+
+/// Runs the checks on `config` (or reports why it did not load), read
+/// from `source` (`None`: the default path, if that exists).
+pub async fn run(config: Result<Config, String>, source: Option<&Path>) -> Report {
+    let mut report = Report::default();
+    checks(config, source, &mut report).await;
+    report
+}
+
+async fn checks(config: Result<Config, String>, source: Option<&Path>, report: &mut Report) {
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            report.add("config", Err(e));
+            return;
+        }
+    };
+    let source = match source {
+        Some(p) => p.display().to_string(),
+        None if Path::new(crate::config::DEFAULT_CONFIG_PATH).exists() => {
+            crate::config::DEFAULT_CONFIG_PATH.to_owned()
+        }
+        None => "no file (defaults)".to_owned(),
+    };
+    report.add(
+        "config",
+        Ok(format!(
+            "{source}: {} job type(s), {} schedule(s), queues {}",
+            config.jobs.len(),
+            config.schedules.len(),
+            config.worker.queues.join(",")
+        )),
+    );
+    sqlite(&config, report);
+    redis::checks(&config, report).await;
+}
+
+fn sqlite(config: &Config, report: &mut Report) {
+    let path = &config.store.path;
+    if !path.exists() {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let writable =
+            dir.exists() && std::fs::metadata(dir).is_ok_and(|m| !m.permissions().readonly());
+        report.add(
+            "sqlite",
+            if writable || !dir.exists() {
+                Ok(format!(
+                    "{} does not exist yet; the first worker creates it",
+                    path.display()
+                ))
+            } else {
+                Err(format!(
+                    "{} cannot be created: {} is read-only",
+                    path.display(),
+                    dir.display()
+                ))
+            },
+        );
+        return;
+    }
+    let result = (|| -> Result<String, String> {
+        let reader = crate::store::Reader::open(path).map_err(|e| e.to_string())?;
+        let version = reader.schema_version().map_err(|e| e.to_string())?;
+        let current = crate::store::schema::VERSION;
+        let schema = match version.cmp(&current) {
+            std::cmp::Ordering::Equal => format!("schema v{version}"),
+            std::cmp::Ordering::Less => {
+                format!("schema v{version}; the next worker migrates it to v{current}")
+            }
+            std::cmp::Ordering::Greater => {
+                return Err(format!(
+                    "{}: schema v{version} is newer than this build (v{current}); upgrade conveyor",
+                    path.display()
+                ));
+            }
+        };
+        let mode = reader.journal_mode().map_err(|e| e.to_string())?;
+        if !mode.eq_ignore_ascii_case("wal") && version > 0 {
+            return Err(format!(
+                "{}: journal_mode is {mode}, not WAL",
+                path.display()
+            ));
+        }
+        Ok(format!("{}: {schema}, journal_mode {mode}", path.display()))
+    })();
+    report.add("sqlite", result);
+}

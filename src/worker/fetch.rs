@@ -1,0 +1,317 @@
+//! The fetch loop: takes a free slot (semaphore permit), then a job, and
+//! spawns the job's task with the permit; on shutdown it stops after its
+//! current `BLMOVE` and puts back a job it still received. It also owns the
+//! weighted queue order (`worker.queue_weights`) and the reconciliation of
+//! this daemon's active lists with the runs it knows of.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::health::Health;
+use super::runner::{self, JobEnv};
+use crate::config::WorkerConfig;
+use crate::queue::{Fetched, Next};
+use crate::retry::reconnect_backoff;
+
+/// How often the fetch loop puts back entries of its active lists that no
+/// run owns, even when no fetch failed.
+const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+
+/// Most jobs taken in one non-blocking round trip.
+const FETCH_BATCH: usize = 64;
+
+/// Queue weights of the weighted mode, in the order of `worker.queues`.
+#[derive(Debug, Clone)]
+struct Weights(Vec<f64>);
+
+impl Weights {
+    fn new(queues: &[String], weights: &std::collections::BTreeMap<String, u32>) -> Self {
+        Self(
+            queues
+                .iter()
+                .map(|q| f64::from(*weights.get(q).unwrap_or(&1)))
+                .collect(),
+        )
+    }
+
+    /// The queues in a random order where each queue comes first with a
+    /// probability proportional to its weight (and so on for the rest):
+    /// weighted sampling without replacement, by keys `u^(1/w)`.
+    fn order(&self, queues: &[String]) -> Vec<String> {
+        let mut keyed: Vec<(f64, &String)> = queues
+            .iter()
+            .zip(&self.0)
+            .map(|(q, w)| (fastrand::f64().powf(1.0 / w), q))
+            .collect();
+        keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
+        keyed.into_iter().map(|(_, q)| q.clone()).collect()
+    }
+}
+
+/// Takes jobs while slots are free; see the module docs.
+pub(super) struct Fetcher {
+    env: Arc<JobEnv>,
+    queues: Vec<String>,
+    /// Weighted mode (`worker.queue_weights`); strict priority when `None`.
+    weights: Option<Weights>,
+    slots: Arc<Semaphore>,
+    block: Duration,
+    health: Arc<Health>,
+    jobs: TaskTracker,
+}
+
+impl Fetcher {
+    /// The fetch loop of `worker` for the jobs of `env`, spawning them on
+    /// `jobs`.
+    pub(super) fn new(
+        w: &WorkerConfig,
+        env: Arc<JobEnv>,
+        health: Arc<Health>,
+        jobs: TaskTracker,
+    ) -> Self {
+        Self {
+            queues: w.queues.clone(),
+            weights: (!w.queue_weights.is_empty())
+                .then(|| Weights::new(&w.queues, &w.queue_weights)),
+            slots: env.slots.clone(),
+            block: Duration::from_millis(w.fetch_block_ms),
+            env,
+            health,
+            jobs,
+        }
+    }
+
+    pub(super) async fn run(self, shutdown: CancellationToken) {
+        let mut blocking = None;
+        let mut backoff = reconnect_backoff();
+        let mut failing = false;
+        let mut turn = 0usize;
+        let mut probe = 1usize;
+        let mut reconciled = tokio::time::Instant::now();
+        loop {
+            let Some(permits) = self.take_slots(&shutdown).await else {
+                return;
+            };
+            let result = self
+                .fetch(permits.len(), &mut blocking, &mut turn, &mut probe)
+                .await;
+            if shutdown.is_cancelled() {
+                // A job taken while the stop arrived is not started.
+                if let Ok(jobs) = result {
+                    self.put_back(jobs).await;
+                }
+                return;
+            }
+            match result {
+                Ok(jobs) => {
+                    self.health.redis_ok();
+                    self.spawn_jobs(jobs, permits);
+                    if failing {
+                        tracing::info!("Redis reachable again; fetching");
+                        failing = false;
+                        backoff = reconnect_backoff();
+                        // A BLMOVE whose reply was lost may have moved a job
+                        // into our active list with nobody told.
+                        self.reconcile().await;
+                        reconciled = tokio::time::Instant::now();
+                    } else if reconciled.elapsed() >= RECONCILE_EVERY {
+                        // The same, when a client retried a fetch by itself
+                        // (the cluster client re-sends a command whose
+                        // connection broke) and reported no error.
+                        self.reconcile().await;
+                        reconciled = tokio::time::Instant::now();
+                    }
+                }
+                Err(err) => {
+                    crate::telemetry::metrics::redis_error("fetch");
+                    blocking = None;
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "Fetch failed");
+                    failing = true;
+                    drop(permits);
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for one free slot, then takes whatever other slots are free.
+    async fn take_slots(&self, shutdown: &CancellationToken) -> Option<Vec<OwnedSemaphorePermit>> {
+        let first = loop {
+            self.health.fetch_loop_alive();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return None,
+                permit = self.slots.clone().acquire_owned() => break permit.ok()?,
+                // All slots busy with long jobs is healthy: say so.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        };
+        let mut permits = vec![first];
+        self.take_free(&mut permits);
+        Some(permits)
+    }
+
+    fn take_free(&self, permits: &mut Vec<OwnedSemaphorePermit>) {
+        while permits.len() < FETCH_BATCH {
+            match self.slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Up to `max` jobs without blocking, in priority order; when there are
+    /// none, one blocking BLMOVE on one queue (rotating over the queues).
+    async fn fetch(
+        &self,
+        max: usize,
+        blocking: &mut Option<crate::queue::RedisConn>,
+        turn: &mut usize,
+        probe: &mut usize,
+    ) -> redis::RedisResult<Vec<Fetched>> {
+        let broker = &self.env.broker;
+        let worker = &self.env.worker_id;
+        // Ask for as many jobs as the queue has been giving: after it ran
+        // dry one LMOVE probes it, and the batch doubles while it comes back
+        // full. An idle daemon thus sends one non-blocking LMOVE per BLMOVE,
+        // not one per free slot.
+        let want = max.min(*probe);
+        let weighted;
+        let queues = match &self.weights {
+            Some(w) => {
+                weighted = w.order(&self.queues);
+                &weighted
+            }
+            None => &self.queues,
+        };
+        // The latency of a fetch that finds jobs or not, without the
+        // blocking wait for a job to arrive.
+        let started = std::time::Instant::now();
+        let jobs = broker.fetch_available(queues, worker, want).await?;
+        crate::telemetry::metrics::fetched(started.elapsed());
+        *probe = if jobs.len() == want {
+            (*probe).max(want * 2).min(FETCH_BATCH)
+        } else {
+            jobs.len().max(1)
+        };
+        if !jobs.is_empty() {
+            return Ok(jobs);
+        }
+        // With several queues, each block is shorter so that a job arriving
+        // on any queue waits at most `fetch_block_ms` in all.
+        let block = (self.block / self.queues.len() as u32).max(Duration::from_millis(10));
+        let conn = match blocking {
+            Some(conn) => conn,
+            None => blocking.insert(broker.blocking_connection(self.block).await?),
+        };
+        let queue = match &self.weights {
+            Some(_) => &queues[0],
+            None => &self.queues[*turn % self.queues.len()],
+        };
+        *turn = turn.wrapping_add(1);
+        self.health.fetch_loop_alive();
+        let job = broker.fetch_blocking(conn, queue, worker, block).await?;
+        Ok(job.into_iter().collect())
+    }
+
+    fn spawn_jobs(&self, jobs: Vec<Fetched>, mut permits: Vec<OwnedSemaphorePermit>) {
+        for job in jobs {
+            let Some(permit) = permits.pop() else {
+                // Cannot happen: never more jobs than permits are fetched.
+                tracing::error!("Fetched more jobs than free slots");
+                break;
+            };
+            // Registered before the task starts: reconciliation must never
+            // take a job in hand for an orphan.
+            let guard = self.env.runs.register(&job.queue, &job.raw);
+            let env = self.env.clone();
+            self.jobs.spawn(async move {
+                runner::handle(env, job, guard, permit).await;
+            });
+        }
+    }
+
+    /// Puts back on pending every entry of our active lists that no run
+    /// owns. Runs in the fetch loop, between fetches, so every fetched entry
+    /// is registered by then.
+    async fn reconcile(&self) {
+        let worker = &self.env.worker_id;
+        let broker = &self.env.broker;
+        for queue in &self.queues {
+            let key = broker.keys().active(queue, worker);
+            let mut conn = broker.conn();
+            let entries: Vec<Vec<u8>> = match redis::cmd("LRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+            {
+                Ok(e) => e,
+                Err(err) => {
+                    tracing::warn!(error = %err, "Cannot reconcile the active list");
+                    return;
+                }
+            };
+            for raw in entries {
+                if self.env.runs.owns(queue, &raw) {
+                    continue;
+                }
+                let moved = broker
+                    .settle(queue, worker, &raw, "", "", Next::Requeue(&raw))
+                    .await;
+                if let Ok(true) = moved {
+                    tracing::warn!(queue = %queue,
+                        "Requeued an orphaned entry of our active list (a fetch reply was lost)");
+                }
+            }
+        }
+    }
+
+    async fn put_back(&self, jobs: Vec<Fetched>) {
+        let worker = &self.env.worker_id;
+        for job in jobs {
+            let next = Next::Requeue(&job.raw);
+            let moved = self
+                .env
+                .broker
+                .settle(&job.queue, worker, &job.raw, "", "", next)
+                .await;
+            if let Err(err) = moved {
+                tracing::warn!(error = %err, "Cannot put back a job taken during shutdown; recovery will");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod weight_tests {
+    use super::*;
+
+    #[test]
+    fn weighted_order_puts_each_queue_first_by_its_share() {
+        let queues: Vec<String> = ["high", "mid", "low"].map(String::from).into();
+        let weights = [("high".to_owned(), 6), ("mid".to_owned(), 3)].into();
+        let w = Weights::new(&queues, &weights);
+        let mut first = std::collections::HashMap::new();
+        for _ in 0..20_000 {
+            let order = w.order(&queues);
+            assert_eq!(order.len(), 3);
+            *first.entry(order[0].clone()).or_insert(0u32) += 1;
+        }
+        // Weights 6 : 3 : 1 (low is unlisted, so 1).
+        let share = |q: &str| f64::from(first[q]) / 20_000.0;
+        assert!((share("high") - 0.6).abs() < 0.03, "{first:?}");
+        assert!((share("mid") - 0.3).abs() < 0.03, "{first:?}");
+        assert!((share("low") - 0.1).abs() < 0.03, "{first:?}");
+    }
+}
