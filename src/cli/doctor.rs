@@ -6,6 +6,11 @@ use super::{Cli, CliResult, Failure};
 
 pub async fn run(cli: &Cli, json: bool) -> CliResult {
     let config = cli.load_config().map_err(|f| f.message);
+    if let Ok(config) = &config {
+        for notice in config.notices() {
+            eprintln!("conveyor: {notice}");
+        }
+    }
     let report = crate::doctor::run(config, cli.global.config.as_deref()).await;
     let failed = report.0.iter().filter(|c| !c.ok).count();
     if json {

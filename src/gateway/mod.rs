@@ -228,8 +228,14 @@ pub async fn serve(
     });
     let served = server.serve(routes, drained, shutdown.clone()).await;
     // The server ends only once the daemon has: its result is at hand.
-    if let Ok(Ok(Err(e))) = daemon.await {
-        return Err(GatewayError::Daemon(e));
+    match daemon.await {
+        Ok(Ok(Err(e))) => return Err(GatewayError::Daemon(e)),
+        Ok(Err(e)) | Err(e) => {
+            return Err(GatewayError::Daemon(format!(
+                "the gateway's daemon failed: {e}"
+            )));
+        }
+        Ok(Ok(Ok(()))) => {}
     }
     tracing::info!("gateway_stopped");
     Ok(served?)

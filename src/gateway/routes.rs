@@ -265,7 +265,7 @@ async fn claim(
     let too_many = |m: &str| ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_claims", m);
     if !state.allow_claim(&req.worker_id) {
         return Err(too_many(
-            "more than api.claims_per_sec claims this second from this worker id; wait_secs > 0 long-polls instead",
+            "more than gateway.claims_per_sec claims this second from this worker id; wait_secs > 0 long-polls instead",
         ));
     }
     let _slot = state

@@ -143,16 +143,25 @@ impl Broker {
 
     /// The registrations of the live workers, sorted by id.
     pub async fn live_workers(&self) -> RedisResult<Vec<WorkerInfo>> {
-        let keys = self.keys();
-        let mut conn = self.conn();
-        let mut ids: Vec<String> = conn.hkeys(keys.workers()).await?;
+        self.registrations(&self.worker_ids().await?).await
+    }
+
+    /// Every id in `P:workers` (live or not yet reaped), sorted.
+    async fn worker_ids(&self) -> RedisResult<Vec<String>> {
+        let mut ids: Vec<String> = self.conn().hkeys(self.keys().workers()).await?;
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// The registrations of `ids` that have not expired.
+    async fn registrations(&self, ids: &[String]) -> RedisResult<Vec<WorkerInfo>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        ids.sort();
+        let keys = self.keys();
         let regs: Vec<Option<String>> = redis::cmd("MGET")
             .arg(ids.iter().map(|id| keys.worker(id)).collect::<Vec<_>>())
-            .query_async(&mut conn)
+            .query_async(&mut self.conn())
             .await?;
         Ok(regs
             .into_iter()
@@ -165,10 +174,8 @@ impl Broker {
     /// pipeline of counts.
     pub async fn status(&self, configured: &[String]) -> RedisResult<StatusReport> {
         let keys = self.keys();
-        let mut conn = self.conn();
-        let mut ids: Vec<String> = conn.hkeys(keys.workers()).await?;
-        ids.sort();
-        let workers = self.live_workers().await?;
+        let ids = self.worker_ids().await?;
+        let workers = self.registrations(&ids).await?;
         let names = self.known_queues(configured).await?;
         let mut pipe = redis::pipe();
         for q in &names {
@@ -179,7 +186,7 @@ impl Broker {
                 pipe.llen(keys.active(q, id));
             }
         }
-        let counts: Vec<u64> = pipe.query_async(&mut conn).await?;
+        let counts: Vec<u64> = pipe.query_async(&mut self.conn()).await?;
         let per_queue = 3 + ids.len();
         let queues = names
             .into_iter()

@@ -420,11 +420,18 @@ pub(crate) struct JobDeadLettered<'a> {
 }
 
 impl JobDeadLettered<'_> {
-    pub(crate) fn emit(self, publisher: &Publisher, stats: &Stats) {
+    /// The log line and the metric, as soon as the message is judged (see
+    /// the caller for why this comes before the writes).
+    pub(crate) fn noticed(&self) {
         tracing::warn!(target: LOG_TARGET, queue = %self.queue,
             job_id = self.job_id.as_deref().unwrap_or(""), worker_id = %self.worker_id,
             reason = %self.reason, bytes = self.bytes, "job_dead_lettered");
         metrics::dead_lettered(self.queue);
+    }
+
+    /// Once the entry is in the dead list: the daemon's count, and the
+    /// `job_failed` message on the job's channel.
+    pub(crate) fn emit(self, publisher: &Publisher, stats: &Stats) {
         stats.failed.fetch_add(1, Ordering::Relaxed);
         // Without a valid id there is no channel anyone could listen on.
         let Some(job_id) = self.job_id else {

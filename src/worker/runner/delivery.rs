@@ -129,6 +129,18 @@ pub(super) async fn dead_letter_poison(env: &JobEnv, fetched: &Fetched, poison: 
     let id = field("id").filter(|id| crate::job::check_id(id).is_ok());
     let kind = field("type").unwrap_or_default();
     let reason = poison.reason.clone();
+    let event = JobDeadLettered {
+        queue: &fetched.queue,
+        job_id: id.clone(),
+        kind: kind.clone(),
+        worker_id: &env.worker_id,
+        reason: reason.clone(),
+        bytes: fetched.raw.len(),
+        at: now.clone(),
+    };
+    // Said before the writes: a Redis outage may hold the settle a long
+    // time, and the log is where an operator learns of the bad message.
+    event.noticed();
     if let Some(id) = &id {
         let payload = poison
             .object
@@ -160,16 +172,7 @@ pub(super) async fn dead_letter_poison(env: &JobEnv, fetched: &Fetched, poison: 
             .settle(&fetched.queue, &fetched.raw, "", "", next)
     })
     .await;
-    JobDeadLettered {
-        queue: &fetched.queue,
-        job_id: id,
-        kind,
-        worker_id: &env.worker_id,
-        reason,
-        bytes: fetched.raw.len(),
-        at: now,
-    }
-    .emit(&env.publisher, &env.stats);
+    event.emit(&env.publisher, &env.stats);
 }
 
 /// Runs one Redis state change of a job, retrying transient errors until
