@@ -131,12 +131,20 @@ fn authorize(state: &ApiState, headers: &HeaderMap) -> Result<String, ApiError> 
 async fn body<T: DeserializeOwned>(state: &ApiState, request: Request) -> Result<T, ApiError> {
     let bytes = axum::body::to_bytes(request.into_body(), state.max_body)
         .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("the body is over {} bytes", state.max_body),
-            )
+        .map_err(|e| {
+            if crate::http::conn::is_body_timeout(&e) {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    "the body stopped arriving",
+                )
+            } else {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("the body is over {} bytes", state.max_body),
+                )
+            }
         })?;
     serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid body: {e}")))
 }

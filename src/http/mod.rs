@@ -1,7 +1,9 @@
 //! What the two HTTP servers, `conveyor dashboard` and `conveyor gateway`,
 //! share: binding with a clear error, HTTPS ([`tls`]), serving until a
-//! token says stop, and the bearer-token check.
+//! token says stop under the limits of [`conn`] (also for the daemon's
+//! `[worker] http` listener), and the bearer-token check.
 
+pub mod conn;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -25,6 +27,8 @@ pub enum ServeError {
     },
     #[error("{0}")]
     Tls(String),
+    #[error("{0}")]
+    Limits(String),
     #[error("the HTTP server failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -33,6 +37,7 @@ pub enum ServeError {
 pub struct Server {
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    limits: conn::Limits,
     /// The address actually bound (port 0 resolved).
     pub local: SocketAddr,
 }
@@ -56,10 +61,20 @@ impl Server {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ServeError::Bind { addr, source })?;
-        let local = listener.local_addr().unwrap_or(addr);
+        let mut server = Self::plain(listener)?;
+        server.tls = tls;
+        Ok(server)
+    }
+
+    /// Plain HTTP on a listener bound elsewhere (the daemon's `[worker]
+    /// http`), under the same limits as the other servers.
+    pub fn plain(listener: TcpListener) -> Result<Self, ServeError> {
+        let limits = conn::Limits::from_env().map_err(ServeError::Limits)?;
+        let local = listener.local_addr()?;
         Ok(Self {
             listener,
-            tls,
+            tls: None,
+            limits,
             local,
         })
     }
@@ -75,7 +90,8 @@ impl Server {
     }
 
     /// Serves `routes` until `stop` is cancelled, then lets the requests
-    /// under way finish. `shutdown` ends the TLS accept loop.
+    /// under way finish. `shutdown` ends the TLS accept loop. Clients are
+    /// held to [`conn::Limits`]: see [`conn`].
     pub async fn serve(
         self,
         routes: Router,
@@ -85,15 +101,9 @@ impl Server {
         match self.tls {
             Some(config) => {
                 let listener = tls::TlsListener::new(self.listener, config, shutdown)?;
-                axum::serve(listener, routes)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await?;
+                conn::serve(listener, routes, self.limits, stop).await;
             }
-            None => {
-                axum::serve(self.listener, routes)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await?;
-            }
+            None => conn::serve(self.listener, routes, self.limits, stop).await,
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! The daemon's HTTP listener (`[worker] http`): `/healthz`, `/readyz` and
 //! `/metrics` in the Prometheus text format (the metrics are
-//! [`crate::telemetry::metrics`]).
+//! [`crate::telemetry::metrics`]), served by [`crate::http::Server`] like
+//! the dashboard and the gateway.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::health::Health;
+use crate::http::Server;
 use crate::queue::Broker;
 use crate::telemetry::metrics::{recorder, redis_error};
 
@@ -80,9 +82,11 @@ pub async fn serve(listener: tokio::net::TcpListener, probe: Probe, shutdown: Ca
             }
         }
     });
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
+    // The dashboard's and gateway's server, with their limits on clients.
+    let served = match Server::plain(listener) {
+        Ok(server) => server.serve(router, shutdown.clone(), shutdown).await,
+        Err(err) => Err(err),
+    };
     if let Err(err) = served {
         tracing::error!(error = %err, "HTTP listener failed");
     }

@@ -229,6 +229,12 @@ impl Harness {
         self.server("gateway", "127.0.0.1", None, None, true)
     }
 
+    /// [`Harness::dashboard`] with extra environment variables (testing
+    /// knobs such as `CONVEYOR_HTTP_HEADER_TIMEOUT_MS`).
+    pub fn dashboard_env(&self, env: &[(&str, &str)]) -> DashboardProc {
+        self.server_env("dashboard", "127.0.0.1", None, None, false, env)
+    }
+
     fn dashboard_with(
         &self,
         host: &str,
@@ -245,6 +251,18 @@ impl Harness {
         token: Option<&str>,
         redis_url: Option<&str>,
         https: bool,
+    ) -> ServerProc {
+        self.server_env(command, host, token, redis_url, https, &[])
+    }
+
+    fn server_env(
+        &self,
+        command: &'static str,
+        host: &str,
+        token: Option<&str>,
+        redis_url: Option<&str>,
+        https: bool,
+        env: &[(&str, &str)],
     ) -> ServerProc {
         let port = free_port();
         let log_path = self
@@ -265,6 +283,7 @@ impl Harness {
         if let Some(url) = redis_url {
             cmd.env("CONVEYOR_REDIS_URL", url);
         }
+        cmd.envs(env.iter().copied());
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn conveyor {command}: {e}"));
