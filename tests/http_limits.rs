@@ -2,8 +2,9 @@
 //! half-sent request heads and idle keep-alive connections are closed
 //! after the header timeout (shortened here by
 //! `CONVEYOR_HTTP_HEADER_TIMEOUT_MS`) without holding up other requests,
-//! while an SSE stream outlives it. The dashboard, and the daemon's
-//! `[worker] http` listener, which shares its server.
+//! while an SSE stream and a long-polled claim outlive it. The dashboard,
+//! the gateway and the daemon's `[worker] http` listener, which share one
+//! server.
 
 mod common;
 
@@ -144,6 +145,49 @@ fn the_metrics_listener_sheds_half_sent_heads_too() {
     let mut slow = half_heads(port, 20);
     let r = http(port, "GET", "/metrics", &[], None).expect("/metrics answers");
     assert_eq!(r.code, 200);
+    let deadline = Instant::now() + CLOSE_WITHIN;
+    for (i, s) in slow.iter_mut().enumerate() {
+        wait_closed(s, deadline, &format!("half-open connection {i}"));
+    }
+}
+
+#[test]
+fn a_long_polled_claim_outlives_the_header_timeout_and_a_half_head_does_not() {
+    const TOKEN: &str = "test-token-0123456789";
+    let h = Harness::new(&format!(
+        r#"
+[worker]
+queues = ["local"]
+
+[gateway]
+tokens = {{ workers = "{TOKEN}" }}
+
+[jobs."demo.remote"]
+remote = true
+queue = "remote"
+stages = [{{ name = "only" }}]
+
+[jobs.local]
+queue = "local"
+stages = [{{ name = "only", builtin = "noop" }}]
+"#
+    ));
+    let api = h.gateway_env(&[(KNOB, TIMEOUT_MS)]);
+    let mut slow = half_heads(api.port, 20);
+    // Three header timeouts of waiting for a job that never comes: the
+    // claim ends by its own wait_secs, answered, not cut.
+    let started = Instant::now();
+    let r = api.post(
+        "/api/v1/claim",
+        Some(TOKEN),
+        r#"{"worker_id": "w", "types": ["demo.remote"], "wait_secs": 3}"#,
+    );
+    assert_eq!(r.code, 204, "{}", r.body);
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     let deadline = Instant::now() + CLOSE_WITHIN;
     for (i, s) in slow.iter_mut().enumerate() {
         wait_closed(s, deadline, &format!("half-open connection {i}"));

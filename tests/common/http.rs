@@ -223,6 +223,12 @@ impl Harness {
         self.server("gateway", "127.0.0.1", None, None, false)
     }
 
+    /// [`Harness::gateway`] with extra environment variables (testing
+    /// knobs such as `CONVEYOR_HTTP_HEADER_TIMEOUT_MS`).
+    pub fn gateway_env(&self, env: &[(&str, &str)]) -> GatewayProc {
+        self.server_env("gateway", "127.0.0.1", None, None, false, env)
+    }
+
     /// [`Harness::gateway`] serving HTTPS (the config sets `[gateway]
     /// tls_cert_file`): ready once it says so on stdout.
     pub fn gateway_https(&self) -> GatewayProc {
