@@ -50,8 +50,12 @@ fn parse_at(s: &str) -> Result<u64, String> {
 }
 
 pub async fn enqueue(config: &Config, args: &EnqueueArgs) -> CliResult {
-    let payload: Value = serde_json::from_str(&args.payload)
-        .map_err(|e| Failure::usage(format!("--payload is not valid JSON: {e}")))?;
+    let payload: Value = serde_json::from_str(&args.payload).map_err(|e| {
+        Failure::usage(format!(
+            "--payload `{}` is not valid JSON: {e}",
+            super::shorten(&args.payload)
+        ))
+    })?;
     let mut request = EnqueueRequest::new(&args.kind).payload(payload);
     if let Some(q) = &args.queue {
         request = request.queue(q);
@@ -73,7 +77,10 @@ pub async fn enqueue(config: &Config, args: &EnqueueArgs) -> CliResult {
     // Checked before connecting: a bad command line is a usage error
     // whether Redis is up or not.
     let prepared = prepare(config, request).map_err(|e| match e {
-        crate::client::ClientError::InvalidId(m) => Failure::usage(format!("--id {m}")),
+        crate::client::ClientError::InvalidId(m) => Failure::usage(format!(
+            "--id `{}` {m}",
+            super::shorten(args.id.as_deref().unwrap_or_default())
+        )),
         e => Failure::usage(e.to_string()),
     })?;
     let client = Client::with_broker(connect(config).await?, config);
