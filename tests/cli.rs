@@ -368,6 +368,11 @@ fn bad_values_are_usage_errors_naming_the_flag_and_the_value() {
         ),
         (&["enqueue", "quick", "--delay", "5€"], "--delay", "5€"),
         (
+            &["enqueue", "quick", "--delay", "101years"],
+            "--delay",
+            "101years",
+        ),
+        (
             &["enqueue", "quick", "--delay", "99999999999999999y"],
             "--delay",
             "99999999999999999y",
