@@ -1,5 +1,5 @@
 //! The operator commands against a real Redis and SQLite: `jobs`, `doctor`,
-//! `cleanup`, `completions`.
+//! `cleanup`, `completions`, and bad values on the command line.
 
 mod common;
 
@@ -347,4 +347,72 @@ fn output_into_a_closed_pipe_ends_quietly() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("panicked"), "{text}");
     assert!(!text.contains("Broken pipe"), "{text}");
+}
+
+/// Every bad value on the command line: exit 2 (a usage error, never the
+/// 101 of a panic), with a message naming the flag and the value.
+#[test]
+fn bad_values_are_usage_errors_naming_the_flag_and_the_value() {
+    let h = Harness::new(CONFIG);
+    let cases: &[(&[&str], &str, &str)] = &[
+        (&["enqueue", "quick", "--at", "€a€"], "--at", "€a€"),
+        (
+            &["enqueue", "quick", "--at", "2026-11-23T18:00:00€€€€€€"],
+            "--at",
+            "2026-11-23T18:00:00€€€€€€",
+        ),
+        (
+            &["enqueue", "quick", "--at", "1969-12-31T23:59:59Z"],
+            "--at",
+            "before 1970",
+        ),
+        (&["enqueue", "quick", "--delay", "5€"], "--delay", "5€"),
+        (
+            &["enqueue", "quick", "--delay", "101years"],
+            "--delay",
+            "101years",
+        ),
+        (
+            &["enqueue", "quick", "--delay", "99999999999999999y"],
+            "--delay",
+            "99999999999999999y",
+        ),
+        (&["enqueue", "quick", "--payload", "{€"], "--payload", "{€"),
+        (&["enqueue", "quick", "--id", "a b"], "--id", "a b"),
+        (&["enqueue", "quick", "--id", ""], "--id", "empty"),
+        (&["jobs", "--since", "€€€€€€"], "--since", "€€€€€€"),
+        (&["jobs", "--since", "yesterday"], "--since", "yesterday"),
+        (&["jobs", "--limit", "0"], "--limit", "'0'"),
+        (&["jobs", "--page", "0"], "--page", "'0'"),
+        (&["jobs", "--limit", "-3"], "", "-3"),
+        (&["dead", "list", "--limit", "0"], "--limit", "'0'"),
+        (
+            &["cleanup", "--older-than", "7 parsecs"],
+            "--older-than",
+            "7 parsecs",
+        ),
+        (&["cleanup", "--older-than", "€"], "--older-than", "€"),
+    ];
+    for (args, flag, value) in cases {
+        let o = h.cli(args, &[]);
+        let e = err(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {e}");
+        assert!(e.contains(flag) && e.contains(value), "{args:?}: {e}");
+        assert!(!e.contains("panicked"), "{args:?}: {e}");
+    }
+    // A page far past the end is an empty page, not an overflow.
+    assert!(h.cli(&["enqueue", "quick"], &[]).status.success());
+    let far = [
+        "jobs",
+        "--status",
+        "pending",
+        "--page",
+        "18446744073709551615",
+        "--limit",
+        "7",
+        "--json",
+    ];
+    let v = json_of(&h, &far);
+    assert_eq!(v["total"], 1, "{v}");
+    assert_eq!(v["jobs"], serde_json::json!([]), "{v}");
 }

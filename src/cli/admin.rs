@@ -19,7 +19,7 @@ pub enum DeadCommand {
         #[arg(long)]
         queue: Option<String>,
         /// Entries shown per queue
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, value_parser = super::from_one())]
         limit: usize,
         #[arg(long)]
         json: bool,

@@ -30,7 +30,7 @@ pub struct EnqueueArgs {
     pub timeout_secs: Option<u64>,
     /// Run no sooner than this long from now (e.g. 30s, 5m, 1h 30m); the job
     /// waits in the scheduled set, status `scheduled`
-    #[arg(long, value_parser = parse_delay, conflicts_with = "at")]
+    #[arg(long, value_parser = parse_enqueue_delay, conflicts_with = "at")]
     pub delay: Option<Duration>,
     /// Run no sooner than this time (RFC 3339, e.g. 2026-11-23T18:00:00Z or
     /// 2026-11-23T19:00:00+01:00)
@@ -45,13 +45,28 @@ pub(crate) fn parse_delay(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 30s or 5m: {e}"))
 }
 
+/// The longest `--delay`: past it a due time is no longer a time.
+const MAX_DELAY: Duration = Duration::from_secs(100 * 366 * 86_400);
+
+fn parse_enqueue_delay(s: &str) -> Result<Duration, String> {
+    let d = parse_delay(s)?;
+    if d > MAX_DELAY {
+        return Err(format!("`{s}` is longer than the longest delay, 100 years"));
+    }
+    Ok(d)
+}
+
 fn parse_at(s: &str) -> Result<u64, String> {
     crate::time::parse_rfc3339_ms(s)
 }
 
 pub async fn enqueue(config: &Config, args: &EnqueueArgs) -> CliResult {
-    let payload: Value = serde_json::from_str(&args.payload)
-        .map_err(|e| Failure::usage(format!("--payload is not valid JSON: {e}")))?;
+    let payload: Value = serde_json::from_str(&args.payload).map_err(|e| {
+        Failure::usage(format!(
+            "--payload `{}` is not valid JSON: {e}",
+            super::shorten(&args.payload)
+        ))
+    })?;
     let mut request = EnqueueRequest::new(&args.kind).payload(payload);
     if let Some(q) = &args.queue {
         request = request.queue(q);
@@ -73,7 +88,10 @@ pub async fn enqueue(config: &Config, args: &EnqueueArgs) -> CliResult {
     // Checked before connecting: a bad command line is a usage error
     // whether Redis is up or not.
     let prepared = prepare(config, request).map_err(|e| match e {
-        crate::client::ClientError::InvalidId(m) => Failure::usage(format!("--id {m}")),
+        crate::client::ClientError::InvalidId(m) => Failure::usage(format!(
+            "--id `{}` {m}",
+            super::shorten(args.id.as_deref().unwrap_or_default())
+        )),
         e => Failure::usage(e.to_string()),
     })?;
     let client = Client::with_broker(connect(config).await?, config);

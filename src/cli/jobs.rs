@@ -27,10 +27,10 @@ pub struct JobsArgs {
     #[arg(long, value_parser = parse_since)]
     pub since: Option<u64>,
     /// Jobs per page
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = super::from_one())]
     pub limit: usize,
     /// Page number, from 1
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::from_one())]
     pub page: usize,
     #[arg(long)]
     pub json: bool,
@@ -209,7 +209,7 @@ pub async fn jobs(config: &Config, args: &JobsArgs) -> CliResult {
     if args.limit == 0 || args.page == 0 {
         return Err(Failure::usage("--limit and --page start at 1"));
     }
-    let offset = (args.page - 1) * args.limit;
+    let offset = (args.page - 1).saturating_mul(args.limit);
     let (rows, total) = match args.status.as_deref() {
         Some(status @ ("pending" | "scheduled")) => {
             waiting_jobs(config, args, status == "scheduled").await?
@@ -272,7 +272,7 @@ async fn waiting_jobs(
         id_contains: None,
         since_ms: args.since,
         scheduled,
-        offset: (args.page - 1) * args.limit,
+        offset: (args.page - 1).saturating_mul(args.limit),
         limit: args.limit,
     };
     client(config)

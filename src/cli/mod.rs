@@ -198,6 +198,21 @@ impl From<ConfigError> for Failure {
 
 type CliResult = Result<(), Failure>;
 
+/// A count from 1 (`--limit`, `--page`): 0 or a non-number is a usage error
+/// naming the flag and the value.
+fn from_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
+}
+
+/// A value quoted in an error message: at most 100 characters of it.
+fn shorten(value: &str) -> String {
+    const MAX: usize = 100;
+    match value.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}…", &value[..i]),
+        None => value.to_owned(),
+    }
+}
+
 impl Cli {
     pub fn overrides(&self) -> Overrides {
         let mut o = Overrides {

@@ -454,3 +454,29 @@ mod tests {
         assert!(e.contains("stages[1].name"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::parse_rate;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Any text: a rate within its bounds, or an error naming the text.
+        #[test]
+        fn any_rate_text(text in prop_oneof![
+            "\\PC{0,30}",
+            "[0-9]{0,12}/[0-9]{0,25}[a-zµ€ ]{0,6}",
+        ]) {
+            match parse_rate(&text) {
+                Ok((n, period)) => {
+                    prop_assert!(n >= 1);
+                    prop_assert!(period >= std::time::Duration::from_millis(1));
+                    prop_assert!(period <= std::time::Duration::from_secs(7 * 86_400));
+                }
+                Err(e) => prop_assert!(e.starts_with(&format!("`{text}`")), "{}", e),
+            }
+        }
+    }
+}

@@ -34,7 +34,7 @@ impl Timing {
                 let d = humantime::parse_duration(text)
                     .map_err(|e| ("every", format!("`{text}` is not a duration like 5m: {e}")))?;
                 if d < Duration::from_secs(1) {
-                    return Err(("every", "must be at least 1s".into()));
+                    return Err(("every", format!("`{text}` is shorter than 1s")));
                 }
                 Ok(Timing::Every(d))
             }
@@ -45,11 +45,13 @@ impl Timing {
     pub fn next_after(&self, ms: u64) -> Option<u64> {
         match self {
             Timing::Every(d) => {
-                let step = d.as_millis() as u64;
-                Some((ms / step + 1) * step)
+                // Past u64 milliseconds there is no next tick (never a
+                // panic on overflow).
+                let step = u64::try_from(d.as_millis()).ok()?;
+                (ms / step).checked_add(1)?.checked_mul(step)
             }
             Timing::Cron(cron) => {
-                let at = DateTime::<Utc>::from_timestamp_millis(ms as i64)?;
+                let at = DateTime::<Utc>::from_timestamp_millis(i64::try_from(ms).ok()?)?;
                 let next = cron.find_next_occurrence(&at, false).ok()?;
                 u64::try_from(next.timestamp_millis()).ok()
             }
@@ -130,5 +132,73 @@ mod tests {
         assert!(msg.contains("61 * * * *"), "{msg}");
         assert_eq!(Timing::parse(None, Some("soon")).unwrap_err().0, "every");
         assert_eq!(Timing::parse(None, Some("10ms")).unwrap_err().0, "every");
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::Timing;
+    use proptest::prelude::*;
+
+    fn cron_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "\\PC{0,30}",
+            prop::collection::vec("[0-9*/,LW#?-]{1,6}|[A-Za-z]{3}", 5..=7)
+                .prop_map(|f| f.join(" ")),
+        ]
+    }
+
+    fn every_text() -> impl Strategy<Value = String> {
+        prop_oneof!["\\PC{0,20}", "[0-9]{1,25} ?(ns|ms|s|m|h|d|w|y|µs|€)"]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+        /// Any cron or every text: a timing or an error naming the field
+        /// and the text; and a timing answers for any time, never panics.
+        #[test]
+        fn any_cron_or_every(
+            cron in prop::option::of(cron_text()),
+            every in prop::option::of(every_text()),
+            at in any::<u64>(),
+            span in any::<u64>(),
+        ) {
+            match Timing::parse(cron.as_deref(), every.as_deref()) {
+                Ok(t) => {
+                    if let Some(next) = t.next_after(at) {
+                        prop_assert!(next > at);
+                    }
+                    let ticks = t.ticks_between(at, at.saturating_add(span % 3_600_000), 5);
+                    prop_assert!(ticks.len() <= 5);
+                }
+                Err((field, message)) => {
+                    prop_assert!(field == "cron" || field == "every", "{}", field);
+                    // One of them given: the message quotes it.
+                    if let (Some(given), None) | (None, Some(given)) = (&cron, &every) {
+                        prop_assert!(message.contains(&format!("`{given}`")), "{}: {}", field, message);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod edges {
+    use super::Timing;
+
+    #[test]
+    fn no_tick_past_the_end_of_time_rather_than_an_overflow() {
+        let every = Timing::parse(None, Some("1s")).unwrap();
+        assert_eq!(every.next_after(u64::MAX), None);
+        assert_eq!(
+            every.next_after(u64::MAX - 1000),
+            Some(u64::MAX / 1000 * 1000)
+        );
+        let huge = Timing::parse(None, Some("500000000000y")).unwrap();
+        assert_eq!(huge.next_after(0), None);
+        let cron = Timing::parse(Some("* * * * *"), None).unwrap();
+        assert_eq!(cron.next_after(u64::MAX), None);
     }
 }

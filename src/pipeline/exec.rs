@@ -149,19 +149,41 @@ async fn read_stdout(out: Option<impl AsyncRead + Unpin>, ctx: &StageContext) ->
     let mut lines = BufReader::new(out).lines();
     let mut result = None;
     while let Ok(Some(line)) = lines.next_line().await {
-        match serde_json::from_str::<Value>(&line) {
-            Ok(Value::Object(mut o)) if o.contains_key("result") => {
-                result = o.remove("result");
-            }
-            Ok(Value::Object(o)) if o.get("progress").is_some_and(Value::is_number) => {
-                let pct = o["progress"].as_f64().unwrap_or(0.0);
-                let message = o.get("message").and_then(Value::as_str).map(str::to_owned);
-                ctx.progress(pct, message);
-            }
-            _ => tracing::info!(stream = "stdout", line = %clip(&line), "Stage output"),
+        match parse_line(&line) {
+            Line::Result(value) => result = Some(value),
+            Line::Progress(pct, message) => ctx.progress(pct, message),
+            Line::Text => tracing::info!(stream = "stdout", line = %clip(&line), "Stage output"),
         }
     }
     result
+}
+
+/// One stdout line of the stage protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Line {
+    /// `{"result": ...}`: the stage's result (the last one wins).
+    Result(Value),
+    /// `{"progress": N, "message"?: "..."}`, N a finite number.
+    Progress(f64, Option<String>),
+    /// Anything else: logged as the stage's output.
+    Text,
+}
+
+/// Reads one stdout line of the stage protocol; any text is some [`Line`].
+pub(crate) fn parse_line(line: &str) -> Line {
+    match serde_json::from_str::<Value>(line) {
+        Ok(Value::Object(mut o)) if o.contains_key("result") => {
+            Line::Result(o.remove("result").unwrap_or_default())
+        }
+        Ok(Value::Object(o)) => match o.get("progress").and_then(Value::as_f64) {
+            Some(pct) if pct.is_finite() => {
+                let message = o.get("message").and_then(Value::as_str).map(str::to_owned);
+                Line::Progress(pct, message)
+            }
+            _ => Line::Text,
+        },
+        _ => Line::Text,
+    }
 }
 
 /// Logs stderr lines; returns the last non-empty one for the error message.
@@ -209,5 +231,70 @@ fn signal_group(pgid: i32, signal: i32) {
     // which stays reserved while the group has members.
     unsafe {
         libc::killpg(pgid, signal);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    #[test]
+    fn protocol_lines_are_results_progress_or_text() {
+        assert_eq!(
+            parse_line(r#"{"result": {"a": 1}}"#),
+            Line::Result(json!({"a": 1}))
+        );
+        assert_eq!(parse_line(r#"{"result": null}"#), Line::Result(Value::Null));
+        assert_eq!(
+            parse_line(r#"{"progress": 40, "message": "half"}"#),
+            Line::Progress(40.0, Some("half".into()))
+        );
+        assert_eq!(
+            parse_line(r#"{"progress": 1.5}"#),
+            Line::Progress(1.5, None)
+        );
+        for text in [
+            "",
+            "hello",
+            "{",
+            r#"{"progress": "40"}"#,
+            r#"{"progress": 1e400}"#,
+            "[1]",
+            "€",
+        ] {
+            assert_eq!(parse_line(text), Line::Text, "{text}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Any text a stage prints: some line, never a panic.
+        #[test]
+        fn any_stdout_line_parses_without_panic(line in "\\PC{0,200}") {
+            let _ = parse_line(&line);
+        }
+
+        /// Protocol-shaped lines with arbitrary values: progress is always
+        /// finite, a result is what was sent.
+        #[test]
+        fn protocol_shaped_lines(
+            key in prop_oneof![Just("result".to_owned()), Just("progress".to_owned()), Just("message".to_owned()), "\\PC{0,8}"],
+            value in prop_oneof![
+                any::<f64>().prop_map(|f| f.to_string()),
+                "-?[0-9]{1,400}(\\.[0-9]{0,20})?(e-?[0-9]{1,4})?",
+                "\\PC{0,20}".prop_map(|s| serde_json::to_string(&s).unwrap()),
+                Just("null".to_owned()), Just("[]".to_owned()), Just("{}".to_owned()),
+            ],
+        ) {
+            let line = format!("{{{}: {value}}}", serde_json::to_string(&key).unwrap());
+            match parse_line(&line) {
+                Line::Progress(pct, _) => prop_assert!(pct.is_finite()),
+                Line::Result(v) => prop_assert_eq!(key, "result", "{}", v),
+                Line::Text => {}
+            }
+        }
     }
 }

@@ -137,7 +137,7 @@ impl Broker {
     ) -> ScriptInvocation<'static> {
         let (mode, ms) = match when {
             When::Now => ("now", 0),
-            When::After(d) => ("delay", d.as_millis() as u64),
+            When::After(d) => ("delay", u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             When::At(ms) => ("at", ms),
         };
         let mut inv = scripts::ENQUEUE.prepare_invoke();

@@ -248,8 +248,13 @@ impl Reader {
                     created_at, updated_at, finished_at
              FROM jobs{filter_sql} ORDER BY updated_at DESC, id LIMIT ? OFFSET ?"
         );
-        args.push(SqlValue::Integer(filter.limit as i64));
-        args.push(SqlValue::Integer(filter.offset as i64));
+        // A page far past the end is an empty page, not a wrapped offset.
+        args.push(SqlValue::Integer(
+            i64::try_from(filter.limit).unwrap_or(i64::MAX),
+        ));
+        args.push(SqlValue::Integer(
+            i64::try_from(filter.offset).unwrap_or(i64::MAX),
+        ));
         let mut stmt = self.conn.prepare(&sql)?;
         let rows = stmt.query_map(params_from_iter(args.iter()), |r| {
             Ok(JobSummary {
