@@ -172,6 +172,7 @@ pub(crate) async fn run_with_registry(
     let bound = Bound {
         give_up_after: give_up_after(&config),
         give_up: daemon.env.give_up.clone(),
+        stop_stages: daemon.env.stop_stages.clone(),
         sqlite: daemon.store.give_up_switch(),
     };
     let drain = async {
@@ -202,6 +203,11 @@ fn give_up_after(config: &Config) -> Duration {
 struct Bound {
     give_up_after: Duration,
     give_up: CancellationToken,
+    /// Fired by step 3 normally; at the give-up too, for stages still
+    /// running because the fetch loop took long to stop (Redis slow to
+    /// fail): they get SIGTERM and SIGKILL rather than outliving the
+    /// daemon.
+    stop_stages: CancellationToken,
     sqlite: crate::store::GiveUp,
 }
 
@@ -229,6 +235,7 @@ impl Bound {
             "Shutdown is past its bound: giving up on Redis and SQLite; unrecorded jobs are left to recovery"
         );
         self.give_up.cancel();
+        self.stop_stages.cancel();
         self.sqlite.now();
         let finished = tokio::time::timeout(LAST_STEPS, &mut drain).await.is_ok();
         let err = WorkerError::ShutdownGaveUp {
