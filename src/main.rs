@@ -29,5 +29,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(conveyor::cli::run(cli))
+    let code = runtime.block_on(conveyor::cli::run(cli));
+    // A daemon whose drain was abandoned past its bound may leave tasks
+    // behind; they must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }

@@ -28,7 +28,10 @@ pub async fn worker(config: Config) -> CliResult {
     let token = crate::shutdown::on_signals()
         .map_err(|e| Failure::other(format!("cannot install signal handlers: {e}")))?;
     crate::worker::run(config, token).await.map_err(|e| {
-        tracing::error!(error = %e, "Worker failed to start");
+        // A drain past its bound has logged why already.
+        if !matches!(e, crate::worker::WorkerError::ShutdownGaveUp { .. }) {
+            tracing::error!(error = %e, "Worker failed to start");
+        }
         Failure::other(e.to_string())
     })
 }

@@ -9,7 +9,10 @@
 //! If a transaction fails (another process holds the lock past the busy
 //! timeout, disk full), the writer keeps the batch and retries it with
 //! backoff. Callers wait, the bounded channel fills, and intake stops: state
-//! is never dropped and no job is acked on an uncommitted write.
+//! is never dropped and no job is acked on an uncommitted write. Only when
+//! a draining daemon gives up ([`GiveUp`]) does the writer stop retrying:
+//! the held batch, and any later one that fails, is answered with an error,
+//! so its callers leave their jobs to recovery and the daemon can exit.
 //!
 //! Readers (the CLI) open their own connections; WAL lets them read while
 //! daemons write.
@@ -55,6 +58,18 @@ pub enum StoreError {
     Write(String),
     #[error("the store is closed")]
     Closed,
+}
+
+/// Tells the writer thread that shutdown has given up: a failing
+/// transaction is no longer retried but answered with an error (see the
+/// module docs). Writes that still succeed are committed as before.
+#[derive(Clone)]
+pub struct GiveUp(Arc<AtomicBool>);
+
+impl GiveUp {
+    pub fn now(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A job as it starts an attempt on this daemon.
@@ -165,6 +180,7 @@ enum Op {
 pub struct Store {
     tx: mpsc::Sender<Op>,
     healthy: Arc<AtomicBool>,
+    give_up: Arc<AtomicBool>,
 }
 
 /// Joins the writer thread once every [`Store`] handle is dropped, then
@@ -177,13 +193,24 @@ pub struct StoreCloser {
 
 impl StoreCloser {
     /// Waits (off the async runtime) until everything sent is committed.
+    ///
+    /// The join runs on a thread of its own rather than the runtime's
+    /// blocking pool: a caller that stops waiting (a shutdown past its
+    /// bound) leaves that thread detached, and the runtime's own shutdown
+    /// never waits for it.
     pub async fn close(self) {
-        let _ = tokio::task::spawn_blocking(move || {
-            let _ = self.writer.join();
-            drop(self.stop);
-            let _ = self.checkpointer.join();
-        })
-        .await;
+        let (done, joined) = tokio::sync::oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("conveyor-sqlite-close".into())
+            .spawn(move || {
+                let _ = self.writer.join();
+                drop(self.stop);
+                let _ = self.checkpointer.join();
+                let _ = done.send(());
+            });
+        if spawned.is_ok() {
+            let _ = joined.await;
+        }
     }
 }
 
@@ -207,10 +234,13 @@ impl Store {
             .map_err(|e| open_err(e.to_string()))?;
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let healthy = Arc::new(AtomicBool::new(true));
+        let give_up = Arc::new(AtomicBool::new(false));
         let writer = Writer {
             conn,
             rx,
             healthy: healthy.clone(),
+            give_up: give_up.clone(),
+            gave_up: false,
         };
         let handle = std::thread::Builder::new()
             .name("conveyor-sqlite".into())
@@ -222,7 +252,19 @@ impl Store {
             checkpointer,
             stop,
         };
-        Ok((Self { tx, healthy }, closer))
+        Ok((
+            Self {
+                tx,
+                healthy,
+                give_up,
+            },
+            closer,
+        ))
+    }
+
+    /// The switch a draining daemon flips when it gives up (see [`GiveUp`]).
+    pub fn give_up_switch(&self) -> GiveUp {
+        GiveUp(self.give_up.clone())
     }
 
     /// False while transactions fail (lock held elsewhere, disk full): the
@@ -315,6 +357,49 @@ mod tests {
             reader.counts_by_status().unwrap(),
             vec![("running".into(), 200)]
         );
+    }
+
+    #[tokio::test]
+    async fn a_give_up_answers_a_held_batch_with_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let (store, closer) = Store::open(&path).unwrap();
+        store.flush().await.unwrap();
+        // Another process holds the write lock: the writer's transaction
+        // fails after its busy timeout and the batch is held.
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let held = tokio::spawn({
+            let store = store.clone();
+            async move { store.flush().await }
+        });
+        let healthy = store.health_flag();
+        for _ in 0..400 {
+            if !healthy.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        assert!(
+            !healthy.load(std::sync::atomic::Ordering::Relaxed),
+            "the writer never failed"
+        );
+        assert!(!held.is_finished(), "the held batch was answered early");
+        store.give_up_switch().now();
+        let err = held.await.unwrap().unwrap_err();
+        assert!(
+            err.to_string().contains("shutdown gave up on SQLite"),
+            "{err}"
+        );
+        // Later batches are refused without waiting out the lock again.
+        let err = store.flush().await.unwrap_err();
+        assert!(
+            err.to_string().contains("shutdown gave up on SQLite"),
+            "{err}"
+        );
+        drop(store);
+        closer.close().await;
+        other.execute_batch("ROLLBACK").unwrap();
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The writer thread: batching, group commit, retrying a failed
-//! transaction, and the checkpointer that keeps the WAL short.
+//! transaction (until a draining daemon gives up), and the checkpointer
+//! that keeps the WAL short.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -63,6 +64,12 @@ pub(super) struct Writer {
     pub(super) conn: Connection,
     pub(super) rx: mpsc::Receiver<Op>,
     pub(super) healthy: Arc<AtomicBool>,
+    /// Set by [`super::GiveUp`]: shutdown no longer waits for SQLite.
+    pub(super) give_up: Arc<AtomicBool>,
+    /// A transaction failed after the give-up: later batches are answered
+    /// with an error without trying (a held lock would cost the busy
+    /// timeout each time).
+    pub(super) gave_up: bool,
 }
 
 impl Writer {
@@ -74,12 +81,16 @@ impl Writer {
                 reply(op, answer);
             }
         }
-        // All handles dropped: everything is committed. Checkpoint so the
-        // WAL does not outgrow the database between runs.
+        // All handles dropped: everything is committed (or, after a
+        // give-up, answered with an error). Checkpoint so the WAL does not
+        // outgrow the database between runs.
         let _ = self.conn.pragma_update(None, "wal_checkpoint", "PASSIVE");
     }
 
     fn commit_with_retry(&mut self, batch: &[Op]) -> Vec<Result<Answer, String>> {
+        if self.gave_up {
+            return refuse(batch.len(), "SQLite writes failing at shutdown");
+        }
         let mut delay = Duration::from_millis(50);
         let mut failures = 0u32;
         loop {
@@ -99,8 +110,18 @@ impl Writer {
                             "SQLite transaction failed; holding the batch and retrying");
                     }
                     failures += 1;
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(1));
+                    // Checked before and after the pause, so a give-up
+                    // costs no further attempt.
+                    if !self.give_up.load(Ordering::Relaxed) {
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(Duration::from_secs(1));
+                    }
+                    if self.give_up.load(Ordering::Relaxed) {
+                        tracing::warn!(error = %err, ops = batch.len(),
+                            "Shutdown gave up on SQLite: the held batch is not committed; its jobs are recovered at the next start");
+                        self.gave_up = true;
+                        return refuse(batch.len(), &err.to_string());
+                    }
                 }
             }
         }
@@ -127,6 +148,13 @@ impl Writer {
         }
         Ok(answers)
     }
+}
+
+/// The answers of a batch that is not committed: an error for every
+/// operation.
+fn refuse(n: usize, why: &str) -> Vec<Result<Answer, String>> {
+    let message = format!("not committed: shutdown gave up on SQLite ({why})");
+    (0..n).map(|_| Err(message.clone())).collect()
 }
 
 fn reply(op: Op, answer: Result<Answer, String>) {

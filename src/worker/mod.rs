@@ -25,11 +25,23 @@
 //!    SIGKILL after `kill_grace_secs`; each unfinished job is recorded as
 //!    pending in SQLite and put back on the consuming end of its queue with
 //!    its finished stages' results;
-//! 4. if Redis is unreachable, state changes still waiting give up after
-//!    `kill_grace_secs` + 10 s: those jobs stay listed as active and are
-//!    recovered at the next start (or by the reaper);
+//! 4. if the drain is still going [`GIVE_UP_AFTER`] (10 s) after step 3's
+//!    `kill_grace_secs`, it gives up: the `give_up` token fires, so Redis
+//!    state changes still retrying stop, and the SQLite writer stops
+//!    retrying a failing transaction and answers its callers with an error
+//!    ([`crate::store::GiveUp`]). Those jobs stay listed as active and are
+//!    recovered at the next start of this worker id (or by the reaper);
 //! 5. anything still in this daemon's active lists goes back to pending;
 //!    the registration is removed, the publisher drained, SQLite closed.
+//!
+//! The whole drain is bounded: counted from the stop signal, it ends within
+//! `fetch_block_ms` + `shutdown_grace_secs` + `kill_grace_secs` +
+//! [`GIVE_UP_AFTER`] + [`LAST_STEPS`] (15 s of margin in all). A drain that
+//! had to give up (step 4) ends with [`WorkerError::ShutdownGaveUp`]
+//! (`conveyor worker` exits 1 and says why), and one still unfinished
+//! [`LAST_STEPS`] after the give-up is abandoned where it stands: what it
+//! has not recorded is left to the same recovery, and nothing it started
+//! (tasks, the SQLite threads) keeps the process alive.
 //!
 //! This file owns the start and drain sequences, as named phases;
 //! `background.rs` spawns the components that run beside the fetch loop.
@@ -82,10 +94,50 @@ pub enum WorkerError {
     Signals(std::io::Error),
     #[error("{0}")]
     Http(String),
+    /// The drain did not finish within its bound (module docs, step 4).
+    #[error(
+        "shutdown gave up after {after_secs} s (fetch_block_ms + shutdown_grace_secs + kill_grace_secs + 10 s) with Redis or SQLite not answering; {}; jobs not recorded stay in this worker's active list and are recovered when it starts again with the same worker id (or by another daemon's reaper)",
+        drain_end(.finished)
+    )]
+    ShutdownGaveUp { after_secs: u64, finished: bool },
+}
+
+fn drain_end(finished: &bool) -> &'static str {
+    if *finished {
+        "the drain then ended"
+    } else {
+        "the drain was abandoned 5 s later"
+    }
+}
+
+/// How long the drain goes on after step 3's `kill_grace_secs` before it
+/// gives up on Redis and SQLite (module docs, step 4).
+pub const GIVE_UP_AFTER: Duration = Duration::from_secs(10);
+
+/// How long the drain may take after giving up before it is abandoned.
+pub const LAST_STEPS: Duration = Duration::from_secs(5);
+
+/// How long each remaining step of the drain is waited for once the drain
+/// has given up.
+const STEP_AFTER_GIVE_UP: Duration = Duration::from_secs(1);
+
+/// Runs `step`; once `give_up` has fired, waits for it at most
+/// [`STEP_AFTER_GIVE_UP`] more. False when it was cut short (and dropped).
+async fn unless_given_up(
+    give_up: &CancellationToken,
+    step: impl std::future::Future<Output = ()>,
+) -> bool {
+    tokio::pin!(step);
+    tokio::select! {
+        () = &mut step => return true,
+        () = give_up.cancelled() => {}
+    }
+    tokio::time::timeout(STEP_AFTER_GIVE_UP, step).await.is_ok()
 }
 
 /// Runs the daemon until `shutdown` fires, then drains as described in the
-/// module docs. Errors only at start (bad Redis, SQLite, worker id).
+/// module docs. Errors at start (bad Redis, SQLite, worker id), or
+/// [`WorkerError::ShutdownGaveUp`] from a drain past its bound.
 ///
 /// This is what `conveyor worker` runs: built-in and external stages only.
 /// [`crate::Worker`] runs the same engine with Rust stages added.
@@ -117,14 +169,82 @@ pub(crate) async fn run_with_registry(
         pid = daemon.info.pid, version = %daemon.info.version, "worker_started");
     notify::ready();
 
-    let jobs = daemon.fetch(&config, &shutdown).await;
-    // Shutdown: the fetch loop has stopped taking jobs.
-    daemon.wait_for_jobs(&config, jobs).await;
-    background.cancel();
-    tracker.close();
-    tracker.wait().await;
-    daemon.close(&config, store_closer).await;
-    Ok(())
+    let bound = Bound {
+        give_up_after: give_up_after(&config),
+        give_up: daemon.env.give_up.clone(),
+        stop_stages: daemon.env.stop_stages.clone(),
+        sqlite: daemon.store.give_up_switch(),
+    };
+    let drain = async {
+        let jobs = daemon.fetch(&config, &shutdown).await;
+        // Shutdown: the fetch loop has stopped taking jobs.
+        daemon.wait_for_jobs(&config, jobs).await;
+        background.cancel();
+        tracker.close();
+        let give_up = &daemon.env.give_up;
+        if !unless_given_up(give_up, tracker.wait()).await {
+            tracing::warn!("Background tasks still busy with Redis; not waiting for them");
+        }
+        daemon.close(&config, store_closer).await;
+    };
+    bound.run(drain, &shutdown).await
+}
+
+/// From the stop signal to the give-up (module docs, step 4).
+fn give_up_after(config: &Config) -> Duration {
+    let w = &config.worker;
+    Duration::from_millis(w.fetch_block_ms)
+        + Duration::from_secs(w.shutdown_grace_secs)
+        + Duration::from_secs(w.kill_grace_secs)
+        + GIVE_UP_AFTER
+}
+
+/// The bound of the drain (module docs): what gives up, and when.
+struct Bound {
+    give_up_after: Duration,
+    give_up: CancellationToken,
+    /// Fired by step 3 normally; at the give-up too, for stages still
+    /// running because the fetch loop took long to stop (Redis slow to
+    /// fail): they get SIGTERM and SIGKILL rather than outliving the
+    /// daemon.
+    stop_stages: CancellationToken,
+    sqlite: crate::store::GiveUp,
+}
+
+impl Bound {
+    /// Runs the daemon's whole life, `drain`, and bounds it once `shutdown`
+    /// fires. Past the bound, `drain` is dropped where it stands: its
+    /// spawned tasks end with the runtime.
+    async fn run(
+        self,
+        drain: impl std::future::Future<Output = ()>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), WorkerError> {
+        tokio::pin!(drain);
+        tokio::select! {
+            () = &mut drain => return Ok(()),
+            () = shutdown.cancelled() => {}
+        }
+        let deadline = tokio::time::Instant::now() + self.give_up_after;
+        tokio::select! {
+            () = &mut drain => return Ok(()),
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+        tracing::warn!(
+            after_secs = self.give_up_after.as_secs(),
+            "Shutdown is past its bound: giving up on Redis and SQLite; unrecorded jobs are left to recovery"
+        );
+        self.give_up.cancel();
+        self.stop_stages.cancel();
+        self.sqlite.now();
+        let finished = tokio::time::timeout(LAST_STEPS, &mut drain).await.is_ok();
+        let err = WorkerError::ShutdownGaveUp {
+            after_secs: self.give_up_after.as_secs(),
+            finished,
+        };
+        tracing::error!(error = %err, "shutdown_gave_up");
+        Err(err)
+    }
 }
 
 /// Opens SQLite, then Redis; both fail the start.
@@ -253,8 +373,7 @@ impl Daemon {
         let env = &self.env;
         notify::stopping();
         let grace = Duration::from_secs(config.worker.shutdown_grace_secs);
-        let drain_budget = grace + env.kill_grace + Duration::from_secs(10);
-        notify::extend_timeout(drain_budget);
+        notify::extend_timeout(give_up_after(config) + LAST_STEPS);
         jobs.close();
         let running = env.stats.running.load(Relaxed);
         tracing::info!(
@@ -269,19 +388,32 @@ impl Daemon {
                 "Grace period over: stopping stages and requeueing their jobs"
             );
             env.stop_stages.cancel();
-            jobs.wait().await;
+            if !unless_given_up(&env.give_up, jobs.wait()).await {
+                tracing::warn!("Jobs still running after the give-up; not waiting for them");
+            }
         }
     }
 
     /// Step 5 of the shutdown, once the background components have stopped.
+    /// Once the drain has given up (step 4), each step here is waited for
+    /// at most [`STEP_AFTER_GIVE_UP`]: Redis may be gone, and the writer
+    /// thread is then left to end with the process.
     async fn close(self, config: &Config, store_closer: StoreCloser) {
         let (broker, worker_id) = (&self.broker, &self.worker_id);
-        let left = recover_active(broker, &config.worker.queues, worker_id, false).await;
-        if left > 0 {
-            tracing::warn!(left, "Requeued jobs still listed as active");
-        }
-        if let Err(err) = heartbeat::deregister(broker, worker_id).await {
-            tracing::warn!(error = %err, "Cannot remove worker registration; it expires by itself");
+        let give_up = self.env.give_up.clone();
+        let redis_steps = async {
+            let left = recover_active(broker, &config.worker.queues, worker_id, false).await;
+            if left > 0 {
+                tracing::warn!(left, "Requeued jobs still listed as active");
+            }
+            if let Err(err) = heartbeat::deregister(broker, worker_id).await {
+                tracing::warn!(error = %err, "Cannot remove worker registration; it expires by itself");
+            }
+        };
+        if !unless_given_up(&give_up, redis_steps).await {
+            tracing::warn!(
+                "Redis did not answer at shutdown: active jobs are recovered at the next start, the registration expires by itself"
+            );
         }
         let stats = &self.env.stats;
         let (completed, failed, retried, requeued) = (
@@ -293,9 +425,22 @@ impl Daemon {
         let dropped = self.env.publisher.dropped();
         drop(self.env);
         drop(self.store);
-        let _ = self.batcher.await;
-        let _ = self.publisher.await;
-        store_closer.close().await;
+        let (batcher, publisher) = (self.batcher, self.publisher);
+        let (batcher_abort, publisher_abort) = (batcher.abort_handle(), publisher.abort_handle());
+        let flushed = unless_given_up(&give_up, async {
+            let _ = batcher.await;
+            let _ = publisher.await;
+        })
+        .await;
+        if !flushed {
+            batcher_abort.abort();
+            publisher_abort.abort();
+        }
+        if !unless_given_up(&give_up, store_closer.close()).await {
+            tracing::warn!(
+                "SQLite writer still busy at shutdown; leaving it to end with the process"
+            );
+        }
         tracing::info!(worker_id = %worker_id, completed, failed, retried, requeued,
             progress_events_dropped = dropped, redis_round_trips = broker.round_trips(),
             "worker_shutdown_complete");

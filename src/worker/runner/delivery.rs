@@ -187,7 +187,19 @@ where
     let mut backoff = job_op_backoff();
     let mut failures = 0u32;
     loop {
-        match op().await {
+        // Raced with the give-up too: with Redis down, one call can wait
+        // out the connection's own reconnect attempts. A call cut short may
+        // still apply on the server, as one whose reply was lost: fencing
+        // and recovery cover both.
+        let result = tokio::select! {
+            biased;
+            _ = env.give_up.cancelled() => {
+                tracing::error!(target: LOG_TARGET, op = what, "Shutting down with Redis unreachable; the job stays listed as active and is recovered later");
+                return None;
+            }
+            result = op() => result,
+        };
+        match result {
             Ok(v) => {
                 if failures > 0 {
                     tracing::info!(target: LOG_TARGET, op = what, failures, "Redis call went through");
