@@ -140,14 +140,20 @@ impl Job {
     }
 
     /// Parses an untrusted message. The whole message is checked against
-    /// `limits.message` before any parsing; what the producer sent (the
-    /// envelope without `_conveyor`) against `limits.producer`, so results a
-    /// daemon carries in `_conveyor` never make a job poison.
+    /// `limits.message` before any parsing, and against `limits.producer`
+    /// when it has no `"_conveyor"` field; what the producer sent (the
+    /// envelope without `_conveyor`) against `limits.producer` after it, so
+    /// results a daemon carries in `_conveyor` never make a job poison.
     /// serde_json's recursion limit (128) bounds nesting.
     pub fn parse_with(raw: &[u8], limits: SizeLimits) -> Result<Self, Poison> {
         let limit = limits.message.max(limits.producer);
         if raw.len() > limit {
             return Err(over_the_limit(raw.len(), limit));
+        }
+        // Over the producer limit with nothing carried: refused unparsed,
+        // as a producer's message always was.
+        if raw.len() > limits.producer && !mentions_meta(raw) {
+            return Err(over_the_limit(raw.len(), limits.producer));
         }
         let text = std::str::from_utf8(raw).map_err(|e| Poison::raw(format!("not UTF-8: {e}")))?;
         let value: Value =
@@ -330,6 +336,14 @@ fn over_the_limit(bytes: usize, limit: usize) -> Poison {
     Poison::raw(format!(
         "message of {bytes} bytes is over the limit of {limit} bytes"
     ))
+}
+
+/// Whether `raw` may hold a `_conveyor` field: its quoted name appears
+/// (the daemon writes it so; a name written with escapes only loses the
+/// carried room).
+fn mentions_meta(raw: &[u8]) -> bool {
+    let needle = b"\"_conveyor\"";
+    raw.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The size of what the producer sent: the message without `_conveyor`.
@@ -521,6 +535,13 @@ mod tests {
             )
         );
         assert!(p.object.is_none(), "refused unparsed, like before");
+        // Even when it would not parse: the size is checked first.
+        let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+        let p = Job::parse_with(deep.as_bytes(), limits).unwrap_err();
+        assert_eq!(
+            p.reason,
+            "message of 10000 bytes is over the limit of 1024 bytes"
+        );
         // A `_conveyor` does not lend its room to a payload over the limit.
         let src = json!({"type":"t","payload":"x".repeat(2000),
             "_conveyor":{"results":{"s1":1}}});
