@@ -175,13 +175,10 @@ fn oversized_results_fail_their_stage_and_huge_lines_stay_bounded() {
     .collect();
     let mut d = h.daemon("w1", &[]);
 
-    for (id, kind) in &ids {
-        let want = if *kind == "noise" {
-            "completed"
-        } else {
-            "failed"
-        };
-        wait_job_status(&h, id, want);
+    for (id, _) in &ids {
+        wait_until(LONG, &format!("job {id} to end"), || {
+            matches!(h.job_status(id).as_deref(), Some("completed" | "failed"))
+        });
     }
     let peak_kib = vm_hwm_kib(d.pid());
     eprintln!("daemon VmHWM with 4 stages printing 50 MB lines: {peak_kib} KiB");
@@ -189,6 +186,14 @@ fn oversized_results_fail_their_stage_and_huge_lines_stay_bounded() {
         peak_kib < 100 * 1024,
         "the daemon's peak RSS was {peak_kib} KiB"
     );
+    for (id, kind) in &ids {
+        let want = if *kind == "noise" {
+            "completed"
+        } else {
+            "failed"
+        };
+        assert_eq!(h.job_status(id).as_deref(), Some(want), "{id}");
+    }
 
     let dead = h.lrange_json(&h.dead_key("default"));
     assert_eq!(dead.len(), 3, "{dead:#?}");
