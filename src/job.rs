@@ -132,14 +132,28 @@ impl Job {
         }
     }
 
-    /// Parses an untrusted message. The size is checked before any parsing;
-    /// serde_json's recursion limit (128) bounds nesting.
+    /// Parses an untrusted message of at most `max_bytes`, with nothing
+    /// carried beyond it: [`Job::parse_with`] with
+    /// [`SizeLimits::producer_only`].
     pub fn parse(raw: &[u8], max_bytes: usize) -> Result<Self, Poison> {
-        if raw.len() > max_bytes {
-            return Err(Poison::raw(format!(
-                "message of {} bytes is over the limit of {max_bytes} bytes",
-                raw.len()
-            )));
+        Self::parse_with(raw, SizeLimits::producer_only(max_bytes))
+    }
+
+    /// Parses an untrusted message. The whole message is checked against
+    /// `limits.message` before any parsing, and against `limits.producer`
+    /// when it has no `"_conveyor"` field; what the producer sent (the
+    /// envelope without `_conveyor`) against `limits.producer` after it, so
+    /// results a daemon carries in `_conveyor` never make a job poison.
+    /// serde_json's recursion limit (128) bounds nesting.
+    pub fn parse_with(raw: &[u8], limits: SizeLimits) -> Result<Self, Poison> {
+        let limit = limits.message.max(limits.producer);
+        if raw.len() > limit {
+            return Err(over_the_limit(raw.len(), limit));
+        }
+        // Over the producer limit with nothing carried: refused unparsed,
+        // as a producer's message always was.
+        if raw.len() > limits.producer && !mentions_meta(raw) {
+            return Err(over_the_limit(raw.len(), limits.producer));
         }
         let text = std::str::from_utf8(raw).map_err(|e| Poison::raw(format!("not UTF-8: {e}")))?;
         let value: Value =
@@ -150,6 +164,12 @@ impl Job {
                 json_kind(&value)
             )));
         };
+        if raw.len() > limits.producer {
+            let producer = producer_bytes(raw.len(), &object);
+            if producer > limits.producer {
+                return Err(over_the_limit(producer, limits.producer));
+            }
+        }
         Self::from_object(object)
     }
 
@@ -263,6 +283,96 @@ impl Job {
     pub fn to_json(&self) -> String {
         Value::Object(self.to_object()).to_string()
     }
+}
+
+/// The size limits of a message a daemon takes from a queue.
+///
+/// A producer's job is bounded by `worker.max_job_bytes`. A message the
+/// daemon wrote itself (a requeue at shutdown, a retry, a revived dead job)
+/// also carries the results of finished stages in `_conveyor.results`,
+/// each at most `worker.max_result_bytes`: that part has its own room, so
+/// the whole message is bounded by
+/// `max_job_bytes + stages × (max_result_bytes + STAGE_ROOM) + META_ROOM`,
+/// where `stages` is the most stages of any job type served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeLimits {
+    /// What the producer sent: the envelope without `_conveyor`.
+    pub producer: usize,
+    /// The whole message, `_conveyor` included.
+    pub message: usize,
+}
+
+impl SizeLimits {
+    /// Room per carried result beyond its own size: its stage name, quotes
+    /// and separators.
+    pub const STAGE_ROOM: usize = 1024;
+    /// Room for the rest of `_conveyor`: counters, the error text (a stage's
+    /// last stderr line, cut at 2 KiB, with its context), times, worker id.
+    pub const META_ROOM: usize = 64 * 1024;
+
+    /// Nothing carried: the whole message must fit `max_bytes`.
+    pub fn producer_only(max_bytes: usize) -> Self {
+        Self {
+            producer: max_bytes,
+            message: max_bytes,
+        }
+    }
+
+    /// The limits of a daemon serving job types of at most `max_stages`
+    /// stages.
+    pub fn carrying(max_job_bytes: usize, max_result_bytes: usize, max_stages: usize) -> Self {
+        let per_stage = max_result_bytes.saturating_add(Self::STAGE_ROOM);
+        let carried = per_stage
+            .saturating_mul(max_stages)
+            .saturating_add(Self::META_ROOM);
+        Self {
+            producer: max_job_bytes,
+            message: max_job_bytes.saturating_add(carried),
+        }
+    }
+}
+
+fn over_the_limit(bytes: usize, limit: usize) -> Poison {
+    Poison::raw(format!(
+        "message of {bytes} bytes is over the limit of {limit} bytes"
+    ))
+}
+
+/// Whether `raw` may hold a `_conveyor` field: its quoted name appears
+/// (the daemon writes it so; a name written with escapes only loses the
+/// carried room).
+fn mentions_meta(raw: &[u8]) -> bool {
+    let needle = b"\"_conveyor\"";
+    raw.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The size of what the producer sent: the message without `_conveyor`.
+/// A message without that field is all the producer's, byte for byte;
+/// otherwise the rest is measured as the daemon writes it (compact JSON),
+/// without building it.
+fn producer_bytes(raw_len: usize, object: &Map<String, Value>) -> usize {
+    if !object.contains_key(META_FIELD) {
+        return raw_len;
+    }
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(2); // the braces
+    for (i, (key, value)) in object.iter().filter(|(k, _)| *k != META_FIELD).enumerate() {
+        count.0 += usize::from(i > 0) + 1; // comma, colon
+        // Writing to a counter cannot fail; a failure would only undercount
+        // what the whole-message limit bounds anyway.
+        let _ = serde_json::to_writer(&mut count, key);
+        let _ = serde_json::to_writer(&mut count, value);
+    }
+    count.0
 }
 
 /// Ids end up in channel names, log lines and terminals: keep them printable.
@@ -381,6 +491,102 @@ mod tests {
         let big = format!("{{\"type\":\"t\",\"payload\":\"{}\"}}", "x".repeat(2000));
         let p = Job::parse(big.as_bytes(), 1024).unwrap_err();
         assert!(p.reason.contains("over the limit"), "{}", p.reason);
+    }
+
+    #[test]
+    fn carried_results_have_their_own_limit() {
+        let limits = SizeLimits::carrying(1024, 8192, 2);
+        assert_eq!(
+            limits.message,
+            1024 + 2 * (8192 + SizeLimits::STAGE_ROOM) + SizeLimits::META_ROOM
+        );
+        // A requeued job: a small envelope carrying a result of 5000 bytes,
+        // over max_job_bytes but within max_result_bytes.
+        let big = "r".repeat(5000);
+        let src = json!({"id":"a","type":"t","payload":{"x":1},
+            "_conveyor":{"attempt":1,"requeues":1,"results":{"s1":{"blob":big}}}});
+        let raw = src.to_string();
+        assert!(raw.len() > 1024);
+        let j = Job::parse_with(raw.as_bytes(), limits).unwrap();
+        assert_eq!(j.meta.results["s1"]["blob"].as_str().unwrap().len(), 5000);
+        assert_eq!(j.meta.requeues, 1);
+        // The same message under the producer-only limit is poison, as before.
+        let p = Job::parse(raw.as_bytes(), 1024).unwrap_err();
+        assert_eq!(
+            p.reason,
+            format!(
+                "message of {} bytes is over the limit of 1024 bytes",
+                raw.len()
+            )
+        );
+    }
+
+    #[test]
+    fn the_producer_part_keeps_the_producer_limit() {
+        let limits = SizeLimits::carrying(1024, 8192, 2);
+        // No `_conveyor`: measured byte for byte, the same reason as today.
+        let raw = format!("{{\"type\":\"t\",\"payload\":\"{}\"}}", "x".repeat(2000));
+        let p = Job::parse_with(raw.as_bytes(), limits).unwrap_err();
+        assert_eq!(
+            p.reason,
+            format!(
+                "message of {} bytes is over the limit of 1024 bytes",
+                raw.len()
+            )
+        );
+        assert!(p.object.is_none(), "refused unparsed, like before");
+        // Even when it would not parse: the size is checked first.
+        let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+        let p = Job::parse_with(deep.as_bytes(), limits).unwrap_err();
+        assert_eq!(
+            p.reason,
+            "message of 10000 bytes is over the limit of 1024 bytes"
+        );
+        // A `_conveyor` does not lend its room to a payload over the limit.
+        let src = json!({"type":"t","payload":"x".repeat(2000),
+            "_conveyor":{"results":{"s1":1}}});
+        let p = Job::parse_with(src.to_string().as_bytes(), limits).unwrap_err();
+        let mut producer = src.as_object().unwrap().clone();
+        producer.remove(META_FIELD);
+        let producer_len = Value::Object(producer).to_string().len();
+        assert_eq!(
+            p.reason,
+            format!("message of {producer_len} bytes is over the limit of 1024 bytes")
+        );
+        // The producer part exactly at the limit is accepted.
+        let mut src =
+            json!({"type":"t","payload":"", "_conveyor":{"results":{"s1":"y".repeat(3000)}}});
+        let bare = json!({"type":"t","payload":""}).to_string().len();
+        src["payload"] = Value::String("p".repeat(1024 - bare));
+        let j = Job::parse_with(src.to_string().as_bytes(), limits).unwrap();
+        assert_eq!(j.payload.as_str().unwrap().len(), 1024 - bare);
+        // The whole message over its own limit is refused before parsing.
+        let huge = json!({"type":"t","_conveyor":{"results":{"s1":"z".repeat(limits.message)}}});
+        let raw = huge.to_string();
+        let p = Job::parse_with(raw.as_bytes(), limits).unwrap_err();
+        assert_eq!(
+            p.reason,
+            format!(
+                "message of {} bytes is over the limit of {} bytes",
+                raw.len(),
+                limits.message
+            )
+        );
+    }
+
+    #[test]
+    fn producer_bytes_match_the_compact_encoding() {
+        let src = json!({"id":"a","type":"t","payload":{"k":[1,"é\"\n",null]},"x":true,
+            "_conveyor":{"results":{"s":1}}});
+        let object = src.as_object().unwrap().clone();
+        let mut without = object.clone();
+        without.remove(META_FIELD);
+        assert_eq!(
+            producer_bytes(0, &object),
+            Value::Object(without).to_string().len()
+        );
+        let only_meta = json!({"_conveyor":{}});
+        assert_eq!(producer_bytes(0, only_meta.as_object().unwrap()), 2);
     }
 
     #[test]

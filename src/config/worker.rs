@@ -37,8 +37,15 @@ pub struct WorkerConfig {
     /// how long shutdown waits for the fetcher, because a BLMOVE cannot be
     /// cancelled from the client without risking a lost reply.
     pub fetch_block_ms: u64,
-    /// Messages larger than this are dead-lettered without being parsed.
+    /// What a producer may push: a message whose envelope without
+    /// `_conveyor` is larger than this is dead-lettered (without being
+    /// parsed when the whole message is larger).
     pub max_job_bytes: usize,
+    /// Largest result a stage may return (its compact JSON); a larger one
+    /// fails the stage permanently. It also bounds a stage program's
+    /// protocol lines on stdout, and, times the stages of a job type, what a
+    /// message the daemon requeues may carry beyond `max_job_bytes`.
+    pub max_result_bytes: usize,
     /// A job whose daemon died this many times while running it goes to the
     /// dead list instead of being run again (and crashing the next daemon).
     pub max_crashes: u32,
@@ -48,6 +55,16 @@ pub struct WorkerConfig {
     /// `/metrics`), e.g. "127.0.0.1:9464"; none when unset.
     pub http: Option<String>,
 }
+
+/// 16 MiB: results are JSON that travels whole through Redis (in a requeued
+/// job), SQLite and every later stage's stdin; 16 times the producer limit
+/// covers generous summaries and manifests, while a daemon at concurrency 64
+/// holding one such result per job stays around a gigabyte at worst. Bulk
+/// data belongs in files or object storage, referenced from the result.
+pub const DEFAULT_MAX_RESULT_BYTES: usize = 16 * 1024 * 1024;
+/// Upper bound of `worker.max_result_bytes`: Redis refuses bulk strings
+/// over 512 MB, and a requeued job carries its results in one.
+pub const MAX_RESULT_BYTES_CAP: usize = 256 * 1024 * 1024;
 
 impl Default for WorkerConfig {
     fn default() -> Self {
@@ -62,6 +79,7 @@ impl Default for WorkerConfig {
             dead_after_secs: 15,
             fetch_block_ms: 1000,
             max_job_bytes: 1024 * 1024,
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
             max_crashes: 3,
             promote_interval_ms: 1000,
             http: None,
@@ -195,6 +213,12 @@ impl WorkerConfig {
         if self.max_job_bytes < 64 {
             return Err(invalid("worker.max_job_bytes", "must be at least 64"));
         }
+        if !(64..=MAX_RESULT_BYTES_CAP).contains(&self.max_result_bytes) {
+            return Err(invalid(
+                "worker.max_result_bytes",
+                format!("must be between 64 and {MAX_RESULT_BYTES_CAP}"),
+            ));
+        }
         if self.max_crashes == 0 {
             return Err(invalid("worker.max_crashes", "must be at least 1"));
         }
@@ -268,6 +292,17 @@ mod tests {
                 "{d}"
             );
         }
+        let e = err("[worker]\nmax_result_bytes = 10\n");
+        assert!(
+            e.starts_with("config key `worker.max_result_bytes`") && e.contains("between 64"),
+            "{e}"
+        );
+        let e = err("[worker]\nmax_result_bytes = 1000000000\n");
+        assert!(e.starts_with("config key `worker.max_result_bytes`"), "{e}");
+        assert_eq!(
+            Config::from_toml("").unwrap().worker.max_result_bytes,
+            16 * 1024 * 1024
+        );
         let e = err("[retry]\nbackoff_ms = 10\nbackoff_max_ms = 5\n");
         assert!(e.starts_with("config key `retry.backoff_ms`"), "{e}");
         let e =

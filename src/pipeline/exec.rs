@@ -8,6 +8,12 @@
 //!   one wins); anything else, and stderr, is logged;
 //! - exit 0: done; 64 or 65: permanent failure; anything else: retryable.
 //!
+//! Output is read in bounded chunks: a line that is not JSON is kept only up
+//! to 2 KiB (for the log, cut there); a line starting with `{` (a progress
+//! or result line) is kept up to `max_result_bytes` + 64 KiB, and a longer
+//! one fails the stage permanently once the program has exited. The daemon
+//! never holds more of a stage's output than that, however much it prints.
+//!
 //! The program runs as the leader of its own process group, so that on
 //! timeout, cancel or shutdown the whole group (its children too) gets
 //! SIGTERM and, after the kill grace, SIGKILL; and so that a Ctrl-C on the
@@ -28,6 +34,9 @@ use super::{BoxFuture, Stage, StageContext, StageError};
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 /// Longest stdout/stderr line kept; longer lines are cut when logged.
 const MAX_LOG_LINE: usize = 2048;
+/// Room for the rest of a protocol line (`{"result": ...}`, a progress
+/// message) beyond `max_result_bytes`.
+pub const PROTOCOL_LINE_MARGIN: usize = 64 * 1024;
 
 pub struct ExecStage {
     argv: Vec<String>,
@@ -74,7 +83,8 @@ impl ExecStage {
             }
             drop(stdin);
         };
-        let stdout = read_stdout(child.stdout.take(), ctx);
+        let protocol_cap = ctx.max_result_bytes.saturating_add(PROTOCOL_LINE_MARGIN);
+        let stdout = read_stdout(child.stdout.take(), ctx, protocol_cap);
         let stderr = log_lines(child.stderr.take(), ctx);
         let output = async {
             let ((), result, last_stderr) = tokio::join!(feed, stdout, stderr);
@@ -111,7 +121,14 @@ impl ExecStage {
                 }
             },
         };
-        classify(status, result, last_stderr)
+        if let Some(bytes) = result.overlong {
+            return Err(StageError::permanent(format!(
+                "printed a protocol line of {bytes} bytes on stdout, over worker.max_result_bytes \
+                 ({} bytes) + {PROTOCOL_LINE_MARGIN}",
+                ctx.max_result_bytes
+            )));
+        }
+        classify(status, result.result, last_stderr)
     }
 }
 
@@ -143,19 +160,49 @@ fn classify(
     }
 }
 
-/// Reads protocol lines; returns the last `result` seen.
-async fn read_stdout(out: Option<impl AsyncRead + Unpin>, ctx: &StageContext) -> Option<Value> {
-    let out = out?;
-    let mut lines = BufReader::new(out).lines();
-    let mut result = None;
+/// What a stage program printed on stdout.
+#[derive(Debug, Default)]
+struct Stdout {
+    /// The last `result` seen.
+    result: Option<Value>,
+    /// Size of a protocol line that was too long to be read (the last one).
+    overlong: Option<usize>,
+}
+
+/// Reads protocol lines, each held up to `protocol_cap` bytes.
+async fn read_stdout(
+    out: Option<impl AsyncRead + Unpin>,
+    ctx: &StageContext,
+    protocol_cap: usize,
+) -> Stdout {
+    let mut seen = Stdout::default();
+    let Some(out) = out else {
+        return seen;
+    };
+    let mut lines = BoundedLines::new(out, protocol_cap);
     while let Ok(Some(line)) = lines.next_line().await {
+        let line = match line {
+            RawLine::Whole(line) => line,
+            RawLine::Cut {
+                head,
+                len,
+                protocol,
+            } => {
+                if protocol {
+                    seen.overlong = Some(len);
+                }
+                log_cut("stdout", &head, len);
+                continue;
+            }
+        };
+        let line = String::from_utf8_lossy(&line);
         match parse_line(&line) {
-            Line::Result(value) => result = Some(value),
+            Line::Result(value) => seen.result = Some(value),
             Line::Progress(pct, message) => ctx.progress(pct, message),
             Line::Text => tracing::info!(stream = "stdout", line = %clip(&line), "Stage output"),
         }
     }
-    result
+    seen
 }
 
 /// One stdout line of the stage protocol.
@@ -189,15 +236,121 @@ pub(crate) fn parse_line(line: &str) -> Line {
 /// Logs stderr lines; returns the last non-empty one for the error message.
 async fn log_lines(err: Option<impl AsyncRead + Unpin>, _ctx: &StageContext) -> Option<String> {
     let err = err?;
-    let mut lines = BufReader::new(err).lines();
+    // Nothing on stderr is protocol: every line is kept up to MAX_LOG_LINE.
+    let mut lines = BoundedLines::new(err, MAX_LOG_LINE);
     let mut last = None;
     while let Ok(Some(line)) = lines.next_line().await {
-        tracing::info!(stream = "stderr", line = %clip(&line), "Stage output");
-        if !line.trim().is_empty() {
-            last = Some(clip(&line).into_owned());
+        let text = match &line {
+            RawLine::Whole(line) => {
+                let line = String::from_utf8_lossy(line);
+                tracing::info!(stream = "stderr", line = %clip(&line), "Stage output");
+                clip(&line).into_owned()
+            }
+            RawLine::Cut { head, len, .. } => {
+                log_cut("stderr", head, *len);
+                format!("{}…", String::from_utf8_lossy(head))
+            }
+        };
+        if !text.trim().is_empty() {
+            last = Some(text);
         }
     }
     last
+}
+
+fn log_cut(stream: &'static str, head: &[u8], len: usize) {
+    let head = String::from_utf8_lossy(head);
+    tracing::info!(stream, line = %format_args!("{head}…"), bytes = len, "Stage output (line cut)");
+}
+
+/// A line of a stage's output.
+#[derive(Debug, PartialEq)]
+enum RawLine {
+    /// The whole line, without its `\n` (or `\r\n`).
+    Whole(Vec<u8>),
+    /// A line too long to keep: its first [`MAX_LOG_LINE`] bytes, its
+    /// length, and whether it looked like a protocol line (`{` first).
+    Cut {
+        head: Vec<u8>,
+        len: usize,
+        protocol: bool,
+    },
+}
+
+/// Lines read in bounded memory: a line is held whole up to
+/// [`MAX_LOG_LINE`] bytes, or up to `protocol_cap` when it starts (after
+/// blanks) with `{`; past that only its head is kept and the rest is read
+/// and dropped.
+struct BoundedLines<R> {
+    inner: BufReader<R>,
+    protocol_cap: usize,
+}
+
+impl<R: AsyncRead + Unpin> BoundedLines<R> {
+    fn new(inner: R, protocol_cap: usize) -> Self {
+        Self {
+            inner: BufReader::new(inner),
+            protocol_cap,
+        }
+    }
+
+    /// The next line; `None` at the end of the stream.
+    async fn next_line(&mut self) -> std::io::Result<Option<RawLine>> {
+        let mut kept = Vec::new();
+        let mut len = 0usize;
+        // Some(protocol?) once the line is cut.
+        let mut cut: Option<bool> = None;
+        loop {
+            let chunk = self.inner.fill_buf().await?;
+            if chunk.is_empty() {
+                if len == 0 {
+                    return Ok(None);
+                }
+                break;
+            }
+            let (part, used, ends) = match chunk.iter().position(|&b| b == b'\n') {
+                Some(i) => (&chunk[..i], i + 1, true),
+                None => (chunk, chunk.len(), false),
+            };
+            len = len.saturating_add(part.len());
+            if cut.is_none() {
+                // Grow by doubling, but never past what may be kept: a line
+                // at the cap holds the cap, not twice it.
+                let want = kept.len() + part.len();
+                if want > kept.capacity() {
+                    let limit = self.protocol_cap.max(MAX_LOG_LINE) + 1;
+                    let target = (kept.capacity() * 2).max(want).min(limit.max(want));
+                    kept.reserve_exact(target - kept.len());
+                }
+                kept.extend_from_slice(part);
+                if kept.len() > MAX_LOG_LINE {
+                    let protocol = kept.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+                    if !protocol || kept.len() > self.protocol_cap {
+                        kept.truncate(MAX_LOG_LINE);
+                        kept.shrink_to_fit();
+                        cut = Some(protocol);
+                    }
+                }
+            }
+            self.inner.consume(used);
+            if ends {
+                break;
+            }
+        }
+        Ok(Some(match cut {
+            Some(protocol) => RawLine::Cut {
+                head: kept,
+                len,
+                protocol,
+            },
+            None => {
+                if kept.last() == Some(&b'\r') {
+                    kept.pop();
+                }
+                RawLine::Whole(kept)
+            }
+        }))
+    }
 }
 
 fn clip(line: &str) -> std::borrow::Cow<'_, str> {
@@ -296,5 +449,71 @@ mod tests {
                 Line::Text => {}
             }
         }
+    }
+
+    async fn lines(input: &[u8], cap: usize) -> Vec<RawLine> {
+        let mut reader = BoundedLines::new(input, cap);
+        let mut out = Vec::new();
+        while let Some(line) = reader.next_line().await.unwrap() {
+            out.push(line);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn short_lines_are_whole() {
+        let got = lines(b"a\r\n{\"progress\": 5}\n\nlast", 10_000).await;
+        assert_eq!(
+            got,
+            [
+                RawLine::Whole(b"a".to_vec()),
+                RawLine::Whole(b"{\"progress\": 5}".to_vec()),
+                RawLine::Whole(Vec::new()),
+                RawLine::Whole(b"last".to_vec()),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn long_noise_is_cut_at_the_log_limit() {
+        let mut input = vec![b'x'; 100_000];
+        input.extend_from_slice(b"\nafter\n");
+        let got = lines(&input, 1 << 20).await;
+        assert_eq!(got.len(), 2);
+        let RawLine::Cut {
+            head,
+            len,
+            protocol,
+        } = &got[0]
+        else {
+            panic!("{:?}", got[0]);
+        };
+        assert_eq!(
+            (head.len(), *len, *protocol),
+            (MAX_LOG_LINE, 100_000, false)
+        );
+        assert_eq!(got[1], RawLine::Whole(b"after".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn protocol_lines_are_kept_up_to_the_cap() {
+        let line = format!("  {{\"result\": \"{}\"}}", "r".repeat(50_000));
+        let input = format!("{line}\n{line}");
+        let got = lines(input.as_bytes(), line.len()).await;
+        assert_eq!(
+            got,
+            [
+                RawLine::Whole(line.clone().into_bytes()),
+                RawLine::Whole(line.clone().into_bytes())
+            ]
+        );
+        let got = lines(input.as_bytes(), line.len() - 1).await;
+        for l in &got {
+            assert!(
+                matches!(l, RawLine::Cut { head, len, protocol: true } if head.len() == MAX_LOG_LINE && *len == line.len()),
+                "{l:?}"
+            );
+        }
+        assert_eq!(got.len(), 2);
     }
 }

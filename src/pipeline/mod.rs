@@ -82,6 +82,9 @@ pub struct StageContext {
     pub cancel: CancellationToken,
     /// Time between SIGTERM and SIGKILL for a stage's processes.
     pub kill_grace: Duration,
+    /// Largest result the stage may return (`worker.max_result_bytes`,
+    /// its compact JSON): a larger one fails the stage permanently.
+    pub max_result_bytes: usize,
     pub(crate) progress: ProgressFn,
 }
 
@@ -246,6 +249,16 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// The most stages of any job type (0 without job types): how many
+    /// results a requeued job may carry.
+    pub fn max_stages(&self) -> usize {
+        self.pipelines
+            .values()
+            .map(|p| p.stages.len())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The job types of `config`, with the built-in stages only.
     pub fn from_config(config: &Config) -> Result<Self, String> {
         Self::from_config_with_stages(config, &RustStages::new())

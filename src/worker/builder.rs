@@ -262,6 +262,7 @@ mod tests {
             results: Default::default(),
             cancel: CancellationToken::new(),
             kill_grace: std::time::Duration::from_secs(1),
+            max_result_bytes: 1 << 20,
             progress: Arc::new(|_, _| {}),
         };
         let err = CatchPanic(Panics).run(&ctx).await.unwrap_err();

@@ -331,6 +331,7 @@ impl Daemon {
             registry,
             worker_id: worker_id.clone(),
             max_job_bytes: w.max_job_bytes,
+            max_result_bytes: w.max_result_bytes,
             max_crashes: w.max_crashes,
             kill_grace: Duration::from_secs(w.kill_grace_secs),
             draining: shutdown.clone(),

@@ -53,8 +53,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::inflight::{InFlight, RunGuard};
-use crate::job::Job;
-use crate::job::Poison;
+use crate::job::{Job, Poison, SizeLimits};
 use crate::pipeline::Registry;
 use crate::progress::Publisher;
 use crate::queue::batch::Batcher;
@@ -78,6 +77,8 @@ pub struct JobEnv {
     pub registry: Registry,
     pub worker_id: String,
     pub max_job_bytes: usize,
+    /// `worker.max_result_bytes`: the largest result a stage may return.
+    pub max_result_bytes: usize,
     pub max_crashes: u32,
     pub kill_grace: Duration,
     /// Fires on SIGTERM: running stages may finish, no new stage starts.
@@ -115,7 +116,14 @@ pub async fn handle(
     slot: OwnedSemaphorePermit,
 ) {
     env.stats.running.fetch_add(1, Ordering::Relaxed);
-    match Job::parse(&fetched.raw, env.max_job_bytes) {
+    // The producer's part keeps max_job_bytes; what the daemon carries
+    // (finished stages' results) has room of its own.
+    let limits = SizeLimits::carrying(
+        env.max_job_bytes,
+        env.max_result_bytes,
+        env.registry.max_stages(),
+    );
+    match Job::parse_with(&fetched.raw, limits) {
         Err(poison) => delivery::dead_letter_poison(&env, &fetched, poison).await,
         Ok(job) => match env.registry.get(&job.kind).cloned() {
             None => {

@@ -109,10 +109,21 @@ impl Run {
         result: Result<Value, StageError>,
     ) -> Option<Ended> {
         let StageRan { index, name, .. } = ran;
+        let result = result.and_then(|value| {
+            let stored = value.to_string();
+            let max = self.env.max_result_bytes;
+            if stored.len() > max {
+                return Err(StageError::permanent(format!(
+                    "result of {} bytes is over worker.max_result_bytes ({max} bytes)",
+                    stored.len()
+                )));
+            }
+            Ok((value, stored))
+        });
         let (end, ended) = match result {
-            Ok(value) => {
+            Ok((value, stored)) => {
                 let done = self.pipeline.overall_progress(index + 1, 0.0);
-                let stored = Some(value.to_string());
+                let stored = Some(stored);
                 self.results.insert(name.to_owned(), value);
                 self.record_stage(index, "completed", ran.started_at, stored, None, done)
                     .await;
@@ -177,6 +188,7 @@ impl Run {
             results: self.results.clone(),
             cancel: self.stop.token.child_token(),
             kill_grace: self.env.kill_grace,
+            max_result_bytes: self.env.max_result_bytes,
             progress,
         }
     }
