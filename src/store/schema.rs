@@ -72,12 +72,15 @@ pub const MIGRATIONS: &[&str] = &[
 /// The schema version this build writes.
 pub const VERSION: i64 = MIGRATIONS.len() as i64;
 
+/// How long a connection waits for another's lock before failing.
+pub(crate) const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Connection settings shared by the writer and readers.
 pub fn configure(conn: &Connection) -> rusqlite::Result<()> {
     // Several daemons share the file: wait for each other's write
     // transactions instead of failing (rusqlite's default is 5 s too; set it
     // here so the intent is visible).
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // Room for every statement the writer prepares (rusqlite keeps 16 by
     // default: fewer than ours, which re-parsed SQL on the hot path).
