@@ -28,7 +28,8 @@ mod writer;
 
 pub use cleanup::{CleanupReport, cleanup};
 pub use read::{
-    AttemptRecord, FinishedCount, JobFilter, JobRecord, JobSummary, Reader, StageRecord,
+    AttemptRecord, COUNT_CAP, FinishedCount, JobFilter, JobPage, JobRecord, JobSummary, Reader,
+    StageRecord,
 };
 
 use std::path::{Path, PathBuf};
