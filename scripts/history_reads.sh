@@ -8,8 +8,9 @@
 # 5 runs, process start or HTTP round trip included. With -o it also times
 # the full-scan SQL these reads used before schema version 3.
 #
-# Usage: scripts/history_reads.sh [-n JOBS] [-o] [-k] [-b BINARY]
+# Usage: scripts/history_reads.sh [-n JOBS] [-o] [-k] [-d DB] [-b BINARY]
 #   -n JOBS     jobs of history (default 10000000)
+#   -d DB       time the reads on DB (one kept with -k) instead of generating one
 #   -o          also time the old full-scan queries (sqlite3)
 #   -k          keep the generated database (its path is printed)
 #   -b BINARY   conveyor binary (default: cargo build --release, target/release/conveyor)
@@ -24,12 +25,14 @@ usage() {
 jobs=10000000
 old=0
 keep=0
+reuse=""
 binary=""
-while getopts ":n:okb:h" opt; do
+while getopts ":n:okd:b:h" opt; do
     case "$opt" in
         n) jobs=$OPTARG ;;
         o) old=1 ;;
         k) keep=1 ;;
+        d) reuse=$OPTARG ;;
         b) binary=$OPTARG ;;
         h) usage; exit 0 ;;
         :) echo "error: -$OPTARG needs a value" >&2; usage >&2; exit 2 ;;
@@ -57,6 +60,7 @@ fi
 dir=$(mktemp -d "${TMPDIR:-/tmp}/conveyor-history.XXXXXX")
 pids=()
 cleanup() {
+    set +e
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
     if [ "$keep" = 1 ]; then
         echo "kept $dir/conveyor.db" >&2
@@ -86,10 +90,17 @@ queue = "q0"
 stages = [{ name = "s1", builtin = "noop" }]
 EOF
 db="$dir/conveyor.db"
-cv() { "$binary" --config "$dir/conveyor.toml" --redis-url "redis://127.0.0.1:$port" --prefix hist --db "$db" "$@"; }
+if [ -n "$reuse" ]; then
+    [ -f "$reuse" ] || { echo "error: no database at $reuse" >&2; exit 2; }
+    db=$(realpath "$reuse")
+    jobs=$(sqlite3 "$db" "SELECT sum(n) FROM job_counts")
+fi
+base=(--config "$dir/conveyor.toml" --redis-url "redis://127.0.0.1:$port" --prefix hist --db "$db")
+cv() { "$binary" "${base[@]}" "$@"; }
 
+if [ -z "$reuse" ]; then
 # A daemon creates and migrates the file, as in production.
-RUST_LOG=warn cv worker --worker-id h1 >"$dir/worker.log" 2>&1 &
+RUST_LOG=warn "$binary" "${base[@]}" worker --worker-id h1 >"$dir/worker.log" 2>&1 &
 wpid=$!
 pids+=($wpid)
 for _ in $(seq 200); do
@@ -100,7 +111,7 @@ kill -TERM "$wpid"; wait "$wpid" || true
 
 echo "generating $jobs jobs..." >&2
 t0=$(date +%s.%N)
-sqlite3 "$db" <<EOF
+sqlite3 "$db" >/dev/null <<EOF
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = OFF;
 PRAGMA cache_size = -262144;
@@ -117,6 +128,9 @@ EOF
 t1=$(date +%s.%N)
 printf 'generated       %d jobs in %.0f s, %.0f MB\n' "$jobs" "$(echo "$t1 - $t0" | bc -l)" \
     "$(echo "$(stat -c %s "$db") / 1048576" | bc -l)"
+else
+    printf 'database        %s: %d jobs, %.0f MB\n' "$db" "$jobs" "$(echo "$(stat -c %s "$db") / 1048576" | bc -l)"
+fi
 
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 # Median wall time in ms of 5 runs of a command.
@@ -145,7 +159,7 @@ echo "  $(cv jobs --status failed | tail -1)"
 echo "  $(cv jobs --since 10m | tail -1)"
 
 dport=$(free_port)
-RUST_LOG=warn cv dashboard --listen "127.0.0.1:$dport" >"$dir/dashboard.log" 2>&1 &
+RUST_LOG=warn "$binary" "${base[@]}" dashboard --listen "127.0.0.1:$dport" >"$dir/dashboard.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 200); do
     curl -fs "http://127.0.0.1:$dport/api/queues" >/dev/null 2>&1 && break
@@ -165,7 +179,7 @@ if [ "$old" = 1 ]; then
     since=$(sqlite3 "$db" "SELECT strftime('%Y-%m-%dT%H:%M:00.000Z', 'now', '-14 minutes')")
     oldq() {
         for _ in 1 2 3; do
-            sqlite3 "$db" ".timer on" "$1" | grep -oE 'real [0-9.]+' | awk '{ print $2 * 1000 }'
+            printf '.timer on\n%s;\n' "$1" | sqlite3 "$db" | grep -oE 'real [0-9.]+' | awk '{ print $2 * 1000 }'
         done | median
     }
     row "counts by status (GROUP BY status)" "$(oldq "SELECT status, count(*) FROM jobs NOT INDEXED GROUP BY status")"

@@ -59,6 +59,7 @@ dir=$(mktemp -d "${TMPDIR:-/tmp}/conveyor-wal-soak.XXXXXX")
 redis_pid=""
 daemon_pid=""
 cleanup() {
+    set +e
     [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
     [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null && wait "$redis_pid" 2>/dev/null
     rm -rf "$dir"
@@ -134,8 +135,8 @@ completed=$(sqlite3 "$db" "SELECT count(*) FROM jobs WHERE status = 'completed'"
 restarts=$(grep -c 'WAL restarted' "$dir/daemon.log" || true)
 deferred=$(grep -c 'WAL restart deferred' "$dir/daemon.log" || true)
 # elapsed_ms of each restart (JSON or text logs).
-stats=$(grep 'WAL restarted' "$dir/daemon.log" \
-    | grep -oE 'elapsed_ms"?[=:]"?[0-9.]+' | grep -oE '[0-9.]+$' | sort -n \
+stats=$({ grep 'WAL restarted' "$dir/daemon.log" || true; } \
+    | { grep -oE 'elapsed_ms"?[=:]"?[0-9.]+' || true; } | { grep -oE '[0-9.]+$' || true; } | sort -n \
     | awk '{ v[NR] = $1; s += $1 } END {
         if (NR == 0) { print "none"; exit }
         printf "p50 %.1f ms, p99 %.1f ms, max %.1f ms, mean %.1f ms", v[int((NR + 1) / 2)], v[int(NR * 0.99 + 0.999)], v[NR], s / NR }')
