@@ -210,6 +210,8 @@ pub async fn jobs(config: &Config, args: &JobsArgs) -> CliResult {
         return Err(Failure::usage("--limit and --page start at 1"));
     }
     let offset = (args.page - 1).saturating_mul(args.limit);
+    // With --since, SQLite counts at most COUNT_CAP matches.
+    let mut capped = false;
     let (rows, total) = match args.status.as_deref() {
         Some(status @ ("pending" | "scheduled")) => {
             waiting_jobs(config, args, status == "scheduled").await?
@@ -230,10 +232,13 @@ pub async fn jobs(config: &Config, args: &JobsArgs) -> CliResult {
                 limit: args.limit,
                 offset,
             };
-            let (page, total) = reader
+            let page = reader
                 .list_jobs(&filter)
                 .map_err(|e| Failure::other(e.to_string()))?;
+            capped = page.total_capped;
+            let total = page.total;
             let rows = page
+                .jobs
                 .into_iter()
                 .map(|j| serde_json::to_value(j).unwrap_or(Value::Null))
                 .collect();
@@ -241,16 +246,23 @@ pub async fn jobs(config: &Config, args: &JobsArgs) -> CliResult {
         }
     };
     if args.json {
-        let out = json!({"total": total, "page": args.page, "limit": args.limit, "jobs": rows});
+        let out = json!({"total": total, "total_capped": capped, "page": args.page,
+            "limit": args.limit, "jobs": rows});
         println!("{out}");
         return Ok(());
     }
     print!("{}", render_jobs(&rows));
     let shown = rows.len();
+    let more_pages = capped || (offset + shown) < total as usize;
+    let total = if capped {
+        format!("more than {total}")
+    } else {
+        total.to_string()
+    };
     if shown == 0 {
         println!("no jobs match (total {total})");
     } else {
-        let more = if (offset + shown) < total as usize {
+        let more = if more_pages {
             format!("; --page {} for more", args.page + 1)
         } else {
             String::new()

@@ -273,12 +273,16 @@ pub async fn jobs(State(app): State<Arc<App>>, Query(q): Query<JobsQuery>) -> Ap
         limit,
         offset,
     };
-    let (rows, total) = read(&app, move |r| r.list_jobs(&filter))
+    let found = read(&app, move |r| r.list_jobs(&filter))
         .await?
         .unwrap_or_default();
-    Ok(Json(
-        json!({ "total": total, "page": page, "limit": limit, "jobs": rows }),
-    ))
+    Ok(Json(json!({
+        "total": found.total,
+        "total_capped": found.total_capped,
+        "page": page,
+        "limit": limit,
+        "jobs": found.jobs,
+    })))
 }
 
 /// `GET /api/jobs/{id}`: SQLite's record, Redis' live state (pending,

@@ -61,6 +61,14 @@ pub fn cleanup(path: &Path, cutoff: &str, vacuum: bool) -> Result<CleanupReport,
             [cutoff],
         )?;
         let jobs = tx.execute(&format!("DELETE FROM jobs WHERE id IN ({ids})"), [cutoff])?;
+        if (jobs as i64) < CLEANUP_BATCH {
+            // The per-minute throughput of what is gone (the job counts
+            // follow the deletes by trigger).
+            tx.execute(
+                "DELETE FROM finished_minutes WHERE minute < substr(?1, 1, 16)",
+                [cutoff],
+            )?;
+        }
         tx.commit()?;
         report.jobs_deleted += jobs as u64;
         report.stages_deleted += stages as u64;
@@ -97,13 +105,25 @@ mod tests {
         assert_eq!(report.attempts_deleted, 2);
         assert!(report.vacuumed);
         let r = Reader::open(&path).unwrap();
-        let (left, _) = r
+        let left = r
             .list_jobs(&JobFilter {
                 limit: 10,
                 ..Default::default()
             })
             .unwrap();
-        assert_eq!(ids(&left), ["j4", "j3", "j2"]);
+        assert_eq!((ids(&left.jobs), left.total), (vec!["j4", "j3", "j2"], 3));
+        assert_eq!(
+            r.counts_by_status().unwrap(),
+            vec![
+                ("cancelled".into(), 1),
+                ("completed".into(), 1),
+                ("running".into(), 1)
+            ]
+        );
+        // The per-minute figures of the deleted minutes go with them.
+        let minutes = r.finished_per_minute("2026-11-01T00:00:00.000Z").unwrap();
+        let got: Vec<_> = minutes.iter().map(|c| c.minute.as_str()).collect();
+        assert_eq!(got, ["2026-11-24T00:00"]);
         // Nothing more to delete.
         let again = cleanup(&path, "2026-11-23T00:00:00.000Z", false).unwrap();
         assert_eq!(again.jobs_deleted, 0);

@@ -67,17 +67,76 @@ pub const MIGRATIONS: &[&str] = &[
         SELECT job_id, 0, attempt, worker_id, status, started_at, finished_at, error FROM attempts;
      DROP TABLE attempts;
      ALTER TABLE attempts_v2 RENAME TO attempts;",
+    // 3: reads that do not grow with history. Job lists walk an index in
+    // `updated_at` order (all jobs, or one queue's, type's or status's);
+    // totals and per-minute throughput come from two small tables that
+    // triggers keep in the writing transaction, whoever writes (a daemon,
+    // `conveyor cleanup`). Filling them scans the jobs once, here.
+    "CREATE INDEX jobs_by_updated ON jobs (updated_at);
+     CREATE INDEX jobs_by_queue ON jobs (queue, updated_at);
+     CREATE INDEX jobs_by_type ON jobs (type, updated_at);
+     CREATE TABLE job_counts (
+        queue  TEXT NOT NULL,
+        type   TEXT NOT NULL,
+        status TEXT NOT NULL,
+        n      INTEGER NOT NULL,
+        PRIMARY KEY (queue, type, status)
+     ) STRICT, WITHOUT ROWID;
+     INSERT INTO job_counts (queue, type, status, n)
+        SELECT queue, type, status, count(*) FROM jobs WHERE true GROUP BY queue, type, status;
+     CREATE TABLE finished_minutes (
+        minute TEXT NOT NULL,
+        queue  TEXT NOT NULL,
+        status TEXT NOT NULL,
+        n      INTEGER NOT NULL,
+        PRIMARY KEY (minute, queue, status)
+     ) STRICT, WITHOUT ROWID;
+     INSERT INTO finished_minutes (minute, queue, status, n)
+        SELECT substr(coalesce(finished_at, updated_at), 1, 16) AS m, queue, status, count(*)
+        FROM jobs WHERE status IN ('completed', 'failed')
+            AND updated_at >= strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day')
+        GROUP BY m, queue, status;
+     CREATE TRIGGER jobs_counted_insert AFTER INSERT ON jobs BEGIN
+        INSERT INTO job_counts (queue, type, status, n) VALUES (new.queue, new.type, new.status, 1)
+            ON CONFLICT DO UPDATE SET n = n + 1;
+        INSERT INTO finished_minutes (minute, queue, status, n)
+            SELECT substr(coalesce(new.finished_at, new.updated_at), 1, 16), new.queue, new.status, 1
+            WHERE new.status IN ('completed', 'failed')
+            ON CONFLICT DO UPDATE SET n = n + 1;
+     END;
+     CREATE TRIGGER jobs_counted_update AFTER UPDATE OF queue, type, status ON jobs
+        WHEN old.queue IS NOT new.queue OR old.type IS NOT new.type OR old.status IS NOT new.status
+     BEGIN
+        UPDATE job_counts SET n = n - 1
+            WHERE queue = old.queue AND type = old.type AND status = old.status;
+        INSERT INTO job_counts (queue, type, status, n) VALUES (new.queue, new.type, new.status, 1)
+            ON CONFLICT DO UPDATE SET n = n + 1;
+     END;
+     CREATE TRIGGER jobs_finished_update AFTER UPDATE OF status ON jobs
+        WHEN new.status IN ('completed', 'failed') AND old.status IS NOT new.status
+     BEGIN
+        INSERT INTO finished_minutes (minute, queue, status, n)
+            VALUES (substr(coalesce(new.finished_at, new.updated_at), 1, 16), new.queue, new.status, 1)
+            ON CONFLICT DO UPDATE SET n = n + 1;
+     END;
+     CREATE TRIGGER jobs_counted_delete AFTER DELETE ON jobs BEGIN
+        UPDATE job_counts SET n = n - 1
+            WHERE queue = old.queue AND type = old.type AND status = old.status;
+     END;",
 ];
 
 /// The schema version this build writes.
 pub const VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// How long a connection waits for another's lock before failing.
+pub(crate) const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Connection settings shared by the writer and readers.
 pub fn configure(conn: &Connection) -> rusqlite::Result<()> {
     // Several daemons share the file: wait for each other's write
     // transactions instead of failing (rusqlite's default is 5 s too; set it
     // here so the intent is visible).
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // Room for every statement the writer prepares (rusqlite keeps 16 by
     // default: fewer than ours, which re-parsed SQL on the hot path).

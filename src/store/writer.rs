@@ -2,7 +2,7 @@
 //! transaction (until a draining daemon gives up), and the checkpointer
 //! that keeps the WAL short.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -16,6 +16,16 @@ use super::{Op, Prior, schema};
 /// Most operations applied in one transaction.
 const BATCH: usize = 1024;
 
+/// WAL size past which the writer restarts the WAL between two batches
+/// (see [`Writer::restart_wal`]). The file then stays near this size plus
+/// one batch, under any load.
+pub(super) const WAL_RESTART_BYTES: u64 = 64 * 1024 * 1024;
+
+/// How long a restarting checkpoint waits for readers (and other daemons'
+/// writers) before it gives up until the next batch: never longer than
+/// this is added to one batch's latency.
+const RESTART_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
+
 /// What an applied operation answers.
 enum Answer {
     Prior(Prior),
@@ -27,15 +37,25 @@ enum Answer {
 /// connection. SQLite would otherwise checkpoint inside the commit that
 /// crosses the threshold, with an fsync: every job waiting on that commit
 /// (p99 start latency) waited for the disk. A PASSIVE checkpoint never
-/// blocks the writer.
+/// blocks the writer, but under sustained load it never finds the whole
+/// WAL copied (new frames keep arriving), so the WAL never starts over and
+/// grows without bound: the writer restarts it itself, between batches,
+/// once it passes [`WAL_RESTART_BYTES`]. The passive checkpoints keep that
+/// restart cheap: most frames are already copied when it runs.
 pub(super) struct Checkpointer;
 
 /// How often the WAL is checkpointed.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 impl Checkpointer {
+    /// Checkpoints `path` passively until stopped, except while its WAL
+    /// (`wal`) is past `wal_limit`: then the writer restarts it, and a
+    /// checkpoint running here would make the writer's wait (SQLite does
+    /// not wait for another checkpoint: it answers busy at once).
     pub(super) fn start(
         path: &Path,
+        wal: PathBuf,
+        wal_limit: u64,
     ) -> Result<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>), String> {
         let conn = Connection::open(path).map_err(|e| e.to_string())?;
         schema::configure(&conn).map_err(|e| e.to_string())?;
@@ -47,6 +67,9 @@ impl Checkpointer {
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(CHECKPOINT_EVERY)
                 {
+                    if wal_size(&wal) >= wal_limit {
+                        continue;
+                    }
                     if let Err(err) =
                         conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
                     {
@@ -60,6 +83,10 @@ impl Checkpointer {
     }
 }
 
+fn wal_size(wal: &Path) -> u64 {
+    std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0)
+}
+
 pub(super) struct Writer {
     pub(super) conn: Connection,
     pub(super) rx: mpsc::Receiver<Op>,
@@ -70,6 +97,10 @@ pub(super) struct Writer {
     /// with an error without trying (a held lock would cost the busy
     /// timeout each time).
     pub(super) gave_up: bool,
+    /// The `-wal` file beside the database.
+    pub(super) wal: PathBuf,
+    /// [`WAL_RESTART_BYTES`], smaller in tests.
+    pub(super) wal_limit: u64,
 }
 
 impl Writer {
@@ -80,11 +111,55 @@ impl Writer {
             for (op, answer) in batch.drain(..).zip(answers) {
                 reply(op, answer);
             }
+            self.restart_wal();
         }
         // All handles dropped: everything is committed (or, after a
         // give-up, answered with an error). Checkpoint so the WAL does not
         // outgrow the database between runs.
         let _ = self.conn.pragma_update(None, "wal_checkpoint", "PASSIVE");
+    }
+
+    /// Between batches (nothing of ours is in flight, every answer sent):
+    /// once the WAL file passes the limit, a TRUNCATE checkpoint copies
+    /// what the passive ones have not yet, and empties the file, so the
+    /// next commit writes the WAL from its start. It waits for readers and
+    /// other daemons' writers at most [`RESTART_BUSY_TIMEOUT`]; when one
+    /// still holds the lock or an old snapshot it gives up and tries again
+    /// after the next batch.
+    fn restart_wal(&mut self) {
+        let size = wal_size(&self.wal);
+        if size < self.wal_limit {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let _ = self.conn.busy_timeout(RESTART_BUSY_TIMEOUT);
+        let outcome = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            });
+        let _ = self.conn.busy_timeout(schema::BUSY_TIMEOUT);
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        match outcome {
+            Ok((0, _, _)) => tracing::debug!(wal_bytes = size, elapsed_ms, "WAL restarted"),
+            Ok((_, frames, copied)) => tracing::debug!(
+                wal_bytes = size,
+                elapsed_ms,
+                frames,
+                copied,
+                "WAL restart deferred: a reader or writer is busy"
+            ),
+            Err(err) => tracing::debug!(
+                wal_bytes = size,
+                elapsed_ms,
+                error = %err,
+                "WAL restart deferred; retrying after the next batch"
+            ),
+        }
     }
 
     fn commit_with_retry(&mut self, batch: &[Op]) -> Vec<Result<Answer, String>> {

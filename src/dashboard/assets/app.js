@@ -238,9 +238,9 @@ async function jobs(params) {
   query.set("page", page);
   try {
     const r = await api("/api/jobs?" + query.toString());
-    const pager = el("p", { class: "muted" }, `${r.total} job(s); page ${r.page}`);
+    const pager = el("p", { class: "muted" }, `${r.total_capped ? "more than " : ""}${r.total} job(s); page ${r.page}`);
     if (page > 1) { const p = new URLSearchParams(params); p.set("page", page - 1); pager.append(" ", el("a", { href: "#/jobs?" + p }, "← newer")); }
-    if (page * r.limit < r.total) { const p = new URLSearchParams(params); p.set("page", page + 1); pager.append(" ", el("a", { href: "#/jobs?" + p }, "older →")); }
+    if (page * r.limit < r.total || (r.total_capped && r.jobs.length === r.limit)) { const p = new URLSearchParams(params); p.set("page", page + 1); pager.append(" ", el("a", { href: "#/jobs?" + p }, "older →")); }
     table.replaceChildren(el("table", {},
       el("tr", {}, ...["id", "type", "queue", "status", "progress", "attempt", "updated", "detail"].map((h) => el("th", {}, h))),
       ...r.jobs.map((j) => el("tr", { "data-job-id": j.id },
