@@ -91,7 +91,7 @@ pub fn cleanup(path: &Path, cutoff: &str, vacuum: bool) -> Result<CleanupReport,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::read::tests::{fixture, ids};
+    use crate::store::history::tests::{fixture, ids};
     use crate::store::{JobFilter, Reader};
 
     #[tokio::test]

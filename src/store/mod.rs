@@ -24,16 +24,15 @@
 //! [`schema`].
 
 mod cleanup;
+mod history;
 mod read;
 pub mod schema;
 mod write;
 mod writer;
 
 pub use cleanup::{CleanupReport, cleanup};
-pub use read::{
-    AttemptRecord, COUNT_CAP, FinishedCount, JobFilter, JobPage, JobRecord, JobSummary, Reader,
-    StageRecord,
-};
+pub use history::{COUNT_CAP, FinishedCount, JobFilter, JobPage, JobSummary};
+pub use read::{AttemptRecord, JobRecord, Reader, StageRecord};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
