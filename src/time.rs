@@ -18,9 +18,14 @@ pub fn rfc3339_of(t: std::time::SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// The time of a Unix time in milliseconds (as Redis keeps due times).
+pub fn time_of_ms(ms: u64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)
+}
+
 /// RFC 3339 (UTC, milliseconds) of a Unix time in milliseconds.
 pub fn rfc3339_of_ms(ms: u64) -> String {
-    rfc3339_of(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+    rfc3339_of(time_of_ms(ms))
 }
 
 /// Parses an RFC 3339 time, `Z` or a `+HH:MM` / `-HH:MM` offset, with or

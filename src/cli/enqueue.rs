@@ -83,7 +83,7 @@ pub async fn enqueue(config: &Config, args: &EnqueueArgs) -> CliResult {
     if let Some(d) = args.delay {
         request = request.delay(d);
     } else if let Some(ms) = args.at {
-        request = request.at(std::time::UNIX_EPOCH + Duration::from_millis(ms));
+        request = request.at(crate::time::time_of_ms(ms));
     }
     // Checked before connecting: a bad command line is a usage error
     // whether Redis is up or not.

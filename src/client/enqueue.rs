@@ -213,7 +213,7 @@ fn unix_ms(t: SystemTime) -> Result<u64, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::time_of_ms;
+    use crate::time::time_of_ms;
 
     #[test]
     fn requests_keep_the_last_due_time_and_report_bad_payloads() {

@@ -6,7 +6,7 @@
 //! [`crate::Worker`].
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use serde_json::Value;
@@ -193,7 +193,7 @@ impl Client {
             queue: p.queue,
             added: enqueued.added,
             status: parse_status(&enqueued.status)?,
-            due: enqueued.due_ms.map(time_of_ms),
+            due: enqueued.due_ms.map(crate::time::time_of_ms),
         })
     }
 
@@ -320,8 +320,11 @@ impl Client {
                     queue: queue.clone(),
                     status,
                     kind: (!entry.kind.is_empty()).then_some(entry.kind),
-                    due: entry.due_ms.filter(|_| running.is_none()).map(time_of_ms),
-                    enqueued_at: entry.enqueued_ms.map(time_of_ms),
+                    due: entry
+                        .due_ms
+                        .filter(|_| running.is_none())
+                        .map(crate::time::time_of_ms),
+                    enqueued_at: entry.enqueued_ms.map(crate::time::time_of_ms),
                 }));
             }
             if running.is_some() {
@@ -426,10 +429,6 @@ pub struct LiveJob {
 
 fn parse_status(s: &str) -> Result<Status, ClientError> {
     Status::parse(s).ok_or_else(|| ClientError::UnknownStatus(s.to_owned()))
-}
-
-pub(super) fn time_of_ms(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 /// Queue names and prefixes become parts of Redis keys (the config's rule).

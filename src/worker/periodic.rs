@@ -13,7 +13,7 @@
 //! job each. A daemon that oversleeps (suspended VM) by more than a few
 //! seconds goes on from the next tick after now, never a burst.
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -57,7 +57,7 @@ impl Schedule {
 
     /// Id of the job of one tick: `<name>@<tick, RFC 3339>`.
     pub fn job_id(&self, tick_ms: u64) -> String {
-        let at = UNIX_EPOCH + Duration::from_millis(tick_ms);
+        let at = crate::time::time_of_ms(tick_ms);
         format!("{}@{}", self.name, humantime::format_rfc3339_seconds(at))
     }
 }
