@@ -15,9 +15,7 @@
 # Needs redis-server on PATH (Debian/Ubuntu: sudo apt-get install -y redis-server).
 set -euo pipefail
 
-usage() {
-    sed -n '/^# Usage:/,/^# Needs/p' "$0" | sed 's/^# \{0,1\}//'
-}
+. "$(dirname -- "${BASH_SOURCE[0]}")/lib/args.sh"
 
 jobs=10000
 kills=20
@@ -31,35 +29,22 @@ while getopts ":n:k:d:s:h" opt; do
         d) daemons=$OPTARG ;;
         s) seed=$OPTARG ;;
         h) usage; exit 0 ;;
-        :) echo "error: -$OPTARG needs a value" >&2; usage >&2; exit 2 ;;
-        *) echo "error: unknown option -$OPTARG" >&2; usage >&2; exit 2 ;;
+        *) bad_option "$opt" ;;
     esac
 done
 shift $((OPTIND - 1))
-if [ "$#" -gt 0 ]; then
-    echo "error: unexpected argument: $1" >&2
-    usage >&2
-    exit 2
-fi
+no_arguments "$@"
 
-is_count() { [[ $1 =~ ^[0-9]+$ ]]; }
-is_count "$jobs" || { echo "error: -n wants a number, got '$jobs'" >&2; exit 2; }
-is_count "$kills" || { echo "error: -k wants a number, got '$kills'" >&2; exit 2; }
-{ is_count "$daemons" && [ "$daemons" -ge 1 ]; } \
-    || { echo "error: -d wants a number >= 1, got '$daemons'" >&2; exit 2; }
-if [ -n "$seed" ] && ! is_count "$seed"; then
-    echo "error: -s wants a number, got '$seed'" >&2
-    exit 2
-fi
+need_number -n "$jobs"
+need_number -k "$kills"
+need_number -d "$daemons" 1
+[ -z "$seed" ] || need_number -s "$seed"
 
 if ! command -v redis-server >/dev/null 2>&1; then
     echo "error: redis-server is not installed (Debian/Ubuntu: sudo apt-get install -y redis-server)" >&2
     exit 1
 fi
-if ! command -v cargo >/dev/null 2>&1; then
-    echo "error: cargo is not on PATH" >&2
-    exit 1
-fi
+need_tools cargo
 
 cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.."
 

@@ -26,9 +26,7 @@
 # Needs redis-server, redis-cli and curl (Debian/Ubuntu: apt-get install -y redis-server curl).
 set -euo pipefail
 
-usage() {
-    sed -n '/^# Usage:/,/^# Needs/p' "$0" | sed 's/^# \{0,1\}//'
-}
+. "$(dirname -- "${BASH_SOURCE[0]}")/lib/args.sh"
 
 max_examples=20
 seconds=600
@@ -39,24 +37,17 @@ while getopts ":n:s:kh" opt; do
         s) seconds=$OPTARG ;;
         k) keep=1 ;;
         h) usage; exit 0 ;;
-        :) echo "error: -$OPTARG needs a value" >&2; usage >&2; exit 2 ;;
-        *) echo "error: unknown option -$OPTARG" >&2; usage >&2; exit 2 ;;
+        *) bad_option "$opt" ;;
     esac
 done
 shift $((OPTIND - 1))
-if [ "$#" -gt 0 ]; then
-    echo "error: unexpected argument: $1" >&2
-    usage >&2
-    exit 2
-fi
-[[ $max_examples =~ ^[1-9][0-9]*$ ]] || { echo "error: -n wants a number >= 1, got '$max_examples'" >&2; exit 2; }
+no_arguments "$@"
+need_number -n "$max_examples" 1
 wait_cap=${FUZZ_API_WAIT_CAP:-1}
 [[ $wait_cap =~ ^([0-9]|[12][0-9]|30)$ ]] || { echo "error: FUZZ_API_WAIT_CAP wants 0 to 30, got '$wait_cap'" >&2; exit 2; }
-[[ $seconds =~ ^[1-9][0-9]*$ ]] || { echo "error: -s wants a number >= 1, got '$seconds'" >&2; exit 2; }
+need_number -s "$seconds" 1
 
-for tool in redis-server redis-cli curl; do
-    command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is not on PATH" >&2; exit 1; }
-done
+need_tools redis-server redis-cli curl
 if ! command -v python3 >/dev/null 2>&1; then
     echo "error: python3 is not on PATH: cannot install schemathesis" >&2
     exit 3

@@ -18,9 +18,7 @@
 # 300 bytes of disk per job (3 GB for 10 M), deleted at the end unless -k.
 set -euo pipefail
 
-usage() {
-    sed -n '/^# Usage:/,/^# Needs/p' "$0" | sed 's/^# \{0,1\}//'
-}
+. "$(dirname -- "${BASH_SOURCE[0]}")/lib/args.sh"
 
 jobs=10000000
 old=0
@@ -35,20 +33,13 @@ while getopts ":n:okd:b:h" opt; do
         d) reuse=$OPTARG ;;
         b) binary=$OPTARG ;;
         h) usage; exit 0 ;;
-        :) echo "error: -$OPTARG needs a value" >&2; usage >&2; exit 2 ;;
-        *) echo "error: unknown option -$OPTARG" >&2; usage >&2; exit 2 ;;
+        *) bad_option "$opt" ;;
     esac
 done
 shift $((OPTIND - 1))
-if [ "$#" -gt 0 ]; then
-    echo "error: unexpected argument: $1" >&2
-    usage >&2
-    exit 2
-fi
-[[ $jobs =~ ^[0-9]+$ ]] && [ "$jobs" -ge 1 ] || { echo "error: -n wants a number >= 1, got '$jobs'" >&2; exit 2; }
-for tool in redis-server redis-cli sqlite3 curl python3; do
-    command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is not on PATH" >&2; exit 1; }
-done
+no_arguments "$@"
+need_number -n "$jobs" 1
+need_tools redis-server redis-cli sqlite3 curl python3
 
 cd "$(dirname "$0")/.."
 if [ -z "$binary" ]; then

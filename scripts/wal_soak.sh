@@ -15,9 +15,7 @@
 # and python3 (a free port) and sqlite3 (the final count).
 set -euo pipefail
 
-usage() {
-    sed -n '/^# Usage:/,/^# Needs/p' "$0" | sed 's/^# \{0,1\}//'
-}
+. "$(dirname -- "${BASH_SOURCE[0]}")/lib/args.sh"
 
 jobs=1000000
 concurrency=64
@@ -30,23 +28,15 @@ while getopts ":n:c:m:b:h" opt; do
         m) max_mb=$OPTARG ;;
         b) binary=$OPTARG ;;
         h) usage; exit 0 ;;
-        :) echo "error: -$OPTARG needs a value" >&2; usage >&2; exit 2 ;;
-        *) echo "error: unknown option -$OPTARG" >&2; usage >&2; exit 2 ;;
+        *) bad_option "$opt" ;;
     esac
 done
 shift $((OPTIND - 1))
-if [ "$#" -gt 0 ]; then
-    echo "error: unexpected argument: $1" >&2
-    usage >&2
-    exit 2
-fi
-is_count() { [[ $1 =~ ^[0-9]+$ ]] && [ "$1" -ge 1 ]; }
-is_count "$jobs" || { echo "error: -n wants a number >= 1, got '$jobs'" >&2; exit 2; }
-is_count "$concurrency" || { echo "error: -c wants a number >= 1, got '$concurrency'" >&2; exit 2; }
-is_count "$max_mb" || { echo "error: -m wants a number >= 1, got '$max_mb'" >&2; exit 2; }
-for tool in redis-server redis-cli python3 sqlite3; do
-    command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is not on PATH" >&2; exit 1; }
-done
+no_arguments "$@"
+need_number -n "$jobs" 1
+need_number -c "$concurrency" 1
+need_number -m "$max_mb" 1
+need_tools redis-server redis-cli python3 sqlite3
 
 cd "$(dirname "$0")/.."
 if [ -z "$binary" ]; then
