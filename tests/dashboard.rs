@@ -4,12 +4,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Harness, enqueue, wait_for, wait_until};
+use common::{Harness, SseReader, enqueue, wait_for, wait_until};
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(30);
@@ -236,53 +233,6 @@ fn actions_need_the_token() {
     assert_eq!(r.code, 409, "{}", r.body);
     let r = dash.post("/api/jobs/later/cancel", None, "");
     assert_eq!(r.code, 401);
-}
-
-/// Reads an SSE stream in a thread of its own: the `data:` lines of
-/// message events, and `resync` events counted.
-struct SseReader {
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl SseReader {
-    fn open(port: u16) -> Self {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(60)))
-            .expect("timeout");
-        write!(
-            s,
-            "GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
-        )
-        .expect("write");
-        let mut reader = BufReader::new(s);
-        let mut status = String::new();
-        reader.read_line(&mut status).expect("status line");
-        assert!(status.contains(" 200 "), "GET /events: {status}");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-                sink.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(line.trim_end().to_owned());
-                line.clear();
-            }
-        });
-        SseReader { lines }
-    }
-
-    /// Progress messages (parsed `data:` lines that are JSON objects with a job id).
-    fn messages(&self) -> Vec<Value> {
-        self.lines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter_map(|l| l.strip_prefix("data:"))
-            .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
-            .filter(|v| v.get("job_id").is_some())
-            .collect()
-    }
 }
 
 #[test]

@@ -8,13 +8,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Harness, enqueue, free_port, http, wait_for};
-use serde_json::Value;
+use common::{Harness, SseReader, enqueue, free_port, http, wait_for};
 
 const KNOB: &str = "CONVEYOR_HTTP_HEADER_TIMEOUT_MS";
 /// The header timeout the servers run with here.
@@ -94,37 +92,14 @@ fn an_event_stream_outlives_the_header_timeout() {
     let h = Harness::new(CONFIG);
     let _d = h.daemon("w1", &[]);
     let dash = h.dashboard_env(&[(KNOB, TIMEOUT_MS)]);
-    let mut s = TcpStream::connect(("127.0.0.1", dash.port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
-    s.write_all(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n")
-        .expect("write");
-    let mut reader = BufReader::new(s);
-    let mut status = String::new();
-    reader.read_line(&mut status).expect("status line");
-    assert!(status.contains(" 200 "), "GET /events: {status}");
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    let sink = lines.clone();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-            sink.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(line.trim_end().to_owned());
-            line.clear();
-        }
-    });
+    let sse = SseReader::open(dash.port);
     // Three header timeouts pass with the stream open and silent...
     std::thread::sleep(Duration::from_millis(3000));
     // ...and it still carries a job's events.
     enqueue(&h, &["quick", "--id", "after-the-timeout"]);
     wait_for(Duration::from_secs(30), "job_completed on /events", || {
-        lines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter_map(|l| l.strip_prefix("data:"))
-            .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+        sse.data()
+            .into_iter()
             .find(|v| v["job_id"] == "after-the-timeout" && v["event"] == "job_completed")
     });
 }

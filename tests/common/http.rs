@@ -2,9 +2,11 @@
 //! and `conveyor gateway` as child processes of a [`Harness`].
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, ExitStatus};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -191,6 +193,61 @@ impl Drop for ServerProc {
     }
 }
 
+/// Reads an SSE stream in a thread of its own: the `data:` lines of
+/// message events, and `resync` events counted.
+pub struct SseReader {
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl SseReader {
+    /// `GET /events` on the dashboard at `port`, expecting 200.
+    pub fn open(port: u16) -> Self {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        write!(
+            s,
+            "GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        .expect("write");
+        let mut reader = BufReader::new(s);
+        let mut status = String::new();
+        reader.read_line(&mut status).expect("status line");
+        assert!(status.contains(" 200 "), "GET /events: {status}");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(line.trim_end().to_owned());
+                line.clear();
+            }
+        });
+        SseReader { lines }
+    }
+
+    /// Every `data:` line parsed as JSON, in order.
+    pub fn data(&self) -> Vec<Value> {
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+            .collect()
+    }
+
+    /// Progress messages (parsed `data:` lines that are JSON objects with a job id).
+    pub fn messages(&self) -> Vec<Value> {
+        self.data()
+            .into_iter()
+            .filter(|v| v.get("job_id").is_some())
+            .collect()
+    }
+}
+
 impl Harness {
     /// Starts `conveyor dashboard --listen 127.0.0.1:<free port>` with this
     /// test's Redis, prefix, database and config, and `token` as
@@ -213,32 +270,32 @@ impl Harness {
     /// [`Harness::dashboard`] serving HTTPS (the config sets `[dashboard]
     /// tls_cert_file`): ready once it says so on stdout.
     pub fn dashboard_https(&self) -> DashboardProc {
-        self.server("dashboard", "127.0.0.1", None, None, true)
+        self.server("dashboard", "127.0.0.1", None, None, true, &[])
     }
 
     /// Starts `conveyor gateway --listen 127.0.0.1:<free port>` with this
     /// test's Redis, prefix, database and config; waits until
     /// `/api/v1/openapi.json` answers (15 s).
     pub fn gateway(&self) -> GatewayProc {
-        self.server("gateway", "127.0.0.1", None, None, false)
+        self.server("gateway", "127.0.0.1", None, None, false, &[])
     }
 
     /// [`Harness::gateway`] with extra environment variables (testing
     /// knobs such as `CONVEYOR_HTTP_HEADER_TIMEOUT_MS`).
     pub fn gateway_env(&self, env: &[(&str, &str)]) -> GatewayProc {
-        self.server_env("gateway", "127.0.0.1", None, None, false, env)
+        self.server("gateway", "127.0.0.1", None, None, false, env)
     }
 
     /// [`Harness::gateway`] serving HTTPS (the config sets `[gateway]
     /// tls_cert_file`): ready once it says so on stdout.
     pub fn gateway_https(&self) -> GatewayProc {
-        self.server("gateway", "127.0.0.1", None, None, true)
+        self.server("gateway", "127.0.0.1", None, None, true, &[])
     }
 
     /// [`Harness::dashboard`] with extra environment variables (testing
     /// knobs such as `CONVEYOR_HTTP_HEADER_TIMEOUT_MS`).
     pub fn dashboard_env(&self, env: &[(&str, &str)]) -> DashboardProc {
-        self.server_env("dashboard", "127.0.0.1", None, None, false, env)
+        self.server("dashboard", "127.0.0.1", None, None, false, env)
     }
 
     fn dashboard_with(
@@ -247,21 +304,10 @@ impl Harness {
         token: Option<&str>,
         redis_url: Option<&str>,
     ) -> DashboardProc {
-        self.server("dashboard", host, token, redis_url, false)
+        self.server("dashboard", host, token, redis_url, false, &[])
     }
 
     fn server(
-        &self,
-        command: &'static str,
-        host: &str,
-        token: Option<&str>,
-        redis_url: Option<&str>,
-        https: bool,
-    ) -> ServerProc {
-        self.server_env(command, host, token, redis_url, https, &[])
-    }
-
-    fn server_env(
         &self,
         command: &'static str,
         host: &str,

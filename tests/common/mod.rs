@@ -40,7 +40,7 @@ pub use self::cluster::TestCluster;
 pub use self::daemon::{Daemon, children_of, process_group, run_with_timeout};
 pub use self::failover::report_failover;
 pub use self::harness::{Harness, enqueue, ledger_stage, toml_str};
-pub use self::http::{DashboardProc, GatewayProc, HttpResponse, ServerProc, http};
+pub use self::http::{DashboardProc, GatewayProc, HttpResponse, ServerProc, SseReader, http};
 pub use self::ledger::{
     ledger_count, ledger_counts, ledger_counts_by_stage, ledger_lines, ledger_pid,
     open_sqlite_read_only,
