@@ -23,7 +23,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::bench::BenchArgs;
 use crate::client::{Client, ClientError};
-use crate::config::{Config, ConfigError, Overrides};
+use crate::config::{Config, ConfigError, ConfigSource, Overrides};
 use crate::queue::Broker;
 use crate::telemetry::LogFormat;
 use admin::DeadCommand;
@@ -65,8 +65,11 @@ impl Cli {
 /// Settings every command understands (flag > environment > file > default).
 #[derive(Debug, Args)]
 pub struct Global {
-    /// Config file [default: config/conveyor.toml when it exists]
-    #[arg(long, env = "CONVEYOR_CONFIG", global = true)]
+    /// Config file [env: CONVEYOR_CONFIG] [default: ./config/conveyor.toml,
+    /// else /etc/conveyor/conveyor.toml, when it exists]
+    // Not `env =`: the variable is read by `config_source`, which must
+    // tell the flag from the variable (`conveyor doctor` says which).
+    #[arg(long, global = true, value_hint = clap::ValueHint::FilePath)]
     pub config: Option<PathBuf>,
     /// Redis URL (`redis://[user:password@]host:port[/db]`, `rediss://`, `redis+unix://`)
     #[arg(
@@ -131,6 +134,10 @@ pub enum Command {
     Doctor {
         #[arg(long)]
         json: bool,
+        /// Check only the config file (no Redis, no SQLite): exit 0 if it
+        /// loads, 2 if not; for `ExecStartPre=` and before a reload
+        #[arg(long)]
+        config_only: bool,
     },
     /// Delete finished jobs older than a duration from SQLite, then
     /// `PRAGMA optimize` (and `VACUUM` with --vacuum)
@@ -230,9 +237,17 @@ impl Cli {
         o
     }
 
+    /// The config file this command reads, and how it was chosen
+    /// (`--config`, `CONVEYOR_CONFIG`, `./config/conveyor.toml`,
+    /// `/etc/conveyor/conveyor.toml`).
+    pub fn config_source(&self) -> ConfigSource {
+        let env = std::env::var_os("CONVEYOR_CONFIG").map(PathBuf::from);
+        ConfigSource::find(self.global.config.as_deref(), env.as_deref())
+    }
+
     pub fn load_config(&self) -> Result<Config, Failure> {
-        Ok(Config::load(
-            self.global.config.as_deref(),
+        Ok(Config::load_source(
+            &self.config_source(),
             &self.overrides(),
             &crate::pipeline::builtin::checker(&[]),
         )?)
@@ -280,7 +295,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 clap_complete::generate(*shell, &mut cmd, "conveyor", &mut std::io::stdout());
                 Ok(())
             }
-            Command::Doctor { json } => doctor::run(&cli, *json).await,
+            Command::Doctor { json, config_only } => doctor::run(&cli, *json, *config_only).await,
         },
     };
     exit_code(result)
