@@ -11,6 +11,7 @@ mod admin;
 mod doctor;
 mod enqueue;
 mod jobs;
+mod man;
 mod serve;
 mod status;
 mod watch;
@@ -156,6 +157,14 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Write the manual pages (conveyor.1 and one per subcommand) to a
+    /// directory; for packagers
+    #[command(hide = true)]
+    Man {
+        /// Directory to write the pages to (created if missing)
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Web page of queues, workers and jobs with live progress (`/events`),
     /// and a JSON API under `/api/`; read-only unless CONVEYOR_DASHBOARD_TOKEN is set
     Dashboard {
@@ -259,9 +268,10 @@ pub async fn run(cli: Cli) -> ExitCode {
     let config = match &cli.command {
         // The bench writes its own config; the doctor loads it itself, to
         // report a bad one as one of its checks.
-        Command::Bench(_) | Command::Completions { .. } | Command::Doctor { .. } => {
-            Ok(Config::default())
-        }
+        Command::Bench(_)
+        | Command::Completions { .. }
+        | Command::Man { .. }
+        | Command::Doctor { .. } => Ok(Config::default()),
         _ => cli.load_config(),
     };
     if let Ok(config) = &config {
@@ -295,6 +305,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 clap_complete::generate(*shell, &mut cmd, "conveyor", &mut std::io::stdout());
                 Ok(())
             }
+            Command::Man { out } => man::write_pages(out),
             Command::Doctor { json, config_only } => doctor::run(&cli, *json, *config_only).await,
         },
     };
