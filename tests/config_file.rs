@@ -110,4 +110,15 @@ fn a_bad_or_missing_named_file_fails_the_check_with_exit_2() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("bad.toml (named by --config)"), "{text}");
     assert!(text.contains("worker.concurrency"), "{text}");
+
+    // Any other command names the file too, with the key.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["jobs", "--config", "bad.toml"])
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("config key `worker.concurrency`"), "{err}");
+    assert!(err.contains("; in bad.toml (named by --config)"), "{err}");
 }

@@ -255,11 +255,20 @@ impl Cli {
     }
 
     pub fn load_config(&self) -> Result<Config, Failure> {
-        Ok(Config::load_source(
-            &self.config_source(),
+        let source = self.config_source();
+        Config::load_source(
+            &source,
             &self.overrides(),
             &crate::pipeline::builtin::checker(&[]),
-        )?)
+        )
+        .map_err(|e| match (&e, &source.path) {
+            // A bad key: say in which file, which may not be the one the
+            // operator has in mind (`/etc/conveyor` vs `./config`).
+            (ConfigError::Invalid { .. }, Some(_)) => {
+                Failure::usage(format!("config error: {e}; in {source}"))
+            }
+            _ => e.into(),
+        })
     }
 }
 
