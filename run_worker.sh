@@ -31,7 +31,12 @@ Start the conveyor worker daemon (conveyor worker) from this checkout.
                  with -e or \$CONVEYOR_ENV_FILE that does not exist is an error.
   --demo         end-to-end demo: use the Redis at \$CONVEYOR_REDIS_URL (or
                  redis://127.0.0.1:6379), or start a private redis-server in
-                 data/ if none answers; start one daemon (log in
+                 data/ if none answers. Before building, it checks that cargo
+                 (when a build is needed) and a Redis or redis-server are
+                 there; a missing redis-server is installed with apt-get (as
+                 root, or with sudo; it prints the commands first), otherwise
+                 it stops at once saying what to install. Then it starts one
+                 daemon (log in
                  data/demo-worker.log), enqueue a video.generate job, watch its
                  progress live, print the job, then stop everything.
                  Exits 0 if the job completed, 1 if it failed. ID and -n are
@@ -185,6 +190,20 @@ binary_is_stale() {
     [ -n "$newer" ]
 }
 
+# target/release/conveyor (or under $CARGO_TARGET_DIR), absolute.
+default_bin() {
+    local bin=${CARGO_TARGET_DIR:-target}/release/conveyor
+    case $bin in /*) ;; *) bin=$PWD/$bin ;; esac
+    printf '%s\n' "$bin"
+}
+
+# True when resolve_bin will have to build: no $CONVEYOR_BIN, a checkout, and
+# no binary yet. (A stale binary is rebuilt too, but used as it is when there
+# is no cargo.)
+bin_needs_build() {
+    [ -z "${CONVEYOR_BIN:-}" ] && [ -f Cargo.toml ] && [ ! -x "$(default_bin)" ]
+}
+
 resolve_bin() {
     if [ -n "${CONVEYOR_BIN:-}" ]; then
         local b
@@ -195,9 +214,7 @@ resolve_bin() {
         return
     fi
 
-    local target=${CARGO_TARGET_DIR:-target}
-    BIN=$target/release/conveyor
-    case $BIN in /*) ;; *) BIN=$PWD/$BIN ;; esac
+    BIN=$(default_bin)
 
     if [ ! -f Cargo.toml ]; then
         # An installed copy without sources: use the binary as it is.
@@ -224,9 +241,6 @@ resolve_bin() {
     "$cargo" build --release --locked || die "cargo build failed"
     [ -x "$BIN" ] || die "cargo build succeeded but $BIN does not exist"
 }
-
-BIN=
-resolve_bin
 
 # --- worker ids -------------------------------------------------------------
 
@@ -547,7 +561,58 @@ run_demo() {
     exit "$watch_rc"
 }
 
+# --- demo prerequisites ------------------------------------------------------
+
+# Tell the user what to install when we cannot do it for them.
+redis_help='install redis-server (Debian/Ubuntu: apt-get install redis-server; Fedora: dnf install redis; macOS: brew install redis), or set CONVEYOR_REDIS_URL to a Redis that runs'
+
+# Install redis-server with apt-get, as root or through sudo, saying what runs
+# and why; or stop with what to install.
+install_redis_server() {
+    local why=$1 sudo=()
+    command -v apt-get >/dev/null 2>&1 \
+        || die "$why, and there is no apt-get to install it: $redis_help"
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null 2>&1 \
+            || die "$why; installing it needs root or sudo: $redis_help"
+        sudo=(sudo)
+    fi
+    local run=${sudo[*]:+${sudo[*]} }
+    log "$why: installing it for the demo, which starts a private one in data/"
+    log "running: ${run}apt-get update; ${run}apt-get install -y redis-server"
+    # env: sudo would drop DEBIAN_FRONTEND from our environment.
+    ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+        || die "apt-get update failed: $redis_help"
+    ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server \
+        || die "apt-get install redis-server failed: $redis_help"
+    command -v redis-server >/dev/null 2>&1 \
+        || die "apt-get installed redis-server, but it is not on PATH: $redis_help"
+    log "installed $(redis-server --version | head -n 1)"
+}
+
+# Everything the demo needs, checked before the build (minutes on a fresh
+# machine) so a missing piece is named at once: cargo when there is nothing
+# to run yet, and a Redis that answers or redis-server to start one.
+demo_prereqs() {
+    local url=${CONVEYOR_REDIS_URL:-redis://127.0.0.1:6379} rc=0
+    if bin_needs_build && ! find_cargo >/dev/null; then
+        die "cargo not found, and the demo must build conveyor first: install Rust from https://rustup.rs (or set CONVEYOR_BIN to a conveyor binary)"
+    fi
+    command -v redis-server >/dev/null 2>&1 && return 0
+    # 0: it answers; 2: something else answers, which run_demo reports.
+    redis_ping "$url" || rc=$?
+    [ "$rc" -ne 1 ] && return 0
+    install_redis_server "no Redis answers at $(mask_url "$url") and redis-server is not installed"
+}
+
 # --- main ----------------------------------------------------------------------
+
+if [ "$demo" -eq 1 ]; then
+    demo_prereqs
+fi
+
+BIN=
+resolve_bin
 
 if [ "$demo" -eq 1 ]; then
     if [ -n "$id_arg" ] || [ "$num" -ne 1 ]; then

@@ -11,6 +11,7 @@ mod admin;
 mod doctor;
 mod enqueue;
 mod jobs;
+mod man;
 mod serve;
 mod status;
 mod watch;
@@ -23,7 +24,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::bench::BenchArgs;
 use crate::client::{Client, ClientError};
-use crate::config::{Config, ConfigError, Overrides};
+use crate::config::{Config, ConfigError, ConfigSource, Overrides};
 use crate::queue::Broker;
 use crate::telemetry::LogFormat;
 use admin::DeadCommand;
@@ -65,8 +66,11 @@ impl Cli {
 /// Settings every command understands (flag > environment > file > default).
 #[derive(Debug, Args)]
 pub struct Global {
-    /// Config file [default: config/conveyor.toml when it exists]
-    #[arg(long, env = "CONVEYOR_CONFIG", global = true)]
+    /// Config file [env: CONVEYOR_CONFIG] [default: ./config/conveyor.toml,
+    /// else /etc/conveyor/conveyor.toml, when it exists]
+    // Not `env =`: the variable is read by `config_source`, which must
+    // tell the flag from the variable (`conveyor doctor` says which).
+    #[arg(long, global = true, value_hint = clap::ValueHint::FilePath)]
     pub config: Option<PathBuf>,
     /// Redis URL (`redis://[user:password@]host:port[/db]`, `rediss://`, `redis+unix://`)
     #[arg(
@@ -131,6 +135,10 @@ pub enum Command {
     Doctor {
         #[arg(long)]
         json: bool,
+        /// Check only the config file (no Redis, no SQLite): exit 0 if it
+        /// loads, 2 if not; for `ExecStartPre=` and before a reload
+        #[arg(long)]
+        config_only: bool,
     },
     /// Delete finished jobs older than a duration from SQLite, then
     /// `PRAGMA optimize` (and `VACUUM` with --vacuum)
@@ -148,6 +156,14 @@ pub enum Command {
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (conveyor.1 and one per subcommand) to a
+    /// directory; for packagers
+    #[command(hide = true)]
+    Man {
+        /// Directory to write the pages to (created if missing)
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Web page of queues, workers and jobs with live progress (`/events`),
     /// and a JSON API under `/api/`; read-only unless CONVEYOR_DASHBOARD_TOKEN is set
@@ -230,12 +246,29 @@ impl Cli {
         o
     }
 
+    /// The config file this command reads, and how it was chosen
+    /// (`--config`, `CONVEYOR_CONFIG`, `./config/conveyor.toml`,
+    /// `/etc/conveyor/conveyor.toml`).
+    pub fn config_source(&self) -> ConfigSource {
+        let env = std::env::var_os("CONVEYOR_CONFIG").map(PathBuf::from);
+        ConfigSource::find(self.global.config.as_deref(), env.as_deref())
+    }
+
     pub fn load_config(&self) -> Result<Config, Failure> {
-        Ok(Config::load(
-            self.global.config.as_deref(),
+        let source = self.config_source();
+        Config::load_source(
+            &source,
             &self.overrides(),
             &crate::pipeline::builtin::checker(&[]),
-        )?)
+        )
+        .map_err(|e| match (&e, &source.path) {
+            // A bad key: say in which file, which may not be the one the
+            // operator has in mind (`/etc/conveyor` vs `./config`).
+            (ConfigError::Invalid { .. }, Some(_)) => {
+                Failure::usage(format!("config error: {e}; in {source}"))
+            }
+            _ => e.into(),
+        })
     }
 }
 
@@ -244,9 +277,10 @@ pub async fn run(cli: Cli) -> ExitCode {
     let config = match &cli.command {
         // The bench writes its own config; the doctor loads it itself, to
         // report a bad one as one of its checks.
-        Command::Bench(_) | Command::Completions { .. } | Command::Doctor { .. } => {
-            Ok(Config::default())
-        }
+        Command::Bench(_)
+        | Command::Completions { .. }
+        | Command::Man { .. }
+        | Command::Doctor { .. } => Ok(Config::default()),
         _ => cli.load_config(),
     };
     if let Ok(config) = &config {
@@ -280,7 +314,8 @@ pub async fn run(cli: Cli) -> ExitCode {
                 clap_complete::generate(*shell, &mut cmd, "conveyor", &mut std::io::stdout());
                 Ok(())
             }
-            Command::Doctor { json } => doctor::run(&cli, *json).await,
+            Command::Man { out } => man::write_pages(out),
+            Command::Doctor { json, config_only } => doctor::run(&cli, *json, *config_only).await,
         },
     };
     exit_code(result)

@@ -19,6 +19,7 @@
 
 mod host;
 mod jobs;
+pub(crate) mod locate;
 mod redis;
 mod schedules;
 mod servers;
@@ -32,13 +33,11 @@ use serde::Deserialize;
 
 pub use host::hostname;
 pub use jobs::{BuiltinCheck, JobTypeConfig, StageConfig};
+pub use locate::ConfigSource;
 pub use redis::{RedisConfig, RedisMode};
 pub use schedules::ScheduleConfig;
 pub use servers::{DashboardConfig, GatewayConfig};
 pub use worker::{RetryConfig, StoreConfig, WorkerConfig};
-
-/// The path tried when no `--config` / `CONVEYOR_CONFIG` is given.
-pub const DEFAULT_CONFIG_PATH: &str = "config/conveyor.toml";
 
 /// A configuration problem, reported with the key it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +105,9 @@ pub struct Overrides {
 }
 
 impl Config {
-    /// Loads the file (the default path only if it exists), applies the
+    /// Loads the file at `path`, else the first of the default places
+    /// that exists ([`ConfigSource`]: `./config/conveyor.toml`, then
+    /// `/etc/conveyor/conveyor.toml`; none: the defaults), applies the
     /// overrides and validates the result, its `builtin` stages with
     /// `builtin` (see [`Config::validate_with`]).
     pub fn load(
@@ -114,11 +115,17 @@ impl Config {
         overrides: &Overrides,
         builtin: &BuiltinCheck<'_>,
     ) -> Result<Self, ConfigError> {
-        let mut config = match path {
+        Self::load_source(&ConfigSource::find(path, None), overrides, builtin)
+    }
+
+    /// [`Config::load`] from a file already chosen.
+    pub fn load_source(
+        source: &ConfigSource,
+        overrides: &Overrides,
+        builtin: &BuiltinCheck<'_>,
+    ) -> Result<Self, ConfigError> {
+        let mut config = match &source.path {
             Some(path) => Self::from_file(path)?,
-            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
-                Self::from_file(Path::new(DEFAULT_CONFIG_PATH))?
-            }
             None => Self::default(),
         };
         config.apply(overrides);

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigSource};
 
 /// One check: its name, whether it passed, and what was found.
 #[derive(Debug, Serialize)]
@@ -40,39 +40,43 @@ impl Report {
 }
 
 /// Runs the checks on `config` (or reports why it did not load), read
-/// from `source` (`None`: the default path, if that exists).
-pub async fn run(config: Result<Config, String>, source: Option<&Path>) -> Report {
+/// from `source`.
+pub async fn run(config: Result<Config, String>, source: &ConfigSource) -> Report {
     let mut report = Report::default();
-    checks(config, source, &mut report).await;
+    if let Some(config) = config_check(config, source, &mut report) {
+        sqlite(&config, &mut report);
+        redis::checks(&config, &mut report).await;
+    }
     report
 }
 
-async fn checks(config: Result<Config, String>, source: Option<&Path>, report: &mut Report) {
-    let config = match config {
-        Ok(c) => c,
-        Err(e) => {
-            report.add("config", Err(e));
-            return;
-        }
-    };
-    let source = match source {
-        Some(p) => p.display().to_string(),
-        None if Path::new(crate::config::DEFAULT_CONFIG_PATH).exists() => {
-            crate::config::DEFAULT_CONFIG_PATH.to_owned()
-        }
-        None => "no file (defaults)".to_owned(),
-    };
-    report.add(
-        "config",
-        Ok(format!(
-            "{source}: {} job type(s), {} schedule(s), queues {}",
+/// The config check alone (`conveyor doctor --config-only`): no Redis, no
+/// SQLite, so it can run before a daemon starts (`ExecStartPre=`).
+pub fn run_config_only(config: Result<Config, String>, source: &ConfigSource) -> Report {
+    let mut report = Report::default();
+    config_check(config, source, &mut report);
+    report
+}
+
+/// The `config` line, naming the file and how it was chosen; the config
+/// when it loaded.
+fn config_check(
+    config: Result<Config, String>,
+    source: &ConfigSource,
+    report: &mut Report,
+) -> Option<Config> {
+    let detail = match &config {
+        Ok(config) => Ok(format!(
+            "{source}: {} job type(s), {} schedule(s), queues {}, db {}",
             config.jobs.len(),
             config.schedules.len(),
-            config.worker.queues.join(",")
+            config.worker.queues.join(","),
+            config.store.path.display()
         )),
-    );
-    sqlite(&config, report);
-    redis::checks(&config, report).await;
+        Err(e) => Err(format!("{source}: {e}")),
+    };
+    report.add("config", detail);
+    config.ok()
 }
 
 fn sqlite(config: &Config, report: &mut Report) {

@@ -134,7 +134,8 @@ async fn sleep(ctx: &StageContext, ms: u64) -> Result<Value, StageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, DEFAULT_CONFIG_PATH};
+    use crate::config::Config;
+    use crate::config::locate::DEFAULT_CONFIG_PATH;
     use serde_json::json;
 
     /// The parse error, or else the validation error, of a config text, for
