@@ -79,6 +79,15 @@ fn jobs_run_over_tls_with_the_configured_ca() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert!(err.contains("certificate") || err.contains("tls"), "{err}");
+    // A daemon does not wait that out: it stops, naming the URL.
+    let mut d = h.spawn_daemon("w2", &[], &env);
+    assert_eq!(d.wait_exit(LONG).code(), Some(1), "{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains(&format!("cannot connect to Redis at {url}")),
+        "{log}"
+    );
+    assert!(!log.contains("redis_unreachable"), "{log}");
 }
 
 #[test]
@@ -96,6 +105,14 @@ fn a_client_certificate_when_the_server_asks_for_one() {
         Some(1),
         "{}",
         String::from_utf8_lossy(&out.stdout)
+    );
+    // A daemon does not wait that out either.
+    let mut refused = h.spawn_daemon("w0", &[], &env);
+    assert_eq!(refused.wait_exit(LONG).code(), Some(1), "{}", refused.log());
+    let log = refused.log();
+    assert!(
+        log.contains(&format!("cannot connect to Redis at {url}")),
+        "{log}"
     );
     // With the client certificate it is.
     h.write_config(&config(certs.path(), true));

@@ -71,9 +71,12 @@ impl Broker {
 }
 
 /// Whether Redis may answer later: it is down, starting, failing over or
-/// not reachable yet. Refused credentials and bad settings are not waited
-/// out.
+/// not reachable yet. Refused credentials, a refused TLS handshake (an
+/// untrusted certificate) and bad settings are not waited out.
 fn worth_waiting(e: &RedisError) -> bool {
+    if tls_refused(e) {
+        return false;
+    }
     if matches!(
         e.kind(),
         ErrorKind::AuthenticationFailed | ErrorKind::InvalidClientConfig
@@ -82,6 +85,28 @@ fn worth_waiting(e: &RedisError) -> bool {
         return false;
     }
     crate::retry::is_transient(e)
+}
+
+/// Whether the error is a TLS failure: rustls reports a bad certificate or
+/// a refused handshake as an `InvalidData` I/O error wrapping its own.
+fn tls_refused(e: &RedisError) -> bool {
+    type Shared = std::sync::Arc<dyn std::error::Error + Send + Sync>;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(mut err) = cause {
+        // redis-rs hands out the error it wraps as its shared pointer.
+        if let Some(inner) = err.downcast_ref::<Shared>() {
+            err = inner.as_ref();
+        }
+        if err.is::<rustls::Error>()
+            || err
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData)
+        {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
 }
 
 #[cfg(test)]
@@ -96,5 +121,10 @@ mod tests {
         assert!(!worth_waiting(&auth));
         let config = RedisError::from((ErrorKind::InvalidClientConfig, "bad"));
         assert!(!worth_waiting(&config));
+        let untrusted = RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        ));
+        assert!(!worth_waiting(&untrusted));
     }
 }
