@@ -5,98 +5,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use common::{Harness, TestRedis, free_port, toml_str, wait_until};
+use common::{Harness, TestRedis, free_port, make_certs, toml_str, wait_until};
 
 const LONG: Duration = Duration::from_secs(30);
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, all
-/// signed by the CA; `None` when `openssl` is not installed.
-fn make_certs(dir: &Path) -> Option<()> {
-    if Command::new("openssl").arg("version").output().is_err() {
-        eprintln!("skipping: `openssl` not found to make test certificates (.ci/run installs it)");
-        return None;
-    }
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=conveyor test CA",
-        ],
-    );
-    // Extensions make X.509 v3 certificates (rustls refuses v1).
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    for name in ["server", "client"] {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={name}"),
-            ],
-        );
-        let mut args = vec![
-            "x509",
-            "-req",
-            "-in",
-            &*format!("{name}.csr"),
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &*format!("{name}.crt"),
-            "-days",
-            "2",
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .collect::<Vec<_>>();
-        args.extend(["-extfile".to_owned(), format!("{name}.ext")]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        openssl(dir, &args);
-    }
-    Some(())
-}
 
 /// A harness whose Redis also listens with TLS; (harness, TLS port).
 fn tls_harness(auth_clients: &str) -> Option<(Harness, u16, tempfile::TempDir)> {
@@ -166,6 +79,15 @@ fn jobs_run_over_tls_with_the_configured_ca() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert!(err.contains("certificate") || err.contains("tls"), "{err}");
+    // A daemon does not wait that out: it stops, naming the URL.
+    let mut d = h.spawn_daemon("w2", &[], &env);
+    assert_eq!(d.wait_exit(LONG).code(), Some(1), "{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains(&format!("cannot connect to Redis at {url}")),
+        "{log}"
+    );
+    assert!(!log.contains("redis_unreachable"), "{log}");
 }
 
 #[test]
@@ -183,6 +105,14 @@ fn a_client_certificate_when_the_server_asks_for_one() {
         Some(1),
         "{}",
         String::from_utf8_lossy(&out.stdout)
+    );
+    // A daemon does not wait that out either.
+    let mut refused = h.spawn_daemon("w0", &[], &env);
+    assert_eq!(refused.wait_exit(LONG).code(), Some(1), "{}", refused.log());
+    let log = refused.log();
+    assert!(
+        log.contains(&format!("cannot connect to Redis at {url}")),
+        "{log}"
     );
     // With the client certificate it is.
     h.write_config(&config(certs.path(), true));

@@ -338,8 +338,14 @@ async fn connect(config: &Config) -> Result<Broker, Failure> {
         Broker::connect_config(&config.redis, 0),
     )
     .await
-    .map_err(|_| Failure::other("Redis did not answer within 5 s"))?
-    .map_err(|e| Failure::other(format!("cannot connect to Redis: {e}")))
+    .map_err(|_| {
+        let url = config.redis.target();
+        Failure::other(format!("Redis at {url} did not answer within 5 s"))
+    })?
+    .map_err(|e| {
+        let url = config.redis.target();
+        Failure::other(format!("cannot connect to Redis at {url}: {e}"))
+    })
 }
 
 /// A [`Client`] on a connection made as [`connect`] makes it.

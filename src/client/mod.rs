@@ -32,6 +32,10 @@ const CANCEL_CONFIRM_WAIT: Duration = Duration::from_secs(3);
 pub enum ClientError {
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// [`Client::connect`] or [`Client::from_config`] could not reach
+    /// Redis; the message names the URL, password hidden.
+    #[error(transparent)]
+    Connect(#[from] crate::queue::ConnectError),
     #[error("{0}")]
     Store(#[from] StoreError),
     /// The client was made with a config whose `[jobs]` do not have this type.
@@ -124,7 +128,12 @@ impl Client {
         let mut config = Config::default();
         config.redis.url = redis_url.to_owned();
         config.redis.prefix = prefix.to_owned();
-        let broker = Broker::connect(redis_url, prefix).await?;
+        let broker = Broker::connect(redis_url, prefix).await.map_err(|source| {
+            crate::queue::ConnectError {
+                url: crate::config::redact_url(redis_url),
+                source,
+            }
+        })?;
         Ok(Self {
             broker,
             config,
@@ -142,7 +151,12 @@ impl Client {
             prefix: prefix.clone(),
             message,
         })?;
-        let broker = Broker::connect_config(&config.redis, 6).await?;
+        let broker = Broker::connect_config(&config.redis, 6)
+            .await
+            .map_err(|source| crate::queue::ConnectError {
+                url: config.redis.target(),
+                source,
+            })?;
         Ok(Self {
             broker,
             config: config.clone(),

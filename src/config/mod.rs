@@ -34,7 +34,7 @@ use serde::Deserialize;
 pub use host::hostname;
 pub use jobs::{BuiltinCheck, JobTypeConfig, StageConfig};
 pub use locate::ConfigSource;
-pub use redis::{RedisConfig, RedisMode};
+pub use redis::{RedisConfig, RedisMode, redact_url};
 pub use schedules::ScheduleConfig;
 pub use servers::{DashboardConfig, GatewayConfig};
 pub use worker::{RetryConfig, StoreConfig, WorkerConfig};

@@ -67,6 +67,8 @@ pub enum DashboardError {
     #[error("cannot connect to Redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
+    Connect(#[from] crate::queue::ConnectError),
+    #[error(transparent)]
     Serve(#[from] ServeError),
 }
 
@@ -119,7 +121,9 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), DashboardError> {
     let server = Server::bind(listen, tls_files(&config)).await?;
-    let broker = Broker::connect_config(&config.redis, 6).await?;
+    let Some(broker) = Broker::connect_waiting(&config.redis, &shutdown).await? else {
+        return Ok(());
+    };
     let local = server.local;
     if server.plain_beyond_loopback() {
         eprintln!(

@@ -70,6 +70,7 @@ impl From<ClientError> for ApiError {
     fn from(e: ClientError) -> Self {
         match e {
             ClientError::Redis(e) => Self::Redis(e),
+            ClientError::Connect(e) => Self::Redis(e.source),
             ClientError::Store(e) => Self::Store(e.to_string()),
             e @ ClientError::AlreadyFinished { .. } => Self::Conflict(e.to_string()),
             e => Self::BadRequest(e.to_string()),

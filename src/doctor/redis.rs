@@ -13,7 +13,7 @@ use super::Report;
 /// a failed connection (nothing else can be checked).
 pub(super) async fn checks(config: &Config, report: &mut Report) {
     let started = Instant::now();
-    let url = target(&config.redis);
+    let url = config.redis.target();
     let broker = match tokio::time::timeout(
         Duration::from_secs(5),
         Broker::connect_config(&config.redis, 0),
@@ -44,45 +44,6 @@ pub(super) async fn checks(config: &Config, report: &mut Report) {
     report.add("eviction", eviction(&broker).await);
     report.add("permissions", permissions(&broker, config).await);
     report.add("scripts", scripts(&broker).await);
-}
-
-/// What `[redis]` points at, without passwords.
-fn target(redis: &crate::config::RedisConfig) -> String {
-    use crate::config::RedisMode;
-    let urls = || {
-        redis
-            .urls
-            .iter()
-            .map(|u| redacted(u))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    match redis.mode {
-        RedisMode::Standalone => redacted(&redis.url),
-        RedisMode::Cluster => format!("cluster (seeds {})", urls()),
-        RedisMode::Sentinel => format!(
-            "master {:?} of Sentinels {}",
-            redis.master.as_deref().unwrap_or_default(),
-            urls()
-        ),
-    }
-}
-
-/// The URL without its password.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            let shown = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
-                "***".to_owned()
-            };
-            format!("{}{shown}{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
 }
 
 /// `cmd`'s reply from every master, as `T`, each with " on <node>" (empty
@@ -397,20 +358,4 @@ async fn scripts(broker: &Broker) -> Result<String, String> {
         }
     }
     Ok(format!("{} Lua scripts loaded", all.len()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redacted;
-
-    #[test]
-    fn passwords_are_not_shown() {
-        assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-        assert_eq!(
-            redacted("redis://app:s3cr3t@h:6379/0"),
-            "redis://app:***@h:6379/0"
-        );
-        assert_eq!(redacted("rediss://:s3cr3t@h"), "rediss://:***@h");
-        assert_eq!(redacted("redis://tok@h"), "redis://***@h");
-    }
 }

@@ -160,6 +160,8 @@ pub enum GatewayError {
     #[error("cannot connect to Redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
+    Connect(#[from] crate::queue::ConnectError),
+    #[error(transparent)]
     Serve(#[from] ServeError),
     #[error("{0}")]
     Daemon(String),
@@ -185,7 +187,9 @@ pub async fn serve(
         _ => None,
     };
     let server = Server::bind(listen, tls).await?;
-    let broker = Broker::connect_config(&config.redis, 6).await?;
+    let Some(broker) = Broker::connect_waiting(&config.redis, &shutdown).await? else {
+        return Ok(());
+    };
     let local = server.local;
     if server.plain_beyond_loopback() {
         eprintln!(

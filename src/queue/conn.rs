@@ -12,29 +12,29 @@
 //!   slot. A pipeline may still mix slots (a cancel flags the job on every
 //!   queue, the publisher updates `P:live` and publishes on job channels):
 //!   [`RedisConn`] splits such a pipeline into one sub-pipeline per slot,
-//!   sent concurrently, and puts the replies back in order. No command
-//!   that reaches a node crosses slots. Pub/sub uses a plain connection to
-//!   the first seed that answers: a cluster broadcasts `PUBLISH` to every
-//!   node, so any node hears every channel.
+//!   sent concurrently, and puts the replies back in order (`cluster.rs`,
+//!   behind the `cluster` cargo feature). No command that reaches a node
+//!   crosses slots. Pub/sub uses a connection of its own to the first seed
+//!   that answers: a cluster broadcasts `PUBLISH` to every node, so any
+//!   node hears every channel.
 //! * **Sentinel**: a connection to the master the Sentinels name
 //!   ([`FollowMaster`]); an error that means "this is not (or no longer)
 //!   the master" makes it ask the Sentinels again and switch.
+//!
+//! TLS: `rediss://` URLs, with the `[redis]` CA and client certificate for
+//! one server, every cluster node, and both hops of a Sentinel setup (the
+//! Sentinels and the master they name).
 
-use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::{
     ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection, PubSub,
 };
-use redis::cluster::ClusterClient;
+#[cfg(feature = "cluster")]
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::Slot;
-use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{
-    AsyncConnectionConfig, Cmd, Pipeline, RedisConnectionInfo, RedisError, RedisFuture,
-    RedisResult, Value,
-};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
 use crate::config::{RedisConfig, RedisMode};
 
@@ -45,6 +45,7 @@ pub enum RedisConn {
     Single(ConnectionManager),
     /// A dedicated connection (blocking commands on one server or master).
     Direct(MultiplexedConnection),
+    #[cfg(feature = "cluster")]
     Cluster(ClusterConnection),
     Sentinel(Arc<FollowMaster>),
 }
@@ -54,6 +55,7 @@ impl ConnectionLike for RedisConn {
         match self {
             Self::Single(c) => c.req_packed_command(cmd),
             Self::Direct(c) => c.req_packed_command(cmd),
+            #[cfg(feature = "cluster")]
             Self::Cluster(c) => c.req_packed_command(cmd),
             Self::Sentinel(f) => Box::pin(f.command(cmd)),
         }
@@ -68,9 +70,10 @@ impl ConnectionLike for RedisConn {
         match self {
             Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Self::Direct(c) => c.req_packed_commands(pipeline, offset, count),
+            #[cfg(feature = "cluster")]
             Self::Cluster(c) => {
                 if !pipeline.is_transaction() && offset == 0 && count == pipeline.len() {
-                    Box::pin(per_slot(c, pipeline))
+                    Box::pin(super::cluster::per_slot(c, pipeline))
                 } else {
                     c.req_packed_commands(pipeline, offset, count)
                 }
@@ -83,6 +86,7 @@ impl ConnectionLike for RedisConn {
         match self {
             Self::Single(c) => c.get_db(),
             Self::Direct(c) => c.get_db(),
+            #[cfg(feature = "cluster")]
             Self::Cluster(_) => 0,
             Self::Sentinel(f) => f.db,
         }
@@ -93,141 +97,12 @@ impl RedisConn {
     /// Runs `cmd` on every master (one server, the Sentinels' master, or
     /// each master of a cluster); the replies by node address.
     pub async fn on_every_master(&mut self, cmd: &Cmd) -> RedisResult<Vec<(String, Value)>> {
-        use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
-        let Self::Cluster(c) = self else {
-            return Ok(vec![(String::new(), self.req_packed_command(cmd).await?)]);
-        };
-        let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
-        match c.route_command(cmd.clone(), routing).await? {
-            Value::Map(replies) => Ok(replies
-                .into_iter()
-                .map(|(node, reply)| {
-                    let node = redis::from_redis_value::<String>(node).unwrap_or_default();
-                    (node, reply)
-                })
-                .collect()),
-            other => Ok(vec![(String::new(), other)]),
+        #[cfg(feature = "cluster")]
+        if let Self::Cluster(c) = self {
+            return super::cluster::on_every_master(c, cmd).await;
         }
+        Ok(vec![(String::new(), self.req_packed_command(cmd).await?)])
     }
-}
-
-/// Where a command goes in a cluster pipeline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Target {
-    /// With the commands of this slot.
-    Slot(Slot),
-    /// Alone, routed by the cluster connection itself (a multi-key command
-    /// such as `MGET` or `DEL`, which it splits by slot).
-    Alone(usize),
-    /// Anywhere (a keyless command).
-    Any,
-}
-
-fn target(index: usize, cmd: &Cmd) -> Target {
-    let mut args = cmd.args_iter().map(|a| match a {
-        redis::Arg::Simple(bytes) => bytes,
-        _ => b"0".as_slice(),
-    });
-    let Some(name) = args.next() else {
-        return Target::Any;
-    };
-    let name = name.to_ascii_uppercase();
-    match name.as_slice() {
-        b"EVAL" | b"EVALSHA" | b"EVAL_RO" | b"EVALSHA_RO" | b"FCALL" | b"FCALL_RO" => {
-            let _script = args.next();
-            let keys = args
-                .next()
-                .and_then(|n| std::str::from_utf8(n).ok()?.parse::<usize>().ok());
-            match (keys, args.next()) {
-                (Some(n), Some(key)) if n > 0 => Target::Slot(Slot::for_key(key)),
-                _ => Target::Any,
-            }
-        }
-        b"MGET" | b"DEL" | b"EXISTS" | b"UNLINK" | b"TOUCH" if args.len() > 1 => {
-            Target::Alone(index)
-        }
-        // PUBLISH: a cluster forwards it to every node, whichever gets it.
-        b"PUBLISH" | b"TIME" | b"PING" | b"INFO" | b"ECHO" | b"ROLE" | b"CLIENT" | b"CONFIG"
-        | b"ACL" | b"SCRIPT" | b"DBSIZE" | b"COMMAND" | b"CLUSTER" => Target::Any,
-        _ => args
-            .next()
-            .map_or(Target::Any, |key| Target::Slot(Slot::for_key(key))),
-    }
-}
-
-/// Sends a non-transactional pipeline to a cluster as one sub-pipeline per
-/// slot (concurrently), and returns the replies in the pipeline's order.
-/// Keyless commands, `PUBLISH` included (a cluster forwards it to every
-/// node), go last, once every keyed group has answered: a message then
-/// never announces a write that has not happened.
-async fn per_slot(conn: &mut ClusterConnection, pipeline: &Pipeline) -> RedisResult<Vec<Value>> {
-    let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
-    let mut groups: Vec<(Target, Vec<usize>)> = Vec::new();
-    let mut by_target: HashMap<Target, usize> = HashMap::new();
-    let mut anywhere = Vec::new();
-    for (i, cmd) in commands.iter().enumerate() {
-        match target(i, cmd) {
-            Target::Any => anywhere.push(i),
-            t => {
-                let g = *by_target.entry(t).or_insert_with(|| {
-                    groups.push((t, Vec::new()));
-                    groups.len() - 1
-                });
-                groups[g].1.push(i);
-            }
-        }
-    }
-    let mut out = vec![Value::Nil; pipeline.len()];
-    let replies = futures_util::future::join_all(
-        groups
-            .iter()
-            .map(|(t, indices)| send_group(conn.clone(), *t, &commands, indices)),
-    )
-    .await;
-    for ((_, indices), reply) in groups.iter().zip(replies) {
-        place(&mut out, indices, reply?)?;
-    }
-    if !anywhere.is_empty() {
-        let reply = send_group(conn.clone(), Target::Any, &commands, &anywhere).await;
-        place(&mut out, &anywhere, reply?)?;
-    }
-    Ok(out)
-}
-
-/// Sends the commands at `indices` where `target` says.
-async fn send_group(
-    mut conn: ClusterConnection,
-    target: Target,
-    commands: &[&Cmd],
-    indices: &[usize],
-) -> RedisResult<Vec<Value>> {
-    use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
-    let route = match target {
-        Target::Alone(i) => return conn.req_packed_command(commands[i]).await.map(|v| vec![v]),
-        Target::Slot(slot) => {
-            SingleNodeRoutingInfo::SpecificNode(Route::with_slot(slot, SlotAddr::Master))
-        }
-        Target::Any => SingleNodeRoutingInfo::RandomPrimary,
-    };
-    let mut sub = Pipeline::with_capacity(indices.len());
-    for &i in indices {
-        sub.add_command(commands[i].clone());
-    }
-    let n = sub.len();
-    conn.route_pipeline(sub, 0, n, route).await
-}
-
-/// Puts a group's replies at their places in the whole pipeline's.
-fn place(out: &mut [Value], indices: &[usize], replies: Vec<Value>) -> RedisResult<()> {
-    if replies.len() != indices.len() {
-        return Err(io_error(
-            "a cluster node answered a pipeline with too few replies",
-        ));
-    }
-    for (&i, value) in indices.iter().zip(replies) {
-        out[i] = value;
-    }
-    Ok(())
 }
 
 /// Makes the connections of one `[redis]` setup.
@@ -236,11 +111,14 @@ fn place(out: &mut [Value], indices: &[usize], replies: Vec<Value>) -> RedisResu
 #[derive(Clone)]
 pub enum Connector {
     Single(redis::Client),
+    #[cfg(feature = "cluster")]
     Cluster {
         /// Seed node URLs.
         urls: Vec<String>,
         /// The same, for pub/sub.
         seeds: Vec<redis::Client>,
+        /// `[redis]` TLS files, for every node (with `rediss://` seeds).
+        certs: Option<redis::TlsCertificates>,
     },
     Sentinel(Arc<FollowMaster>),
 }
@@ -253,19 +131,32 @@ impl Connector {
     pub async fn new(redis: &RedisConfig, retries: usize) -> RedisResult<Self> {
         Ok(match redis.mode {
             RedisMode::Standalone => Self::Single(super::open_client(&redis.url, Some(redis))?),
+            #[cfg(feature = "cluster")]
             RedisMode::Cluster => {
                 let seeds = redis
                     .urls
                     .iter()
-                    .map(|u| redis::Client::open(u.as_str()))
+                    .map(|u| super::open_client(u, Some(redis)))
                     .collect::<RedisResult<Vec<_>>>()?;
+                let certs = match redis.uses_tls() {
+                    true => super::tls_certificates(redis)?,
+                    false => None,
+                };
                 Self::Cluster {
                     urls: redis.urls.clone(),
                     seeds,
+                    certs,
                 }
             }
             RedisMode::Sentinel => {
                 Self::Sentinel(Arc::new(FollowMaster::new(redis, retries).await?))
+            }
+            // The config check refuses it in a build without the feature.
+            #[cfg(not(feature = "cluster"))]
+            RedisMode::Cluster => {
+                return Err(io_error(
+                    "mode = \"cluster\" needs conveyor built with the `cluster` feature",
+                ));
             }
         })
     }
@@ -283,8 +174,9 @@ impl Connector {
                     .set_max_delay(Duration::from_secs(5));
                 RedisConn::Single(client.get_connection_manager_with_config(config).await?)
             }
-            Self::Cluster { urls, .. } => RedisConn::Cluster(
-                cluster_client(urls, super::COMMAND_TIMEOUT)?
+            #[cfg(feature = "cluster")]
+            Self::Cluster { urls, certs, .. } => RedisConn::Cluster(
+                super::cluster::cluster_client(urls, certs, super::COMMAND_TIMEOUT)?
                     .get_async_connection()
                     .await?,
             ),
@@ -303,8 +195,9 @@ impl Connector {
                     .get_multiplexed_async_connection_with_config(&config)
                     .await?,
             ),
-            Self::Cluster { urls, .. } => RedisConn::Cluster(
-                cluster_client(urls, timeout)?
+            #[cfg(feature = "cluster")]
+            Self::Cluster { urls, certs, .. } => RedisConn::Cluster(
+                super::cluster::cluster_client(urls, certs, timeout)?
                     .get_async_connection()
                     .await?,
             ),
@@ -316,6 +209,7 @@ impl Connector {
     pub async fn pubsub(&self) -> RedisResult<PubSub> {
         match self {
             Self::Single(client) => client.get_async_pubsub().await,
+            #[cfg(feature = "cluster")]
             Self::Cluster { seeds, .. } => {
                 let mut last = None;
                 for seed in seeds {
@@ -331,19 +225,7 @@ impl Connector {
     }
 }
 
-/// A cluster client whose replies may take `response`. A command that
-/// meets a broken connection or a `MOVED` is retried by redis-rs within
-/// `response` plus [`super::COMMAND_TIMEOUT`] in all.
-fn cluster_client(urls: &[String], response: Duration) -> RedisResult<ClusterClient> {
-    ClusterClient::builder(urls.iter().map(String::as_str))
-        .connection_timeout(super::CONNECT_TIMEOUT)
-        .response_timeout(response)
-        .overall_response_timeout(Some(response + super::COMMAND_TIMEOUT))
-        .retries(6)
-        .build()
-}
-
-fn io_error(message: &str) -> RedisError {
+pub(super) fn io_error(message: &str) -> RedisError {
     RedisError::from(std::io::Error::other(message.to_owned()))
 }
 
@@ -364,6 +246,8 @@ pub struct FollowMaster {
     refresh: tokio::sync::Mutex<Option<Instant>>,
     config: AsyncConnectionConfig,
     db: i64,
+    /// The Sentinels and master name, passwords redacted, for messages.
+    target: String,
 }
 
 struct Current {
@@ -374,21 +258,7 @@ struct Current {
 
 impl FollowMaster {
     async fn new(redis: &RedisConfig, retries: usize) -> RedisResult<Self> {
-        let name = redis.master.clone().unwrap_or_default();
-        let mut info = RedisConnectionInfo::default();
-        if let Some(user) = &redis.master_username {
-            info = info.set_username(user);
-        }
-        if let Some(password) = &redis.master_password {
-            info = info.set_password(password);
-        }
-        let node = SentinelNodeConnectionInfo::default().set_redis_connection_info(info);
-        let sentinel = SentinelClient::build(
-            redis.urls.clone(),
-            name,
-            Some(node),
-            SentinelServerType::Master,
-        )?;
+        let sentinel = sentinel_client(redis)?;
         let config = AsyncConnectionConfig::new()
             .set_response_timeout(Some(super::COMMAND_TIMEOUT))
             .set_connection_timeout(Some(super::CONNECT_TIMEOUT));
@@ -398,12 +268,15 @@ impl FollowMaster {
             refresh: tokio::sync::Mutex::new(None),
             config,
             db: 0,
+            target: redis.target(),
         };
         let mut delay = Duration::from_millis(250);
         for _ in 0..retries {
             match this.switch(0).await {
                 Ok(()) => return Ok(this),
-                Err(e) => tracing::warn!(error = %e, "No master from the Sentinels yet; retrying"),
+                Err(e) => {
+                    tracing::warn!(url = %redis.target(), error = %e, "No master from the Sentinels yet; retrying");
+                }
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
@@ -475,7 +348,7 @@ impl FollowMaster {
             && master_may_have_moved(e)
             && let Err(err) = self.switch(generation).await
         {
-            tracing::warn!(error = %err, "Cannot reach the master the Sentinels name; retrying");
+            tracing::warn!(url = %self.target, error = %err, "Cannot reach the master the Sentinels name; retrying");
         }
     }
 
@@ -518,6 +391,49 @@ impl FollowMaster {
     }
 }
 
+/// The Sentinel client of `[redis]`: the Sentinels' addresses and their
+/// credentials from `urls` (the same in every URL: the config checks it),
+/// the master's from `master_username` / `master_password`.
+///
+/// One scheme means both hops: with `rediss://` Sentinels, the master and
+/// replicas they name are reached over TLS too, with the same CA and client
+/// certificate (Sentinels given `tls-replication yes` announce the TLS
+/// ports). Plain `redis://` is plain to both.
+fn sentinel_client(redis: &RedisConfig) -> RedisResult<SentinelClient> {
+    use redis::IntoConnectionInfo;
+    let infos = redis
+        .urls
+        .iter()
+        .map(|u| u.as_str().into_connection_info())
+        .collect::<RedisResult<Vec<_>>>()?;
+    let name = redis.master.clone().unwrap_or_default();
+    let addrs = infos.iter().map(|i| i.addr().clone());
+    let mut b = SentinelClientBuilder::new(addrs, name, SentinelServerType::Master)?;
+    if let Some(first) = infos.first().map(redis::ConnectionInfo::redis_settings) {
+        if let Some(user) = first.username() {
+            b = b.set_client_to_sentinel_username(user);
+        }
+        if let Some(password) = first.password() {
+            b = b.set_client_to_sentinel_password(password);
+        }
+    }
+    if let Some(user) = &redis.master_username {
+        b = b.set_client_to_redis_username(user);
+    }
+    if let Some(password) = &redis.master_password {
+        b = b.set_client_to_redis_password(password);
+    }
+    if redis.uses_tls() {
+        b = b.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+        if let Some(certs) = super::tls_certificates(redis)? {
+            b = b
+                .set_client_to_sentinel_certificates(certs.clone())
+                .set_client_to_redis_certificates(certs);
+        }
+    }
+    b.build()
+}
+
 /// Whether an error may mean that the master moved: the connection broke
 /// or was refused, or the server is now a replica.
 fn master_may_have_moved(e: &RedisError) -> bool {
@@ -538,38 +454,6 @@ fn master_may_have_moved(e: &RedisError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn slot(key: &str) -> Target {
-        Target::Slot(Slot::for_key(key))
-    }
-
-    #[test]
-    fn cluster_pipelines_are_grouped_by_the_slot_of_each_command() {
-        let mut evalsha = redis::cmd("EVALSHA");
-        evalsha
-            .arg("abc")
-            .arg(2)
-            .arg("P:{q}:active:w")
-            .arg("P:{q}:leases")
-            .arg("x");
-        assert_eq!(target(0, &evalsha), slot("{q}"));
-        let mut keyless = redis::cmd("EVALSHA");
-        keyless.arg("abc").arg(0).arg("x");
-        assert_eq!(target(0, &keyless), Target::Any);
-        let mut publish = redis::cmd("PUBLISH");
-        publish.arg("P:progress:j1").arg("{}");
-        assert_eq!(target(0, &publish), Target::Any);
-        let mut hset = redis::cmd("hset");
-        hset.arg("P:{a}:cancelled").arg("j1").arg(1);
-        assert_eq!(target(0, &hset), slot("{a}"));
-        let mut mget = redis::cmd("MGET");
-        mget.arg("P:worker:a").arg("P:worker:b");
-        assert_eq!(target(3, &mget), Target::Alone(3));
-        let mut one = redis::cmd("MGET");
-        one.arg("P:worker:a");
-        assert_eq!(target(3, &one), slot("P:worker:a"));
-        assert_eq!(target(0, &redis::cmd("TIME")), Target::Any);
-    }
 
     #[test]
     fn only_errors_that_may_mean_a_new_master_switch_connections() {

@@ -32,12 +32,15 @@
 //! use.
 
 pub mod batch;
+#[cfg(feature = "cluster")]
+mod cluster;
 pub mod conn;
 mod delivery;
 pub mod inspect;
 pub mod keys;
 mod ops;
 pub mod scripts;
+mod wait;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,6 +54,7 @@ pub(crate) use delivery::settle_args;
 pub use delivery::{Claim, Fetched, Next};
 pub use keys::Keys;
 pub use ops::{Enqueued, LiveEntry, When};
+pub use wait::ConnectError;
 
 /// Response timeout of ordinary commands. redis-rs defaults to 500 ms, which
 /// turns a slow-but-alive Redis (a big AOF rewrite, a busy script) into
@@ -64,6 +68,8 @@ pub struct Broker {
     connector: Connector,
     conn: RedisConn,
     keys: Keys,
+    /// What it connects to, passwords redacted, for messages.
+    target: Arc<str>,
     /// Round trips made through this handle (and its clones): what a job
     /// costs in Redis latency, reported at shutdown and by `conveyor bench`.
     round_trips: Arc<AtomicU64>,
@@ -85,7 +91,8 @@ impl Broker {
         retries: usize,
     ) -> RedisResult<Self> {
         let client = open_client(url, None)?;
-        Self::with_connector(Connector::Single(client), prefix, retries).await
+        let target = crate::config::redact_url(url);
+        Self::with_connector(Connector::Single(client), prefix, retries, target).await
     }
 
     /// [`Broker::connect_with_retries`] as `[redis]` says: mode, URLs,
@@ -95,19 +102,21 @@ impl Broker {
         retries: usize,
     ) -> RedisResult<Self> {
         let connector = Connector::new(redis, retries).await?;
-        Self::with_connector(connector, &redis.prefix, retries).await
+        Self::with_connector(connector, &redis.prefix, retries, redis.target()).await
     }
 
     async fn with_connector(
         connector: Connector,
         prefix: &str,
         retries: usize,
+        target: String,
     ) -> RedisResult<Self> {
         let conn = connector.shared(retries).await?;
         Ok(Self {
             connector,
             conn,
             keys: Keys::new(prefix),
+            target: target.into(),
             round_trips: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -128,6 +137,13 @@ impl Broker {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// What this handle connects to, passwords redacted (`redis://u:***@h:p`,
+    /// or the cluster's seeds, or the Sentinels and master name): for
+    /// messages about connection errors.
+    pub fn target(&self) -> &str {
+        &self.target
     }
 
     /// A clone of the shared command connection.
@@ -164,12 +180,23 @@ pub fn open_client(
     if !url.starts_with("rediss://") {
         return redis::Client::open(url);
     }
-    // rustls needs a process-wide crypto provider; installing it twice is
-    // harmless (the second call is refused).
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let Some(cfg) = tls.filter(|c| c.tls_ca_file.is_some() || c.tls_cert_file.is_some()) else {
-        return redis::Client::open(url);
-    };
+    install_crypto();
+    match tls.map(tls_certificates).transpose()?.flatten() {
+        Some(certs) => redis::Client::build_with_tls(url, certs),
+        None => redis::Client::open(url),
+    }
+}
+
+/// The CA and client certificate of `[redis]` (`tls_ca_file`,
+/// `tls_cert_file`, `tls_key_file`) for a TLS connection; `None` when none
+/// is set (the system's trust store is used).
+pub(crate) fn tls_certificates(
+    cfg: &crate::config::RedisConfig,
+) -> RedisResult<Option<redis::TlsCertificates>> {
+    install_crypto();
+    if cfg.tls_ca_file.is_none() && cfg.tls_cert_file.is_none() {
+        return Ok(None);
+    }
     let read = |path: &std::path::Path| {
         std::fs::read(path).map_err(|e| {
             redis::RedisError::from(std::io::Error::new(
@@ -186,13 +213,16 @@ pub fn open_client(
         }),
         _ => None,
     };
-    redis::Client::build_with_tls(
-        url,
-        redis::TlsCertificates {
-            client_tls,
-            root_cert,
-        },
-    )
+    Ok(Some(redis::TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
+}
+
+/// rustls needs a process-wide crypto provider before any TLS connection;
+/// installing it twice is harmless (the second call is refused).
+fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// A UUIDv7 (time-ordered to the millisecond) whose random bits come from

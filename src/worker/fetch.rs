@@ -130,7 +130,7 @@ impl Fetcher {
                     crate::telemetry::metrics::redis_error("fetch");
                     blocking = None;
                     let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "Fetch failed");
+                    tracing::warn!(url = %self.env.broker.target(), error = %err, retry_in_ms = delay.as_millis() as u64, "Fetch failed");
                     failing = true;
                     drop(permits);
                     tokio::select! {

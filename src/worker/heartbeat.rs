@@ -150,7 +150,7 @@ impl Heartbeat {
                     self.check_runs().await;
                 }
                 Err(err) if !failing => {
-                    tracing::warn!(error = %err, "Heartbeat failed; retrying each interval");
+                    tracing::warn!(url = %self.env.broker.target(), error = %err, "Heartbeat failed; retrying each interval");
                     failing = true;
                 }
                 Err(_) => {}

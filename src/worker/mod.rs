@@ -86,6 +86,8 @@ pub enum WorkerError {
     Store(#[from] crate::store::StoreError),
     #[error("cannot connect to Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Connect(#[from] crate::queue::ConnectError),
     #[error("{0}")]
     Register(#[from] heartbeat::RegisterError),
     #[error("job types: {0}")]
@@ -157,7 +159,10 @@ pub(crate) async fn run_with_registry(
         Some(addr) => Some(probe::bind(addr).await.map_err(WorkerError::Http)?),
         None => None,
     };
-    let (store, store_closer, broker) = open(&config).await?;
+    let Some((store, store_closer, broker)) = open(&config, &shutdown).await? else {
+        tracing::info!("Stopped while waiting for Redis");
+        return Ok(());
+    };
     let info = register(&broker, &config, &worker_id).await?;
     let daemon = Daemon::start(&config, registry, &shutdown, broker, store, info);
     let tracker = TaskTracker::new();
@@ -247,14 +252,24 @@ impl Bound {
     }
 }
 
-/// Opens SQLite, then Redis; both fail the start.
-async fn open(config: &Config) -> Result<(Store, StoreCloser, Broker), WorkerError> {
+/// Opens SQLite, then Redis, waiting (and saying so) while Redis is
+/// unreachable; `None` when `shutdown` fires while waiting. A bad database
+/// or refused Redis credentials fail the start.
+async fn open(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<Option<(Store, StoreCloser, Broker)>, WorkerError> {
     let db = config.store.path.clone();
     let (store, store_closer) = tokio::task::spawn_blocking(move || Store::open(&db))
         .await
         .map_err(|e| WorkerError::Registry(format!("SQLite open panicked: {e}")))??;
-    let broker = Broker::connect_config(&config.redis, 6).await?;
-    Ok((store, store_closer, broker))
+    let Some(broker) = Broker::connect_waiting(&config.redis, shutdown).await? else {
+        // The writer ends once every handle on the store is gone.
+        drop(store);
+        store_closer.close().await;
+        return Ok(None);
+    };
+    Ok(Some((store, store_closer, broker)))
 }
 
 /// Registers this daemon, then takes back what a previous run of its id

@@ -1,6 +1,7 @@
 //! A Redis Cluster of test servers, made with `redis-cli --cluster create`,
 //! with the slot and replica lookups the failover tests need.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -12,26 +13,61 @@ use super::{TestRedis, run_with_timeout, toml_str, wait_until};
 /// failover, so a killed master's replica takes over within seconds.
 pub struct TestCluster {
     pub nodes: Vec<TestRedis>,
+    /// With TLS: the directory of the test certificates.
+    certs: Option<PathBuf>,
 }
 
 impl TestCluster {
     pub fn start(masters: usize, replicas: usize) -> Self {
+        Self::start_with(masters, replicas, None)
+    }
+
+    /// A cluster whose nodes also listen with TLS, talk to each other over
+    /// it (`tls-cluster`, `tls-replication`) and require client
+    /// certificates; made with `redis-cli --tls`. [`TestCluster::urls`] and
+    /// [`TestCluster::config`] give the TLS ports.
+    pub fn start_tls(masters: usize, replicas: usize, certs: &Path) -> Self {
+        Self::start_with(masters, replicas, Some(certs))
+    }
+
+    fn start_with(masters: usize, replicas: usize, certs: Option<&Path>) -> Self {
+        const CLUSTER: [&str; 6] = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "1000",
+        ];
         let nodes: Vec<TestRedis> = (0..masters * (1 + replicas))
-            .map(|_| {
-                TestRedis::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "1000",
-                ])
+            .map(|_| match certs {
+                None => TestRedis::start_with(&CLUSTER),
+                Some(dir) => {
+                    let mut args = CLUSTER.to_vec();
+                    args.extend(["--tls-cluster", "yes", "--tls-replication", "yes"]);
+                    TestRedis::start_tls(dir, &args)
+                }
             })
             .collect();
         let mut create = Command::new("redis-cli");
+        if let Some(dir) = certs {
+            create.arg("--tls");
+            for (opt, file) in [
+                ("--cacert", "ca.crt"),
+                ("--cert", "client.crt"),
+                ("--key", "client.key"),
+            ] {
+                create.arg(opt).arg(dir.join(file));
+            }
+        }
         create.args(["--cluster", "create"]);
         for n in &nodes {
-            create.arg(format!("127.0.0.1:{}", n.port()));
+            let port = if certs.is_some() {
+                n.tls_port()
+            } else {
+                n.port()
+            };
+            create.arg(format!("127.0.0.1:{port}"));
         }
         create.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
         let out = run_with_timeout(create, Duration::from_secs(60));
@@ -41,7 +77,10 @@ impl TestCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let cluster = Self { nodes };
+        let cluster = Self {
+            nodes,
+            certs: certs.map(Path::to_owned),
+        };
         cluster.wait_healthy(Duration::from_secs(30));
         wait_until(
             Duration::from_secs(30),
@@ -84,14 +123,25 @@ impl TestCluster {
         });
     }
 
+    /// The nodes' URLs for a daemon: `rediss://` TLS ports for a TLS
+    /// cluster.
     pub fn urls(&self) -> Vec<String> {
-        self.nodes.iter().map(TestRedis::url).collect()
+        match self.certs {
+            Some(_) => self.nodes.iter().map(TestRedis::tls_url).collect(),
+            None => self.nodes.iter().map(TestRedis::url).collect(),
+        }
     }
 
-    /// `[redis]` lines for a daemon of this cluster.
+    /// `[redis]` lines for a daemon of this cluster (with the test CA and
+    /// client certificate for a TLS one).
     pub fn config(&self) -> String {
         let urls: Vec<String> = self.urls().iter().map(toml_str).collect();
-        format!("mode = \"cluster\"\nurls = [{}]\n", urls.join(", "))
+        let tls = self.certs.as_deref().map(super::tls_config);
+        format!(
+            "mode = \"cluster\"\nurls = [{}]\n{}",
+            urls.join(", "),
+            tls.unwrap_or_default()
+        )
     }
 
     /// A cluster connection for the test's own reads and writes.

@@ -307,13 +307,19 @@ impl Harness {
         self.server("dashboard", host, token, redis_url, false, &[])
     }
 
-    fn server(
+    /// Starts `conveyor gateway` (or `dashboard`) with extra environment
+    /// variables without waiting for it to serve (one that waits for Redis
+    /// at start does not serve yet).
+    pub fn spawn_server(&self, command: &'static str, env: &[(&str, &str)]) -> ServerProc {
+        self.spawn_server_with(command, "127.0.0.1", None, None, env)
+    }
+
+    fn spawn_server_with(
         &self,
         command: &'static str,
         host: &str,
         token: Option<&str>,
         redis_url: Option<&str>,
-        https: bool,
         env: &[(&str, &str)],
     ) -> ServerProc {
         let port = free_port();
@@ -339,12 +345,25 @@ impl Harness {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn conveyor {command}: {e}"));
-        let mut d = ServerProc {
+        ServerProc {
             child,
             port,
             log_path,
             command,
-        };
+        }
+    }
+
+    fn server(
+        &self,
+        command: &'static str,
+        host: &str,
+        token: Option<&str>,
+        redis_url: Option<&str>,
+        https: bool,
+        env: &[(&str, &str)],
+    ) -> ServerProc {
+        let mut d = self.spawn_server_with(command, host, token, redis_url, env);
+        let port = d.port;
         let probe = match command {
             "gateway" => "/api/v1/openapi.json",
             _ => "/api/queues",

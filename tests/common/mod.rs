@@ -13,12 +13,14 @@
 //! - `ledger`: SQLite reads and the ledger files stage scripts write;
 //! - `progress`: the progress subscriber;
 //! - `http`: the dashboard process and a small HTTP client;
-//! - `cluster`, `sentinel`: Redis Cluster and Sentinel setups;
+//! - `certs`: test certificates (openssl) and TLS server arguments;
+//! - `cluster`, `sentinel`: Redis Cluster and Sentinel setups, plain or TLS;
 //! - `failover`: the report of a failover test.
 
 // Each test binary uses a subset of the harness.
 #![allow(dead_code, unused_imports)]
 
+mod certs;
 mod cluster;
 mod daemon;
 mod failover;
@@ -36,6 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 // `self::`: a bare `redis` would also name the redis crate.
+pub use self::certs::{have_tool, make_certs, tls_args, tls_config};
 pub use self::cluster::TestCluster;
 pub use self::daemon::{Daemon, children_of, process_group, run_with_timeout};
 pub use self::failover::report_failover;

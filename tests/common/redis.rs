@@ -23,6 +23,8 @@ pub struct TestRedis {
     /// Extra `redis-server` arguments (after the defaults, so they win),
     /// reused by [`TestRedis::start_again`].
     args: Vec<String>,
+    /// The TLS port, when started with [`TestRedis::start_tls`].
+    tls_port: Option<u16>,
 }
 
 /// Starts `redis-server` on `port` with its files in `dir`; output appended
@@ -88,6 +90,7 @@ impl TestRedis {
                 dir,
                 _temp: temp,
                 args: args.clone(),
+                tls_port: None,
             };
             if redis.wait_ready(Duration::from_secs(5)) {
                 return redis;
@@ -96,6 +99,51 @@ impl TestRedis {
             // Drop kills it; try another port (someone took this one).
         }
         panic!("redis-server did not start after 5 tries; last log:\n{last_log}");
+    }
+
+    /// A server on the given `port` (one try: a test that chose the port
+    /// has something waiting on it).
+    pub fn start_at(port: u16) -> Self {
+        let temp = tempfile::tempdir().expect("temp dir for redis");
+        let dir = temp.path().to_owned();
+        let child = spawn_redis(port, &dir, &[]);
+        let mut redis = TestRedis {
+            child,
+            port,
+            dir,
+            _temp: Some(temp),
+            args: Vec::new(),
+            tls_port: None,
+        };
+        assert!(
+            redis.wait_ready(Duration::from_secs(10)),
+            "redis-server did not start on port {port}; log:\n{}",
+            std::fs::read_to_string(redis.dir.join("redis.log")).unwrap_or_default()
+        );
+        redis
+    }
+
+    /// Like [`TestRedis::start_with`], also listening with TLS (the test
+    /// certificates in `certs`, client certificates required) on a port of
+    /// its own. The plain port stays for the test's own reads; what is
+    /// under test is given the TLS one ([`TestRedis::tls_url`]).
+    pub fn start_tls(certs: &Path, args: &[&str]) -> Self {
+        let tls_port = super::free_port();
+        let mut all = super::tls_args(certs, tls_port, "yes");
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let mut redis = Self::start_with(&all);
+        redis.tls_port = Some(tls_port);
+        redis
+    }
+
+    /// The TLS port (panics for a server started without TLS).
+    pub fn tls_port(&self) -> u16 {
+        self.tls_port.expect("a server started with TLS")
+    }
+
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.tls_port())
     }
 
     /// Waits until PING answers; false when the server exited or the time
