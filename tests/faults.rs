@@ -1072,7 +1072,7 @@ env = {{ MARKER = {} }}
         h.llen(&h.dead_key("default")) == 2
     });
 
-    let (stdout, _) = cli_ok(&h, &["dead", "purge"]);
+    let (stdout, _) = cli_ok(&h, &["dead", "purge", "--all"]);
     assert!(stdout.contains("2 dead job(s) purged"), "{stdout}");
     assert_eq!(h.llen(&h.dead_key("default")), 0);
     let (stdout, _) = cli_ok(&h, &["dead", "list", "--json"]);
