@@ -93,18 +93,26 @@ impl Fetcher {
         let mut probe = 1usize;
         let mut reconciled = tokio::time::Instant::now();
         loop {
+            let quiet = self.health.quiet();
+            if !super::quiet::gate(quiet, &self.health, &self.env.stats, &shutdown).await {
+                return;
+            }
             let Some(permits) = self.take_slots(&shutdown).await else {
                 return;
             };
             let result = self
                 .fetch(permits.len(), &mut blocking, &mut turn, &mut probe)
                 .await;
-            if shutdown.is_cancelled() {
-                // A job taken while the stop arrived is not started.
+            if shutdown.is_cancelled() || quiet.is_quiet() {
+                // A job taken while the stop (or quiet) arrived is not
+                // started: it goes back to pending, the next one taken.
                 if let Ok(jobs) = result {
                     self.put_back(jobs).await;
                 }
-                return;
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                continue;
             }
             match result {
                 Ok(jobs) => {
