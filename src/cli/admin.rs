@@ -164,25 +164,38 @@ pub async fn dead(config: &Config, cmd: &DeadCommand) -> CliResult {
             Ok(())
         }
         DeadCommand::Purge { ids, yes, json, .. } => {
-            if ids.is_empty() && !yes && confirm::on_terminal() {
-                let n = dead_count(&client, &queues).await?;
-                let question = format!("purge {n} dead job(s) of queue(s) {}?", queues.join(", "));
-                if !confirm::ask(&question) {
-                    return Err(Failure::other("not purged"));
-                }
-            }
-            let n = inspector
-                .purge_dead(&queues, ids)
-                .await
-                .map_err(client_failure)?;
-            if *json {
-                println!("{}", json!({"purged": n, "queues": queues}));
-            } else {
-                println!("{n} dead job(s) purged");
-            }
-            Ok(())
+            purge(&client, &queues, ids, *yes, *json).await
         }
     }
+}
+
+/// `dead purge`: `ids`, or every entry when empty (`--all`), asking first
+/// on a terminal unless `yes`.
+async fn purge(
+    client: &Client,
+    queues: &[String],
+    ids: &[String],
+    yes: bool,
+    json: bool,
+) -> CliResult {
+    if ids.is_empty() && !yes && confirm::on_terminal() {
+        let n = dead_count(client, queues).await?;
+        let question = format!("purge {n} dead job(s) of queue(s) {}?", queues.join(", "));
+        if !confirm::ask(&question) {
+            return Err(Failure::other("not purged"));
+        }
+    }
+    let n = client
+        .inspector()
+        .purge_dead(queues, ids)
+        .await
+        .map_err(client_failure)?;
+    if json {
+        println!("{}", json!({"purged": n, "queues": queues}));
+    } else {
+        println!("{n} dead job(s) purged");
+    }
+    Ok(())
 }
 
 /// The number of entries in the dead lists of `queues`.
