@@ -100,6 +100,14 @@ fn sigtstp_quiets_the_daemon_sigcont_resumes_and_sigterm_still_drains() {
             .iter()
             .any(|n| n.contains("STATUS=quiet: 1 running, taking no jobs"))
     });
+    wait_until(LONG, "`status` shows the daemon quiet", || {
+        h.status()["workers"][0]["quiet"] == true
+    });
+    let text = h.cli(&["status"], &[]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("(quiet: taking no jobs)"),
+        "{text:?}"
+    );
 
     // The running job finishes; the new one is not taken.
     wait_until(LONG, "s1 completes", || {
@@ -123,6 +131,9 @@ fn sigtstp_quiets_the_daemon_sigcont_resumes_and_sigterm_still_drains() {
     });
     assert_eq!(events(&d, "worker_resumed"), 1);
     wait_until(LONG, "ready again", || readyz(port).0 == 200);
+    wait_until(LONG, "`status` shows it taking jobs", || {
+        h.status()["workers"][0]["quiet"] == false
+    });
 
     // Quiet again, then SIGTERM: the usual drain, exit 0, q2 untouched.
     d.signal(libc::SIGTSTP);

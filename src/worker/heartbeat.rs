@@ -194,6 +194,7 @@ impl Heartbeat {
         self.info.running = stats.running.load(Ordering::Relaxed);
         self.info.completed = stats.completed.load(Ordering::Relaxed);
         self.info.failed = stats.failed.load(Ordering::Relaxed);
+        self.info.quiet = self.health.quiet().is_quiet();
     }
 
     /// Refreshes the registration; returns whether it had expired.

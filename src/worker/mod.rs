@@ -289,6 +289,7 @@ async fn register(
         failed: 0,
         version: env!("CARGO_PKG_VERSION").into(),
         ttl_ms: w.dead_after_secs.saturating_mul(1000),
+        quiet: false,
     };
     let ttl = Duration::from_secs(w.dead_after_secs);
     heartbeat::register(broker, &info, ttl).await?;
