@@ -184,6 +184,14 @@ fn on_terminal(h: &Harness, args: &str, input: &str) -> (Option<i32>, String) {
     std::thread::sleep(Duration::from_millis(500));
     stdin.write_all(input.as_bytes()).unwrap();
     drop(stdin);
+    let deadline = std::time::Instant::now() + LONG;
+    while child.try_wait().expect("try_wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("`conveyor {args}` on a terminal did not finish within {LONG:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let out = child.wait_with_output().expect("script output");
     let screen = format!("{}{}", stdout(&out), stderr(&out));
     (out.status.code(), screen)
