@@ -18,7 +18,7 @@ fn config(port: u16) -> String {
         r#"
 [worker]
 http = "127.0.0.1:{port}"
-concurrency = 2
+concurrency = 1
 heartbeat_secs = 1
 fetch_block_ms = 500
 
@@ -84,6 +84,8 @@ fn sigtstp_quiets_the_daemon_sigcont_resumes_and_sigterm_still_drains() {
         .into_iter()
         .find(|e| e["event"] == "worker_quiet")
         .unwrap();
+    // Logged while s1 runs, though the fetch loop was waiting for its only
+    // slot.
     assert_eq!(quiet["running"], 1, "{quiet}");
     assert!(
         h.cli(&["enqueue", "quick", "--id", "q1"], &[])

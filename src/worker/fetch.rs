@@ -100,6 +100,10 @@ impl Fetcher {
             let Some(permits) = self.take_slots(&shutdown).await else {
                 return;
             };
+            if permits.is_empty() || quiet.is_quiet() {
+                // Quiet came while waiting for a slot: back to the gate.
+                continue;
+            }
             let result = self
                 .fetch(permits.len(), &mut blocking, &mut turn, &mut probe)
                 .await;
@@ -151,10 +155,14 @@ impl Fetcher {
         }
     }
 
-    /// Waits for one free slot, then takes whatever other slots are free.
+    /// Waits for one free slot, then takes whatever other slots are free;
+    /// none once the daemon is quiet (checked each second while waiting).
     async fn take_slots(&self, shutdown: &CancellationToken) -> Option<Vec<OwnedSemaphorePermit>> {
         let first = loop {
             self.health.fetch_loop_alive();
+            if self.health.quiet().is_quiet() {
+                return Some(Vec::new());
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return None,
