@@ -115,3 +115,4 @@ pub use shutdown::on_signals;
 pub use store::{AttemptRecord, JobRecord, StageRecord};
 pub use worker::WorkerError;
 pub use worker::builder::{Worker, WorkerBuilder};
+pub use worker::quiet::Quiet;

@@ -1,4 +1,5 @@
-//! OS signals to a [`CancellationToken`].
+//! OS signals to a [`CancellationToken`] (SIGTERM, SIGINT) and to a quiet
+//! switch (SIGTSTP, SIGCONT).
 //!
 //! The library never installs signal handlers itself: [`crate::worker::run`]
 //! takes a token, so tests and embedders stop it the same way.
@@ -35,4 +36,27 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
         }
     });
     Ok(token)
+}
+
+/// Calls `quiet(true)` on each SIGTSTP and `quiet(false)` on each SIGCONT,
+/// logging both. Handling SIGTSTP replaces its default action: the process
+/// is not stopped (a terminal's Ctrl-Z quiets a daemon instead), and
+/// SIGCONT — which `fg`, `kill -CONT` and systemd after its stop signal
+/// send — takes jobs again.
+pub fn on_quiet_signals(quiet: impl Fn(bool) + Send + 'static) -> std::io::Result<()> {
+    let mut tstp = signal(SignalKind::from_raw(libc::SIGTSTP))?;
+    let mut cont = signal(SignalKind::from_raw(libc::SIGCONT))?;
+    tokio::spawn(async move {
+        loop {
+            let on = tokio::select! {
+                Some(()) = tstp.recv() => true,
+                Some(()) = cont.recv() => false,
+                else => return,
+            };
+            let signal = if on { "SIGTSTP" } else { "SIGCONT" };
+            tracing::info!(signal, quiet = on, "Quiet signal received");
+            quiet(on);
+        }
+    });
+    Ok(())
 }

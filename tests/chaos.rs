@@ -607,13 +607,10 @@ impl Report {
                 let Ok(v) = serde_json::from_str::<Value>(line) else {
                     continue;
                 };
-                if v["message"] != "job_completed" {
+                if v["event"] != "job_completed" {
                     continue;
                 }
-                let id = v["job_id"]
-                    .as_str()
-                    .or_else(|| v["span"]["job_id"].as_str());
-                if let Some(id) = id {
+                if let Some(id) = v["job_id"].as_str() {
                     *completions.entry(id.to_owned()).or_default() += 1;
                 }
             }

@@ -129,9 +129,9 @@ fn assert_no_residue(h: &Harness, workers: &[&str]) {
     assert!(clean, "left in Redis: {left:?}");
 }
 
-/// The job id of a JSON log line (a span field, or the event's own).
+/// The job id of a JSON log line (the job span's field, at the top level).
 fn log_job_id(e: &Value) -> Option<&str> {
-    e["span"]["job_id"].as_str().or(e["job_id"].as_str())
+    e["job_id"].as_str()
 }
 
 /// Log events named `message`, counted per job id, over several daemons'
@@ -140,7 +140,7 @@ fn log_counts(daemons: &[&Daemon], message: &str) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for d in daemons {
         for e in d.log_events() {
-            if e["message"] == message
+            if e["event"] == message
                 && let Some(id) = log_job_id(&e)
             {
                 *counts.entry(id.to_owned()).or_default() += 1;
@@ -154,8 +154,7 @@ fn log_counts(daemons: &[&Daemon], message: &str) -> BTreeMap<String, usize> {
 fn logged_for(daemons: &[&Daemon], id: &str, prefix: &str) -> bool {
     daemons.iter().any(|d| {
         d.log_events().iter().any(|e| {
-            log_job_id(e) == Some(id)
-                && e["message"].as_str().is_some_and(|m| m.starts_with(prefix))
+            log_job_id(e) == Some(id) && e["event"].as_str().is_some_and(|m| m.starts_with(prefix))
         })
     })
 }
@@ -165,7 +164,7 @@ fn logged_for(daemons: &[&Daemon], id: &str, prefix: &str) -> bool {
 fn killed_after_last_stage(d: &Daemon, id: &str, last_stage: &str) -> bool {
     let events = d.log_events();
     let last = events.iter().rev().find(|e| log_job_id(e) == Some(id));
-    last.is_some_and(|e| e["message"] == "stage_completed" && e["stage"] == last_stage)
+    last.is_some_and(|e| e["event"] == "stage_completed" && e["stage"] == last_stage)
 }
 
 /// "Completions reported once": no job logs `job_completed` twice, and
@@ -233,7 +232,7 @@ fn assert_all_completed(h: &Harness, ids: &[String]) {
 fn warn_lines(d: &Daemon) -> usize {
     d.log_events()
         .iter()
-        .filter(|e| e["level"] == "WARN" || e["level"] == "ERROR")
+        .filter(|e| e["level"] == "warn" || e["level"] == "error")
         .count()
 }
 
@@ -325,7 +324,7 @@ fn sigkill_under_load_loses_nothing() {
     wait_until(LONG, "w1 to reap w2", || {
         w1b.log_events()
             .iter()
-            .any(|e| e["message"] == "worker_reaped" && e["dead_worker"] == "w2")
+            .any(|e| e["event"] == "worker_reaped" && e["dead_worker"] == "w2")
     });
     let registered: Vec<String> = redis::cmd("HKEYS")
         .arg(format!("{}:workers", h.prefix))
@@ -478,7 +477,7 @@ fn redis_paused_longer_than_dead_after_does_not_steal_live_jobs() {
     for d in [&w1, &w2] {
         let events = d.log_events();
         for e in &events {
-            let message = e["message"].as_str().unwrap_or_default();
+            let message = e["event"].as_str().unwrap_or_default();
             let stolen = message == "worker_reaped"
                 || message == "stage_interrupted"
                 || message.starts_with("job_abandoned");
@@ -541,7 +540,7 @@ fn slow_daemon_is_fenced_after_being_reaped() {
     wait_until(LONG, "B to reap A", || {
         b.log_events()
             .iter()
-            .any(|e| e["message"] == "worker_reaped" && e["dead_worker"] == "wa")
+            .any(|e| e["event"] == "worker_reaped" && e["dead_worker"] == "wa")
     });
     let done_while_stopped = h.job_status(&id);
     signal(a.pid(), libc::SIGCONT);
@@ -1072,7 +1071,7 @@ env = {{ MARKER = {} }}
         h.llen(&h.dead_key("default")) == 2
     });
 
-    let (stdout, _) = cli_ok(&h, &["dead", "purge"]);
+    let (stdout, _) = cli_ok(&h, &["dead", "purge", "--all"]);
     assert!(stdout.contains("2 dead job(s) purged"), "{stdout}");
     assert_eq!(h.llen(&h.dead_key("default")), 0);
     let (stdout, _) = cli_ok(&h, &["dead", "list", "--json"]);
@@ -1187,18 +1186,18 @@ fn heartbeat_reports_no_lease_lost_for_jobs_it_settled() {
     for d in &daemons {
         let events = d.log_events();
         assert!(
-            !events.iter().any(|e| e["message"] == "worker_reaped"),
+            !events.iter().any(|e| e["event"] == "worker_reaped"),
             "a live daemon was reaped: the premise of this test failed"
         );
         for e in &events {
-            if e["message"]
+            if e["event"]
                 .as_str()
                 .is_some_and(|m| m.starts_with("Lease lost"))
             {
                 let id = e["job_id"].as_str().unwrap_or_default();
                 let completed_here = events
                     .iter()
-                    .any(|x| x["message"] == "job_completed" && log_job_id(x) == Some(id));
+                    .any(|x| x["event"] == "job_completed" && log_job_id(x) == Some(id));
                 false_alarms.push(format!(
                     "{} {id} (completed here: {completed_here})",
                     d.worker_id

@@ -446,6 +446,41 @@ async fn client_cancels_pending_and_running_jobs() {
     running.stop().await;
 }
 
+/// `Worker::quiet_handle`: quiet, a pushed job stays pending (nothing is
+/// taken); resumed, it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_worker_takes_no_job_until_resumed() {
+    let redis = TestRedis::start();
+    let prefix = unique_prefix();
+    let dir = TempDir::new().expect("temp dir");
+    let cfg = config(
+        &redis,
+        &prefix,
+        dir.path(),
+        "[jobs.e]\nstages = [{ name = \"e\", builtin = \"echo\" }]\n",
+    );
+    let worker = Worker::builder(cfg.clone()).build().expect("builds");
+    let quiet = worker.quiet_handle();
+    quiet.quiet();
+    assert!(quiet.is_quiet());
+    let client = Client::from_config(&cfg).await.expect("connect");
+    let running = Running::start(worker);
+    let job = client
+        .enqueue(EnqueueRequest::new("e").id("quiet-1"))
+        .await
+        .expect("enqueue");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pending: u64 = redis::cmd("LLEN")
+        .arg(format!("{prefix}:{{default}}:pending"))
+        .query(&mut redis.conn())
+        .expect("LLEN");
+    assert_eq!(pending, 1, "a quiet worker takes nothing");
+    quiet.resume();
+    let info = wait_final(&client, &job.id).await;
+    assert_eq!(info.status, Status::Completed, "{info:?}");
+    running.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_rust_stage_fails_its_job_and_the_worker_goes_on() {
     let redis = TestRedis::start();

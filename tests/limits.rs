@@ -95,7 +95,7 @@ stages = [{ name = "only", builtin = "noop" }]
     let waited = d
         .log_events()
         .iter()
-        .filter(|e| e["message"] == "stage_waiting")
+        .filter(|e| e["event"] == "stage_waiting")
         .count();
     assert!(waited >= 1, "a render job waited for the slot");
     d.sigterm();
@@ -170,7 +170,7 @@ stages = [{ name = "call", builtin = "noop" }]
         .log_events()
         .into_iter()
         .chain(d2.log_events())
-        .filter(|e| e["message"] == "job_rate_limited")
+        .filter(|e| e["event"] == "job_rate_limited")
         .count();
     assert!(limited >= 1);
     d1.sigterm();
@@ -198,9 +198,7 @@ stages = [
     push(&h, "render", ["r0".to_owned(), "r1".to_owned()]);
     let mut d = h.daemon("w1", &[]);
     wait_until(LONG, "one render waits for the GPU", || {
-        d.log_events()
-            .iter()
-            .any(|e| e["message"] == "stage_waiting")
+        d.log_events().iter().any(|e| e["event"] == "stage_waiting")
     });
     d.sigterm();
     assert!(d.wait_exit(LONG).success());

@@ -102,9 +102,9 @@ fn sentinel_failover_mid_run() {
         let warnings: BTreeMap<String, usize> = d
             .log_events()
             .iter()
-            .filter(|e| e["level"] == "WARN" || e["level"] == "ERROR")
+            .filter(|e| e["level"] == "warn" || e["level"] == "error")
             .fold(BTreeMap::new(), |mut m, e| {
-                *m.entry(e["message"].as_str().unwrap_or("").to_owned())
+                *m.entry(e["event"].as_str().unwrap_or("").to_owned())
                     .or_insert(0) += 1;
                 m
             });

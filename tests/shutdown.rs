@@ -75,10 +75,10 @@ fn stop_past_bound(d: &mut Daemon) {
     let gave_up: Vec<_> = d
         .log_events()
         .into_iter()
-        .filter(|e| e["message"] == "shutdown_gave_up")
+        .filter(|e| e["event"] == "shutdown_gave_up")
         .collect();
     assert_eq!(gave_up.len(), 1, "log tail:\n{}", d.log_tail(40));
-    assert_eq!(gave_up[0]["level"], "ERROR");
+    assert_eq!(gave_up[0]["level"], "error");
     let why = gave_up[0]["error"].as_str().unwrap_or_default();
     assert!(why.contains("recovered when it starts again"), "{why}");
     // The plain line `conveyor worker` prints on stderr (the log file

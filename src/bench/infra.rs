@@ -473,7 +473,7 @@ impl Daemon {
             .lines()
             .rev()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|v| v["message"] == "worker_shutdown_complete")?;
+            .find(|v| v["event"] == "worker_shutdown_complete")?;
         let n = |field: &str| line[field].as_u64();
         Some(Shutdown {
             completed: n("completed")?,

@@ -8,10 +8,12 @@
 //! Exit codes: 0 success, 2 usage or config error, 1 anything else.
 
 mod admin;
+mod confirm;
 mod doctor;
 mod enqueue;
 mod jobs;
 mod man;
+mod output;
 mod serve;
 mod status;
 mod watch;
@@ -117,9 +119,17 @@ pub enum Command {
         json: bool,
     },
     /// Cancel a job: a pending or scheduled one never runs, a running one stops
-    Cancel { id: String },
+    Cancel {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Put a dead job back on its queue with fresh attempts
-    Retry { id: String },
+    Retry {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// The dead-letter lists
     #[command(subcommand)]
     Dead(DeadCommand),
@@ -297,8 +307,8 @@ pub async fn run(cli: Cli) -> ExitCode {
             Command::Jobs(args) => jobs::jobs(&config, args).await,
             Command::Status { json } => status::status(&config, *json).await,
             Command::Watch { id, json } => watch::run(&config, id.as_deref(), *json).await,
-            Command::Cancel { id } => admin::cancel(&config, id).await,
-            Command::Retry { id } => admin::retry(&config, id).await,
+            Command::Cancel { id, json } => admin::cancel(&config, id, *json).await,
+            Command::Retry { id, json } => admin::retry(&config, id, *json).await,
             Command::Dead(cmd) => admin::dead(&config, cmd).await,
             Command::Bench(args) => serve::bench(&cli.global, args).await,
             Command::Dashboard { listen } => serve::dashboard(config, listen).await,
@@ -318,13 +328,21 @@ pub async fn run(cli: Cli) -> ExitCode {
             Command::Doctor { json, config_only } => doctor::run(&cli, *json, *config_only).await,
         },
     };
-    exit_code(result)
+    exit_code(result, output::json_errors(&cli.command))
 }
 
-fn exit_code(result: CliResult) -> ExitCode {
+/// With `json`, a failure is also one object on stdout:
+/// `{"error": MESSAGE, "exit_code": N}` (docs/reference/cli.md).
+fn exit_code(result: CliResult, json: bool) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"error": f.message, "exit_code": f.code})
+                );
+            }
             eprintln!("conveyor: {}", f.message);
             ExitCode::from(f.code)
         }

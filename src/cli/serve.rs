@@ -25,9 +25,14 @@ pub struct WorkerArgs {
 }
 
 pub async fn worker(config: Config) -> CliResult {
-    let token = crate::shutdown::on_signals()
-        .map_err(|e| Failure::other(format!("cannot install signal handlers: {e}")))?;
-    crate::worker::run(config, token).await.map_err(|e| {
+    let signals = |e| Failure::other(format!("cannot install signal handlers: {e}"));
+    let token = crate::shutdown::on_signals().map_err(signals)?;
+    // SIGTSTP quiets the daemon, SIGCONT wakes it (docs/operations.md).
+    let quiet = crate::worker::quiet::Quiet::new();
+    let switch = quiet.clone();
+    crate::shutdown::on_quiet_signals(move |on| if on { switch.quiet() } else { switch.resume() })
+        .map_err(signals)?;
+    crate::worker::run(config, token, quiet).await.map_err(|e| {
         // A drain past its bound has logged why already.
         if !matches!(e, crate::worker::WorkerError::ShutdownGaveUp { .. }) {
             tracing::error!(error = %e, "Worker failed to start");

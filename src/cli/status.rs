@@ -40,14 +40,19 @@ pub async fn status(config: &Config, json: bool) -> CliResult {
     println!("\nWORKERS ({} live)", report.workers.len());
     for w in &report.workers {
         println!(
-            "  {:<24} host={} pid={} running={} completed={} failed={} queues={}",
+            "  {:<24} host={} pid={} running={} completed={} failed={} queues={}{}",
             w.id,
             w.host,
             w.pid,
             w.running,
             w.completed,
             w.failed,
-            w.queues.join(",")
+            w.queues.join(","),
+            if w.quiet {
+                " (quiet: taking no jobs)"
+            } else {
+                ""
+            }
         );
     }
     if !by_status.is_empty() {

@@ -45,6 +45,9 @@ pub struct WorkerInfo {
     /// older than the field.
     #[serde(default)]
     pub ttl_ms: u64,
+    /// Taking no new jobs (SIGTSTP) as of its last heartbeat.
+    #[serde(default)]
+    pub quiet: bool,
 }
 
 /// One queue's depths.

@@ -21,6 +21,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::WorkerError;
+use super::quiet::Quiet;
 use crate::config::{Config, ConfigError};
 use crate::pipeline::{BoxFuture, Registry, RustStages, Stage, StageContext, StageError, builtin};
 
@@ -74,6 +75,7 @@ pub enum BuildError {
 pub struct Worker {
     config: Config,
     registry: Registry,
+    quiet: Quiet,
 }
 
 impl Worker {
@@ -95,12 +97,28 @@ impl Worker {
     /// on SIGTERM (see [`crate::worker`]). Errors only at start: Redis,
     /// SQLite, or a live daemon with the same worker id.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
-        super::run_with_registry(self.config, self.registry, shutdown).await
+        super::run_with_registry(self.config, self.registry, shutdown, self.quiet).await
     }
 
-    /// [`Worker::run`] until the first SIGTERM or SIGINT.
+    /// The worker's quiet switch, to keep after [`Worker::run`] took the
+    /// worker: [`Quiet::quiet`] stops it taking new jobs (the running ones
+    /// finish, it stays alive, `/readyz` says "quiet"), [`Quiet::resume`]
+    /// takes jobs again.
+    pub fn quiet_handle(&self) -> Quiet {
+        self.quiet.clone()
+    }
+
+    /// [`Worker::run`] until the first SIGTERM or SIGINT; SIGTSTP quiets
+    /// it and SIGCONT resumes it, as for `conveyor worker`.
     pub async fn run_until_signal(self) -> Result<(), WorkerError> {
         let token = crate::shutdown::on_signals().map_err(WorkerError::Signals)?;
+        let quiet = self.quiet.clone();
+        crate::shutdown::on_quiet_signals(
+            move |on| {
+                if on { quiet.quiet() } else { quiet.resume() }
+            },
+        )
+        .map_err(WorkerError::Signals)?;
         self.run(token).await
     }
 }
@@ -151,6 +169,7 @@ impl WorkerBuilder {
         Ok(Worker {
             config: self.config,
             registry,
+            quiet: Quiet::new(),
         })
     }
 }

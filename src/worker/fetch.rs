@@ -93,18 +93,30 @@ impl Fetcher {
         let mut probe = 1usize;
         let mut reconciled = tokio::time::Instant::now();
         loop {
+            let quiet = self.health.quiet();
+            if !super::quiet::gate(quiet, &self.health, &self.env.stats, &shutdown).await {
+                return;
+            }
             let Some(permits) = self.take_slots(&shutdown).await else {
                 return;
             };
+            if permits.is_empty() || quiet.is_quiet() {
+                // Quiet came while waiting for a slot: back to the gate.
+                continue;
+            }
             let result = self
                 .fetch(permits.len(), &mut blocking, &mut turn, &mut probe)
                 .await;
-            if shutdown.is_cancelled() {
-                // A job taken while the stop arrived is not started.
+            if shutdown.is_cancelled() || quiet.is_quiet() {
+                // A job taken while the stop (or quiet) arrived is not
+                // started: it goes back to pending, the next one taken.
                 if let Ok(jobs) = result {
                     self.put_back(jobs).await;
                 }
-                return;
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                continue;
             }
             match result {
                 Ok(jobs) => {
@@ -143,10 +155,14 @@ impl Fetcher {
         }
     }
 
-    /// Waits for one free slot, then takes whatever other slots are free.
+    /// Waits for one free slot, then takes whatever other slots are free;
+    /// none once the daemon is quiet (checked each second while waiting).
     async fn take_slots(&self, shutdown: &CancellationToken) -> Option<Vec<OwnedSemaphorePermit>> {
         let first = loop {
             self.health.fetch_loop_alive();
+            if self.health.quiet().is_quiet() {
+                return Some(Vec::new());
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return None,

@@ -1,10 +1,12 @@
 //! Liveness of the fetch loop and of Redis (for the systemd watchdog), and
 //! the daemon's readiness: Redis answering, SQLite writes going through,
-//! not shutting down (for `/readyz`).
+//! not shutting down, not quiet (for `/readyz`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use super::quiet::Quiet;
 
 /// Two timestamps, in milliseconds since the daemon started.
 pub struct Health {
@@ -20,7 +22,12 @@ pub struct Health {
     draining: AtomicBool,
     /// Cleared by the SQLite writer while its transactions fail.
     sqlite_ok: Option<Arc<AtomicBool>>,
+    /// Taking no new jobs on purpose ([`Quiet`]).
+    quiet: Quiet,
 }
+
+/// `/readyz`'s reason while quiet.
+pub const QUIET: &str = "quiet: taking no new jobs";
 
 impl Default for Health {
     fn default() -> Self {
@@ -31,6 +38,7 @@ impl Default for Health {
             heartbeat: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             sqlite_ok: None,
+            quiet: Quiet::default(),
         }
     }
 }
@@ -43,11 +51,24 @@ impl Health {
         }
     }
 
-    /// Ready to take jobs, or why not: Redis silent for longer than
-    /// `window`, SQLite writes failing, or shutting down.
+    /// The same, quieted and woken by `quiet`.
+    pub fn with_quiet(self, quiet: Quiet) -> Self {
+        Self { quiet, ..self }
+    }
+
+    /// The daemon's quiet switch.
+    pub fn quiet(&self) -> &Quiet {
+        &self.quiet
+    }
+
+    /// Ready to take jobs, or why not: shutting down, quiet, Redis silent
+    /// for longer than `window`, or SQLite writes failing.
     pub fn readiness(&self, window: Duration) -> Result<(), String> {
         if self.draining.load(Ordering::Relaxed) {
             return Err("shutting down".into());
+        }
+        if self.quiet.is_quiet() {
+            return Err(QUIET.into());
         }
         let silent = self
             .now()
@@ -140,6 +161,8 @@ mod tests {
                 .unwrap_err()
                 .contains("Redis")
         );
+        h.quiet().quiet();
+        assert_eq!(h.readiness(Duration::from_secs(10)), Err(QUIET.into()));
         h.draining();
         assert_eq!(
             h.readiness(Duration::from_secs(10)),

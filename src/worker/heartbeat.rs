@@ -161,6 +161,13 @@ impl Heartbeat {
             );
             match self.health.readiness(self.ttl) {
                 Ok(()) => super::notify::status(&counts),
+                Err(why) if why == super::health::QUIET => {
+                    let quiet = super::quiet::status_line(self.info.running);
+                    super::notify::status(&format!(
+                        "{quiet}; {} completed, {} failed",
+                        self.info.completed, self.info.failed
+                    ));
+                }
                 Err(why) => super::notify::status(&format!("not ready: {why}; {counts}")),
             }
         }
@@ -187,6 +194,7 @@ impl Heartbeat {
         self.info.running = stats.running.load(Ordering::Relaxed);
         self.info.completed = stats.completed.load(Ordering::Relaxed);
         self.info.failed = stats.failed.load(Ordering::Relaxed);
+        self.info.quiet = self.health.quiet().is_quiet();
     }
 
     /// Refreshes the registration; returns whether it had expired.

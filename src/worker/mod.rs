@@ -14,6 +14,9 @@
 //! - the control listener ([`control::Control`]): cancellations;
 //! - the systemd watchdog.
 //!
+//! Quiet ([`quiet`], SIGTSTP for `conveyor worker`): the fetch loop stops
+//! taking jobs and the rest goes on; running jobs finish, the daemon stays.
+//!
 //! Shutdown, in order (producers of work stop before its consumers):
 //! 1. the `shutdown` token fires (SIGTERM/SIGINT): the fetch loop stops
 //!    after its current `BLMOVE` returns (at most `fetch_block_ms`); a job
@@ -58,6 +61,7 @@ pub mod notify;
 pub mod periodic;
 pub mod probe;
 pub mod promoter;
+pub mod quiet;
 pub mod reaper;
 pub mod runner;
 
@@ -143,9 +147,15 @@ async fn unless_given_up(
 ///
 /// This is what `conveyor worker` runs: built-in and external stages only.
 /// [`crate::Worker`] runs the same engine with Rust stages added.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
+///
+/// While `quiet` is on it takes no new jobs ([`quiet`]).
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    quiet: quiet::Quiet,
+) -> Result<(), WorkerError> {
     let registry = Registry::from_config(&config).map_err(WorkerError::Registry)?;
-    run_with_registry(config, registry, shutdown).await
+    run_with_registry(config, registry, shutdown, quiet).await
 }
 
 /// [`run`] with the job types already built from `config`.
@@ -153,6 +163,7 @@ pub(crate) async fn run_with_registry(
     config: Config,
     registry: Registry,
     shutdown: CancellationToken,
+    quiet: quiet::Quiet,
 ) -> Result<(), WorkerError> {
     let worker_id = config.worker_id();
     let http = match &config.worker.http {
@@ -164,7 +175,7 @@ pub(crate) async fn run_with_registry(
         return Ok(());
     };
     let info = register(&broker, &config, &worker_id).await?;
-    let daemon = Daemon::start(&config, registry, &shutdown, broker, store, info);
+    let daemon = Daemon::start(&config, registry, &shutdown, broker, store, info, quiet);
     let tracker = TaskTracker::new();
     let background = CancellationToken::new();
     background::spawn(&tracker, &daemon, &config, http, &shutdown, &background);
@@ -293,6 +304,7 @@ async fn register(
         failed: 0,
         version: env!("CARGO_PKG_VERSION").into(),
         ttl_ms: w.dead_after_secs.saturating_mul(1000),
+        quiet: false,
     };
     let ttl = Duration::from_secs(w.dead_after_secs);
     heartbeat::register(broker, &info, ttl).await?;
@@ -327,6 +339,7 @@ impl Daemon {
         broker: Broker,
         store: Store,
         info: WorkerInfo,
+        quiet: quiet::Quiet,
     ) -> Self {
         let w = &config.worker;
         let worker_id = info.id.clone();
@@ -357,7 +370,7 @@ impl Daemon {
             slots: Arc::new(Semaphore::new(w.concurrency)),
             parking: Arc::new(Semaphore::new(w.concurrency)),
         });
-        let health = Arc::new(Health::with_sqlite(store.health_flag()));
+        let health = Arc::new(Health::with_sqlite(store.health_flag()).with_quiet(quiet));
         health.redis_ok();
         health.fetch_loop_alive();
         Self {

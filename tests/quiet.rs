@@ -1,0 +1,154 @@
+//! Quiet (SIGTSTP): the real daemon, real signals and a real Redis. It
+//! finishes its running job, takes no new one, stays alive and says so in
+//! `/readyz`, sd_notify `STATUS=` and the log; SIGCONT takes jobs again;
+//! SIGTERM while quiet drains and exits 0.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Daemon, Harness, free_port, http, wait_until};
+
+const LONG: Duration = Duration::from_secs(30);
+
+fn config(port: u16) -> String {
+    format!(
+        r#"
+[worker]
+http = "127.0.0.1:{port}"
+concurrency = 1
+heartbeat_secs = 1
+fetch_block_ms = 500
+
+[jobs.slow]
+stages = [{{ name = "nap", builtin = "sleep", args = {{ ms = 3000 }} }}]
+
+[jobs.quick]
+stages = [{{ name = "only", builtin = "noop" }}]
+"#
+    )
+}
+
+/// `/readyz`: (code, body).
+fn readyz(port: u16) -> (u16, String) {
+    let r = http(port, "GET", "/readyz", &[], None).expect("/readyz answers");
+    (r.code, r.body)
+}
+
+fn events(d: &Daemon, name: &str) -> usize {
+    d.log_events().iter().filter(|e| e["event"] == name).count()
+}
+
+/// Collects every sd_notify datagram the daemon sends.
+fn notify_socket(h: &Harness) -> (String, Arc<Mutex<Vec<String>>>) {
+    let path = h.path("notify.sock");
+    let sock = UnixDatagram::bind(&path).expect("bind notify socket");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let into = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = sock.recv(&mut buf) {
+            into.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    });
+    (path.to_string_lossy().into_owned(), seen)
+}
+
+#[test]
+fn sigtstp_quiets_the_daemon_sigcont_resumes_and_sigterm_still_drains() {
+    let port = free_port();
+    let h = Harness::new(&config(port));
+    let (sock, notes) = notify_socket(&h);
+    let mut d = h.daemon("w1", &[("NOTIFY_SOCKET", sock.as_str())]);
+    let pending = h.pending_key("default");
+    wait_until(LONG, "ready", || readyz(port).0 == 200);
+
+    assert!(
+        h.cli(&["enqueue", "slow", "--id", "s1"], &[])
+            .status
+            .success()
+    );
+    wait_until(LONG, "s1 runs", || {
+        h.job_status("s1").as_deref() == Some("running")
+    });
+    d.signal(libc::SIGTSTP);
+    wait_until(LONG, "worker_quiet is logged", || {
+        events(&d, "worker_quiet") == 1
+    });
+    let quiet = d
+        .log_events()
+        .into_iter()
+        .find(|e| e["event"] == "worker_quiet")
+        .unwrap();
+    // Logged while s1 runs, though the fetch loop was waiting for its only
+    // slot.
+    assert_eq!(quiet["running"], 1, "{quiet}");
+    assert!(
+        h.cli(&["enqueue", "quick", "--id", "q1"], &[])
+            .status
+            .success()
+    );
+    let (code, body) = readyz(port);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("quiet"), "{body}");
+    wait_until(LONG, "STATUS= says quiet", || {
+        notes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|n| n.contains("STATUS=quiet: 1 running, taking no jobs"))
+    });
+    wait_until(LONG, "`status` shows the daemon quiet", || {
+        h.status()["workers"][0]["quiet"] == true
+    });
+    let text = h.cli(&["status"], &[]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("(quiet: taking no jobs)"),
+        "{text:?}"
+    );
+
+    // The running job finishes; the new one is not taken.
+    wait_until(LONG, "s1 completes", || {
+        h.job_status("s1").as_deref() == Some("completed")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(h.llen(&pending), 1, "q1 stays pending while quiet");
+    assert_eq!(h.job_status("q1"), None, "q1 never started");
+    assert!(!d.has_exited(), "a quiet daemon stays alive");
+    assert_eq!(readyz(port).0, 503);
+    assert_eq!(
+        http(port, "GET", "/healthz", &[], None).map(|r| r.code),
+        Some(200),
+        "quiet is healthy"
+    );
+
+    // SIGCONT: jobs are taken again.
+    d.signal(libc::SIGCONT);
+    wait_until(LONG, "q1 completes after SIGCONT", || {
+        h.job_status("q1").as_deref() == Some("completed")
+    });
+    assert_eq!(events(&d, "worker_resumed"), 1);
+    wait_until(LONG, "ready again", || readyz(port).0 == 200);
+    wait_until(LONG, "`status` shows it taking jobs", || {
+        h.status()["workers"][0]["quiet"] == false
+    });
+
+    // Quiet again, then SIGTERM: the usual drain, exit 0, q2 untouched.
+    d.signal(libc::SIGTSTP);
+    wait_until(LONG, "quiet again", || events(&d, "worker_quiet") == 2);
+    assert!(
+        h.cli(&["enqueue", "quick", "--id", "q2"], &[])
+            .status
+            .success()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    d.sigterm();
+    assert_eq!(d.wait_exit(LONG).code(), Some(0));
+    assert_eq!(events(&d, "worker_shutdown_complete"), 1);
+    assert_eq!(h.llen(&pending), 1, "q2 is still pending");
+    assert_eq!(h.job_status("q2"), None);
+}
