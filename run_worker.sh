@@ -21,8 +21,10 @@ Start the conveyor worker daemon (conveyor worker) from this checkout.
   -n N           start N daemons in the background, with ids ID-1 .. ID-N
                  (or \$(hostname)-1 .. \$(hostname)-N when no ID or
                  \$CONVEYOR_WORKER_ID is given). SIGTERM, SIGINT and SIGHUP are
-                 forwarded to all of them as SIGTERM (graceful drain); the
-                 script waits for all and exits with the worst exit code.
+                 forwarded to all of them as SIGTERM (graceful drain), and
+                 SIGTSTP and SIGCONT as they are (quiet: take no new jobs;
+                 resume); the script waits for all and exits with the worst
+                 exit code.
                  Without -n (or with -n 1) the script exec's the daemon, so
                  signals reach it directly.
   -e ENV_FILE    load variables from ENV_FILE (shell syntax, KEY=value lines)
@@ -313,6 +315,18 @@ forward() {
     done
 }
 
+# Signal handler of run_many for SIGTSTP (quiet: the daemons take no new jobs
+# and finish their running ones) and SIGCONT (take jobs again): passed on as
+# they are. The script itself is not suspended by TSTP.
+# shellcheck disable=SC2317 # invoked from a trap
+relay() {
+    log "received SIG$1: passing it to ${#pids[@]} daemon(s)"
+    local p
+    for p in "${pids[@]}"; do
+        kill -"$1" "$p" 2>/dev/null || true
+    done
+}
+
 run_many() {
     local prefix=${base_id:-$(host_name)}
     local -a ids=()
@@ -321,6 +335,8 @@ run_many() {
     trap 'forward SIGTERM' TERM
     trap 'forward SIGINT' INT
     trap 'forward SIGHUP' HUP
+    trap 'relay TSTP' TSTP
+    trap 'relay CONT' CONT
 
     for ((i = 1; i <= num; i++)); do
         spawn_bg "$BIN" worker --worker-id "$prefix-$i"

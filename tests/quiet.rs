@@ -152,3 +152,70 @@ fn sigtstp_quiets_the_daemon_sigcont_resumes_and_sigterm_still_drains() {
     assert_eq!(h.llen(&pending), 1, "q2 is still pending");
     assert_eq!(h.job_status("q2"), None);
 }
+
+/// `run_worker.sh -n 2` passes SIGTSTP and SIGCONT on to both daemons (the
+/// script itself is not suspended), and SIGTERM still drains both.
+#[test]
+fn run_worker_sh_relays_tstp_and_cont_to_its_daemons() {
+    let h = Harness::new(&config(free_port()).replace("http = ", "# http = "));
+    let log = std::fs::File::create(h.path("run_worker.log")).expect("log file");
+    let mut cmd = std::process::Command::new("bash");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("CONVEYOR_") {
+            cmd.env_remove(k);
+        }
+    }
+    let mut script = cmd
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/run_worker.sh"))
+        .args(["-n", "2", "relay"])
+        .env("CONVEYOR_BIN", env!("CARGO_BIN_EXE_conveyor"))
+        .env("CONVEYOR_CONFIG", &h.config)
+        .env("CONVEYOR_REDIS_URL", h.redis.url())
+        .env("CONVEYOR_PREFIX", &h.prefix)
+        .env("CONVEYOR_DB", &h.db)
+        .env("CONVEYOR_LOG_FORMAT", "json")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("dup log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn run_worker.sh");
+    let pid = script.id() as i32;
+    let signal = |sig| assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    let quiet = |want: bool| {
+        let workers = h.status()["workers"].as_array().cloned().unwrap_or_default();
+        workers.len() == 2 && workers.iter().all(|w| w["quiet"] == want)
+    };
+    wait_until(LONG, "both daemons registered", || quiet(false));
+
+    signal(libc::SIGTSTP);
+    wait_until(LONG, "both daemons quiet", || quiet(true));
+    assert!(
+        h.cli(&["enqueue", "quick", "--id", "r1"], &[])
+            .status
+            .success()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(h.job_status("r1"), None, "a quiet pair takes nothing");
+
+    signal(libc::SIGCONT);
+    wait_until(LONG, "r1 completes after SIGCONT", || {
+        h.job_status("r1").as_deref() == Some("completed")
+    });
+    wait_until(LONG, "both daemons take jobs again", || quiet(false));
+
+    signal(libc::SIGTERM);
+    let deadline = std::time::Instant::now() + LONG;
+    let status = loop {
+        if let Some(s) = script.try_wait().expect("wait run_worker.sh") {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "run_worker.sh still running 30 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = std::fs::read_to_string(h.path("run_worker.log")).unwrap_or_default();
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert!(text.contains("received SIGTSTP"), "{text}");
+}
