@@ -56,6 +56,7 @@ pub mod heartbeat;
 pub mod inflight;
 pub mod notify;
 pub mod periodic;
+#[cfg(feature = "prometheus")]
 pub mod probe;
 pub mod promoter;
 pub mod reaper;
@@ -153,10 +154,7 @@ pub(crate) async fn run_with_registry(
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let worker_id = config.worker_id();
-    let http = match &config.worker.http {
-        Some(addr) => Some(probe::bind(addr).await.map_err(WorkerError::Http)?),
-        None => None,
-    };
+    let http = background::bind_http(&config).await?;
     let (store, store_closer, broker) = open(&config).await?;
     let info = register(&broker, &config, &worker_id).await?;
     let daemon = Daemon::start(&config, registry, &shutdown, broker, store, info);
