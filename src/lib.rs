@@ -63,6 +63,19 @@
 //! `examples/rust_stage.rs` is a complete program: `cargo run --example
 //! rust_stage`.
 //!
+//! # Cargo features
+//!
+//! [`Client`] and [`Worker`] need none; `default-features = false` leaves
+//! out what only the binary and the servers use. All are on by default.
+//!
+//! - `cli`: the `conveyor` binary and its commands (clap, indicatif);
+//!   implies `dashboard` and `prometheus`.
+//! - `dashboard`: `conveyor dashboard` and `conveyor gateway` (axum).
+//! - `prometheus`: the daemon's `[worker] http` listener, `/metrics`,
+//!   `/healthz` and `/readyz`. Without it the metrics calls are no-ops and
+//!   a config that sets `worker.http` is refused at start.
+//! - `http`: the HTTP server the two above share; nothing by itself.
+//!
 //! # Layout
 //!
 //! Every dependency points down (`tests/architecture.rs` checks it on each
@@ -81,14 +94,27 @@
 //! `cli`, `queue`, `job` and `store` are public but hidden from the docs,
 //! for the binary and the tests; they are not part of the library's API.
 
+// What only the binary's commands use (the daemon's `run` from a config,
+// log set-up, time parsing) is unused in a library build without `cli`;
+// the default build, which CI lints, still reports dead code.
+#![cfg_attr(not(feature = "cli"), allow(dead_code))]
+
+// Cargo features (docs/stages.md#cargo-features) leave out whole modules:
+// the programs behind the binary's commands, and the HTTP servers.
+#[cfg(feature = "cli")]
 mod bench;
+#[cfg(feature = "cli")]
 #[doc(hidden)]
 pub mod cli;
 mod client;
 mod config;
+#[cfg(feature = "dashboard")]
 mod dashboard;
+#[cfg(feature = "cli")]
 mod doctor;
+#[cfg(feature = "dashboard")]
 mod gateway;
+#[cfg(feature = "http")]
 mod http;
 #[doc(hidden)]
 pub mod job;

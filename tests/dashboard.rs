@@ -468,3 +468,50 @@ stages = [{ name = "nap", builtin = "sleep", args = { ms = 20000 } }]
         "the entry itself stays until the job runs again"
     );
 }
+
+/// The resync events an SSE stream got so far (their data is `{}`).
+fn resyncs(sse: &SseReader) -> usize {
+    sse.data()
+        .iter()
+        .filter(|v| v.as_object().is_some_and(|o| o.is_empty()))
+        .count()
+}
+
+#[test]
+fn the_progress_bridge_comes_back_after_each_redis_outage() {
+    let mut h = Harness::new(CONFIG);
+    let dash = h.dashboard(None);
+    let sse = SseReader::open(dash.port);
+    let subscribed = |h: &Harness| {
+        redis::cmd("PUBSUB")
+            .arg("NUMPAT")
+            .query::<i64>(&mut h.redis.conn())
+            .is_ok_and(|n| n >= 1)
+    };
+    wait_until(LONG, "the dashboard's PSUBSCRIBE", || subscribed(&h));
+    // Two outages: the second starts from a fresh backoff, and both end
+    // with the browsers told to resync and messages flowing again.
+    for round in ["first", "second"] {
+        let before = resyncs(&sse);
+        h.redis.restart(Duration::from_millis(300));
+        wait_until(LONG, "the bridge subscribed again", || subscribed(&h));
+        wait_until(LONG, "a resync event after the outage", || {
+            resyncs(&sse) > before
+        });
+        let channel = format!("{}:progress:{round}", h.prefix);
+        let body = format!(r#"{{"job_id":"{round}","event":"progress"}}"#);
+        wait_until(LONG, "a message published after the outage", || {
+            let _: Result<i64, _> = redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg(&body)
+                .query(&mut h.redis.conn());
+            sse.messages().iter().any(|m| m["job_id"] == round)
+        });
+    }
+    let log = dash.log();
+    assert_eq!(
+        log.matches("Progress subscription restored").count(),
+        2,
+        "{log}"
+    );
+}

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::App;
 use super::reads::ApiError;
 use crate::queue::Broker;
+use crate::retry::Reconnect;
 
 /// What the bridge hands the browsers.
 #[derive(Debug, Clone)]
@@ -37,8 +38,6 @@ enum SessionEnd {
     Lost(String),
 }
 
-/// Longest wait between reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Bound on connecting and subscribing.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -54,24 +53,26 @@ impl Bridge {
     }
 
     pub async fn run(self, token: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Reconnect::new();
         let mut failing = false;
         loop {
             match self.session(&token, &mut failing).await {
                 SessionEnd::Shutdown => return,
                 SessionEnd::Lost(why) => {
+                    // Not failing: the session had subscribed (or this is
+                    // the first try), so this outage starts afresh.
                     if !failing {
                         tracing::warn!(error = %why, "Progress subscription lost; reconnecting");
                         failing = true;
+                        backoff.reset();
                     }
                 }
             }
             tokio::select! {
                 biased;
                 _ = token.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::http::{HeaderMap, header};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -119,13 +120,12 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Compares in time that depends on the expected token's length only.
+/// Whether `given` is the secret `expected`, in time that does not depend
+/// on where they differ ([`subtle::ConstantTimeEq`]). Tokens of different
+/// lengths are unequal at once, so the compare may reveal the secret's
+/// length, as is usual: a secret's strength is in its content.
 pub fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    let mut diff = u8::from(given.len() != expected.len());
-    for (i, e) in expected.iter().enumerate() {
-        diff |= e ^ given.get(i).copied().unwrap_or(0);
-    }
-    std::hint::black_box(diff) == 0
+    given.len() == expected.len() && bool::from(given.ct_eq(expected))
 }
 
 #[cfg(test)]

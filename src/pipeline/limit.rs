@@ -3,12 +3,11 @@
 //!
 //! A daemon-wide limit is a semaphore. A host-wide limit is N lock files
 //! next to the SQLite file (`<db>.limits/<stage>.<i>.lock`), held with
-//! `flock`: the daemons of a host share the SQLite file's directory already,
+//! std's [`File::try_lock`] (`flock` on Unix): the daemons of a host share the SQLite file's directory already,
 //! and the kernel drops a dead process's locks, so a SIGKILLed daemon never
 //! leaks a slot.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::fs::{File, TryLockError};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,15 +79,12 @@ impl StageLimit {
                         .truncate(false)
                         .write(true)
                         .open(&path)?;
-                    // SAFETY: flock on a valid open descriptor we own.
-                    let rc =
-                        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-                    if rc == 0 {
-                        return Ok(Some(LimitPermit::Host(file)));
-                    }
-                    let err = std::io::Error::last_os_error();
-                    if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                        return Err(err);
+                    // Exclusive and non-blocking; WouldBlock: another
+                    // process (or another run here) holds this slot.
+                    match file.try_lock() {
+                        Ok(()) => return Ok(Some(LimitPermit::Host(file))),
+                        Err(TryLockError::WouldBlock) => {}
+                        Err(TryLockError::Error(err)) => return Err(err),
                     }
                 }
                 Ok(None)

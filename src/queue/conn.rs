@@ -270,18 +270,17 @@ impl FollowMaster {
             db: 0,
             target: redis.target(),
         };
-        let mut delay = Duration::from_millis(250);
-        for _ in 0..retries {
-            match this.switch(0).await {
-                Ok(()) => return Ok(this),
-                Err(e) => {
-                    tracing::warn!(url = %redis.target(), error = %e, "No master from the Sentinels yet; retrying");
-                }
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
-        this.switch(0).await?;
+        // 250 ms doubling to 5 s, jittered; `retries` retries, then the error.
+        use backon::Retryable as _;
+        let steps = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(250))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .with_max_times(retries);
+        (|| this.switch(0))
+            .retry(steps)
+            .notify(|e, _| tracing::warn!(url = %redis.target(), error = %e, "No master from the Sentinels yet; retrying"))
+            .await?;
         Ok(this)
     }
 

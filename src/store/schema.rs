@@ -147,8 +147,7 @@ pub fn configure(conn: &Connection) -> rusqlite::Result<()> {
 /// Switches to WAL (retrying while another daemon starting at the same time
 /// holds the lock: SQLite does not apply the busy timeout to this switch).
 fn enable_wal(conn: &Connection) -> Result<(), String> {
-    let mut delay = std::time::Duration::from_millis(10);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut backoff = crate::retry::wal_switch_backoff();
     loop {
         let current: rusqlite::Result<String> =
             conn.pragma_query_value(None, "journal_mode", |r| r.get(0));
@@ -160,18 +159,20 @@ fn enable_wal(conn: &Connection) -> Result<(), String> {
         match result {
             Ok(mode) if mode.eq_ignore_ascii_case("wal") => return Ok(()),
             Ok(mode) => return Err(format!("journal_mode is `{mode}`, WAL is required")),
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if matches!(
-                    e.code,
-                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-                ) && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(std::time::Duration::from_millis(200));
-            }
+            // The steps end after 10 s of pauses: then the error stands.
+            Err(e) if is_busy(&e) => match backoff.next() {
+                Some(delay) => std::thread::sleep(delay),
+                None => return Err(format!("cannot enable WAL: {e}")),
+            },
             Err(e) => return Err(format!("cannot enable WAL: {e}")),
         }
     }
+}
+
+/// Another connection holds the lock.
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
 }
 
 /// Switches to WAL and applies missing migrations.

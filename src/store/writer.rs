@@ -166,7 +166,7 @@ impl Writer {
         if self.gave_up {
             return refuse(batch.len(), "SQLite writes failing at shutdown");
         }
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = crate::retry::sqlite_write_backoff();
         let mut failures = 0u32;
         loop {
             match self.apply(batch) {
@@ -188,8 +188,8 @@ impl Writer {
                     // Checked before and after the pause, so a give-up
                     // costs no further attempt.
                     if !self.give_up.load(Ordering::Relaxed) {
-                        std::thread::sleep(delay);
-                        delay = (delay * 2).min(Duration::from_secs(1));
+                        // Endless steps: the fallback is never used.
+                        std::thread::sleep(backoff.next().unwrap_or(Duration::from_secs(1)));
                     }
                     if self.give_up.load(Ordering::Relaxed) {
                         tracing::warn!(error = %err, ops = batch.len(),

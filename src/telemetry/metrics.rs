@@ -27,6 +27,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+#[cfg(feature = "prometheus")]
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -104,7 +105,9 @@ pub fn sqlite_error() {
     }
 }
 
-/// The process-wide Prometheus recorder, installed once.
+/// The process-wide Prometheus recorder, installed once. Without the
+/// `prometheus` feature there is none, and [`enabled`] stays false.
+#[cfg(feature = "prometheus")]
 pub fn recorder() -> Result<PrometheusHandle, String> {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     if let Some(h) = HANDLE.get() {
@@ -126,6 +129,7 @@ pub fn recorder() -> Result<PrometheusHandle, String> {
 }
 
 /// `# HELP` lines.
+#[cfg(feature = "prometheus")]
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!("conveyor_jobs_started_total", "Job attempts started");

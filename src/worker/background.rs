@@ -4,7 +4,8 @@
 //! promoter, periodic jobs and the control listener.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+#[cfg(feature = "prometheus")]
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -12,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::health::Health;
-use super::{Daemon, control, heartbeat, notify, periodic, probe, promoter, reaper};
+#[cfg(feature = "prometheus")]
+use super::probe;
+use super::{Daemon, WorkerError, control, heartbeat, notify, periodic, promoter, reaper};
 use crate::config::Config;
 
 /// Spawns every background component on `tracker`. They stop when
@@ -57,10 +60,55 @@ fn spawn_liveness(
         }
         .run(background.clone()),
     );
+    spawn_probe(tracker, daemon, config, http, background);
+}
+
+/// Binds `[worker] http` before the daemon registers: a taken port fails
+/// the start, with the key named.
+#[cfg(feature = "prometheus")]
+pub(super) async fn bind_http(config: &Config) -> Result<Option<TcpListener>, WorkerError> {
+    match &config.worker.http {
+        Some(addr) => Ok(Some(probe::bind(addr).await.map_err(WorkerError::Http)?)),
+        None => Ok(None),
+    }
+}
+
+/// This build has no HTTP listener: a config that asks for one is refused
+/// at start rather than run without the probes it expects.
+#[cfg(not(feature = "prometheus"))]
+pub(super) async fn bind_http(config: &Config) -> Result<Option<TcpListener>, WorkerError> {
+    match &config.worker.http {
+        Some(addr) => Err(WorkerError::Http(format!(
+            "config key `worker.http`: cannot listen on {addr}: this build of conveyor has \
+             no HTTP listener (it needs the cargo feature `prometheus`)"
+        ))),
+        None => Ok(None),
+    }
+}
+
+#[cfg(feature = "prometheus")]
+fn spawn_probe(
+    tracker: &TaskTracker,
+    daemon: &Daemon,
+    config: &Config,
+    http: Option<TcpListener>,
+    background: &CancellationToken,
+) {
     if let Some(listener) = http {
         // Up until the very end of the drain: `/readyz` says "shutting down".
         tracker.spawn(ProbeServer::new(listener, daemon, config).run(background.clone()));
     }
+}
+
+/// Without the `prometheus` feature [`bind_http`] never gives a listener.
+#[cfg(not(feature = "prometheus"))]
+fn spawn_probe(
+    _: &TaskTracker,
+    _: &Daemon,
+    _: &Config,
+    _: Option<TcpListener>,
+    _: &CancellationToken,
+) {
 }
 
 /// The upkeep: reaping dead daemons, promoting due retries, periodic jobs,
@@ -120,11 +168,13 @@ impl Watchdog {
 }
 
 /// The HTTP listener of `worker.http` ([`probe::serve`]).
+#[cfg(feature = "prometheus")]
 struct ProbeServer {
     listener: TcpListener,
     probe: probe::Probe,
 }
 
+#[cfg(feature = "prometheus")]
 impl ProbeServer {
     fn new(listener: TcpListener, daemon: &Daemon, config: &Config) -> Self {
         let w = &config.worker;
@@ -134,7 +184,7 @@ impl ProbeServer {
             broker: daemon.broker.clone(),
             queues: w.queues.clone(),
             worker_id: daemon.worker_id.clone(),
-            in_flight: Box::new(move || in_flight.stats.running.load(Relaxed)),
+            in_flight: Box::new(move || in_flight.stats.running.load(Ordering::Relaxed)),
             ready_window: Duration::from_secs(w.dead_after_secs),
         };
         Self { listener, probe }
@@ -142,5 +192,40 @@ impl ProbeServer {
 
     async fn run(self, token: CancellationToken) {
         probe::serve(self.listener, self.probe, token).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(http: Option<&str>) -> Config {
+        let mut c = Config::from_toml("").unwrap();
+        c.worker.http = http.map(str::to_owned);
+        c
+    }
+
+    #[tokio::test]
+    async fn no_listener_is_asked_for_none_is_bound() {
+        assert!(bind_http(&config(None)).await.unwrap().is_none());
+    }
+
+    #[cfg(feature = "prometheus")]
+    #[tokio::test]
+    async fn the_listener_is_bound_before_the_start() {
+        let bound = bind_http(&config(Some("127.0.0.1:0"))).await.unwrap();
+        assert!(bound.is_some_and(|l| l.local_addr().unwrap().ip().is_loopback()));
+    }
+
+    #[cfg(not(feature = "prometheus"))]
+    #[tokio::test]
+    async fn a_build_without_the_listener_refuses_a_config_asking_for_it() {
+        let Err(WorkerError::Http(msg)) = bind_http(&config(Some("127.0.0.1:0"))).await else {
+            panic!("worker.http accepted in a build without the listener");
+        };
+        assert!(
+            msg.contains("`worker.http`") && msg.contains("`prometheus`"),
+            "{msg}"
+        );
     }
 }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::inflight::{InFlight, StopReason};
 use crate::queue::Broker;
-use crate::retry::reconnect_backoff;
+use crate::retry::Reconnect;
 
 #[derive(Debug, Deserialize)]
 struct ControlMessage {
@@ -33,20 +33,21 @@ pub struct Control {
 
 impl Control {
     pub async fn run(self, token: CancellationToken) {
-        let mut backoff = reconnect_backoff();
+        let mut backoff = Reconnect::new();
         loop {
             match self.session(&token).await {
                 Ok(SessionEnd::Shutdown) => return,
                 Ok(SessionEnd::Disconnected) => {
                     tracing::warn!("Control channel lost; resubscribing");
+                    // It was subscribed: a new outage starts from the first step.
+                    backoff.reset();
                 }
                 Err(err) => tracing::warn!(error = %err, "Control channel subscription failed"),
             }
-            let delay = backoff.next().unwrap_or(std::time::Duration::from_secs(5));
             tokio::select! {
                 biased;
                 _ = token.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
         }
     }

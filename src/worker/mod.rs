@@ -59,6 +59,7 @@ pub mod heartbeat;
 pub mod inflight;
 pub mod notify;
 pub mod periodic;
+#[cfg(feature = "prometheus")]
 pub mod probe;
 pub mod promoter;
 pub mod quiet;
@@ -166,10 +167,7 @@ pub(crate) async fn run_with_registry(
     quiet: quiet::Quiet,
 ) -> Result<(), WorkerError> {
     let worker_id = config.worker_id();
-    let http = match &config.worker.http {
-        Some(addr) => Some(probe::bind(addr).await.map_err(WorkerError::Http)?),
-        None => None,
-    };
+    let http = background::bind_http(&config).await?;
     let Some((store, store_closer, broker)) = open(&config, &shutdown).await? else {
         tracing::info!("Stopped while waiting for Redis");
         return Ok(());
