@@ -182,7 +182,10 @@ fn run_worker_sh_relays_tstp_and_cont_to_its_daemons() {
     let pid = script.id() as i32;
     let signal = |sig| assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
     let quiet = |want: bool| {
-        let workers = h.status()["workers"].as_array().cloned().unwrap_or_default();
+        let workers = h.status()["workers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         workers.len() == 2 && workers.iter().all(|w| w["quiet"] == want)
     };
     wait_until(LONG, "both daemons registered", || quiet(false));
