@@ -222,3 +222,41 @@ fn run_worker_sh_relays_tstp_and_cont_to_its_daemons() {
     assert_eq!(status.code(), Some(0), "{text}");
     assert!(text.contains("received SIGTSTP"), "{text}");
 }
+
+/// A job that a `BLMOVE` already waiting when SIGTSTP arrives receives is
+/// not started: it goes back onto pending, at the consuming end, and runs
+/// once the daemon resumes.
+#[test]
+fn a_job_received_as_quiet_arrives_goes_back_unstarted() {
+    let h = Harness::new(
+        &config(free_port())
+            .replace("http = ", "# http = ")
+            .replace("fetch_block_ms = 500", "fetch_block_ms = 10000"),
+    );
+    let d = h.daemon("w1", &[]);
+    let pending = h.pending_key("default");
+    // The first BLMOVE (10 s) is under way.
+    std::thread::sleep(Duration::from_millis(1500));
+    d.signal(libc::SIGTSTP);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        h.cli(&["enqueue", "quick", "--id", "b1"], &[])
+            .status
+            .success()
+    );
+    wait_until(LONG, "the received job is put back", || {
+        events(&d, "jobs_put_back") == 1
+    });
+    wait_until(LONG, "worker_quiet is logged", || {
+        events(&d, "worker_quiet") == 1
+    });
+    assert_eq!(h.llen(&pending), 1, "b1 is back on pending");
+    assert_eq!(h.llen(&h.active_key("default", "w1")), 0);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(h.job_status("b1"), None, "b1 never started");
+
+    d.signal(libc::SIGCONT);
+    wait_until(LONG, "b1 completes after SIGCONT", || {
+        h.job_status("b1").as_deref() == Some("completed")
+    });
+}

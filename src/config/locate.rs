@@ -82,6 +82,13 @@ impl ConfigSource {
         }
     }
 
+    /// Whether this is the host's config, however it was named (the unit
+    /// passes it with `--config`).
+    pub fn is_system(&self) -> bool {
+        self.path.as_deref() == Some(Path::new(SYSTEM_CONFIG_PATH))
+            || self.chosen_by == ChosenBy::System
+    }
+
     fn file(path: PathBuf, chosen_by: ChosenBy) -> Self {
         Self {
             path: Some(path),
@@ -184,5 +191,45 @@ mod tests {
         std::fs::create_dir_all(cwd.path().join("config/conveyor.toml")).unwrap();
         let found = ConfigSource::find_in(None, None, cwd.path(), root.path());
         assert_eq!(found.chosen_by, ChosenBy::Defaults);
+    }
+}
+
+#[cfg(test)]
+mod system_config_tests {
+    use super::*;
+    use crate::config::{Config, ConfigError, Overrides};
+
+    fn load(toml: &str, db: Option<&str>) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("etc/conveyor/conveyor.toml");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, toml).unwrap();
+        let source = ConfigSource::file(path, ChosenBy::System);
+        let overrides = Overrides {
+            db: db.map(PathBuf::from),
+            ..Overrides::default()
+        };
+        Config::load_source(&source, &overrides, &|_, _| Ok(()))
+    }
+
+    #[test]
+    fn the_hosts_config_needs_an_absolute_database_path() {
+        let e = load("[store]\npath = \"data/conveyor.db\"\n", None).unwrap_err();
+        let e = e.to_string();
+        assert!(e.starts_with("config key `store.path`"), "{e}");
+        assert!(e.contains("absolute"), "{e}");
+        // Unset: the default, data/conveyor.db, is relative too.
+        assert!(load("", None).is_err());
+        let ok = load("[store]\npath = \"/var/lib/conveyor/conveyor.db\"\n", None).unwrap();
+        assert_eq!(ok.store.path, Path::new("/var/lib/conveyor/conveyor.db"));
+        // CONVEYOR_DB counts as the config's value.
+        assert!(load("", Some("/srv/c.db")).is_ok());
+        assert!(load("", Some("c.db")).is_err());
+        // Named with --config, as the unit does, it is still the host's.
+        let named = ConfigSource::file(PathBuf::from(SYSTEM_CONFIG_PATH), ChosenBy::Flag);
+        assert!(named.is_system());
+        assert!(
+            !ConfigSource::file(PathBuf::from("config/conveyor.toml"), ChosenBy::Flag).is_system()
+        );
     }
 }

@@ -33,7 +33,7 @@ use serde::Deserialize;
 
 pub use host::hostname;
 pub use jobs::{BuiltinCheck, JobTypeConfig, StageConfig};
-pub use locate::ConfigSource;
+pub use locate::{ConfigSource, SYSTEM_CONFIG_PATH};
 pub use redis::{RedisConfig, RedisMode, redact_url};
 pub use schedules::ScheduleConfig;
 pub use servers::{DashboardConfig, GatewayConfig};
@@ -130,6 +130,20 @@ impl Config {
         };
         config.apply(overrides);
         config.validate_with(builtin)?;
+        if source.is_system() && config.store.path.is_relative() {
+            // The daemons run in /var/lib/conveyor and a command typed on
+            // the host in the shell's directory: a relative path would give
+            // them two different databases.
+            return Err(invalid(
+                "store.path",
+                format!(
+                    "must be an absolute path in {SYSTEM_CONFIG_PATH} (the daemons and the \
+                     commands run by hand on the host start in different directories), \
+                     e.g. \"/var/lib/conveyor/conveyor.db\"; it is {:?}",
+                    config.store.path
+                ),
+            ));
+        }
         Ok(config)
     }
 

@@ -239,11 +239,11 @@ pub fn redact_url(url: &str) -> String {
     let Some(scheme) = url.find("://") else {
         return url.to_owned();
     };
-    let (head, query) = url.split_once('?').unwrap_or((url, ""));
-    let rest = &head[scheme + 3..];
-    // The last `@` before the query ends the userinfo, so a password that
-    // holds an (unencoded) `@` is still hidden whole.
-    let mut out = match rest.rfind('@') {
+    let (start, rest) = url.split_at(scheme + 3);
+    // The last `@` ends the userinfo, so a password that holds an
+    // (unencoded) `@`, `?` or `/` is still hidden whole; an `@` in the query
+    // hides a little too much, which is the safe side.
+    let (mut out, tail) = match rest.rfind('@') {
         Some(at) => {
             let shown = match rest[..at].split_once(':') {
                 Some((user, _)) => format!("{user}:***"),
@@ -251,10 +251,12 @@ pub fn redact_url(url: &str) -> String {
                 // the password, so it is hidden too.
                 None => "***".to_owned(),
             };
-            format!("{}{shown}{}", &head[..scheme + 3], &rest[at..])
+            (format!("{start}{shown}"), &rest[at..])
         }
-        None => head.to_owned(),
+        None => (start.to_owned(), rest),
     };
+    let (host, query) = tail.split_once('?').unwrap_or((tail, ""));
+    out.push_str(host);
     if !query.is_empty() {
         // `redis+unix:///path?pass=...`: redis-rs reads credentials there.
         let params: Vec<String> = query
@@ -351,6 +353,9 @@ mod tests {
             ("rediss://:s3cret@h:6380", "rediss://:***@h:6380"),
             ("redis://s3cret@h:6380", "redis://***@h:6380"),
             ("redis://u:p@ss@h:1", "redis://u:***@h:1"),
+            // `?` and `/` in a password: still the userinfo, not a query.
+            ("redis://default:8?Kd@h:6379", "redis://default:***@h:6379"),
+            ("redis://u:a/b?c@h:6379/0", "redis://u:***@h:6379/0"),
             ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
             (
                 "redis+unix:///run/redis.sock",

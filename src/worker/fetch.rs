@@ -110,12 +110,19 @@ impl Fetcher {
             if shutdown.is_cancelled() || quiet.is_quiet() {
                 // A job taken while the stop (or quiet) arrived is not
                 // started: it goes back to pending, the next one taken.
-                if let Ok(jobs) = result {
-                    self.put_back(jobs).await;
+                match result {
+                    Ok(jobs) => self.put_back(jobs).await,
+                    Err(_) => blocking = None,
                 }
                 if shutdown.is_cancelled() {
                     return;
                 }
+                // A put-back that failed, or a fetch whose reply was lost,
+                // left entries in our active list that no run owns; a
+                // quiet daemon may stay quiet for hours, so they are put
+                // back now rather than at the next fetch.
+                self.reconcile().await;
+                reconciled = tokio::time::Instant::now();
                 continue;
             }
             match result {
@@ -295,7 +302,12 @@ impl Fetcher {
 
     async fn put_back(&self, jobs: Vec<Fetched>) {
         let worker = &self.env.worker_id;
-        for job in jobs {
+        // Newest first: each goes onto the consuming end of pending, so the
+        // oldest ends up there, taken first again, as it would have been.
+        if !jobs.is_empty() {
+            tracing::debug!(count = jobs.len(), "jobs_put_back");
+        }
+        for job in jobs.into_iter().rev() {
             let next = Next::Requeue(&job.raw);
             let moved = self
                 .env
