@@ -122,10 +122,10 @@ wait "$daemon_pid" || true
 daemon_pid=""
 
 completed=$(sqlite3 "$db" "SELECT count(*) FROM jobs WHERE status = 'completed'")
-restarts=$(grep -c 'WAL restarted' "$dir/daemon.log" || true)
-deferred=$(grep -c 'WAL restart deferred' "$dir/daemon.log" || true)
+restarts=$(grep -c 'wal_restarted' "$dir/daemon.log" || true)
+deferred=$(grep -cE 'wal_restart_(busy|failed)' "$dir/daemon.log" || true)
 # elapsed_ms of each restart (JSON or text logs).
-stats=$({ grep 'WAL restarted' "$dir/daemon.log" || true; } \
+stats=$({ grep 'wal_restarted' "$dir/daemon.log" || true; } \
     | { grep -oE 'elapsed_ms"?[=:]"?[0-9.]+' || true; } | { grep -oE '[0-9.]+$' || true; } | sort -n \
     | awk '{ v[NR] = $1; s += $1 } END {
         if (NR == 0) { print "none"; exit }

@@ -200,7 +200,7 @@ impl PublisherTask {
                     self.dropped
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
                     if failures.is_multiple_of(100) {
-                        tracing::warn!(error = %err, dropped = batch.len(), "Progress publish failed");
+                        tracing::warn!(error = %err, dropped = batch.len(), "progress_publish_failed");
                     }
                     failures += 1;
                 }

@@ -24,14 +24,11 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
                 else => return,
             };
             if first {
-                tracing::info!(signal = name, "Stop requested: no new jobs; draining");
+                tracing::info!(signal = name, "stop_requested");
                 t.cancel();
                 first = false;
             } else {
-                tracing::info!(
-                    signal = name,
-                    "Already draining; send SIGKILL to stop at once (jobs are then recovered at next start)"
-                );
+                tracing::info!(signal = name, "stop_repeated");
             }
         }
     });
@@ -54,7 +51,7 @@ pub fn on_quiet_signals(quiet: impl Fn(bool) + Send + 'static) -> std::io::Resul
                 else => return,
             };
             let signal = if on { "SIGTSTP" } else { "SIGCONT" };
-            tracing::info!(signal, quiet = on, "Quiet signal received");
+            tracing::info!(signal, quiet = on, "quiet_signal_received");
             quiet(on);
         }
     });

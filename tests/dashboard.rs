@@ -510,7 +510,7 @@ fn the_progress_bridge_comes_back_after_each_redis_outage() {
     }
     let log = dash.log();
     assert_eq!(
-        log.matches("Progress subscription restored").count(),
+        log.matches("progress_subscription_restored").count(),
         2,
         "{log}"
     );

@@ -1,7 +1,8 @@
 //! docs/reference/log-events.md lists every event conveyor logs: each
 //! `tracing` call in `src/` (outside tests) has a row whose first cell is
-//! its message (`event` in JSON), whose second cell names its level and
-//! whose third names each of its fields.
+//! its message (`event` in JSON), a snake_case name, whose second cell
+//! names its level, whose third names each of its fields and whose fourth
+//! says when it happens. Every row names an event that is logged.
 
 use std::path::{Path, PathBuf};
 
@@ -135,21 +136,52 @@ fn calls_in(path: &Path) -> Vec<Call> {
     calls
 }
 
-#[test]
-fn every_logged_event_is_documented_with_its_level() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let doc = std::fs::read_to_string(root.join("docs/reference/log-events.md")).unwrap();
-    // (event, level, fields) of each table row.
-    let rows: Vec<(String, String, String)> = doc
-        .lines()
+/// One table row of the doc: event, level, fields, description.
+#[derive(Debug)]
+struct Row {
+    event: String,
+    level: String,
+    fields: String,
+    description: String,
+}
+
+fn doc_rows(doc: &str) -> Vec<Row> {
+    doc.lines()
         .filter(|l| l.starts_with("| "))
-        .filter_map(|l| {
-            let mut cells = l.split('|').skip(1).map(str::trim);
-            let first = cells.next()?.trim_matches('`').to_owned();
-            let level = cells.next()?.to_owned();
-            Some((first, level, cells.next().unwrap_or_default().to_owned()))
+        .filter(|l| !l.starts_with("| event |") && !l.starts_with("| --- |"))
+        .map(|l| {
+            let cells: Vec<&str> = l
+                .trim_end()
+                .trim_end_matches('|')
+                .split('|')
+                .skip(1)
+                .map(str::trim)
+                .collect();
+            assert_eq!(cells.len(), 4, "a row has 4 cells: {l}");
+            assert!(
+                cells[0].starts_with('`') && cells[0].ends_with('`'),
+                "the event is in backquotes: {l}"
+            );
+            assert!(!cells[3].is_empty(), "a row says when it happens: {l}");
+            Row {
+                event: cells[0].trim_matches('`').to_owned(),
+                level: cells[1].to_owned(),
+                fields: cells[2].to_owned(),
+                description: cells[3].to_owned(),
+            }
         })
-        .collect();
+        .collect()
+}
+
+/// `[a-z][a-z0-9_]*`: what operators grep and alert on.
+fn is_snake_case(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn all_calls() -> Vec<Call> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = Vec::new();
     rust_files(&root.join("src"), &mut files);
     let calls: Vec<Call> = files.iter().flat_map(|f| calls_in(f)).collect();
@@ -157,13 +189,83 @@ fn every_logged_event_is_documented_with_its_level() {
         calls.len() > 50,
         "the scan finds the logging calls: {calls:?}"
     );
+    calls
+}
+
+fn doc() -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(root.join("docs/reference/log-events.md")).unwrap()
+}
+
+#[test]
+fn snake_case_check_tells_names_from_sentences() {
+    for good in ["job_started", "wal_restarted", "a", "http2_ready"] {
+        assert!(is_snake_case(good), "{good}");
+    }
+    for bad in [
+        "",
+        "Fetch failed",
+        "fetch failed",
+        "Job_started",
+        "_x",
+        "9x",
+        "x-y",
+        "a:b",
+    ] {
+        assert!(!is_snake_case(bad), "{bad}");
+    }
+}
+
+#[test]
+fn every_event_name_is_snake_case() {
+    let sentences: Vec<String> = all_calls()
+        .iter()
+        .filter(|c| !is_snake_case(&c.message))
+        .map(|c| format!("{} {} {:?}", c.at, c.level, c.message))
+        .collect();
+    assert!(
+        sentences.is_empty(),
+        "events must be snake_case names ([a-z][a-z0-9_]*), explained in the docs' description column:\n{}",
+        sentences.join("\n")
+    );
+    let rows = doc_rows(&doc());
+    assert!(rows.len() > 50, "the doc's rows are found: {rows:?}");
+    let bad: Vec<&str> = rows
+        .iter()
+        .filter(|r| !is_snake_case(&r.event))
+        .map(|r| r.event.as_str())
+        .collect();
+    assert!(bad.is_empty(), "documented names not snake_case: {bad:?}");
+}
+
+#[test]
+fn every_documented_event_is_logged() {
+    let calls = all_calls();
+    let stale: Vec<String> = doc_rows(&doc())
+        .into_iter()
+        .filter(|r| !calls.iter().any(|c| c.message == r.event))
+        .map(|r| format!("{} ({})", r.event, r.description))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "documented in docs/reference/log-events.md but logged nowhere in src/:\n{}",
+        stale.join("\n")
+    );
+}
+
+#[test]
+fn every_logged_event_is_documented_with_its_level() {
+    let rows = doc_rows(&doc());
+    let calls = all_calls();
     let missing: Vec<String> = calls
         .iter()
         .filter(|c| {
-            !rows.iter().any(|(event, level, fields)| {
-                *event == c.message
-                    && level.contains(c.level)
-                    && c.fields.iter().all(|f| fields.contains(&format!("`{f}`")))
+            !rows.iter().any(|r| {
+                r.event == c.message
+                    && r.level.contains(c.level)
+                    && c.fields
+                        .iter()
+                        .all(|f| r.fields.contains(&format!("`{f}`")))
             })
         })
         .map(|c| format!("{} {} {:?} {:?}", c.at, c.level, c.message, c.fields))

@@ -150,7 +150,14 @@ fn json_lines_are_flat_with_event_level_and_job_fields() {
             assert_eq!(v["queue"], "default", "{line}");
             assert_eq!(v["worker_id"], "w1", "{line}");
             seen.insert(event.to_owned());
-            if event.starts_with("stage_") {
+            if event == "stage_output" {
+                let said = (v["stream"].as_str(), v["line"].as_str());
+                assert!(
+                    said == (Some("stdout"), Some("not protocol"))
+                        || said == (Some("stderr"), Some("a note on stderr")),
+                    "{line}"
+                );
+            } else if event.starts_with("stage_") {
                 assert!(v["stage"].is_string() && v["attempt"] == 1, "{line}");
             }
         }
@@ -158,6 +165,7 @@ fn json_lines_are_flat_with_event_level_and_job_fields() {
     for event in [
         "job_started",
         "stage_started",
+        "stage_output",
         "stage_completed",
         "job_completed",
     ] {

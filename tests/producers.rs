@@ -402,7 +402,7 @@ fn missed_ticks_are_skipped_unless_catch_up_asks() {
     wait_until(LONG, "the catch-up ran", || {
         d.log_events()
             .iter()
-            .any(|e| e["event"] == "Catching up missed ticks")
+            .any(|e| e["event"] == "schedule_catching_up")
     });
     d.sigterm();
     d.wait_exit(LONG);
@@ -427,7 +427,7 @@ fn missed_ticks_are_skipped_unless_catch_up_asks() {
     let catch_up = d
         .log_events()
         .into_iter()
-        .find(|e| e["event"] == "Catching up missed ticks")
+        .find(|e| e["event"] == "schedule_catching_up")
         .unwrap();
     assert_eq!(catch_up["schedule"], "a");
     assert_eq!(catch_up["missed"], 3);

@@ -110,7 +110,7 @@ fn sentinel_failover_mid_run() {
             });
         eprintln!("{} warnings and errors: {warnings:#?}", d.worker_id);
         assert!(
-            log.contains("The Sentinels name a new master"),
+            log.contains("sentinel_master_changed"),
             "{} did not report the switch from port {old_port}:\n{log}",
             d.worker_id
         );

@@ -145,7 +145,7 @@ fn redis_gone_at_sigterm_exits_within_the_bound() {
     stop_past_bound(&mut d);
     let log = d.log();
     assert!(
-        log.contains("Shutting down with Redis unreachable"),
+        log.contains("redis_call_given_up"),
         "no job gave up on Redis; log tail:\n{}",
         d.log_tail(40)
     );
@@ -270,7 +270,7 @@ fn sqlite_disk_full_at_sigterm_exits_within_the_bound() {
         }
     });
     let failed = poll_until(Duration::from_secs(30), || {
-        d.log().contains("SQLite transaction failed")
+        d.log().contains("sqlite_transaction_failed")
     });
     assert!(
         failed,
@@ -283,7 +283,7 @@ fn sqlite_disk_full_at_sigterm_exits_within_the_bound() {
     let filled = filling.join().expect("filler thread");
     eprintln!("{filled} bytes of filler in all");
     assert!(
-        d.log().contains("Shutdown gave up on SQLite"),
+        d.log().contains("shutdown_sqlite_batch_dropped"),
         "{}",
         d.log_tail(40)
     );

@@ -35,7 +35,7 @@ pub async fn worker(config: Config) -> CliResult {
     crate::worker::run(config, token, quiet).await.map_err(|e| {
         // A drain past its bound has logged why already.
         if !matches!(e, crate::worker::WorkerError::ShutdownGaveUp { .. }) {
-            tracing::error!(error = %e, "Worker failed to start");
+            tracing::error!(error = %e, "worker_start_failed");
         }
         Failure::other(e.to_string())
     })

@@ -47,7 +47,7 @@ pub async fn cancel(
             ),
         ),
     };
-    tracing::info!(job_id = %id, result, "Dashboard: cancel");
+    tracing::info!(job_id = %id, result, "dashboard_cancel");
     Ok(Json(
         json!({ "id": id, "result": result, "message": message }),
     ))
@@ -157,7 +157,7 @@ pub async fn retry(
         )));
     }
     let (n, requeued) = revive(&app, found.into_iter().take(1).collect()).await?;
-    tracing::info!(job_id = %id, requeued = n, "Dashboard: retry");
+    tracing::info!(job_id = %id, requeued = n, "dashboard_retry");
     Ok(Json(json!({
         "requeued": requeued,
         "message": format!("{id} requeued"),
@@ -174,7 +174,7 @@ pub async fn dead_retry(
     let (t, queues) = dead_action(&app, &headers, q, &body).await?;
     let found = app.inspector.dead_matching(&queues, &t.ids).await?;
     let (n, requeued) = revive(&app, found).await?;
-    tracing::info!(requeued = n, "Dashboard: dead retry");
+    tracing::info!(requeued = n, "dashboard_dead_retry");
     Ok(Json(json!({
         "requeued": requeued,
         "message": format!("{n} job(s) requeued"),
@@ -191,7 +191,7 @@ pub async fn dead_purge(
     let (t, queues) = dead_action(&app, &headers, q, &body).await?;
     let ids = if t.all { Vec::new() } else { t.ids };
     let n = app.inspector.purge_dead(&queues, &ids).await?;
-    tracing::info!(purged = n, "Dashboard: dead purge");
+    tracing::info!(purged = n, "dashboard_dead_purge");
     Ok(Json(json!({
         "purged": n,
         "message": format!("{n} dead job(s) purged"),

@@ -62,7 +62,7 @@ impl Bridge {
                     // Not failing: the session had subscribed (or this is
                     // the first try), so this outage starts afresh.
                     if !failing {
-                        tracing::warn!(error = %why, "Progress subscription lost; reconnecting");
+                        tracing::warn!(error = %why, "progress_subscription_lost");
                         failing = true;
                         backoff.reset();
                     }
@@ -90,7 +90,7 @@ impl Bridge {
             },
         };
         if *failing {
-            tracing::info!("Progress subscription restored");
+            tracing::info!("progress_subscription_restored");
             *failing = false;
         }
         // Whatever was published while we were away is gone.

@@ -112,7 +112,7 @@ pub fn start(
         let stop = shutdown.clone();
         worker.run(shutdown).await.map_err(|e| {
             // Without its daemon the API would hand out nothing: stop all.
-            tracing::error!(error = %e, "The gateway's daemon stopped");
+            tracing::error!(error = %e, "gateway_daemon_stopped");
             stop.cancel();
             format!("the gateway's daemon: {e}")
         })

@@ -304,7 +304,7 @@ async fn claim(
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
         if let Some(job) = d.take(&req.worker_id, &req.types) {
-            tracing::debug!(job_id = %job.job_id, token_name = %group, "Claimed through the API");
+            tracing::debug!(job_id = %job.job_id, token_name = %group, "api_job_claimed");
             return Ok(ok(serde_json::to_value(job).unwrap_or(Value::Null)));
         }
         tokio::select! {

@@ -142,7 +142,7 @@ where
         let conn = graceful.watch(http.serve_connection(TokioIo::new(io), service.clone()));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
-                tracing::debug!(error = %e, ?peer, "HTTP connection closed on an error");
+                tracing::debug!(error = %e, ?peer, "http_connection_error");
             }
             drop(slot);
         });
@@ -176,7 +176,7 @@ fn panicked(panic: Box<dyn Any + Send + 'static>) -> Response<Body> {
         .map(String::as_str)
         .or_else(|| panic.downcast_ref::<&str>().copied())
         .unwrap_or("(no message)");
-    tracing::error!(panic = what, "A request handler panicked");
+    tracing::error!(panic = what, "http_handler_panicked");
     (StatusCode::INTERNAL_SERVER_ERROR, "internal error\n").into_response()
 }
 

@@ -76,7 +76,7 @@ impl TlsListener {
                     Ok(a) => a,
                     Err(e) => {
                         // Out of file descriptors, say: wait rather than spin.
-                        tracing::warn!(error = %e, "Cannot accept a connection");
+                        tracing::warn!(error = %e, "http_accept_failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
@@ -92,9 +92,9 @@ impl TlsListener {
                             let _ = tx.send((tls, addr)).await;
                         }
                         Ok(Err(e)) => {
-                            tracing::debug!(error = %e, peer = %addr, "TLS handshake failed")
+                            tracing::debug!(error = %e, peer = %addr, "tls_handshake_failed")
                         }
-                        Err(_) => tracing::debug!(peer = %addr, "TLS handshake timed out"),
+                        Err(_) => tracing::debug!(peer = %addr, "tls_handshake_timeout"),
                     }
                 });
             }

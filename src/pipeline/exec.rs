@@ -199,7 +199,7 @@ async fn read_stdout(
         match parse_line(&line) {
             Line::Result(value) => seen.result = Some(value),
             Line::Progress(pct, message) => ctx.progress(pct, message),
-            Line::Text => tracing::info!(stream = "stdout", line = %clip(&line), "Stage output"),
+            Line::Text => tracing::info!(stream = "stdout", line = %clip(&line), "stage_output"),
         }
     }
     seen
@@ -243,7 +243,7 @@ async fn log_lines(err: Option<impl AsyncRead + Unpin>, _ctx: &StageContext) -> 
         let text = match &line {
             RawLine::Whole(line) => {
                 let line = String::from_utf8_lossy(line);
-                tracing::info!(stream = "stderr", line = %clip(&line), "Stage output");
+                tracing::info!(stream = "stderr", line = %clip(&line), "stage_output");
                 clip(&line).into_owned()
             }
             RawLine::Cut { head, len, .. } => {
@@ -260,7 +260,7 @@ async fn log_lines(err: Option<impl AsyncRead + Unpin>, _ctx: &StageContext) -> 
 
 fn log_cut(stream: &'static str, head: &[u8], len: usize) {
     let head = String::from_utf8_lossy(head);
-    tracing::info!(stream, line = %format_args!("{head}…"), bytes = len, "Stage output (line cut)");
+    tracing::info!(stream, line = %format_args!("{head}…"), bytes = len, "stage_output_cut");
 }
 
 /// A line of a stage's output.
@@ -372,7 +372,7 @@ async fn stop_group(child: &mut Child, pgid: Option<i32>, grace: Duration) {
     };
     signal_group(pgid, libc::SIGTERM);
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
-        tracing::warn!(pgid, "Stage did not stop after SIGTERM; sending SIGKILL");
+        tracing::warn!(pgid, "stage_killed");
     }
     // Children of the leader may outlive it: the group gets SIGKILL anyway.
     signal_group(pgid, libc::SIGKILL);

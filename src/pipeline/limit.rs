@@ -108,8 +108,7 @@ impl StageLimit {
                         Ok(Some(p)) => return p,
                         Ok(None) => {}
                         Err(err) if !warned => {
-                            tracing::error!(dir = %dir.display(), error = %err,
-                                "Cannot take a host-wide stage slot; retrying");
+                            tracing::error!(dir = %dir.display(), error = %err, "host_slot_failed");
                             warned = true;
                         }
                         Err(_) => {}

@@ -279,7 +279,7 @@ impl FollowMaster {
             .with_max_times(retries);
         (|| this.switch(0))
             .retry(steps)
-            .notify(|e, _| tracing::warn!(url = %redis.target(), error = %e, "No master from the Sentinels yet; retrying"))
+            .notify(|e, _| tracing::warn!(url = %redis.target(), error = %e, "sentinel_no_master"))
             .await?;
         Ok(this)
     }
@@ -347,7 +347,7 @@ impl FollowMaster {
             && master_may_have_moved(e)
             && let Err(err) = self.switch(generation).await
         {
-            tracing::warn!(url = %self.target, error = %err, "Cannot reach the master the Sentinels name; retrying");
+            tracing::warn!(url = %self.target, error = %err, "sentinel_master_unreachable");
         }
     }
 
@@ -379,7 +379,7 @@ impl FollowMaster {
         if let Some(old) = c.as_ref()
             && old.address != address
         {
-            tracing::warn!(from = %old.address, to = %address, "The Sentinels name a new master; following it");
+            tracing::warn!(from = %old.address, to = %address, "sentinel_master_changed");
         }
         *c = Some(Current {
             generation: seen + 1,

@@ -73,7 +73,7 @@ impl Checkpointer {
                     if let Err(err) =
                         conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
                     {
-                        tracing::debug!(error = %err, "WAL checkpoint failed; retrying later");
+                        tracing::debug!(error = %err, "wal_checkpoint_failed");
                     }
                 }
                 let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
@@ -145,19 +145,19 @@ impl Writer {
         let _ = self.conn.busy_timeout(schema::BUSY_TIMEOUT);
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         match outcome {
-            Ok((0, _, _)) => tracing::debug!(wal_bytes = size, elapsed_ms, "WAL restarted"),
+            Ok((0, _, _)) => tracing::debug!(wal_bytes = size, elapsed_ms, "wal_restarted"),
             Ok((_, frames, copied)) => tracing::debug!(
                 wal_bytes = size,
                 elapsed_ms,
                 frames,
                 copied,
-                "WAL restart deferred: a reader or writer is busy"
+                "wal_restart_busy"
             ),
             Err(err) => tracing::debug!(
                 wal_bytes = size,
                 elapsed_ms,
                 error = %err,
-                "WAL restart deferred; retrying after the next batch"
+                "wal_restart_failed"
             ),
         }
     }
@@ -172,7 +172,7 @@ impl Writer {
             match self.apply(batch) {
                 Ok(answers) => {
                     if failures > 0 {
-                        tracing::info!(failures, "SQLite writes resumed");
+                        tracing::info!(failures, "sqlite_writes_resumed");
                         self.healthy.store(true, Ordering::Relaxed);
                     }
                     return answers;
@@ -182,7 +182,7 @@ impl Writer {
                     crate::telemetry::metrics::sqlite_error();
                     if failures.is_multiple_of(20) {
                         tracing::error!(error = %err, ops = batch.len(),
-                            "SQLite transaction failed; holding the batch and retrying");
+                            "sqlite_transaction_failed");
                     }
                     failures += 1;
                     // Checked before and after the pause, so a give-up
@@ -193,7 +193,7 @@ impl Writer {
                     }
                     if self.give_up.load(Ordering::Relaxed) {
                         tracing::warn!(error = %err, ops = batch.len(),
-                            "Shutdown gave up on SQLite: the held batch is not committed; its jobs are recovered at the next start");
+                            "shutdown_sqlite_batch_dropped");
                         self.gave_up = true;
                         return refuse(batch.len(), &err.to_string());
                     }
@@ -238,7 +238,7 @@ fn reply(op: Op, answer: Result<Answer, String>) {
             let _ = tx.send(Ok(p));
         }
         (Op::Begin(job, None), Err(e)) => {
-            tracing::error!(job_id = %job.id, error = %e, "SQLite write failed");
+            tracing::error!(job_id = %job.id, error = %e, "sqlite_write_failed");
         }
         (Op::Begin(_, None), Ok(_)) => {}
         (Op::Finish(_, tx), Ok(Answer::Applied(b))) => {
@@ -248,7 +248,7 @@ fn reply(op: Op, answer: Result<Answer, String>) {
             let _ = tx.send(Ok(()));
         }
         (Op::Stage(u), Err(e)) => {
-            tracing::error!(job_id = %u.job_id, error = %e, "SQLite write failed");
+            tracing::error!(job_id = %u.job_id, error = %e, "sqlite_write_failed");
         }
         (Op::Stage(_), Ok(_)) => {}
         (Op::Begin(_, Some(tx)), Err(e)) => {

@@ -1,7 +1,7 @@
 //! The JSON log line: one flat object per event, as structlog users expect.
 //!
 //! `timestamp` (RFC 3339, UTC, microseconds), `level` (lowercase), `event`
-//! (the event's message: its name, such as `job_completed`, or a sentence),
+//! (the event's message: its snake_case name, such as `job_completed`),
 //! `target` (the module), then the fields of every span the event is in
 //! (the job's `job_id`, `type`, `queue`, `worker_id`), outermost first, and
 //! the event's own fields, all at the top level. An inner span's field wins
@@ -234,11 +234,11 @@ mod tests {
 
     #[test]
     fn an_event_outside_spans_has_its_fields_only() {
-        let lines = lines_of(|| tracing::error!(error = %"boom", "Fetch failed"));
+        let lines = lines_of(|| tracing::error!(error = %"boom", "fetch_failed"));
         let l = &lines[0];
         let keys: Vec<&str> = l.as_object().unwrap().keys().map(|k| k.as_str()).collect();
         assert_eq!(keys.len(), 5, "{l}");
-        assert_eq!(l["event"], "Fetch failed");
+        assert_eq!(l["event"], "fetch_failed");
         assert_eq!(l["level"], "error");
         assert_eq!(l["error"], "boom");
     }

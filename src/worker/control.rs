@@ -38,11 +38,11 @@ impl Control {
             match self.session(&token).await {
                 Ok(SessionEnd::Shutdown) => return,
                 Ok(SessionEnd::Disconnected) => {
-                    tracing::warn!("Control channel lost; resubscribing");
+                    tracing::warn!("control_channel_lost");
                     // It was subscribed: a new outage starts from the first step.
                     backoff.reset();
                 }
-                Err(err) => tracing::warn!(error = %err, "Control channel subscription failed"),
+                Err(err) => tracing::warn!(error = %err, "control_subscribe_failed"),
             }
             tokio::select! {
                 biased;
@@ -69,11 +69,11 @@ impl Control {
             match serde_json::from_slice::<ControlMessage>(&body) {
                 Ok(ControlMessage { cancel: Some(id) }) => {
                     if self.runs.stop(&id, None, StopReason::Cancelled) {
-                        tracing::info!(job_id = %id, "Cancellation requested; stopping the job");
+                        tracing::info!(job_id = %id, "cancel_requested");
                     }
                 }
                 Ok(_) => {}
-                Err(err) => tracing::debug!(error = %err, "Ignoring malformed control message"),
+                Err(err) => tracing::debug!(error = %err, "control_message_malformed"),
             }
         }
     }

@@ -130,7 +130,7 @@ impl Fetcher {
                     self.health.redis_ok();
                     self.spawn_jobs(jobs, permits);
                     if failing {
-                        tracing::info!("Redis reachable again; fetching");
+                        tracing::info!("fetch_resumed");
                         failing = false;
                         backoff = reconnect_backoff();
                         // A BLMOVE whose reply was lost may have moved a job
@@ -149,7 +149,7 @@ impl Fetcher {
                     crate::telemetry::metrics::redis_error("fetch");
                     blocking = None;
                     let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(url = %self.env.broker.target(), error = %err, retry_in_ms = delay.as_millis() as u64, "Fetch failed");
+                    tracing::warn!(url = %self.env.broker.target(), error = %err, retry_in_ms = delay.as_millis() as u64, "fetch_failed");
                     failing = true;
                     drop(permits);
                     tokio::select! {
@@ -250,7 +250,7 @@ impl Fetcher {
         for job in jobs {
             let Some(permit) = permits.pop() else {
                 // Cannot happen: never more jobs than permits are fetched.
-                tracing::error!("Fetched more jobs than free slots");
+                tracing::error!("fetch_overrun");
                 break;
             };
             // Registered before the task starts: reconciliation must never
@@ -281,7 +281,7 @@ impl Fetcher {
             {
                 Ok(e) => e,
                 Err(err) => {
-                    tracing::warn!(error = %err, "Cannot reconcile the active list");
+                    tracing::warn!(error = %err, "active_list_reconcile_failed");
                     return;
                 }
             };
@@ -293,8 +293,7 @@ impl Fetcher {
                     .settle(queue, worker, &raw, "", "", Next::Requeue(&raw))
                     .await;
                 if let Ok(true) = moved {
-                    tracing::warn!(queue = %queue,
-                        "Requeued an orphaned entry of our active list (a fetch reply was lost)");
+                    tracing::warn!(queue = %queue, "active_orphan_requeued");
                 }
             }
         }
@@ -315,7 +314,7 @@ impl Fetcher {
                 .settle(&job.queue, worker, &job.raw, "", "", next)
                 .await;
             if let Err(err) = moved {
-                tracing::warn!(error = %err, "Cannot put back a job taken during shutdown; recovery will");
+                tracing::warn!(error = %err, "shutdown_putback_failed");
             }
         }
     }

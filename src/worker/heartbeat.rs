@@ -68,10 +68,7 @@ pub async fn register(
         let Some(existing) = existing else { continue };
         match serde_json::from_str::<WorkerInfo>(&existing) {
             Ok(other) if other.host == info.host && !pid_alive(other.pid) => {
-                tracing::warn!(
-                    previous_pid = other.pid,
-                    "Previous run of this worker id is gone; taking over"
-                );
+                tracing::warn!(previous_pid = other.pid, "worker_id_taken_over");
             }
             Ok(other) if other.instance == info.instance => {}
             Ok(other) => {
@@ -81,7 +78,7 @@ pub async fn register(
                     host: other.host,
                 });
             }
-            Err(_) => tracing::warn!("Unreadable registration for this worker id; replacing it"),
+            Err(_) => tracing::warn!("worker_registration_replaced"),
         }
         took_over = true;
         // Replace it only if it is still the one just judged.
@@ -139,18 +136,16 @@ impl Heartbeat {
                 Ok(expired) => {
                     self.health.heartbeat_ok();
                     if failing {
-                        tracing::info!("Heartbeat restored");
+                        tracing::info!("heartbeat_restored");
                         failing = false;
                     }
                     if expired {
-                        tracing::warn!(
-                            "Our registration had expired (a long pause?): jobs may have been recovered by another daemon; checking leases"
-                        );
+                        tracing::warn!("registration_expired");
                     }
                     self.check_runs().await;
                 }
                 Err(err) if !failing => {
-                    tracing::warn!(url = %self.env.broker.target(), error = %err, "Heartbeat failed; retrying each interval");
+                    tracing::warn!(url = %self.env.broker.target(), error = %err, "heartbeat_failed");
                     failing = true;
                 }
                 Err(_) => {}
@@ -182,10 +177,10 @@ impl Heartbeat {
         for ((_, id, token), (holds_lease, cancelled)) in claims.iter().zip(states) {
             if !holds_lease {
                 if self.env.runs.stop(id, Some(token), StopReason::LeaseLost) {
-                    tracing::warn!(job_id = %id, "Lease lost: the job was handed to another daemon; stopping it here");
+                    tracing::warn!(job_id = %id, "lease_lost");
                 }
             } else if cancelled && self.env.runs.stop(id, Some(token), StopReason::Cancelled) {
-                tracing::info!(job_id = %id, "Cancellation flag seen; stopping the job");
+                tracing::info!(job_id = %id, "cancel_flag_seen");
             }
         }
     }

@@ -169,7 +169,7 @@ pub(crate) async fn run_with_registry(
     let worker_id = config.worker_id();
     let http = background::bind_http(&config).await?;
     let Some((store, store_closer, broker)) = open(&config, &shutdown).await? else {
-        tracing::info!("Stopped while waiting for Redis");
+        tracing::info!("redis_wait_stopped");
         return Ok(());
     };
     let info = register(&broker, &config, &worker_id).await?;
@@ -197,7 +197,7 @@ pub(crate) async fn run_with_registry(
         tracker.close();
         let give_up = &daemon.env.give_up;
         if !unless_given_up(give_up, tracker.wait()).await {
-            tracing::warn!("Background tasks still busy with Redis; not waiting for them");
+            tracing::warn!("shutdown_tasks_left_running");
         }
         daemon.close(&config, store_closer).await;
     };
@@ -246,7 +246,7 @@ impl Bound {
         }
         tracing::warn!(
             after_secs = self.give_up_after.as_secs(),
-            "Shutdown is past its bound: giving up on Redis and SQLite; unrecorded jobs are left to recovery"
+            "shutdown_bound_passed"
         );
         self.give_up.cancel();
         self.stop_stages.cancel();
@@ -310,7 +310,7 @@ async fn register(
     // pending, each with a crash counted; SQLite tells where each stopped.
     let recovered = recover_active(broker, &w.queues, worker_id, true).await;
     if recovered > 0 {
-        tracing::warn!(worker_id = %worker_id, recovered, "Recovered jobs left by a previous run of this worker");
+        tracing::warn!(worker_id = %worker_id, recovered, "previous_run_recovered");
     }
     Ok(info)
 }
@@ -403,20 +403,13 @@ impl Daemon {
         notify::extend_timeout(give_up_after(config) + LAST_STEPS);
         jobs.close();
         let running = env.stats.running.load(Relaxed);
-        tracing::info!(
-            running,
-            grace_secs = grace.as_secs(),
-            "Shutting down: waiting for running jobs"
-        );
+        tracing::info!(running, grace_secs = grace.as_secs(), "shutdown_waiting");
         if tokio::time::timeout(grace, jobs.wait()).await.is_err() {
             let running = env.stats.running.load(Relaxed);
-            tracing::info!(
-                running,
-                "Grace period over: stopping stages and requeueing their jobs"
-            );
+            tracing::info!(running, "shutdown_grace_over");
             env.stop_stages.cancel();
             if !unless_given_up(&env.give_up, jobs.wait()).await {
-                tracing::warn!("Jobs still running after the give-up; not waiting for them");
+                tracing::warn!("shutdown_jobs_left_running");
             }
         }
     }
@@ -431,16 +424,14 @@ impl Daemon {
         let redis_steps = async {
             let left = recover_active(broker, &config.worker.queues, worker_id, false).await;
             if left > 0 {
-                tracing::warn!(left, "Requeued jobs still listed as active");
+                tracing::warn!(left, "shutdown_requeue_incomplete");
             }
             if let Err(err) = heartbeat::deregister(broker, worker_id).await {
-                tracing::warn!(error = %err, "Cannot remove worker registration; it expires by itself");
+                tracing::warn!(error = %err, "worker_unregister_failed");
             }
         };
         if !unless_given_up(&give_up, redis_steps).await {
-            tracing::warn!(
-                "Redis did not answer at shutdown: active jobs are recovered at the next start, the registration expires by itself"
-            );
+            tracing::warn!("shutdown_redis_unreachable");
         }
         let stats = &self.env.stats;
         let (completed, failed, retried, requeued) = (
@@ -464,9 +455,7 @@ impl Daemon {
             publisher_abort.abort();
         }
         if !unless_given_up(&give_up, store_closer.close()).await {
-            tracing::warn!(
-                "SQLite writer still busy at shutdown; leaving it to end with the process"
-            );
+            tracing::warn!("shutdown_sqlite_writer_busy");
         }
         tracing::info!(worker_id = %worker_id, completed, failed, retried, requeued,
             progress_events_dropped = dropped, redis_round_trips = broker.round_trips(),
@@ -481,7 +470,7 @@ async fn recover_active(broker: &Broker, queues: &[String], worker: &str, crashe
         match broker.recover_active(queue, worker, crashed).await {
             Ok(n) => total += n,
             Err(err) => tracing::error!(error = %err, queue = %queue,
-                "Cannot requeue active jobs; they will be recovered at next start"),
+                "shutdown_requeue_failed"),
         }
     }
     total

@@ -14,7 +14,7 @@ fn send(states: &[NotifyState<'_>]) {
         return;
     }
     if let Err(err) = sd_notify::notify(states) {
-        tracing::debug!(error = %err, "sd_notify failed");
+        tracing::debug!(error = %err, "sd_notify_failed");
     }
 }
 

@@ -84,7 +84,7 @@ impl Periodic {
             let last = match self.broker.last_tick(&s.queue, &s.name).await {
                 Ok(last) => last,
                 Err(err) => {
-                    tracing::warn!(schedule = %s.name, error = %err, "Cannot read the last tick; no catch-up");
+                    tracing::warn!(schedule = %s.name, error = %err, "schedule_last_tick_unreadable");
                     None
                 }
             };
@@ -92,7 +92,7 @@ impl Periodic {
             let Some(last) = last else { continue };
             let missed = s.timing.ticks_between(last, start, s.catch_up as usize);
             if !missed.is_empty() {
-                tracing::info!(schedule = %s.name, missed = missed.len(), "Catching up missed ticks");
+                tracing::info!(schedule = %s.name, missed = missed.len(), "schedule_catching_up");
             }
             for tick in missed {
                 if !self.fire(s, tick, &shutdown).await {
@@ -154,18 +154,18 @@ impl Periodic {
                     return true;
                 }
                 Ok(e) if e.status == "fired" => {
-                    tracing::debug!(schedule = %s.name, job_id = %id, "Tick enqueued by another daemon");
+                    tracing::debug!(schedule = %s.name, job_id = %id, "schedule_tick_taken");
                     return true;
                 }
                 Ok(e) => {
                     tracing::warn!(schedule = %s.name, job_id = %id, status = %e.status,
-                        "A job with this tick's id is live already; tick skipped");
+                        "schedule_tick_skipped");
                     return true;
                 }
                 Err(err) => {
                     let delay = backoff.next().unwrap_or(Duration::from_secs(5));
                     tracing::warn!(schedule = %s.name, job_id = %id, error = %err,
-                        retry_in_ms = delay.as_millis() as u64, "Cannot enqueue a tick; retrying");
+                        retry_in_ms = delay.as_millis() as u64, "schedule_enqueue_failed");
                     tokio::select! {
                         biased;
                         _ = shutdown.cancelled() => return false,

@@ -53,7 +53,7 @@ pub async fn serve(listener: tokio::net::TcpListener, probe: Probe, shutdown: Ca
     let metrics = match recorder() {
         Ok(m) => m,
         Err(err) => {
-            tracing::error!(error = %err, "Cannot install the metrics recorder; no HTTP listener");
+            tracing::error!(error = %err, "metrics_recorder_failed");
             return;
         }
     };
@@ -71,7 +71,7 @@ pub async fn serve(listener: tokio::net::TcpListener, probe: Probe, shutdown: Ca
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_page))
         .with_state(app);
-    tracing::info!(addr = %local, "HTTP listener on /healthz, /readyz, /metrics");
+    tracing::info!(addr = %local, "http_listening");
     let upkeep_stop = shutdown.clone();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(5));
@@ -88,7 +88,7 @@ pub async fn serve(listener: tokio::net::TcpListener, probe: Probe, shutdown: Ca
         Err(err) => Err(err),
     };
     if let Err(err) = served {
-        tracing::error!(error = %err, "HTTP listener failed");
+        tracing::error!(error = %err, "http_listener_failed");
     }
 }
 

@@ -31,9 +31,9 @@ impl Promoter {
             }
             match self.promote_all().await {
                 Ok(0) => {}
-                Ok(n) => tracing::debug!(promoted = n, "Due scheduled jobs moved to pending"),
+                Ok(n) => tracing::debug!(promoted = n, "scheduled_promoted"),
                 Err(err) if !failing => {
-                    tracing::warn!(error = %err, "Promoting scheduled jobs failed; retrying");
+                    tracing::warn!(error = %err, "scheduled_promote_failed");
                     failing = true;
                     continue;
                 }

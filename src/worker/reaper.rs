@@ -41,7 +41,7 @@ impl Reaper {
                 // Both sightings must come after the last error: a missing
                 // key seen across an outage proves nothing.
                 suspects.clear();
-                tracing::debug!(error = %err, "Reaper scan failed");
+                tracing::debug!(error = %err, "reaper_scan_failed");
             }
         }
     }
@@ -88,7 +88,7 @@ impl Reaper {
         let queues = match serde_json::from_str::<Registration>(info) {
             Ok(r) => r.queues,
             Err(_) => {
-                tracing::warn!(worker_id = %id, "Unreadable worker registration; cannot tell its queues");
+                tracing::warn!(worker_id = %id, "dead_worker_unreadable");
                 Vec::new()
             }
         };

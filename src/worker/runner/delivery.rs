@@ -60,10 +60,10 @@ pub(super) async fn claim_and_run(
             // as active and is recovered.
             None => {}
             Some(Claim::Gone) => {
-                tracing::warn!(target: LOG_TARGET, "Fetched job vanished from the active list; skipping it");
+                tracing::warn!(target: LOG_TARGET, "job_vanished");
             }
             Some(Claim::Duplicate) => {
-                tracing::warn!(target: LOG_TARGET, "Duplicate of a job that is already running; dropping this copy");
+                tracing::warn!(target: LOG_TARGET, "duplicate_running_dropped");
                 redis_op(env, "drop duplicate", || {
                     env.batcher.settle(&queue, &original, &id, "", Next::Drop)
                 })
@@ -194,7 +194,7 @@ where
         let result = tokio::select! {
             biased;
             _ = env.give_up.cancelled() => {
-                tracing::error!(target: LOG_TARGET, op = what, "Shutting down with Redis unreachable; the job stays listed as active and is recovered later");
+                tracing::error!(target: LOG_TARGET, op = what, "redis_call_given_up");
                 return None;
             }
             result = op() => result,
@@ -202,7 +202,7 @@ where
         match result {
             Ok(v) => {
                 if failures > 0 {
-                    tracing::info!(target: LOG_TARGET, op = what, failures, "Redis call went through");
+                    tracing::info!(target: LOG_TARGET, op = what, failures, "redis_call_restored");
                 }
                 return Some(v);
             }
@@ -211,22 +211,21 @@ where
                 // One line per outage step, not per attempt.
                 if failures.is_power_of_two() || failures == 0 {
                     tracing::warn!(target: LOG_TARGET, error = %err, op = what,
-                        retry_in_ms = delay.as_millis() as u64, "Redis call failed; retrying");
+                        retry_in_ms = delay.as_millis() as u64, "redis_call_failed");
                 }
                 failures += 1;
                 metrics::redis_error(what);
                 tokio::select! {
                     biased;
                     _ = env.give_up.cancelled() => {
-                        tracing::error!(target: LOG_TARGET, op = what, "Shutting down with Redis unreachable; the job stays listed as active and is recovered later");
+                        tracing::error!(target: LOG_TARGET, op = what, "redis_call_given_up");
                         return None;
                     }
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
             Err(err) => {
-                tracing::error!(target: LOG_TARGET, error = %err, op = what,
-                    "Redis refused the call; the job stays listed as active and is recovered later");
+                tracing::error!(target: LOG_TARGET, error = %err, op = what, "redis_call_refused");
                 return None;
             }
         }

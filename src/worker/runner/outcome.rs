@@ -98,7 +98,8 @@ impl Run {
             Decision::Abandon => {
                 tracing::warn!(
                     target: LOG_TARGET,
-                    "job_abandoned: the job was recovered and handed to another daemon; writing nothing"
+                    reason = "recovered",
+                    "job_abandoned"
                 );
             }
         }
@@ -122,13 +123,13 @@ impl Run {
             Ok(false) => {
                 tracing::warn!(
                     target: LOG_TARGET,
-                    "job_abandoned: SQLite shows another delivery of this job; writing nothing"
+                    reason = "other_delivery",
+                    "job_abandoned"
                 );
                 false
             }
             Err(err) => {
-                tracing::error!(target: LOG_TARGET, error = %err,
-                    "Cannot record job state; leaving it for recovery");
+                tracing::error!(target: LOG_TARGET, error = %err, "job_state_unrecorded");
                 false
             }
         }
@@ -148,7 +149,8 @@ impl Run {
             tracing::warn!(
                 target: LOG_TARGET,
                 op = what,
-                "job_abandoned: the lease is gone; another daemon has the job"
+                reason = "lease_gone",
+                "job_abandoned"
             );
         }
         settled == Some(true)

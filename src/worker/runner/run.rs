@@ -95,7 +95,7 @@ impl Run {
         };
         if prior.finished_for(self.job.meta.epoch) {
             let status = prior.status.map(Status::as_str).unwrap_or("?");
-            tracing::warn!(target: LOG_TARGET, status, "Job already finished; dropping duplicate delivery");
+            tracing::warn!(target: LOG_TARGET, status, "duplicate_finished_dropped");
             self.settle("ack duplicate", Next::Finish).await;
             return;
         }
@@ -161,7 +161,7 @@ impl Run {
             Ok(prior) => Some(prior),
             Err(err) => {
                 // Only when the store is closing: leave the job to recovery.
-                tracing::error!(target: LOG_TARGET, error = %err, "Cannot record job start; leaving it for recovery");
+                tracing::error!(target: LOG_TARGET, error = %err, "job_start_unrecorded");
                 None
             }
         }

@@ -216,7 +216,7 @@ impl Run {
             at: now_rfc3339(),
         };
         if let Err(err) = self.env.store.stage(update).await {
-            tracing::error!(target: LOG_TARGET, error = %err, "Cannot record stage state");
+            tracing::error!(target: LOG_TARGET, error = %err, "stage_state_unrecorded");
         }
     }
 }
