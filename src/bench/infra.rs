@@ -292,7 +292,12 @@ impl Env {
         client
             .get_multiplexed_async_connection()
             .await
-            .with_context(|| format!("cannot connect to Redis at {}", self.url))
+            .with_context(|| {
+                format!(
+                    "cannot connect to Redis at {}",
+                    crate::config::redact_url(&self.url)
+                )
+            })
     }
 
     /// Deletes the keys of one run (SCAN + UNLINK) and its files.
@@ -357,7 +362,8 @@ impl Daemon {
         cmd.arg("worker")
             .arg("--config")
             .arg(&env.config)
-            .args(["--redis-url", &env.url])
+            // In the environment, not argv: `ps` shows argv to every user.
+            .env("CONVEYOR_REDIS_URL", &env.url)
             .args(["--prefix", &space.prefix])
             .arg("--db")
             .arg(&space.db)

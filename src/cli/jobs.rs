@@ -46,11 +46,29 @@ fn parse_since(s: &str) -> Result<u64, String> {
 }
 
 fn open_reader(config: &Config) -> Result<Reader, Failure> {
-    if !config.store.path.exists() {
-        return Err(Failure::other(format!(
-            "no database at {} (set --db or CONVEYOR_DB; it is created by the first worker)",
-            config.store.path.display()
-        )));
+    let path = &config.store.path;
+    match std::fs::metadata(path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Failure::other(format!(
+                "no database at {} (set --db or CONVEYOR_DB; it is created by the first worker)",
+                path.display()
+            )));
+        }
+        // /var/lib/conveyor is 0750 conveyor:conveyor on a packaged host.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(Failure::other(format!(
+                "cannot read the database at {}: permission denied (run as root, \
+                 as `sudo -u conveyor conveyor …`, or as a member of its group)",
+                path.display()
+            )));
+        }
+        Err(e) => {
+            return Err(Failure::other(format!(
+                "cannot read the database at {}: {e}",
+                path.display()
+            )));
+        }
     }
     Reader::open(&config.store.path).map_err(|e| Failure::other(e.to_string()))
 }

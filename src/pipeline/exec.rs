@@ -62,6 +62,17 @@ impl ExecStage {
             .process_group(0)
             // Last resort if this future is dropped mid-run: the leader dies.
             .kill_on_drop(true);
+        // SIGTSTP quiets the daemon; `systemctl kill` without
+        // `--kill-whom=main` sends it to the stages too, which would then
+        // stop (frozen) while the daemon waits for them. An ignored signal
+        // stays ignored across exec.
+        // SAFETY: signal(2) is async-signal-safe, as pre_exec requires.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGTSTP, libc::SIG_IGN);
+                Ok(())
+            });
+        }
         cmd
     }
 
@@ -458,6 +469,34 @@ mod tests {
             out.push(line);
         }
         out
+    }
+
+    #[tokio::test]
+    async fn stages_start_with_sigtstp_ignored() {
+        let stage = ExecStage::new(
+            vec![
+                "sh".into(),
+                "-c".into(),
+                r#"printf '{"result": "%s"}\n' "$(sed -n 's/^SigIgn:[[:space:]]*//p' /proc/self/status)""#
+                    .into(),
+            ],
+            BTreeMap::new(),
+        );
+        let ctx = StageContext {
+            job_id: "j1".into(),
+            job_type: "t".into(),
+            payload: Value::Null,
+            attempt: 1,
+            stage: "s".into(),
+            results: Default::default(),
+            cancel: tokio_util::sync::CancellationToken::new(),
+            kill_grace: std::time::Duration::from_secs(1),
+            max_result_bytes: 1 << 20,
+            progress: std::sync::Arc::new(|_, _| {}),
+        };
+        let mask = stage.run(&ctx).await.unwrap();
+        let mask = u64::from_str_radix(mask.as_str().unwrap(), 16).unwrap();
+        assert_ne!(mask & (1 << (libc::SIGTSTP - 1)), 0, "SigIgn {mask:x}");
     }
 
     #[tokio::test]
