@@ -34,11 +34,14 @@ Start the conveyor worker daemon (conveyor worker) from this checkout.
   --demo         end-to-end demo: use the Redis at \$CONVEYOR_REDIS_URL (or
                  redis://127.0.0.1:6379), or start a private redis-server in
                  data/ if none answers. Before building, it checks that cargo
-                 (when a build is needed) and a Redis or redis-server are
-                 there; a missing redis-server is installed with apt-get (as
-                 root, or with sudo; it prints the commands first), otherwise
-                 it stops at once saying what to install. Then it starts one
-                 daemon (log in
+                 and a C compiler (cc; when a build is needed) and a Redis or
+                 redis-server are there; a missing C compiler (gcc) or
+                 redis-server is installed with apt-get (as root, or with
+                 sudo; it prints the commands first), otherwise it stops at
+                 once saying what to install. On a host with systemd the
+                 redis-server package starts a system Redis on port 6379,
+                 which the demo then uses (and which stays). Then it starts
+                 one daemon (log in
                  data/demo-worker.log), enqueue a video.generate job, watch its
                  progress live, print the job, then stop everything.
                  Exits 0 if the job completed, 1 if it failed. ID and -n are
@@ -235,6 +238,8 @@ resolve_bin() {
         fi
         die "cargo not found: install Rust from https://rustup.rs (or set CONVEYOR_BIN to a conveyor binary)"
     fi
+    command -v cc >/dev/null 2>&1 \
+        || die "no C compiler (cc) to build conveyor with: $cc_help (or set CONVEYOR_BIN to a conveyor binary)"
     if [ -x "$BIN" ]; then
         log "sources changed since the last build: building conveyor (cargo build --release --locked)..."
     else
@@ -310,7 +315,7 @@ pids=()
 forward() {
     log "received $1: asking ${#pids[@]} daemon(s) to drain (SIGTERM)"
     local p
-    for p in "${pids[@]}"; do
+    for p in ${pids[@]+"${pids[@]}"}; do
         kill -TERM "$p" 2>/dev/null || true
     done
 }
@@ -322,7 +327,7 @@ forward() {
 relay() {
     log "received SIG$1: passing it to ${#pids[@]} daemon(s)"
     local p
-    for p in "${pids[@]}"; do
+    for p in ${pids[@]+"${pids[@]}"}; do
         kill -"$1" "$p" 2>/dev/null || true
     done
 }
@@ -345,7 +350,7 @@ run_many() {
         log "started daemon $prefix-$i (pid $!)"
     done
 
-    for i in "${!pids[@]}"; do
+    for i in ${pids[@]+"${!pids[@]}"}; do
         pid=${pids[$i]}
         wait_child "$pid"
         rc=$child_rc
@@ -359,17 +364,47 @@ run_many() {
 
 # --- demo ----------------------------------------------------------------------
 
-# Hide the password of redis://user:password@host in messages.
+# Split scheme://[userinfo@]rest into url_scheme, url_user, url_pass and
+# url_rest. The userinfo ends at the LAST @: a password may hold @, ? or /.
+# "user:pw" and ":pw" give a user (maybe empty) and a password; a userinfo
+# without ":" is a user name to conveyor (redis-rs), which sends no AUTH
+# without a password, so url_pass stays empty then.
+split_redis_url() {
+    local rest=${1#*://} userinfo
+    url_scheme=${1%%://*}
+    url_user='' url_pass=''
+    case $rest in
+        *@*) userinfo=${rest%@*}; rest=${rest##*@}
+             url_user=${userinfo%%:*}
+             case $userinfo in *:*) url_pass=${userinfo#*:} ;; esac ;;
+    esac
+    url_rest=$rest
+}
+
+# The URL for messages: everything between :// and the last @ masked, but
+# for a user name before a ":".
 mask_url() {
-    printf '%s\n' "$1" | sed -E 's#(//[^/@]*:)[^/@]*@#\1***@#'
+    case $1 in *://*@*) ;; *) printf '%s\n' "$1"; return ;; esac
+    local rest=${1#*://} userinfo
+    userinfo=${rest%@*}
+    case $userinfo in
+        *:*) printf '%s://%s:***@%s\n' "${1%%://*}" "${userinfo%%:*}" "${rest##*@}" ;;
+        *)   printf '%s://***@%s\n' "${1%%://*}" "${rest##*@}" ;;
+    esac
+}
+
+# %XX escapes of a URL's userinfo decoded, as conveyor and redis-cli do.
+percent_decode() {
+    local s=${1//\\/\\\\}
+    printf '%b' "${s//%/\\x}"
 }
 
 # Parse host and port (into url_host/url_port) from redis[s]://[user[:pw]@]host[:port][/db].
 parse_redis_url() {
-    local rest=${1#*://}
-    rest=${rest%%/*}
+    local rest
+    split_redis_url "$1"
+    rest=${url_rest%%/*}
     rest=${rest%%\?*}
-    rest=${rest##*@}
     url_port=6379
     if [ "${rest#\[}" != "$rest" ]; then        # [IPv6]:port
         url_host=${rest#\[}; url_host=${url_host%%\]*}
@@ -386,7 +421,7 @@ tcp_open() {   # host port: does something accept connections there?
     command -v timeout >/dev/null 2>&1 && run=(timeout 2)
     # A child bash, so that `timeout` can bound a connect to a black hole.
     # shellcheck disable=SC2016 # $1/$2 expand in the child
-    "${run[@]}" "$BASH" -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
+    ${run[@]+"${run[@]}"} "$BASH" -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
 }
 
 # 0 = answers PING; 1 = nothing there; 2 = something answered, but not PONG.
@@ -404,13 +439,21 @@ redis_ping() {
         *)
             if command -v redis-cli >/dev/null 2>&1; then
                 command -v timeout >/dev/null 2>&1 && run=(timeout 3)
-                # redis://:password@host means "password only" to conveyor
-                # (and redis-rs), but redis-cli 7 reads it as an empty user
-                # name: spell out the default user for it.
-                local cli_url=${url/#redis:\/\/:/redis://default:}
-                cli_url=${cli_url/#rediss:\/\/:/rediss://default:}
-                # stderr: redis-cli warns about passwords given with -u.
-                reply=$("${run[@]}" redis-cli -u "$cli_url" ping 2>/dev/null || true)
+                # The password goes in REDISCLI_AUTH, not in argv where `ps`
+                # shows it; the URL keeps no userinfo, and a user name goes
+                # in --user (redis-cli reads a lone "name@" as a password).
+                local user=() pass=
+                split_redis_url "$url"
+                if [ -n "$url_pass" ]; then
+                    pass=$(percent_decode "$url_pass")
+                    [ -z "$url_user" ] || user=(--user "$(percent_decode "$url_user")")
+                fi
+                reply=$(
+                    unset REDISCLI_AUTH
+                    [ -z "$pass" ] || export REDISCLI_AUTH="$pass"
+                    ${run[@]+"${run[@]}"} redis-cli -u "$url_scheme://$url_rest" \
+                        ${user[@]+"${user[@]}"} ping 2>/dev/null || true
+                )
             else
                 parse_redis_url "$url"
                 tcp_open "$url_host" "$url_port" && return 0
@@ -581,44 +624,89 @@ run_demo() {
 
 # Tell the user what to install when we cannot do it for them.
 redis_help='install redis-server (Debian/Ubuntu: apt-get install redis-server; Fedora: dnf install redis; macOS: brew install redis), or set CONVEYOR_REDIS_URL to a Redis that runs'
+cc_help='install a C compiler (Debian/Ubuntu: apt-get install gcc; Fedora: dnf install gcc; macOS: xcode-select --install)'
 
-# Install redis-server with apt-get, as root or through sudo, saying what runs
-# and why; or stop with what to install.
-install_redis_server() {
-    local why=$1 sudo=()
+# Install Debian packages with apt-get, as root or through sudo, saying what
+# runs and why; or stop with what to install. $1: why; $2: what to install
+# otherwise; the rest: the packages.
+apt_install() {
+    local why=$1 help=$2 sudo=()
+    shift 2
     command -v apt-get >/dev/null 2>&1 \
-        || die "$why, and there is no apt-get to install it: $redis_help"
+        || die "$why, and there is no apt-get to install it: $help"
     if [ "$(id -u)" -ne 0 ]; then
         command -v sudo >/dev/null 2>&1 \
-            || die "$why; installing it needs root or sudo: $redis_help"
+            || die "$why; installing it needs root or sudo: $help"
         sudo=(sudo)
     fi
-    local run=${sudo[*]:+${sudo[*]} }
-    log "$why: installing it for the demo, which starts a private one in data/"
-    log "running: ${run}apt-get update; ${run}apt-get install -y redis-server"
+    local as=''
+    [ "${#sudo[@]}" -eq 0 ] || as="${sudo[*]} "
+    log "$why: installing it for the demo"
+    log "running: ${as}apt-get update; ${as}apt-get install -y $*"
     # env: sudo would drop DEBIAN_FRONTEND from our environment.
     ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
-        || die "apt-get update failed: $redis_help"
-    ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server \
-        || die "apt-get install redis-server failed: $redis_help"
-    command -v redis-server >/dev/null 2>&1 \
-        || die "apt-get installed redis-server, but it is not on PATH: $redis_help"
-    log "installed $(redis-server --version | head -n 1)"
+        || die "apt-get update failed: $help"
+    ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" \
+        || die "apt-get install $* failed: $help"
+}
+
+# True when resolve_bin will run cargo: no binary yet, or one older than the
+# sources and a cargo to rebuild it.
+build_ahead() {
+    [ -z "${CONVEYOR_BIN:-}" ] && [ -f Cargo.toml ] || return 1
+    bin_needs_build && return 0
+    binary_is_stale "$(default_bin)" && find_cargo >/dev/null
 }
 
 # Everything the demo needs, checked before the build (minutes on a fresh
 # machine) so a missing piece is named at once: cargo when there is nothing
-# to run yet, and a Redis that answers or redis-server to start one.
+# to run yet, a C compiler when there is a build ahead (the bundled SQLite is
+# C, and cc is Rust's linker), and a Redis that answers or redis-server to
+# start one. The C compiler and redis-server are installed with apt-get when
+# that is possible (root or sudo), in one go.
 demo_prereqs() {
     local url=${CONVEYOR_REDIS_URL:-redis://127.0.0.1:6379} rc=0
+    local pkgs=() whys=() helps=()
     if bin_needs_build && ! find_cargo >/dev/null; then
         die "cargo not found, and the demo must build conveyor first: install Rust from https://rustup.rs (or set CONVEYOR_BIN to a conveyor binary)"
     fi
-    command -v redis-server >/dev/null 2>&1 && return 0
-    # 0: it answers; 2: something else answers, which run_demo reports.
-    redis_ping "$url" || rc=$?
-    [ "$rc" -ne 1 ] && return 0
-    install_redis_server "no Redis answers at $(mask_url "$url") and redis-server is not installed"
+    if build_ahead && ! command -v cc >/dev/null 2>&1; then
+        pkgs+=(gcc); helps+=("$cc_help")
+        whys+=("no C compiler (cc) to build conveyor with")
+    fi
+    if ! command -v redis-server >/dev/null 2>&1; then
+        # 0: it answers; 2: something else answers, which run_demo reports.
+        redis_ping "$url" || rc=$?
+        if [ "$rc" -eq 1 ]; then
+            pkgs+=(redis-server); helps+=("$redis_help")
+            whys+=("no Redis answers at $(mask_url "$url") and redis-server is not installed")
+        fi
+    fi
+    [ "${#pkgs[@]}" -gt 0 ] || return 0
+    local why='' help='' i
+    for i in "${!whys[@]}"; do
+        why+=${why:+; }${whys[$i]}
+        help+=${help:+; }${helps[$i]}
+    done
+    apt_install "$why" "$help" "${pkgs[@]}"
+    if [[ " ${pkgs[*]} " == *" gcc "* ]]; then
+        command -v cc >/dev/null 2>&1 \
+            || die "apt-get installed gcc, but cc is not on PATH: $cc_help"
+        log "installed $(cc --version | head -n 1)"
+    fi
+    if [[ " ${pkgs[*]} " == *" redis-server "* ]]; then
+        command -v redis-server >/dev/null 2>&1 \
+            || die "apt-get installed redis-server, but it is not on PATH: $redis_help"
+        log "installed $(redis-server --version | head -n 1)"
+        # On a host with systemd the package also starts a system Redis on
+        # 127.0.0.1:6379 (a service that stays after the demo); the demo
+        # uses it when it is at the URL, and otherwise starts its own.
+        if redis_ping "$url"; then
+            log "the redis-server package started a system Redis at $(mask_url "$url"): the demo uses it (it stays afterwards: systemctl disable --now redis-server to stop it)"
+        else
+            log "the demo starts its own redis-server in data/"
+        fi
+    fi
 }
 
 # --- main ----------------------------------------------------------------------

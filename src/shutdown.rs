@@ -37,9 +37,12 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
 
 /// Calls `quiet(true)` on each SIGTSTP and `quiet(false)` on each SIGCONT,
 /// logging both. Handling SIGTSTP replaces its default action: the process
-/// is not stopped (a terminal's Ctrl-Z quiets a daemon instead), and
-/// SIGCONT — which `fg`, `kill -CONT` and systemd after its stop signal
-/// send — takes jobs again.
+/// is not stopped, so a terminal's Ctrl-Z quiets a daemon and leaves the
+/// shell no stopped job to `fg`; SIGCONT (`kill -CONT PID` from elsewhere,
+/// or systemd right after its stop signal) takes jobs again. Under systemd
+/// send it to the daemon alone, `systemctl kill --kill-whom=main -s TSTP`:
+/// without `--kill-whom=main` every process of the unit gets it, stage
+/// programs included.
 pub fn on_quiet_signals(quiet: impl Fn(bool) + Send + 'static) -> std::io::Result<()> {
     let mut tstp = signal(SignalKind::from_raw(libc::SIGTSTP))?;
     let mut cont = signal(SignalKind::from_raw(libc::SIGCONT))?;

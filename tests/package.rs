@@ -5,8 +5,9 @@
 //! scripts, unit, man pages and completions, and that the unpacked binary
 //! runs and the unpacked config passes `conveyor doctor --config-only`.
 //! Without cargo-deb or dpkg-deb that test skips (.ci/run installs
-//! cargo-deb); the checks of the packaged config, the unit and postinst
-//! always run.
+//! cargo-deb); the checks of the packaged config, the unit, postinst and
+//! prerm always run (prerm's systemd branch in a user namespace made with
+//! `unshare`, skipped where that is not allowed).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -87,19 +88,12 @@ fn unit_reads_the_host_config_and_checks_it_before_starting() {
     assert!(!unit.contains("/usr/local/bin") && !unit.contains("/opt/conveyor"));
 }
 
-#[test]
-fn postinst_makes_the_user_and_the_state_directory_and_starts_nothing() {
-    // Fakes of the commands postinst runs, recording their arguments; getent
-    // finds no user and no group.
-    let dir = tempfile::tempdir().unwrap();
-    let calls = dir.path().join("calls");
-    for (name, status) in [
-        ("getent", 2),
-        ("useradd", 0),
-        ("install", 0),
-        ("systemctl", 0),
-    ] {
-        let path = dir.path().join(name);
+/// Fakes of `(command, exit status)` in `dir`, each appending `name args...`
+/// to `dir/calls`; returns the calls file.
+fn fakes(dir: &Path, commands: &[(&str, i32)]) -> PathBuf {
+    let calls = dir.join("calls");
+    for (name, status) in commands {
+        let path = dir.join(name);
         let script = format!(
             "#!/bin/sh\necho \"{name} $*\" >> '{}'\nexit {status}\n",
             calls.display()
@@ -108,12 +102,37 @@ fn postinst_makes_the_user_and_the_state_directory_and_starts_nothing() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
+    calls
+}
+
+/// Runs `packaging/debian/postinst configure [previous version]` with
+/// fakes of the commands it runs (getent finds no user and no group);
+/// returns the calls they recorded.
+fn postinst_configure(previous: Option<&str>) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let calls = fakes(
+        dir.path(),
+        &[
+            ("getent", 2),
+            ("useradd", 0),
+            ("install", 0),
+            ("chown", 0),
+            ("chmod", 0),
+            ("systemctl", 0),
+        ],
+    );
     let path = format!("{}:/usr/bin:/bin", dir.path().display());
     run(Command::new("sh")
         .arg(root().join("packaging/debian/postinst"))
         .arg("configure")
+        .args(previous)
         .env("PATH", path));
-    let calls = read(&calls);
+    std::fs::read_to_string(calls).unwrap_or_default()
+}
+
+#[test]
+fn postinst_makes_the_user_and_the_state_directory_and_starts_nothing() {
+    let calls = postinst_configure(None);
     assert!(
         calls.contains(
             "useradd --system --user-group --home-dir /var/lib/conveyor --no-create-home \
@@ -128,6 +147,97 @@ fn postinst_makes_the_user_and_the_state_directory_and_starts_nothing() {
         );
     }
     assert!(!calls.contains("systemctl"), "{calls}");
+}
+
+#[test]
+fn postinst_closes_the_config_to_others_on_a_first_install_only() {
+    // It may hold Redis passwords and gateway tokens.
+    let calls = postinst_configure(None);
+    assert!(
+        calls.contains(
+            "chown root:conveyor /etc/conveyor/conveyor.toml\n\
+             chmod 0640 /etc/conveyor/conveyor.toml\n"
+        ),
+        "{calls}"
+    );
+    // An upgrade (dpkg passes the version configured before) keeps whatever
+    // owner and mode the operator chose.
+    let calls = postinst_configure(Some("0.1.0"));
+    assert!(calls.contains("useradd"), "{calls}");
+    assert!(
+        !calls.contains("chown") && !calls.contains("chmod"),
+        "{calls}"
+    );
+}
+
+/// Runs `sh prerm ARG` with `PATH=bin` inside a user and mount namespace
+/// where /run/systemd/system exists (systemd "running"), so the test sees
+/// the branch a real host takes without touching it. `None` when this
+/// machine cannot make such a namespace.
+fn prerm_under_systemd(bin: &Path, arg: &str) -> Option<Output> {
+    let probe = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "true"])
+        .stderr(Stdio::null())
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        return None;
+    }
+    let script = "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/system \
+                  && PATH=\"$1\" exec /bin/sh \"$2\" \"$3\"";
+    let o = Command::new("unshare")
+        .args([
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "/bin/sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(bin)
+        .arg(root().join("packaging/debian/prerm"))
+        .arg(arg)
+        .output()
+        .unwrap();
+    Some(o)
+}
+
+#[test]
+fn prerm_stops_the_running_instances_on_remove_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    // A stop that fails must not block the removal.
+    let calls = fakes(&bin, &[("systemctl", 1)]);
+    let recorded = || std::fs::read_to_string(&calls).unwrap_or_default();
+    let prerm = root().join("packaging/debian/prerm");
+
+    // Not under systemd (no /run/systemd/system, or not here): nothing to stop.
+    if !Path::new("/run/systemd/system").is_dir() {
+        run(Command::new("/bin/sh")
+            .arg(&prerm)
+            .arg("remove")
+            .env("PATH", &bin));
+        assert_eq!(recorded(), "");
+    }
+    let Some(o) = prerm_under_systemd(&bin, "remove") else {
+        eprintln!("skipping the systemd half: unshare cannot make a user namespace here");
+        return;
+    };
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(recorded(), "systemctl stop conveyor@*.service\n");
+
+    for arg in ["upgrade", "failed-upgrade", "deconfigure"] {
+        let _ = std::fs::remove_file(&calls);
+        let o = prerm_under_systemd(&bin, arg).unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(recorded(), "", "prerm {arg} must stop nothing");
+    }
+    // A host without systemctl (a container without systemd's tools).
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let o = prerm_under_systemd(&empty, "remove").unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// Whether `tool` runs (with `args`); a missing one skips the package test.
@@ -264,6 +374,16 @@ fn deb_package_has_everything_an_operator_needs() {
         "{postinst}"
     );
     assert!(!postinst.contains("#DEBHELPER#"), "{postinst}");
+    assert!(
+        postinst.contains("chmod 0640 /etc/conveyor/conveyor.toml"),
+        "{postinst}"
+    );
+    let prerm = read(ctrl.join("prerm"));
+    assert!(
+        prerm.contains("systemctl stop 'conveyor@*.service' || true"),
+        "{prerm}"
+    );
+    assert!(!prerm.contains("#DEBHELPER#"), "{prerm}");
     let commands = directives(&postinst).join("\n");
     for starts in [
         "systemctl",
@@ -281,6 +401,11 @@ fn deb_package_has_everything_an_operator_needs() {
         .permissions()
         .mode();
     assert_eq!(m & 0o111, 0o111, "postinst is executable");
+    let m = std::fs::metadata(ctrl.join("prerm"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(m & 0o111, 0o111, "prerm is executable");
 
     // The files themselves.
     let x = work.path().join("x");

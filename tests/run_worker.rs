@@ -5,6 +5,8 @@
 //! machine's tools minus the ones that matter (cargo, redis-server,
 //! redis-cli, apt-get, sudo), plus fakes that record their calls, and
 //! `CONVEYOR_REDIS_URL` pointing at a loopback port nobody listens on.
+//! The messages it prints show how it masks a Redis URL, and a fake
+//! redis-cli how it passes the password.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -68,9 +70,19 @@ impl Sandbox {
         std::fs::read_to_string(self.calls()).unwrap_or_default()
     }
 
+    /// Takes `name` off the sandbox's PATH.
+    fn hide(&self, name: &str) {
+        let _ = std::fs::remove_file(self.bin().join(name));
+    }
+
     /// Runs `run_worker.sh --demo`; nothing in the environment may help it
     /// find cargo, a binary or a Redis.
     fn demo(&self) -> Output {
+        self.demo_with_url(&format!("redis://127.0.0.1:{}", closed_port()))
+    }
+
+    /// [`Sandbox::demo`] with `CONVEYOR_REDIS_URL=url`.
+    fn demo_with_url(&self, url: &str) -> Output {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("run_worker.sh");
         let mut child = Command::new("bash")
             .arg(script)
@@ -80,10 +92,7 @@ impl Sandbox {
             .env("HOME", self.dir.path().join("home"))
             .env("CARGO_TARGET_DIR", self.dir.path().join("target"))
             .env("CONVEYOR_ENV_FILE", self.dir.path().join("empty.env"))
-            .env(
-                "CONVEYOR_REDIS_URL",
-                format!("redis://127.0.0.1:{}", closed_port()),
-            )
+            .env("CONVEYOR_REDIS_URL", url)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -178,6 +187,10 @@ fn demo_installs_redis_server_with_apt_get_and_says_what_it_runs() {
         err.contains("redis-server is not installed: installing it"),
         "{err}"
     );
+    assert!(
+        !err.contains("private"),
+        "the package may start a system Redis: {err}"
+    );
     assert!(err.contains("it is not on PATH"), "{err}");
     let calls = sb.recorded();
     assert!(calls.contains("apt-get update -qq\n"), "{calls}");
@@ -189,5 +202,161 @@ fn demo_installs_redis_server_with_apt_get_and_says_what_it_runs() {
     assert!(
         !calls.contains("cargo"),
         "no build before Redis is there: {calls}"
+    );
+}
+
+/// A sudo that records its call and runs the command.
+fn fake_sudo(sb: &Sandbox) {
+    let sudo = sb.bin().join("sudo");
+    std::fs::write(
+        &sudo,
+        format!(
+            "#!/bin/sh\necho \"sudo $*\" >> '{}'\nexec \"$@\"\n",
+            sb.calls().display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&sudo, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn demo_without_a_c_compiler_says_so_before_building() {
+    let sb = Sandbox::new();
+    sb.fake("cargo", 1);
+    sb.hide("cc");
+    let o = sb.demo();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no C compiler (cc) to build conveyor with"),
+        "{err}"
+    );
+    assert!(err.contains("apt-get install gcc"), "{err}");
+    // Redis is missing too: one message names both.
+    assert!(err.contains("apt-get install redis-server"), "{err}");
+    assert!(!err.contains("building conveyor"), "{err}");
+    assert_eq!(sb.recorded(), "", "nothing may run before the check fails");
+}
+
+#[test]
+fn demo_installs_the_c_compiler_and_redis_server_in_one_apt_get() {
+    let sb = Sandbox::new();
+    sb.fake("cargo", 1);
+    sb.hide("cc");
+    sb.fake("apt-get", 0);
+    fake_sudo(&sb);
+    let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+
+    let o = sb.demo();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let sudo = if root { "" } else { "sudo " };
+    assert!(
+        err.contains(&format!(
+            "running: {sudo}apt-get update; {sudo}apt-get install -y gcc redis-server"
+        )),
+        "{err}"
+    );
+    // The fake apt-get installs nothing: the script notices.
+    assert!(
+        err.contains("apt-get installed gcc, but cc is not on PATH"),
+        "{err}"
+    );
+    let calls = sb.recorded();
+    assert!(
+        calls.contains("apt-get install -y -qq gcc redis-server\n"),
+        "{calls}"
+    );
+    assert!(!calls.contains("cargo"), "no build without cc: {calls}");
+}
+
+#[test]
+fn demo_with_a_binary_needs_no_c_compiler() {
+    let sb = Sandbox::new();
+    sb.hide("cc");
+    // A "binary" newer than the sources: nothing to build. (The script
+    // stops at the missing Redis before running it.)
+    let release = sb.dir.path().join("target/release");
+    std::fs::create_dir_all(&release).unwrap();
+    let bin = release.join("conveyor");
+    std::fs::write(&bin, "#!/bin/sh\nexit 1\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = sb.demo();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("C compiler"), "{err}");
+    assert!(err.contains("redis-server is not installed"), "{err}");
+}
+
+#[test]
+fn messages_mask_the_whole_userinfo_but_a_user_name() {
+    let port = closed_port();
+    for (url, shown) in [
+        (
+            format!("redis://s3cret-token@127.0.0.1:{port}"),
+            format!("redis://***@127.0.0.1:{port}"),
+        ),
+        (
+            format!("redis://alice:pa?ss@w/rd-s3cret@127.0.0.1:{port}/0"),
+            format!("redis://alice:***@127.0.0.1:{port}/0"),
+        ),
+        (
+            format!("redis://:s3cret@127.0.0.1:{port}"),
+            format!("redis://:***@127.0.0.1:{port}"),
+        ),
+    ] {
+        let sb = Sandbox::new();
+        sb.fake("cargo", 1);
+        let o = sb.demo_with_url(&url);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        // The host and port after the last @ were found: nothing answers
+        // there, so the script wants redis-server.
+        assert!(
+            err.contains(&format!("no Redis answers at {shown} and")),
+            "{url}: {err}"
+        );
+        assert!(!err.contains("s3cret"), "{url}: {err}");
+    }
+}
+
+#[test]
+fn redis_cli_gets_the_password_in_its_environment_not_in_argv() {
+    let sb = Sandbox::new();
+    sb.fake("cargo", 1);
+    // A redis-cli that records its arguments and REDISCLI_AUTH, and answers
+    // nothing (no Redis there).
+    let cli = sb.bin().join("redis-cli");
+    std::fs::write(
+        &cli,
+        format!(
+            "#!/bin/sh\necho \"redis-cli $* auth=${{REDISCLI_AUTH-unset}}\" >> '{}'\n",
+            sb.calls().display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let port = closed_port();
+
+    let o = sb.demo_with_url(&format!("redis://alice:pa%40ss@127.0.0.1:{port}/0"));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(
+        sb.recorded(),
+        format!("redis-cli -u redis://127.0.0.1:{port}/0 --user alice ping auth=pa@ss\n"),
+        "{err}"
+    );
+
+    // No password (a lone name is a user name to conveyor): no AUTH, and
+    // no empty REDISCLI_AUTH either.
+    std::fs::remove_file(sb.calls()).unwrap();
+    let o = sb.demo_with_url(&format!("redis://alice@127.0.0.1:{port}"));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(
+        sb.recorded(),
+        format!("redis-cli -u redis://127.0.0.1:{port} ping auth=unset\n")
     );
 }
