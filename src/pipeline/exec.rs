@@ -482,18 +482,7 @@ mod tests {
             ],
             BTreeMap::new(),
         );
-        let ctx = StageContext {
-            job_id: "j1".into(),
-            job_type: "t".into(),
-            payload: Value::Null,
-            attempt: 1,
-            stage: "s".into(),
-            results: Default::default(),
-            cancel: tokio_util::sync::CancellationToken::new(),
-            kill_grace: std::time::Duration::from_secs(1),
-            max_result_bytes: 1 << 20,
-            progress: std::sync::Arc::new(|_, _| {}),
-        };
+        let ctx = StageContext::for_test("j1");
         let mask = stage.run(&ctx).await.unwrap();
         let mask = u64::from_str_radix(mask.as_str().unwrap(), 16).unwrap();
         assert_ne!(mask & (1 << (libc::SIGTSTP - 1)), 0, "SigIgn {mask:x}");

@@ -88,6 +88,26 @@ pub struct StageContext {
     pub(crate) progress: ProgressFn,
 }
 
+#[cfg(test)]
+impl StageContext {
+    /// A context for the unit tests of a stage: job `job_id` of type `t`,
+    /// stage `s`, attempt 1, no payload or results, 1 MiB of result.
+    pub(crate) fn for_test(job_id: &str) -> Self {
+        Self {
+            job_id: job_id.into(),
+            job_type: "t".into(),
+            payload: Value::Null,
+            attempt: 1,
+            stage: "s".into(),
+            results: Map::new(),
+            cancel: CancellationToken::new(),
+            kill_grace: Duration::from_secs(1),
+            max_result_bytes: 1 << 20,
+            progress: Arc::new(|_, _| {}),
+        }
+    }
+}
+
 impl StageContext {
     /// Reports the stage's progress, 0-100 within the stage, with an
     /// optional message; published at once as the job's weighted progress.

@@ -272,18 +272,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_stage_fails_retryably() {
-        let ctx = StageContext {
-            job_id: "j1".into(),
-            job_type: "t".into(),
-            payload: Value::Null,
-            attempt: 1,
-            stage: "s".into(),
-            results: Default::default(),
-            cancel: CancellationToken::new(),
-            kill_grace: std::time::Duration::from_secs(1),
-            max_result_bytes: 1 << 20,
-            progress: Arc::new(|_, _| {}),
-        };
+        let ctx = StageContext::for_test("j1");
         let err = CatchPanic(Panics).run(&ctx).await.unwrap_err();
         assert_eq!(err.kind, crate::pipeline::FailureKind::Retryable);
         assert_eq!(err.message, "stage panicked: boom in j1");
