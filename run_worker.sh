@@ -59,7 +59,7 @@ config/conveyor.toml (e.g. examples/stages/script_gen.sh) are relative to it.
 The binary is \$CONVEYOR_BIN if set (relative paths are relative to this
 directory); else target/release/conveyor if it is newer than Cargo.toml,
 Cargo.lock and every file in src/; else it is built first with
-'cargo build --release --locked' (the first build takes about 3 minutes).
+'cargo build --release --locked' (the first build takes about 4½ minutes on 2 cores).
 
 Environment (flags given to the daemon > environment > config file > default):
   CONVEYOR_CONFIG       config file (daemon default: config/conveyor.toml)
@@ -243,7 +243,7 @@ resolve_bin() {
     if [ -x "$BIN" ]; then
         log "sources changed since the last build: building conveyor (cargo build --release --locked)..."
     else
-        log "building conveyor (cargo build --release --locked); the first build takes about 3 minutes..."
+        log "building conveyor (cargo build --release --locked); the first build takes about 4½ minutes on 2 cores..."
     fi
     "$cargo" build --release --locked || die "cargo build failed"
     [ -x "$BIN" ] || die "cargo build succeeded but $BIN does not exist"
