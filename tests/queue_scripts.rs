@@ -595,8 +595,12 @@ async fn settle_drop_leaves_the_live_delivery_alone() {
     assert_eq!(c.zset(&c.k().scheduled(Q)), [("s1".to_owned(), 5.0)]);
 }
 
-fn every_next() -> [Next<'static>; 5] {
+fn every_next() -> [Next<'static>; 6] {
     [
+        Next::HandOver {
+            entry: b"x-handed",
+            pool: "gpu",
+        },
         Next::Finish,
         Next::Drop,
         Next::Dead(b"x-dead"),
@@ -738,6 +742,205 @@ async fn settle_removes_one_copy_only() {
     assert!(ok);
     assert_eq!(c.list(&c.k().active(Q, W)), ["x"]);
     assert_eq!(c.list(&c.k().pending(Q)), ["y"]);
+}
+
+#[tokio::test]
+async fn settle_handover_pushes_onto_the_pool_list_at_the_consuming_end() {
+    let c = ctx().await;
+    let j1 = settle_fixture(&c);
+    let gpu = c.k().pool(Q, "gpu");
+    c.set_list(&gpu, &["g2", "g1"]);
+    let next = Next::HandOver {
+        entry: b"j1-with-results",
+        pool: "gpu",
+    };
+    let ok = c
+        .broker
+        .settle(Q, W, j1.as_bytes(), "j1", "t1", next)
+        .await
+        .unwrap();
+    assert!(ok);
+    assert_eq!(c.list(&c.k().active(Q, W)), ["a2", "a1"]);
+    assert_eq!(c.list(&gpu), ["g2", "g1", "j1-with-results"]);
+    assert_eq!(
+        c.rpop(&gpu).as_deref(),
+        Some("j1-with-results"),
+        "taken next"
+    );
+    // The lease goes; no crash is counted and the job's story goes on: its
+    // crash count and cancellation stay, its id stays live.
+    assert_eq!(c.hash(&c.k().leases(Q)), map(&[("other", "t-other")]));
+    assert_eq!(
+        c.hash(&c.k().crashes(Q)),
+        map(&[("j1", "2"), ("other", "1")])
+    );
+    assert_eq!(
+        c.hash(&c.k().cancelled(Q)),
+        map(&[("j1", "100"), ("other", "200")])
+    );
+    assert_eq!(c.hash(&c.k().unique(Q)).len(), 2, "still live");
+    // Nothing else moves: pending, dead, scheduled, other pools.
+    assert_eq!(c.list(&c.k().pending(Q)), ["p2", "p1"]);
+    assert_eq!(c.list(&c.k().dead(Q)), ["d1"]);
+    assert_eq!(c.zset(&c.k().scheduled(Q)), [("s1".to_owned(), 5.0)]);
+    assert!(c.list(&c.k().pool(Q, "default")).is_empty());
+}
+
+#[tokio::test]
+async fn settle_handover_without_the_pool_key_is_refused_before_any_change() {
+    let c = ctx().await;
+    let j1 = settle_fixture(&c);
+    // A batch whose first item is a plain requeue and whose second is a
+    // handover, sent without KEYS[9]: the script refuses the whole call,
+    // the requeue included.
+    let script = redis::Script::new(include_str!("../src/queue/lua/settle.lua"));
+    let k = c.k();
+    let before = c.snapshot();
+    let mut inv = script.prepare_invoke();
+    inv.key(k.active(Q, W))
+        .key(k.leases(Q))
+        .key(k.crashes(Q))
+        .key(k.cancelled(Q))
+        .key(k.pending(Q))
+        .key(k.dead(Q))
+        .key(k.scheduled(Q))
+        .key(k.unique(Q));
+    for arg in ["a1", "", "", "requeue", "a1", "0"] {
+        inv.arg(arg);
+    }
+    for arg in [j1.as_str(), "j1", "t1", "handover", "x", "0"] {
+        inv.arg(arg);
+    }
+    let got: redis::RedisResult<Vec<i64>> = inv.invoke(&mut c.redis.conn());
+    let err = got.unwrap_err().to_string();
+    assert!(err.contains("KEYS[9]"), "{err}");
+    assert_eq!(c.snapshot(), before);
+}
+
+#[tokio::test]
+async fn batched_handovers_go_to_their_own_pool_lists() {
+    use conveyor::queue::batch::Batcher;
+    let c = ctx().await;
+    let (batcher, task) = Batcher::new(c.broker.clone(), W);
+    let runner = tokio::spawn(task.run());
+    let (a, b, d) = (job("a"), job("b"), job("d"));
+    c.set_list(&c.k().active(Q, W), &[&a, &b, &d]);
+    c.hset(&c.k().leases(Q), "a", "w1/a");
+    c.hset(&c.k().leases(Q), "b", "w1/b");
+    c.hset(&c.k().leases(Q), "d", "w1/d");
+    let to = |pool| Next::HandOver {
+        entry: b"moved",
+        pool,
+    };
+    let (r1, r2, r3, r4) = tokio::join!(
+        batcher.settle(Q, a.as_bytes(), "a", "w1/a", to("gpu")),
+        batcher.settle(Q, b.as_bytes(), "b", "w1/b", to("cpu")),
+        batcher.settle(Q, d.as_bytes(), "d", "w1/stale", to("gpu")),
+        batcher.settle(Q, d.as_bytes(), "d", "w1/d", Next::Finish),
+    );
+    assert_eq!(
+        [r1.unwrap(), r2.unwrap(), r3.unwrap(), r4.unwrap()],
+        [true, true, false, true]
+    );
+    assert_eq!(c.list(&c.k().pool(Q, "gpu")), ["moved"]);
+    assert_eq!(c.list(&c.k().pool(Q, "cpu")), ["moved"]);
+    assert!(c.list(&c.k().active(Q, W)).is_empty());
+    assert!(c.hash(&c.k().leases(Q)).is_empty());
+    assert!(c.list(&c.k().pending(Q)).is_empty());
+    drop(batcher);
+    runner.await.unwrap();
+}
+
+#[tokio::test]
+async fn fetch_from_pools_takes_the_pool_lists_before_pending() {
+    let c = ctx().await;
+    let queues = vec!["hi".to_owned(), "lo".to_owned()];
+    let pools = vec!["gpu".to_owned(), "default".to_owned()];
+    c.set_list(&c.k().pending("hi"), &["hi-p2", "hi-p1"]);
+    c.set_list(&c.k().pool("hi", "default"), &["hi-d1"]);
+    c.set_list(&c.k().pool("hi", "gpu"), &["hi-g2", "hi-g1"]);
+    c.set_list(&c.k().pool("hi", "other"), &["hi-o1"]);
+    c.set_list(&c.k().pool("lo", "gpu"), &["lo-g1"]);
+    let got = c
+        .broker
+        .fetch_available_from(&queues, &pools, W, 4)
+        .await
+        .unwrap();
+    assert_eq!(
+        texts(&got),
+        pairs(&[
+            ("hi", "hi-g1"),
+            ("hi", "hi-g2"),
+            ("hi", "hi-d1"),
+            ("hi", "hi-p1")
+        ])
+    );
+    assert_eq!(
+        c.list(&c.k().active("hi", W)),
+        ["hi-p1", "hi-d1", "hi-g2", "hi-g1"]
+    );
+    // A pool not served is never read.
+    let got = c
+        .broker
+        .fetch_available_from(&queues, &pools, W, 10)
+        .await
+        .unwrap();
+    assert_eq!(texts(&got), pairs(&[("hi", "hi-p2"), ("lo", "lo-g1")]));
+    assert_eq!(c.list(&c.k().pool("hi", "other")), ["hi-o1"]);
+    // Without pools, only pending is read (a fleet with one pool).
+    c.set_list(&c.k().pool("hi", "default"), &["hi-d2"]);
+    c.set_list(&c.k().pending("hi"), &["hi-p3"]);
+    let got = c.broker.fetch_available(&queues, W, 10).await.unwrap();
+    assert_eq!(texts(&got), pairs(&[("hi", "hi-p3")]));
+    assert_eq!(c.list(&c.k().pool("hi", "default")), ["hi-d2"]);
+
+    // Blocking, on one pool list.
+    let mut conn = c
+        .broker
+        .blocking_connection(Duration::from_secs(2))
+        .await
+        .unwrap();
+    let one = c
+        .broker
+        .fetch_blocking_from(
+            &mut conn,
+            "hi",
+            Some("default"),
+            W,
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap()
+        .expect("the pool list's job");
+    assert_eq!(one.raw, b"hi-d2");
+    let none = c
+        .broker
+        .fetch_blocking_from(&mut conn, "hi", Some("gpu"), W, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert!(none.is_none());
+}
+
+#[tokio::test]
+async fn a_cancelled_job_taken_from_a_pool_list_is_not_claimed() {
+    let c = ctx().await;
+    let j1 = job("j1");
+    c.set_list(&c.k().pool(Q, "gpu"), &[&j1]);
+    c.hset(&c.k().cancelled(Q), "j1", "100");
+    let pools = vec!["gpu".to_owned()];
+    let got = c
+        .broker
+        .fetch_available_from(&[Q.to_owned()], &pools, W, 1)
+        .await
+        .unwrap();
+    assert_eq!(texts(&got), pairs(&[(Q, &j1)]));
+    let claim = c
+        .broker
+        .claim(Q, W, j1.as_bytes(), j1.as_bytes(), "j1", "w1/x")
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Cancelled);
+    assert!(c.hash(&c.k().leases(Q)).is_empty());
 }
 
 // ---------------------------------------------------------------- recover

@@ -250,6 +250,7 @@ impl Cli {
         if let Command::Worker(w) = &self.command {
             o.worker_id = w.worker_id.clone();
             o.queues = w.queues.clone();
+            o.pools = w.pools.clone();
             o.concurrency = w.concurrency;
             o.shutdown_grace_secs = w.shutdown_grace_secs;
         }

@@ -16,6 +16,9 @@ pub struct WorkerArgs {
     /// Queues in priority order, comma-separated
     #[arg(long, env = "CONVEYOR_QUEUES", value_delimiter = ',')]
     pub queues: Option<Vec<String>>,
+    /// Stage pools this daemon runs, comma-separated [default: default]
+    #[arg(long, env = "CONVEYOR_POOLS", value_delimiter = ',')]
+    pub pools: Option<Vec<String>>,
     /// Jobs run at once
     #[arg(long, env = "CONVEYOR_CONCURRENCY")]
     pub concurrency: Option<usize>,

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::worker::validate_retry;
-use super::{Config, ConfigError, RetryConfig, check_name, invalid};
+use super::{Config, ConfigError, DEFAULT_POOL, RetryConfig, check_name, check_pool, invalid};
 
 /// Checks the stage name a `builtin = "..."` stage gives, with the stage's
 /// `args`: it gets the name and the stage, and returns the field at fault
@@ -108,6 +108,9 @@ pub struct StageConfig {
     pub max_concurrent: Option<u32>,
     /// "daemon" (default) or "host": all the daemons of a host together.
     pub max_concurrent_scope: Option<String>,
+    /// The pool whose daemons run this stage (`[worker] pools`); "default"
+    /// when unset. See docs/concepts.md, "Stage pools".
+    pub pool: Option<String>,
 }
 
 fn default_weight() -> u32 {
@@ -115,6 +118,11 @@ fn default_weight() -> u32 {
 }
 
 impl StageConfig {
+    /// The pool that runs this stage.
+    pub fn pool(&self) -> &str {
+        self.pool.as_deref().unwrap_or(DEFAULT_POOL)
+    }
+
     /// The built-in's arguments as JSON (empty object when none).
     pub fn args_json(&self) -> Value {
         match &self.args {
@@ -125,6 +133,29 @@ impl StageConfig {
 }
 
 impl Config {
+    /// Every pool a stage of `queue` names (the default pool included when
+    /// a stage has no `pool`), sorted.
+    pub fn stage_pools(&self, queue: &str) -> BTreeSet<String> {
+        self.jobs
+            .values()
+            .filter(|job| job.queue == queue && !job.remote)
+            .flat_map(|job| job.stages.iter().map(|s| s.pool().to_owned()))
+            .collect()
+    }
+
+    /// Whether this daemon takes part in stage pools at all: a stage of a
+    /// queue it serves names a pool other than the default, or it serves
+    /// another pool. When not, it fetches and runs exactly as without
+    /// pools (no pool list is read).
+    pub fn uses_pools(&self) -> bool {
+        self.worker.pools.iter().any(|p| p != DEFAULT_POOL)
+            || self
+                .worker
+                .queues
+                .iter()
+                .any(|q| self.stage_pools(q).iter().any(|p| p != DEFAULT_POOL))
+    }
+
     /// Queues that hold remote job types (served by the API only).
     pub fn remote_queues(&self) -> BTreeSet<&str> {
         self.jobs
@@ -245,6 +276,9 @@ fn validate_stage(
             format!("stage name `{}` is used twice", stage.name),
         ));
     }
+    if let Some(pool) = &stage.pool {
+        check_pool(&format!("{key}.pool"), pool)?;
+    }
     if stage.weight == 0 {
         return Err(invalid(format!("{key}.weight"), "must be at least 1"));
     }
@@ -273,6 +307,12 @@ fn validate_stage(
         ));
     }
     if job.remote {
+        if stage.pool.is_some() {
+            return Err(invalid(
+                format!("{key}.pool"),
+                "is for daemons' stages: the gateway serves every stage of a remote job type",
+            ));
+        }
         if stage.run.is_some() || stage.builtin.is_some() {
             return Err(invalid(
                 key,

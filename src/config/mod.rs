@@ -100,6 +100,7 @@ pub struct Overrides {
     pub db: Option<PathBuf>,
     pub worker_id: Option<String>,
     pub queues: Option<Vec<String>>,
+    pub pools: Option<Vec<String>>,
     pub concurrency: Option<usize>,
     pub shutdown_grace_secs: Option<u64>,
 }
@@ -210,6 +211,9 @@ impl Config {
         if let Some(v) = &o.queues {
             self.worker.queues = v.clone();
         }
+        if let Some(v) = &o.pools {
+            self.worker.pools = v.clone();
+        }
         if let Some(v) = o.concurrency {
             self.worker.concurrency = v;
         }
@@ -265,6 +269,29 @@ pub(crate) fn name_problem(value: &str) -> Option<String> {
         .map(|c| format!("`{value}` contains {c:?}; use letters, digits, '-', '_' or '.'"))
 }
 
+/// The pool of a stage without `pool`, and what a daemon without
+/// `[worker] pools` serves.
+pub const DEFAULT_POOL: &str = "default";
+
+/// What is wrong with a pool name, if anything: `[A-Za-z0-9_-]{1,64}` (it
+/// becomes part of the key `P:{Q}:pool:<name>`).
+pub fn pool_problem(value: &str) -> Option<String> {
+    if value.is_empty() {
+        return Some("must not be empty".into());
+    }
+    if value.len() > 64 {
+        return Some("must be at most 64 characters".into());
+    }
+    value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
+        .map(|c| format!("`{value}` contains {c:?}; a pool name uses letters, digits, '-' or '_'"))
+}
+
+fn check_pool(key: &str, value: &str) -> Result<(), ConfigError> {
+    pool_problem(value).map_or(Ok(()), |message| Err(invalid(key, message)))
+}
+
 #[cfg(test)]
 impl Config {
     /// [`Config::validate_with`] taking every `builtin` stage as valid: the
@@ -312,5 +339,45 @@ pub(crate) mod tests {
         });
         assert_eq!(c.worker.concurrency, 7);
         assert_eq!(c.worker.queues, ["b", "c"]);
+    }
+
+    #[test]
+    fn pools_are_checked_and_named() {
+        let stage = |pool: &str| {
+            format!(
+                "[jobs.t]\nstages = [{{ name = \"a\", builtin = \"noop\", pool = \"{pool}\" }}]\n"
+            )
+        };
+        let c = Config::from_toml(&stage("gpu-1_x")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.jobs["t"].stages[0].pool(), "gpu-1_x");
+        assert!(c.stage_pools("default").contains("gpu-1_x"));
+        assert!(c.uses_pools(), "a stage in another pool");
+        for bad in ["", "a.b", "a b", "gpu{x}", &"p".repeat(65)] {
+            let e = err(&stage(bad));
+            assert!(
+                e.starts_with("config key `jobs.\"t\".stages[0].pool`"),
+                "{bad}: {e}"
+            );
+        }
+        let e = err("[worker]\npools = []\n");
+        assert!(e.starts_with("config key `worker.pools`"), "{e}");
+        let e = err("[worker]\npools = [\"a\", \"a\"]\n");
+        assert!(e.starts_with("config key `worker.pools[1]`"), "{e}");
+        let e = err("[worker]\npools = [\"a:b\"]\n");
+        assert!(e.starts_with("config key `worker.pools[0]`"), "{e}");
+        let plain =
+            Config::from_toml("[jobs.t]\nstages = [{ name = \"a\", builtin = \"noop\" }]\n")
+                .unwrap();
+        assert_eq!(plain.worker.pools, [DEFAULT_POOL]);
+        assert_eq!(plain.jobs["t"].stages[0].pool(), DEFAULT_POOL);
+        assert!(!plain.uses_pools(), "one pool: nothing changes");
+        let mut c = plain.clone();
+        c.apply(&Overrides {
+            pools: Some(vec!["gpu".into()]),
+            ..Default::default()
+        });
+        assert_eq!(c.worker.pools, ["gpu"]);
+        assert!(c.uses_pools());
     }
 }

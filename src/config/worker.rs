@@ -22,6 +22,9 @@ pub struct WorkerConfig {
     /// by these weights (queue -> weight, 1 for a queue not listed), so a
     /// low queue gets its share even while higher ones are full.
     pub queue_weights: BTreeMap<String, u32>,
+    /// Stage pools this daemon runs (a stage's `pool`); a job whose next
+    /// stage is in another pool is handed over to that pool's list.
+    pub pools: Vec<String>,
     /// Jobs run at once by this daemon.
     pub concurrency: usize,
     /// On SIGTERM, how long running stages may go on before they are stopped
@@ -72,6 +75,7 @@ impl Default for WorkerConfig {
             id: None,
             queues: vec!["default".into()],
             queue_weights: BTreeMap::new(),
+            pools: vec![super::DEFAULT_POOL.into()],
             concurrency: 5,
             shutdown_grace_secs: 20,
             kill_grace_secs: 5,
@@ -174,6 +178,18 @@ impl WorkerConfig {
                 return Err(invalid(
                     format!("worker.queues[{i}]"),
                     format!("queue `{q}` is listed twice"),
+                ));
+            }
+        }
+        if self.pools.is_empty() {
+            return Err(invalid("worker.pools", "must name at least one pool"));
+        }
+        for (i, p) in self.pools.iter().enumerate() {
+            super::check_pool(&format!("worker.pools[{i}]"), p)?;
+            if self.pools[..i].contains(p) {
+                return Err(invalid(
+                    format!("worker.pools[{i}]"),
+                    format!("pool `{p}` is listed twice"),
                 ));
             }
         }

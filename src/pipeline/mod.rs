@@ -172,6 +172,8 @@ pub struct StageSpec {
     pub name: String,
     pub weight: u32,
     pub timeout: Option<Duration>,
+    /// The stage pool whose daemons run it (`pool`, "default" when unset).
+    pub pool: String,
     pub imp: Arc<dyn Stage>,
     /// `max_concurrent`: shared by every stage of this name in the daemon.
     pub limit: Option<Arc<limit::StageLimit>>,
@@ -217,6 +219,7 @@ impl Pipeline {
                     name: s.name.clone(),
                     weight: s.weight,
                     timeout: s.timeout_secs.map(Duration::from_secs),
+                    pool: s.pool().to_owned(),
                     imp,
                     limit: limits.get(&s.name).cloned(),
                 })
@@ -334,6 +337,7 @@ mod tests {
                 name: format!("s{i}"),
                 weight: *w,
                 timeout: None,
+                pool: crate::config::DEFAULT_POOL.into(),
                 imp: Arc::new(builtin::Builtin::Noop),
                 limit: None,
             })

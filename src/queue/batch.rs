@@ -31,6 +31,9 @@ enum Kind {
 struct Request {
     kind: Kind,
     queue: String,
+    /// The stage pool a "handover" settle pushes to (KEYS[9] of
+    /// `settle.lua`): handovers to one pool are batched together.
+    pool: Option<String>,
     args: Vec<Vec<u8>>,
     reply: oneshot::Sender<RedisResult<i64>>,
 }
@@ -61,12 +64,19 @@ impl Batcher {
         (Self { tx }, task)
     }
 
-    async fn call(&self, kind: Kind, queue: &str, args: Vec<Vec<u8>>) -> RedisResult<i64> {
+    async fn call(
+        &self,
+        kind: Kind,
+        queue: &str,
+        pool: Option<&str>,
+        args: Vec<Vec<u8>>,
+    ) -> RedisResult<i64> {
         let (reply, rx) = oneshot::channel();
         let closed = || redis::RedisError::from(std::io::Error::other("the batcher has stopped"));
         let request = Request {
             kind,
             queue: queue.to_owned(),
+            pool: pool.map(str::to_owned),
             args,
             reply,
         };
@@ -89,7 +99,7 @@ impl Batcher {
             job_id.as_bytes().to_vec(),
             token.as_bytes().to_vec(),
         ];
-        let code = self.call(Kind::Claim, queue, args).await?;
+        let code = self.call(Kind::Claim, queue, None, args).await?;
         Ok(super::claim_from_code(code))
     }
 
@@ -103,7 +113,11 @@ impl Batcher {
         next: Next<'_>,
     ) -> RedisResult<bool> {
         let args = settle_args(raw, job_id, token, next).into();
-        Ok(self.call(Kind::Settle, queue, args).await? == 1)
+        let pool = match next {
+            Next::HandOver { pool, .. } => Some(pool),
+            _ => None,
+        };
+        Ok(self.call(Kind::Settle, queue, pool, args).await? == 1)
     }
 }
 
@@ -111,18 +125,21 @@ impl BatcherTask {
     pub async fn run(mut self) {
         let mut buf = Vec::with_capacity(BATCH);
         while self.rx.recv_many(&mut buf, BATCH).await > 0 {
-            // Group by script and queue, keeping each group's order.
-            let mut groups: HashMap<(Kind, String), Vec<Request>> = HashMap::new();
+            // Group by script, queue and pool list, keeping each group's
+            // order.
+            type Group = (Kind, String, Option<String>);
+            let mut groups: HashMap<Group, Vec<Request>> = HashMap::new();
             for r in buf.drain(..) {
-                groups.entry((r.kind, r.queue.clone())).or_default().push(r);
+                let key = (r.kind, r.queue.clone(), r.pool.clone());
+                groups.entry(key).or_default().push(r);
             }
-            for ((kind, queue), requests) in groups {
-                self.send(kind, &queue, requests).await;
+            for ((kind, queue, pool), requests) in groups {
+                self.send(kind, &queue, pool.as_deref(), requests).await;
             }
         }
     }
 
-    async fn send(&self, kind: Kind, queue: &str, requests: Vec<Request>) {
+    async fn send(&self, kind: Kind, queue: &str, pool: Option<&str>, requests: Vec<Request>) {
         let mut invocation = match kind {
             Kind::Claim => self.broker.claim_invocation(queue, &self.worker),
             Kind::Settle => {
@@ -130,6 +147,9 @@ impl BatcherTask {
                 self.broker.settle_invocation(&source, queue)
             }
         };
+        if let Some(pool) = pool {
+            invocation.key(self.broker.keys().pool(queue, pool));
+        }
         for r in &requests {
             for a in &r.args {
                 invocation.arg(a.as_slice());

@@ -52,6 +52,7 @@ pub(crate) fn settle_args(raw: &[u8], job_id: &str, token: &str, next: Next<'_>)
         Next::Dead(e) => ("dead", e, 0),
         Next::Requeue(e) => ("requeue", e, 0),
         Next::Retry { entry, delay_ms } => ("retry", entry, delay_ms),
+        Next::HandOver { entry, .. } => ("handover", entry, 0),
     };
     [
         raw.to_vec(),
@@ -76,6 +77,10 @@ pub enum Next<'a> {
     Requeue(&'a [u8]),
     /// To the scheduled set, due `delay_ms` after Redis' clock now.
     Retry { entry: &'a [u8], delay_ms: u64 },
+    /// To the consuming end of stage pool `pool`'s list: the job's next
+    /// stage runs on a daemon serving that pool. The pool list is the
+    /// script's KEYS[9]: the batcher groups handovers by pool.
+    HandOver { entry: &'a [u8], pool: &'a str },
 }
 
 impl Broker {
@@ -88,28 +93,48 @@ impl Broker {
         worker: &str,
         max: usize,
     ) -> RedisResult<Vec<Fetched>> {
+        self.fetch_available_from(queues, &[], worker, max).await
+    }
+
+    /// [`Broker::fetch_available`] for a daemon serving stage pools: per
+    /// queue, the lists of `pools` first (jobs already under way finish
+    /// first), then pending. One round trip per list visited; with no
+    /// `pools`, exactly [`Broker::fetch_available`].
+    pub async fn fetch_available_from(
+        &self,
+        queues: &[String],
+        pools: &[String],
+        worker: &str,
+        max: usize,
+    ) -> RedisResult<Vec<Fetched>> {
         let mut conn = self.conn.clone();
         let mut out = Vec::new();
         for queue in queues {
-            let want = max - out.len();
-            if want == 0 {
-                break;
+            let dst = self.keys.active(queue, worker);
+            let sources = pools
+                .iter()
+                .map(|p| self.keys.pool(queue, p))
+                .chain(std::iter::once(self.keys.pending(queue)));
+            for src in sources {
+                let want = max - out.len();
+                if want == 0 {
+                    return Ok(out);
+                }
+                let mut pipe = redis::pipe();
+                for _ in 0..want {
+                    pipe.cmd("LMOVE")
+                        .arg(&src)
+                        .arg(&dst)
+                        .arg("RIGHT")
+                        .arg("LEFT");
+                }
+                self.trip();
+                let got: Vec<Option<Vec<u8>>> = pipe.query_async(&mut conn).await?;
+                out.extend(got.into_iter().flatten().map(|raw| Fetched {
+                    queue: queue.clone(),
+                    raw,
+                }));
             }
-            let (src, dst) = (self.keys.pending(queue), self.keys.active(queue, worker));
-            let mut pipe = redis::pipe();
-            for _ in 0..want {
-                pipe.cmd("LMOVE")
-                    .arg(&src)
-                    .arg(&dst)
-                    .arg("RIGHT")
-                    .arg("LEFT");
-            }
-            self.trip();
-            let got: Vec<Option<Vec<u8>>> = pipe.query_async(&mut conn).await?;
-            out.extend(got.into_iter().flatten().map(|raw| Fetched {
-                queue: queue.clone(),
-                raw,
-            }));
         }
         Ok(out)
     }
@@ -122,9 +147,27 @@ impl Broker {
         worker: &str,
         block: Duration,
     ) -> RedisResult<Option<Fetched>> {
+        self.fetch_blocking_from(conn, queue, None, worker, block)
+            .await
+    }
+
+    /// [`Broker::fetch_blocking`] on stage pool `pool`'s list of the queue
+    /// (`None`: pending).
+    pub async fn fetch_blocking_from(
+        &self,
+        conn: &mut RedisConn,
+        queue: &str,
+        pool: Option<&str>,
+        worker: &str,
+        block: Duration,
+    ) -> RedisResult<Option<Fetched>> {
+        let src = match pool {
+            Some(p) => self.keys.pool(queue, p),
+            None => self.keys.pending(queue),
+        };
         self.trip();
         let raw: Option<Vec<u8>> = redis::cmd("BLMOVE")
-            .arg(self.keys.pending(queue))
+            .arg(src)
             .arg(self.keys.active(queue, worker))
             .arg("RIGHT")
             .arg("LEFT")
@@ -170,6 +213,9 @@ impl Broker {
     ) -> RedisResult<bool> {
         let source = self.keys.active(queue, worker);
         let mut invocation = self.settle_invocation(&source, queue);
+        if let Next::HandOver { pool, .. } = next {
+            invocation.key(self.keys.pool(queue, pool));
+        }
         for arg in settle_args(raw, job_id, token, next) {
             invocation.arg(arg);
         }

@@ -32,6 +32,10 @@ pub struct WorkerInfo {
     pub instance: String,
     pub started_at: String,
     pub queues: Vec<String>,
+    /// Stage pools it runs; empty from daemons older than pools (which
+    /// serve the default pool only).
+    #[serde(default)]
+    pub pools: Vec<String>,
     pub concurrency: usize,
     #[serde(default)]
     pub running: u64,

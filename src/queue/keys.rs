@@ -26,6 +26,14 @@ impl Keys {
         format!("{}:{{{queue}}}:pending", self.prefix)
     }
 
+    /// LIST `P:{Q}:pool:<pool>`: jobs handed over to a stage pool (their
+    /// next stage runs in it), taken by the daemons serving that pool
+    /// before `pending`. Same end convention as pending: pushed on the
+    /// right (`RPUSH`, taken next), taken from the right.
+    pub fn pool(&self, queue: &str, pool: &str) -> String {
+        format!("{}:{{{queue}}}:pool:{pool}", self.prefix)
+    }
+
     /// LIST `P:{Q}:active:<worker>`: jobs a daemon has taken and not finished.
     pub fn active(&self, queue: &str, worker: &str) -> String {
         format!("{}:{{{queue}}}:active:{worker}", self.prefix)
@@ -133,5 +141,6 @@ mod tests {
         assert_eq!(k.cancelled("q"), "conveyor:{q}:cancelled");
         assert_eq!(k.control(), "conveyor:control");
         assert_eq!(k.live(), "conveyor:live");
+        assert_eq!(k.pool("q", "gpu"), "conveyor:{q}:pool:gpu");
     }
 }

@@ -127,6 +127,9 @@ pub struct StageUpdate {
     pub result: Option<String>,
     pub error: Option<String>,
     pub progress: f64,
+    /// The daemon running the stage, and the stage's pool.
+    pub worker_id: String,
+    pub pool: String,
     /// When the stage started (also on its end record: a quick stage's
     /// "running" record is never written).
     pub started_at: String,
@@ -522,5 +525,33 @@ mod tests {
         let job = Reader::open(&path).unwrap().job("j").unwrap().unwrap();
         assert_eq!(job.attempts.len(), 1);
         assert_eq!(job.attempts[0].error.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn migrating_a_version_3_file_keeps_its_stages_without_a_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v3.db");
+        let mut conn = Connection::open(&path).unwrap();
+        for sql in &schema::MIGRATIONS[..3] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.execute_batch(
+            "PRAGMA user_version = 3;
+             INSERT INTO jobs (id, type, queue, status, created_at, updated_at)
+                VALUES ('j', 't', 'q', 'completed', 'x', 'x');
+             INSERT INTO stages (job_id, idx, name, status, result)
+                VALUES ('j', 0, 's0', 'completed', '{\"n\":1}');",
+        )
+        .unwrap();
+        schema::migrate(&mut conn).unwrap();
+        drop(conn);
+        let reader = Reader::open(&path).unwrap();
+        assert_eq!(reader.schema_version().unwrap(), 4);
+        let job = reader.job("j").unwrap().unwrap();
+        assert_eq!(job.stages.len(), 1);
+        assert_eq!(job.stages[0].status, "completed");
+        assert_eq!(job.stages[0].result, serde_json::json!({"n": 1}));
+        assert_eq!(job.stages[0].worker_id, None);
+        assert_eq!(job.stages[0].pool, None);
     }
 }

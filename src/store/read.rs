@@ -58,6 +58,10 @@ pub struct StageRecord {
     pub finished_at: Option<String>,
     pub result: Value,
     pub error: Option<String>,
+    /// The daemon that ran it last, and its stage pool (none for a stage
+    /// that never ran, or recorded before schema 4).
+    pub worker_id: Option<String>,
+    pub pool: Option<String>,
 }
 
 /// Read-only access for the CLI and tests.
@@ -113,7 +117,7 @@ impl Reader {
             .optional()?;
         let Some(mut job) = job else { return Ok(None) };
         let mut stmt = self.conn.prepare(
-            "SELECT name, status, attempt, started_at, finished_at, result, error
+            "SELECT name, status, attempt, started_at, finished_at, result, error, worker_id, pool
              FROM stages WHERE job_id = ?1 ORDER BY idx",
         )?;
         job.stages = stmt
@@ -126,6 +130,8 @@ impl Reader {
                     finished_at: r.get(4)?,
                     result: json_column(r.get(5)?),
                     error: r.get(6)?,
+                    worker_id: r.get(7)?,
+                    pool: r.get(8)?,
                 })
             })?
             .collect::<Result<_, _>>()?;

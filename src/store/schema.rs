@@ -123,6 +123,10 @@ pub const MIGRATIONS: &[&str] = &[
         UPDATE job_counts SET n = n - 1
             WHERE queue = old.queue AND type = old.type AND status = old.status;
      END;",
+    // 4: stage pools. Which daemon ran a stage, and in which pool (stages
+    // of one job may run on different hosts). NULL in rows written before.
+    "ALTER TABLE stages ADD COLUMN worker_id TEXT;
+     ALTER TABLE stages ADD COLUMN pool TEXT;",
 ];
 
 /// The schema version this build writes.

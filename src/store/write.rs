@@ -73,7 +73,7 @@ pub(super) fn begin(tx: &Connection, job: &BeginJob) -> rusqlite::Result<Prior> 
     if new_epoch {
         let mut reset = tx.prepare_cached(
             "UPDATE stages SET name = ?3, status = 'pending', attempt = 0, started_at = NULL,
-                finished_at = NULL, result = NULL, error = NULL
+                finished_at = NULL, result = NULL, error = NULL, worker_id = NULL, pool = NULL
              WHERE job_id = ?1 AND idx = ?2",
         )?;
         for (i, name) in job.stages.iter().enumerate() {
@@ -116,12 +116,14 @@ pub(super) fn stage(tx: &Connection, u: &StageUpdate) -> rusqlite::Result<bool> 
     }
     let finished = (u.status != "running").then_some(&u.at);
     tx.prepare_cached(
-        "INSERT INTO stages (job_id, idx, name, status, attempt, started_at, finished_at, result, error)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+        "INSERT INTO stages (job_id, idx, name, status, attempt, started_at, finished_at, result,
+            error, worker_id, pool)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
          ON CONFLICT (job_id, idx) DO UPDATE SET
             name = excluded.name, status = excluded.status, attempt = excluded.attempt,
             started_at = excluded.started_at, finished_at = excluded.finished_at,
-            result = excluded.result, error = excluded.error",
+            result = excluded.result, error = excluded.error,
+            worker_id = excluded.worker_id, pool = excluded.pool",
     )?
     .execute(params![
         u.job_id,
@@ -132,7 +134,9 @@ pub(super) fn stage(tx: &Connection, u: &StageUpdate) -> rusqlite::Result<bool> 
         u.started_at,
         finished,
         u.result,
-        u.error
+        u.error,
+        u.worker_id,
+        u.pool
     ])?;
     Ok(true)
 }
@@ -244,6 +248,8 @@ pub(super) mod tests {
             result: Some("{\"ok\":true}".into()),
             error: None,
             progress: 50.0,
+            worker_id: format!("w-{lease}"),
+            pool: "gpu".into(),
             started_at: "2026-01-01T00:00:00.500Z".into(),
             at: "2026-01-01T00:00:01.000Z".into(),
         }
@@ -296,6 +302,11 @@ pub(super) mod tests {
         assert_eq!(job.stages.len(), 2);
         assert_eq!(job.stages[0].status, "completed");
         assert_eq!(job.stages[1].status, "pending");
+        // Schema 4: who ran a stage, in which pool; nothing for one not run.
+        assert_eq!(job.stages[0].worker_id.as_deref(), Some("w-a"));
+        assert_eq!(job.stages[0].pool.as_deref(), Some("gpu"));
+        assert_eq!(job.stages[1].worker_id, None);
+        assert_eq!(job.stages[1].pool, None);
         assert_eq!(job.attempts.len(), 1);
         assert_eq!(job.attempts[0].status, "completed");
         assert_eq!(

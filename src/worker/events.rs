@@ -353,6 +353,32 @@ impl JobRequeued {
     }
 }
 
+/// The job was handed over to the pool of its next stage (`ran`: after
+/// stages ran here; else at its first take, nothing having run).
+pub(crate) struct JobHandedOver<'a> {
+    pub stage: &'a str,
+    pub pool: &'a str,
+    pub ran: bool,
+    pub progress: f64,
+}
+
+impl JobHandedOver<'_> {
+    pub(crate) fn emit(self, job: &JobEvents) {
+        tracing::info!(target: LOG_TARGET, stage = %self.stage, pool = %self.pool,
+            ran = self.ran, "job_handed_over");
+        // Waiting again, as after a requeue: the contract's event names
+        // stay as they are, the message says where the job waits.
+        let message = format!("waiting for stage {} in pool {}", self.stage, self.pool);
+        job.publish(
+            Status::Pending,
+            "job_requeued",
+            None,
+            self.progress,
+            Some(message),
+        );
+    }
+}
+
 /// A running job was cancelled (`conveyor cancel`).
 pub(crate) struct JobCancelled {
     pub attempt: u32,

@@ -56,6 +56,9 @@ impl Weights {
 pub(super) struct Fetcher {
     env: Arc<JobEnv>,
     queues: Vec<String>,
+    /// Stage pools whose lists are read, before pending, per queue; empty
+    /// when pools are not in use (then nothing but pending is read).
+    pools: Vec<String>,
     /// Weighted mode (`worker.queue_weights`); strict priority when `None`.
     weights: Option<Weights>,
     slots: Arc<Semaphore>,
@@ -69,12 +72,14 @@ impl Fetcher {
     /// `jobs`.
     pub(super) fn new(
         w: &WorkerConfig,
+        pools: Vec<String>,
         env: Arc<JobEnv>,
         health: Arc<Health>,
         jobs: TaskTracker,
     ) -> Self {
         Self {
             queues: w.queues.clone(),
+            pools,
             weights: (!w.queue_weights.is_empty())
                 .then(|| Weights::new(&w.queues, &w.queue_weights)),
             slots: env.slots.clone(),
@@ -219,7 +224,9 @@ impl Fetcher {
         // The latency of a fetch that finds jobs or not, without the
         // blocking wait for a job to arrive.
         let started = std::time::Instant::now();
-        let jobs = broker.fetch_available(queues, worker, want).await?;
+        let jobs = broker
+            .fetch_available_from(queues, &self.pools, worker, want)
+            .await?;
         crate::telemetry::metrics::fetched(started.elapsed());
         *probe = if jobs.len() == want {
             (*probe).max(want * 2).min(FETCH_BATCH)
@@ -229,20 +236,28 @@ impl Fetcher {
         if !jobs.is_empty() {
             return Ok(jobs);
         }
-        // With several queues, each block is shorter so that a job arriving
-        // on any queue waits at most `fetch_block_ms` in all.
-        let block = (self.block / self.queues.len() as u32).max(Duration::from_millis(10));
+        // With several queues (and pool lists), each block is shorter so
+        // that a job arriving on any list waits at most `fetch_block_ms` in
+        // all.
+        let lists = self.queues.len() * (self.pools.len() + 1);
+        let block = (self.block / lists as u32).max(Duration::from_millis(10));
         let conn = match blocking {
             Some(conn) => conn,
             None => blocking.insert(broker.blocking_connection(self.block).await?),
         };
+        // The turn goes over every list: each queue's pool lists, then its
+        // pending list.
+        let sources = self.pools.len() + 1;
         let queue = match &self.weights {
             Some(_) => &queues[0],
-            None => &self.queues[*turn % self.queues.len()],
+            None => &self.queues[(*turn / sources) % self.queues.len()],
         };
+        let pool = self.pools.get(*turn % sources).map(String::as_str);
         *turn = turn.wrapping_add(1);
         self.health.fetch_loop_alive();
-        let job = broker.fetch_blocking(conn, queue, worker, block).await?;
+        let job = broker
+            .fetch_blocking_from(conn, queue, pool, worker, block)
+            .await?;
         Ok(job.into_iter().collect())
     }
 

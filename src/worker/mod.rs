@@ -296,6 +296,7 @@ async fn register(
         instance: uuid::Uuid::now_v7().to_string(),
         started_at: crate::time::now_rfc3339(),
         queues: w.queues.clone(),
+        pools: w.pools.clone(),
         concurrency: w.concurrency,
         running: 0,
         completed: 0,
@@ -356,6 +357,7 @@ impl Daemon {
             publisher,
             registry,
             worker_id: worker_id.clone(),
+            pools: w.pools.clone(),
             max_job_bytes: w.max_job_bytes,
             max_result_bytes: w.max_result_bytes,
             max_crashes: w.max_crashes,
@@ -387,9 +389,21 @@ impl Daemon {
     async fn fetch(&self, config: &Config, shutdown: &CancellationToken) -> TaskTracker {
         let jobs = TaskTracker::new();
         let health = self.health.clone();
-        fetch::Fetcher::new(&config.worker, self.env.clone(), health, jobs.clone())
-            .run(shutdown.clone())
-            .await;
+        // Pool lists are read only when pools are in use: a fleet with one
+        // pool fetches exactly as before.
+        let pool_lists = match config.uses_pools() {
+            true => config.worker.pools.clone(),
+            false => Vec::new(),
+        };
+        fetch::Fetcher::new(
+            &config.worker,
+            pool_lists,
+            self.env.clone(),
+            health,
+            jobs.clone(),
+        )
+        .run(shutdown.clone())
+        .await;
         self.health.draining();
         jobs
     }

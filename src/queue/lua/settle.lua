@@ -8,6 +8,9 @@
 -- KEYS[4]  HASH  cancelled: job id -> when cancellation was asked
 -- KEYS[5]  LIST  pending   KEYS[6] LIST dead   KEYS[7] ZSET scheduled
 -- KEYS[8]  HASH  unique: job id -> state of a job enqueued through conveyor
+-- KEYS[9]  LIST  a stage pool's list `P:{Q}:pool:<name>` (only for
+--          "handover"; a call with a "handover" item and no KEYS[9] is
+--          refused before anything changes)
 -- ARGV     6 per item:
 --   entry to remove; job id ("" when unknown: an unparsable message);
 --   fencing token ("" for a delivery never claimed: poison, duplicate,
@@ -18,6 +21,8 @@
 --         "requeue" RPUSH it onto pending (consuming end: taken next)
 --         "retry"   ZADD it to scheduled at Redis TIME (ms) + delay
 --         "revive"  LPUSH it onto pending, the job's history forgotten
+--         "handover" RPUSH it onto the pool list KEYS[9] (its next stage
+--                   runs in that pool; no attempt, requeue or crash counted)
 --   entry to push; delay in ms (for "retry")
 --
 -- Returns 1 or 0 per item. 0: the token is no longer the job's lease (the
@@ -26,6 +31,11 @@
 -- requeue or duplicate a job it lost. "ack", "dead" and "revive" end the
 -- job's story here: its crash count and cancellation are forgotten, and
 -- its id is free to enqueue again ("revive" makes it live, so taken).
+for i = 4, #ARGV, 6 do
+  if ARGV[i] == 'handover' and not KEYS[9] then
+    return redis.error_reply('settle.lua: "handover" needs the pool list as KEYS[9]')
+  end
+end
 local out = {}
 local now_ms
 for i = 1, #ARGV, 6 do
@@ -56,6 +66,8 @@ for i = 1, #ARGV, 6 do
       redis.call('RPUSH', KEYS[5], entry)
     elseif mode == 'revive' then
       redis.call('LPUSH', KEYS[5], entry)
+    elseif mode == 'handover' then
+      redis.call('RPUSH', KEYS[9], entry)
     elseif mode == 'retry' then
       if not now_ms then
         local t = redis.call('TIME')

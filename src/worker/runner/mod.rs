@@ -4,6 +4,7 @@
 //! fetched ─parse─► poison? ───────────────────────────────► dead (reason)
 //!            │
 //!            └─► claim (lease token; id assigned) ─ duplicate / cancelled ─► dropped
+//!                  │ current stage in a pool not served here? ─► that pool's list
 //!                  │ crashed max_crashes times? ───────────► dead (quarantine)
 //!                  ▼
 //!               begin (SQLite: running; learn finished stages)
@@ -15,6 +16,8 @@
 //!                  ├─ last/permanent  ─► SQLite failed    ─► dead
 //!                  ├─ cancelled       ─► SQLite cancelled ─► ack
 //!                  ├─ shutdown        ─► SQLite pending   ─► pending, with results
+//!                  ├─ next stage in a pool not served here
+//!                  │                  ─► SQLite pending   ─► that pool's list, with results
 //!                  └─ lease lost      ─► nothing (another daemon has the job)
 //! ```
 //!
@@ -32,6 +35,8 @@
 //!   change goes through;
 //! - `run`: the claimed delivery (`Run`) and its start in SQLite;
 //! - `stages`: the stages in order, with their deadlines;
+//! - `handover`: stage pools, a job handed over to the pool of its
+//!   current stage (at its first take, or once a stage ran here);
 //! - `limits`: waiting on a job type's `rate` and a stage's
 //!   `max_concurrent`, with the job slot given back meanwhile;
 //! - `outcome`: how the attempt ended, what that means (`decide`, pure)
@@ -40,6 +45,7 @@
 //! What each outcome logs, counts and publishes is in `worker::events`.
 
 mod delivery;
+mod handover;
 mod limits;
 mod outcome;
 mod run;
@@ -76,6 +82,9 @@ pub struct JobEnv {
     pub publisher: Publisher,
     pub registry: Registry,
     pub worker_id: String,
+    /// Stage pools this daemon runs (`worker.pools`): a job whose current
+    /// stage is in another pool is handed over to that pool's list.
+    pub pools: Vec<String>,
     pub max_job_bytes: usize,
     /// `worker.max_result_bytes`: the largest result a stage may return.
     pub max_result_bytes: usize,
@@ -96,6 +105,13 @@ pub struct JobEnv {
     /// type's `rate`) with their slot given back: at most `concurrency`, so
     /// a daemon never takes more than twice its concurrency in hand.
     pub parking: Arc<Semaphore>,
+}
+
+impl JobEnv {
+    /// Whether this daemon runs the stages of `pool`.
+    pub(crate) fn serves(&self, pool: &str) -> bool {
+        self.pools.iter().any(|p| p == pool)
+    }
 }
 
 /// Counters for logs and systemd STATUS.

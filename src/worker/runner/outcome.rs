@@ -21,6 +21,8 @@ pub(super) enum Ended {
     Completed,
     Failed(StageError),
     Stopped(Stop),
+    /// Stage `.0` is next and runs in pool `.1`, not served here.
+    HandOver(usize, String),
 }
 
 /// Why an attempt stopped before its end.
@@ -49,6 +51,9 @@ pub(super) enum Decision {
     /// Recorded pending; back on pending with its finished stages' results
     /// and the same attempt number (a shutdown is not a failure).
     Requeue { attempt: u32 },
+    /// Recorded pending; handed over to pool `pool`, stage `next` being
+    /// the next one (no attempt, requeue or crash counted).
+    HandOver { next: usize, pool: String },
     /// Recorded cancelled, acked.
     Cancel,
     /// The lease is gone (the job was recovered and handed to another
@@ -74,6 +79,7 @@ pub(super) fn decide(ended: Ended, attempt: u32, retry: &RetryConfig) -> Decisio
         Ended::Stopped(Stop::Shutdown) => Decision::Requeue { attempt },
         Ended::Stopped(Stop::Cancelled) => Decision::Cancel,
         Ended::Stopped(Stop::LeaseLost) => Decision::Abandon,
+        Ended::HandOver(next, pool) => Decision::HandOver { next, pool },
     }
 }
 
@@ -94,6 +100,7 @@ impl Run {
             }
             Decision::Dead { err, attempt } => self.dead(err, attempt, started).await,
             Decision::Requeue { attempt } => self.requeue(attempt).await,
+            Decision::HandOver { next, pool } => self.hand_over(next, &pool).await,
             Decision::Cancel => self.cancelled().await,
             Decision::Abandon => {
                 tracing::warn!(
@@ -107,7 +114,12 @@ impl Run {
 
     /// Commits the end of the attempt in SQLite. False when nothing more may
     /// be done for this delivery (lease lost, store closing).
-    async fn finish_record(&self, status: Status, progress: f64, error: Option<String>) -> bool {
+    pub(super) async fn finish_record(
+        &self,
+        status: Status,
+        progress: f64,
+        error: Option<String>,
+    ) -> bool {
         let record = FinishJob {
             id: self.job.id().to_owned(),
             lease: self.token.clone(),
@@ -380,6 +392,17 @@ mod tests {
             decide(Ended::Stopped(Stop::LeaseLost), 1, &policy(3)),
             Decision::Abandon
         ));
+    }
+
+    #[test]
+    fn a_next_stage_in_another_pool_is_handed_over_without_an_attempt() {
+        match decide(Ended::HandOver(2, "gpu".into()), 3, &policy(3)) {
+            Decision::HandOver { next, pool } => {
+                assert_eq!(next, 2);
+                assert_eq!(pool, "gpu");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -89,6 +89,14 @@ impl Run {
     }
 
     pub(super) async fn start(mut self, crashes: u32) {
+        // Stage pools: a job whose current stage another pool runs goes
+        // there before anything happens here (its crash count stays in
+        // Redis, for the daemon that runs it).
+        let current = self.pipeline.resume_index(&self.results);
+        if let Some(pool) = self.foreign_pool(current) {
+            self.hand_over_unstarted(current, &pool).await;
+            return;
+        }
         let started = Instant::now();
         let Some(prior) = self.begin(crashes).await else {
             return;

@@ -38,6 +38,10 @@ impl Run {
             if self.stop.token.is_cancelled() {
                 return Ended::Stopped(self.stop_cause());
             }
+            // Stage pools: the next stage runs on a daemon of its pool.
+            if let Some(pool) = self.foreign_pool(index) {
+                return Ended::HandOver(index, pool);
+            }
             // Draining: the stage that was running finished; the next one
             // would only be cut short by the end of the grace period, so the
             // job goes back now, resuming here on the next daemon.
@@ -212,6 +216,8 @@ impl Run {
             result,
             error,
             progress,
+            worker_id: self.env.worker_id.clone(),
+            pool: self.pipeline.stages[index].pool.clone(),
             started_at: started_at.to_owned(),
             at: now_rfc3339(),
         };

@@ -1,0 +1,63 @@
+//! Stage pools: a job whose current stage is in a pool this daemon does
+//! not serve is handed over to that pool's list (`P:{Q}:pool:<name>`),
+//! fenced by the delivery's lease like every settle. It counts no attempt,
+//! no requeue and no crash: the job only changes hands. Handed over by the
+//! first take (nothing ran here), nothing is written to SQLite; after a
+//! stage ran here, the attempt is recorded `pending` first (its stage rows
+//! keep what ran) and the entry carries the finished stages' results, as
+//! on a requeue, so the daemon of the next pool resumes there.
+
+use super::run::Run;
+use crate::job::Status;
+use crate::queue::Next;
+use crate::worker::events::JobHandedOver;
+
+impl Run {
+    /// The pool of stage `index` when this daemon does not run it.
+    pub(super) fn foreign_pool(&self, index: usize) -> Option<String> {
+        let stage = self.pipeline.stages.get(index)?;
+        (!self.env.serves(&stage.pool)).then(|| stage.pool.clone())
+    }
+
+    /// Hands the job over before anything ran on this daemon: no SQLite
+    /// record, no `job_started`.
+    pub(super) async fn hand_over_unstarted(self, index: usize, pool: &str) {
+        let next = Next::HandOver {
+            entry: &self.raw,
+            pool,
+        };
+        if !self.settle("hand over", next).await {
+            return;
+        }
+        self.handed_over(index, pool, false);
+    }
+
+    /// Hands the job over after stages ran here, stage `index` being the
+    /// next one: recorded pending in SQLite, then moved with its results.
+    pub(super) async fn hand_over(mut self, index: usize, pool: &str) {
+        let progress = self.events.high_water();
+        if !self.finish_record(Status::Pending, progress, None).await {
+            return;
+        }
+        self.job.meta.results = std::mem::take(&mut self.results);
+        let json = self.job.to_json();
+        let next = Next::HandOver {
+            entry: json.as_bytes(),
+            pool,
+        };
+        if !self.settle("hand over", next).await {
+            return;
+        }
+        self.handed_over(index, pool, true);
+    }
+
+    fn handed_over(&self, index: usize, pool: &str, ran: bool) {
+        JobHandedOver {
+            stage: &self.pipeline.stages[index].name,
+            pool,
+            ran,
+            progress: self.events.high_water(),
+        }
+        .emit(&self.events);
+    }
+}
