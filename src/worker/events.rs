@@ -363,9 +363,10 @@ pub(crate) struct JobHandedOver<'a> {
 }
 
 impl JobHandedOver<'_> {
-    pub(crate) fn emit(self, job: &JobEvents) {
-        tracing::info!(target: LOG_TARGET, stage = %self.stage, pool = %self.pool,
-            ran = self.ran, "job_handed_over");
+    /// Published before the handover's settle: once settled, the pool's
+    /// daemon may publish its own messages at once, and a subscriber must
+    /// not see this one arrive after those.
+    pub(crate) fn announce(&self, job: &JobEvents) {
         // Waiting again, as after a requeue: the contract's event names
         // stay as they are, the message says where the job waits.
         let message = format!("waiting for stage {} in pool {}", self.stage, self.pool);
@@ -376,6 +377,12 @@ impl JobHandedOver<'_> {
             self.progress,
             Some(message),
         );
+    }
+
+    /// Logged once settled.
+    pub(crate) fn emit(self) {
+        tracing::info!(target: LOG_TARGET, stage = %self.stage, pool = %self.pool,
+            ran = self.ran, "job_handed_over");
     }
 }
 

@@ -22,14 +22,8 @@ impl Run {
     /// Hands the job over before anything ran on this daemon: no SQLite
     /// record, no `job_started`.
     pub(super) async fn hand_over_unstarted(self, index: usize, pool: &str) {
-        let next = Next::HandOver {
-            entry: &self.raw,
-            pool,
-        };
-        if !self.settle("hand over", next).await {
-            return;
-        }
-        self.handed_over(index, pool, false);
+        let entry = self.raw.clone();
+        self.move_to_pool(index, pool, &entry, false).await;
     }
 
     /// Hands the job over after stages ran here, stage `index` being the
@@ -40,24 +34,23 @@ impl Run {
             return;
         }
         self.job.meta.results = std::mem::take(&mut self.results);
-        let json = self.job.to_json();
-        let next = Next::HandOver {
-            entry: json.as_bytes(),
-            pool,
-        };
-        if !self.settle("hand over", next).await {
-            return;
-        }
-        self.handed_over(index, pool, true);
+        let entry = self.job.to_json().into_bytes();
+        self.move_to_pool(index, pool, &entry, true).await;
     }
 
-    fn handed_over(&self, index: usize, pool: &str, ran: bool) {
-        JobHandedOver {
+    async fn move_to_pool(&self, index: usize, pool: &str, entry: &[u8], ran: bool) {
+        let event = JobHandedOver {
             stage: &self.pipeline.stages[index].name,
             pool,
             ran,
             progress: self.events.high_water(),
+        };
+        event.announce(&self.events);
+        if self
+            .settle("hand over", Next::HandOver { entry, pool })
+            .await
+        {
+            event.emit();
         }
-        .emit(&self.events);
     }
 }
