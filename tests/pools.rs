@@ -219,6 +219,58 @@ fn a_pool_without_a_daemon_holds_the_job_until_one_starts() {
     // It stays there: nobody else takes it.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(llen(&h, &pool_key(&h, "b")), 1);
+    // `conveyor job` says where it waits.
+    let out = h.cli(&["job", &id], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("waiting   for stage s2 in pool b"), "{text}");
+    assert!(text.contains("[host-default, pool default]"), "{text}");
+    let job = h.job_ok(&id);
+    assert_eq!(job["status"], "pending");
+    assert_eq!(
+        job["waiting"],
+        serde_json::json!({"stage": "s2", "pool": "b"})
+    );
+    assert_eq!(job["stages"][0]["worker_id"], "host-default");
+    // `conveyor status`: pool b has one job and no daemon.
+    let status = h.status();
+    let queue = &status["queues"][0];
+    assert_eq!(queue["name"], "default");
+    let pools = queue["pools"].as_array().unwrap();
+    let b = pools
+        .iter()
+        .find(|p| p["name"] == "b")
+        .expect("pool b listed");
+    assert_eq!(b["depth"], 1);
+    assert_eq!(b["workers"], serde_json::json!([]));
+    let d = pools.iter().find(|p| p["name"] == "default").unwrap();
+    assert_eq!(d["workers"], serde_json::json!(["host-default"]));
+    let out = h.cli(&["status"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("none (nothing runs its stages)"), "{text}");
+    // `conveyor doctor` warns, and passes.
+    let out = h.cli(&["doctor", "--json"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let check = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "pools")
+        .expect("a pools check")
+        .clone();
+    assert_eq!(check["ok"], true);
+    assert_eq!(check["warning"], true);
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap()
+            .contains("`b` of queue `default`"),
+        "{check}"
+    );
     let _b = host(&h, "host-b", "b", &db_b);
     wait_until(WAIT, "the job completed on host b", || {
         job_status(&db_b, &id).as_deref() == Some("completed")
@@ -228,6 +280,18 @@ fn a_pool_without_a_daemon_holds_the_job_until_one_starts() {
         serde_json::json!({"chain": ["s1", "s2"]})
     );
     assert_eq!(llen(&h, &pool_key(&h, "b")), 0);
+    // Served now: doctor says so, without a warning.
+    let out = h.cli(&["doctor", "--json"], &[]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let check = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "pools")
+        .expect("a pools check")
+        .clone();
+    assert_eq!(check["ok"], true);
+    assert!(check.get("warning").is_none(), "{check}");
 }
 
 #[test]

@@ -28,7 +28,11 @@ pub async fn run(cli: &Cli, json: bool, config_only: bool) -> CliResult {
         for c in &report.0 {
             println!(
                 "{} {:<12} {}",
-                if c.ok { "✅" } else { "❌" },
+                match (c.ok, c.warning) {
+                    (true, false) => "✅",
+                    (true, true) => "⚠️",
+                    (false, _) => "❌",
+                },
                 c.name,
                 c.detail
             );

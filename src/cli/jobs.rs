@@ -78,11 +78,15 @@ fn open_reader(config: &Config) -> Result<Reader, Failure> {
 /// an earlier run). [`crate::Client::job`] decides which wins; with Redis
 /// down, SQLite alone still answers for a job that ran.
 pub async fn job(config: &Config, id: &str, json: bool) -> CliResult {
-    let info = match connect(config).await {
-        Ok(broker) => crate::client::Client::with_broker(broker, config)
-            .job(id)
-            .await
-            .map_err(|e| Failure::other(e.to_string()))?,
+    let (info, client) = match connect(config).await {
+        Ok(broker) => {
+            let client = crate::client::Client::with_broker(broker, config);
+            let info = client
+                .job(id)
+                .await
+                .map_err(|e| Failure::other(e.to_string()))?;
+            (info, client)
+        }
         Err(err) => {
             let stored = if config.store.path.exists() {
                 open_reader(config)?
@@ -142,12 +146,45 @@ pub async fn job(config: &Config, id: &str, json: bool) -> CliResult {
                 stages: Vec::new(),
                 attempts: Vec::new(),
                 due_at: live.due.map(crate::time::rfc3339_of),
+                waiting: None,
             }
         }
         (None, None) => return Err(Failure::other(format!("no job `{id}`"))),
     };
+    let mut record = record;
+    if record.status == Status::Pending.as_str() {
+        record.waiting = pool_wait(config, &client, &record).await;
+    }
     print_job(&record, json);
     Ok(())
+}
+
+/// The stage pool list a pending job waits in, if any, and its next stage
+/// (the first the entry carries no result of). Best effort: a Redis error
+/// here leaves the line out.
+async fn pool_wait(
+    config: &Config,
+    client: &crate::client::Client,
+    record: &JobRecord,
+) -> Option<crate::store::PoolWait> {
+    let inspector = client.inspector();
+    let (pool, entry) = inspector
+        .pool_holding(&record.queue, &record.id)
+        .await
+        .ok()??;
+    let job = crate::job::Job::parse(&entry, entry.len()).ok();
+    let stages = config.jobs.get(&record.kind).map(|j| &j.stages);
+    let stage = match (job, stages) {
+        (Some(job), Some(stages)) => stages
+            .iter()
+            .find(|s| !job.meta.results.contains_key(&s.name))
+            .map(|s| s.name.clone()),
+        _ => None,
+    };
+    Some(crate::store::PoolWait {
+        stage: stage.unwrap_or_else(|| "?".into()),
+        pool,
+    })
 }
 
 fn print_job(record: &JobRecord, json: bool) {
@@ -170,6 +207,9 @@ fn render_job(job: &JobRecord) -> String {
     let _ = writeln!(out, "status    {}", job.status);
     if let Some(due) = &job.due_at {
         let _ = writeln!(out, "due       {due}");
+    }
+    if let Some(w) = &job.waiting {
+        let _ = writeln!(out, "waiting   for stage {} in pool {}", w.stage, w.pool);
     }
     let _ = writeln!(out, "progress  {}%", job.progress);
     let max = job
@@ -198,7 +238,15 @@ fn render_job(job: &JobRecord) -> String {
             .as_deref()
             .map(|e| format!(" error: {e}"))
             .unwrap_or_default();
-        let _ = writeln!(out, "  {:<16} {:<12} {result}{error}", s.name, s.status);
+        let ran = match (&s.worker_id, &s.pool) {
+            (Some(w), Some(p)) => format!(" [{w}, pool {p}]"),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<16} {:<12}{ran} {result}{error}",
+            s.name, s.status
+        );
     }
     if !job.attempts.is_empty() {
         let _ = writeln!(out, "attempts");

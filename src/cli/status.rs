@@ -37,10 +37,11 @@ pub async fn status(config: &Config, json: bool) -> CliResult {
             q.name, q.pending, q.active, q.scheduled, q.dead
         );
     }
+    print_pools(&report.queues);
     println!("\nWORKERS ({} live)", report.workers.len());
     for w in &report.workers {
         println!(
-            "  {:<24} host={} pid={} running={} completed={} failed={} queues={}{}",
+            "  {:<24} host={} pid={} running={} completed={} failed={} queues={}{}{}",
             w.id,
             w.host,
             w.pid,
@@ -48,6 +49,7 @@ pub async fn status(config: &Config, json: bool) -> CliResult {
             w.completed,
             w.failed,
             w.queues.join(","),
+            pools_of(w),
             if w.quiet {
                 " (quiet: taking no jobs)"
             } else {
@@ -62,4 +64,34 @@ pub async fn status(config: &Config, json: bool) -> CliResult {
         }
     }
     Ok(())
+}
+
+/// The stage pools of each queue, when pools are in use (a pool other than
+/// the default, or jobs waiting in a pool list).
+fn print_pools(queues: &[crate::client::inspect::QueueStatus]) {
+    let in_use = queues
+        .iter()
+        .flat_map(|q| &q.pools)
+        .any(|p| p.name != crate::config::DEFAULT_POOL || p.depth > 0);
+    if !in_use {
+        return;
+    }
+    println!("\n{:<20} {:<20} {:>8}  DAEMONS", "QUEUE", "POOL", "WAITING");
+    for q in queues {
+        for p in &q.pools {
+            let daemons = match p.workers.is_empty() {
+                true => "none (nothing runs its stages)".to_owned(),
+                false => p.workers.join(","),
+            };
+            println!("{:<20} {:<20} {:>8}  {daemons}", q.name, p.name, p.depth);
+        }
+    }
+}
+
+/// ` pools=a,b` for a daemon serving pools other than the default.
+fn pools_of(w: &crate::client::inspect::WorkerInfo) -> String {
+    match w.pools.iter().all(|p| p == crate::config::DEFAULT_POOL) {
+        true => String::new(),
+        false => format!(" pools={}", w.pools.join(",")),
+    }
 }

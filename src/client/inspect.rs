@@ -3,6 +3,8 @@
 //! purge). `conveyor status|jobs|dead|retry` and the dashboard use it; the
 //! Redis side is [`crate::queue::inspect`].
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde_json::Value;
 
 use super::{Client, ClientError};
@@ -20,6 +22,8 @@ pub struct Inspector {
     /// The queues the config names (served, or used by a job type); the
     /// registered daemons add theirs.
     configured: Vec<String>,
+    /// Queue -> the stage pools its job types' stages name.
+    stage_pools: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for Inspector {
@@ -41,7 +45,16 @@ impl Inspector {
     fn new(broker: Broker, config: &Config) -> Self {
         let mut configured = config.worker.queues.clone();
         configured.extend(config.jobs.values().map(|j| j.queue.clone()));
-        Self { broker, configured }
+        let stage_pools = configured
+            .iter()
+            .map(|q| (q.clone(), config.stage_pools(q)))
+            .filter(|(_, pools)| !pools.is_empty())
+            .collect();
+        Self {
+            broker,
+            configured,
+            stage_pools,
+        }
     }
 
     /// Every queue the config names and every queue a registered daemon
@@ -61,7 +74,24 @@ impl Inspector {
     /// Per queue: pending, active, scheduled and dead counts; the live
     /// workers.
     pub async fn status(&self) -> Result<StatusReport, ClientError> {
-        Ok(self.broker.status(&self.configured).await?)
+        Ok(self
+            .broker
+            .status(&self.configured, &self.stage_pools)
+            .await?)
+    }
+
+    /// The stage pool list of `queue` holding job `id` (a job handed over
+    /// and not taken yet), with its entry; among the pools the config's
+    /// stages name and those the live daemons serve.
+    pub async fn pool_holding(
+        &self,
+        queue: &str,
+        id: &str,
+    ) -> Result<Option<(String, Vec<u8>)>, ClientError> {
+        let workers = self.broker.live_workers().await?;
+        let known = crate::queue::pools::known_pools(queue, self.stage_pools.get(queue), &workers);
+        let pools = known.into_keys().collect();
+        Ok(self.broker.find_in_pools(queue, &pools, id).await?)
     }
 
     /// The live workers, each with its heartbeat's age in ms (by Redis'

@@ -22,6 +22,10 @@ use crate::config::{Config, ConfigSource};
 pub struct Check {
     pub name: &'static str,
     pub ok: bool,
+    /// Passed, with something the operator should look at (doctor still
+    /// exits 0).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub warning: bool,
     pub detail: String,
 }
 
@@ -34,8 +38,23 @@ impl Report {
     fn add(&mut self, name: &'static str, result: Result<String, String>) -> bool {
         let ok = result.is_ok();
         let detail = result.unwrap_or_else(|e| e);
-        self.0.push(Check { name, ok, detail });
+        self.0.push(Check {
+            name,
+            ok,
+            warning: false,
+            detail,
+        });
         ok
+    }
+
+    /// A check that passed with a warning.
+    fn warn(&mut self, name: &'static str, detail: String) {
+        self.0.push(Check {
+            name,
+            ok: true,
+            warning: true,
+            detail,
+        });
     }
 }
 

@@ -44,6 +44,61 @@ pub(super) async fn checks(config: &Config, report: &mut Report) {
     report.add("eviction", eviction(&broker).await);
     report.add("permissions", permissions(&broker, config).await);
     report.add("scripts", scripts(&broker).await);
+    pools(&broker, config, report).await;
+}
+
+/// Stage pools: a pool a stage names that no live daemon of its queue
+/// serves holds its jobs until one starts (a warning, not a failure: the
+/// daemons may be starting, or run elsewhere on purpose later).
+async fn pools(broker: &Broker, config: &Config, report: &mut Report) {
+    let in_use = config.jobs.values().any(|j| {
+        j.stages
+            .iter()
+            .any(|s| s.pool() != crate::config::DEFAULT_POOL)
+    });
+    if !in_use {
+        // One pool: nothing to say (and no line in the report).
+        return;
+    }
+    let workers = match broker.live_workers().await {
+        Ok(w) => w,
+        Err(e) => {
+            report.add("pools", Err(format!("cannot read the registrations: {e}")));
+            return;
+        }
+    };
+    let mut queues: Vec<&String> = config.jobs.values().map(|j| &j.queue).collect();
+    queues.sort();
+    queues.dedup();
+    let mut unserved = Vec::new();
+    let mut named = 0;
+    for q in queues {
+        let configured = config.stage_pools(q);
+        named += configured.len();
+        let known = crate::queue::pools::known_pools(q, Some(&configured), &workers);
+        for pool in configured {
+            if known.get(&pool).is_none_or(Vec::is_empty) {
+                unserved.push(format!("`{pool}` of queue `{q}`"));
+            }
+        }
+    }
+    if unserved.is_empty() {
+        report.add(
+            "pools",
+            Ok(format!(
+                "{named} stage pool(s), each served by a live daemon"
+            )),
+        );
+    } else {
+        report.warn(
+            "pools",
+            format!(
+                "no live daemon serves pool {}: its jobs wait there until one runs \
+                 `conveyor worker --pools <name>`",
+                unserved.join(", ")
+            ),
+        );
+    }
 }
 
 /// `cmd`'s reply from every master, as `T`, each with " on <node>" (empty
@@ -192,7 +247,12 @@ fn dry_run_probes(k: &crate::queue::Keys, q: &str) -> Vec<Vec<String>> {
     let (leases, crashes, cancelled, unique) =
         (k.leases(q), k.crashes(q), k.cancelled(q), k.unique(q));
     let progress = k.progress("doctor");
+    let pool = k.pool(q, "doctor");
     [
+        vec!["LMOVE", &pool, &active, "RIGHT", "LEFT"],
+        vec!["BLMOVE", &pool, &active, "RIGHT", "LEFT", "1"],
+        vec!["RPUSH", &pool, "x"],
+        vec!["LLEN", &pool],
         vec!["LMOVE", &pending, &active, "RIGHT", "LEFT"],
         vec!["BLMOVE", &pending, &active, "RIGHT", "LEFT", "1"],
         vec!["LPUSH", &pending, "x"],

@@ -6,7 +6,7 @@
 //! write no Redis command themselves (hibiken/asynq's `internal/rdb/inspect.go`
 //! under its `Inspector` is the model).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use redis::{AsyncCommands, RedisResult};
 use serde::{Deserialize, Serialize};
@@ -63,6 +63,9 @@ pub struct QueueStatus {
     pub active: u64,
     pub scheduled: u64,
     pub dead: u64,
+    /// Its stage pools: those its job types' stages name and those its
+    /// live daemons serve, each with its list's depth and its daemons.
+    pub pools: Vec<super::pools::PoolStatus>,
 }
 
 /// What `conveyor status` reports from Redis.
@@ -177,9 +180,15 @@ impl Broker {
             .collect())
     }
 
-    /// Depths of [`Broker::known_queues`], and the live workers; one
-    /// pipeline of counts.
-    pub async fn status(&self, configured: &[String]) -> RedisResult<StatusReport> {
+    /// Depths of [`Broker::known_queues`] and of their stage pools
+    /// (`stage_pools`: queue -> pools its stages name; see
+    /// [`super::pools::known_pools`]), and the live workers; one pipeline
+    /// of counts, one more per queue for its pools.
+    pub async fn status(
+        &self,
+        configured: &[String],
+        stage_pools: &BTreeMap<String, BTreeSet<String>>,
+    ) -> RedisResult<StatusReport> {
         let keys = self.keys();
         let ids = self.worker_ids().await?;
         let workers = self.registrations(&ids).await?;
@@ -195,17 +204,18 @@ impl Broker {
         }
         let counts: Vec<u64> = pipe.query_async(&mut self.conn()).await?;
         let per_queue = 3 + ids.len();
-        let queues = names
-            .into_iter()
-            .zip(counts.chunks(per_queue))
-            .map(|(name, c)| QueueStatus {
+        let mut queues = Vec::with_capacity(names.len());
+        for (name, c) in names.into_iter().zip(counts.chunks(per_queue)) {
+            let known = super::pools::known_pools(&name, stage_pools.get(&name), &workers);
+            queues.push(QueueStatus {
+                pools: self.pool_depths(&name, known).await?,
                 name,
                 pending: c[0],
                 scheduled: c[1],
                 dead: c[2],
                 active: c[3..].iter().sum(),
-            })
-            .collect();
+            });
+        }
         Ok(StatusReport { queues, workers })
     }
 

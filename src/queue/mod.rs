@@ -39,6 +39,7 @@ mod delivery;
 pub mod inspect;
 pub mod keys;
 mod ops;
+pub mod pools;
 pub mod scripts;
 mod wait;
 

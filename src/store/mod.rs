@@ -32,7 +32,7 @@ mod writer;
 
 pub use cleanup::{CleanupReport, cleanup};
 pub use history::{COUNT_CAP, FinishedCount, JobFilter, JobPage, JobSummary};
-pub use read::{AttemptRecord, JobRecord, Reader, StageRecord};
+pub use read::{AttemptRecord, JobRecord, PoolWait, Reader, StageRecord};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -36,6 +36,16 @@ pub struct JobRecord {
     /// When a scheduled job is due (RFC 3339); from Redis, not SQLite.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub due_at: Option<String>,
+    /// Where a job handed over to a stage pool waits; from Redis.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<PoolWait>,
+}
+
+/// A job waiting in a stage pool's list: its next stage and that pool.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolWait {
+    pub stage: String,
+    pub pool: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -111,6 +121,7 @@ impl Reader {
                         stages: Vec::new(),
                         attempts: Vec::new(),
                         due_at: None,
+                        waiting: None,
                     })
                 },
             )
