@@ -7,11 +7,14 @@
 # report, and exits non-zero when jobs were lost, completions were
 # duplicated, or any other check of the test failed.
 #
-# Usage: scripts/chaos.sh [-n JOBS] [-k KILLS] [-d DAEMONS] [-s SEED]
+# Usage: scripts/chaos.sh [-n JOBS] [-k KILLS] [-d DAEMONS] [-s SEED] [--pools]
 #   -n JOBS     jobs to push (default 10000)          -> CHAOS_JOBS
 #   -k KILLS    SIGKILLs of a random daemon (default 20) -> CHAOS_KILLS
 #   -d DAEMONS  daemons running at once (default 2)   -> CHAOS_DAEMONS
 #   -s SEED     replay the kill schedule of a seed    -> CHAOS_SEED
+#   --pools     stage pools: stage s1 in pool a, s2 in pool b, odd daemons
+#               serve a, even ones b (so jobs are handed over between them;
+#               give -d 2 or more)                     -> CHAOS_POOLS=1
 # Needs redis-server on PATH (Debian/Ubuntu: sudo apt-get install -y redis-server).
 set -euo pipefail
 
@@ -21,6 +24,18 @@ jobs=10000
 kills=20
 daemons=2
 seed=""
+pools=0
+
+# The one long option, taken out before getopts.
+args=()
+for a in "$@"; do
+    if [ "$a" = "--pools" ]; then
+        pools=1
+    else
+        args+=("$a")
+    fi
+done
+set -- "${args[@]+"${args[@]}"}"
 
 while getopts ":n:k:d:s:h" opt; do
     case "$opt" in
@@ -51,6 +66,10 @@ cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.."
 export CHAOS_JOBS="$jobs" CHAOS_KILLS="$kills" CHAOS_DAEMONS="$daemons"
 if [ -n "$seed" ]; then
     export CHAOS_SEED="$seed"
+fi
+if [ "$pools" = 1 ]; then
+    [ "$daemons" -ge 2 ] || { echo "error: --pools needs -d 2 or more (one daemon per pool)" >&2; exit 2; }
+    export CHAOS_POOLS=1
 fi
 
 out=$(mktemp)

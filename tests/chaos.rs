@@ -23,9 +23,15 @@
 //! - counted only (at-least-once allows them): jobs whose first stage ran
 //!   more than once, stages that ended (`C`) more than once, dead jobs.
 //!
+//! With stage pools (`chaos_short_pools`, `CHAOS_POOLS=1`): stage `s1` is in
+//! pool `a`, `s2` in pool `b`; odd daemons serve `a`, even ones `b`, so
+//! every job is handed over between two daemons, and the residue counts
+//! the pool lists too.
+//!
 //! `chaos_short` runs on every `cargo test`; `chaos_long` is the full run
 //! (`scripts/chaos.sh`), parameterised by `CHAOS_JOBS`, `CHAOS_KILLS`,
-//! `CHAOS_DAEMONS` (and `CHAOS_SEED` to replay a kill schedule). The temp
+//! `CHAOS_DAEMONS`, `CHAOS_POOLS` (and `CHAOS_SEED` to replay a kill
+//! schedule). The temp
 //! dir (daemon logs, ledger, SQLite, AOF) is kept when a check fails, or
 //! always with `CHAOS_KEEP=1`.
 //!
@@ -78,6 +84,21 @@ fn chaos_short() {
         kill_every_ms: (500, 2000),
         drain_timeout: Duration::from_secs(90),
         seed: seed_from_env(),
+        pools: false,
+    });
+    report.assert_ok();
+}
+
+#[test]
+fn chaos_short_pools() {
+    let report = run_chaos(&Params {
+        jobs: 400,
+        kills: 4,
+        daemons: 2,
+        kill_every_ms: (500, 2000),
+        drain_timeout: Duration::from_secs(90),
+        seed: seed_from_env(),
+        pools: true,
     });
     report.assert_ok();
 }
@@ -92,6 +113,7 @@ fn chaos_long() {
         kill_every_ms: (1000, 4000),
         drain_timeout: Duration::from_secs(600),
         seed: seed_from_env(),
+        pools: std::env::var("CHAOS_POOLS").is_ok_and(|v| v == "1"),
     });
     report.assert_ok();
 }
@@ -126,6 +148,8 @@ struct Params {
     kill_every_ms: (u64, u64),
     drain_timeout: Duration,
     seed: u64,
+    /// Stage pools: s1 in `a`, s2 in `b`; odd daemons serve `a`, even `b`.
+    pools: bool,
 }
 
 /// One SIGKILL of the chaos loop.
@@ -142,16 +166,22 @@ struct Kill {
 
 fn run_chaos(p: &Params) -> Report {
     println!(
-        "chaos: {} jobs, {} kills, {} daemons x {CONCURRENCY}, kill every {}-{} ms, seed {} (CHAOS_SEED to replay)",
-        p.jobs, p.kills, p.daemons, p.kill_every_ms.0, p.kill_every_ms.1, p.seed
+        "chaos: {} jobs, {} kills, {} daemons x {CONCURRENCY}, kill every {}-{} ms, seed {} (CHAOS_SEED to replay){}",
+        p.jobs,
+        p.kills,
+        p.daemons,
+        p.kill_every_ms.0,
+        p.kill_every_ms.1,
+        p.seed,
+        if p.pools { ", stage pools a/b" } else { "" }
     );
     let mut rng = fastrand::Rng::with_seed(p.seed);
     let mut h = Harness::with_redis_args("", REDIS_ARGS);
     h.prefix = PREFIX.to_owned();
     let ledger = h.path("ledger.log");
-    h.write_config(&config_toml(&ledger));
+    h.write_config(&config_toml(&ledger, p.pools));
 
-    let mut slots = start_slots(&h, p.daemons);
+    let mut slots = start_slots(&h, p.daemons, p.pools);
 
     // Producer: LPUSH every job, recording the acknowledged ones.
     let started = Instant::now();
@@ -190,6 +220,7 @@ fn run_chaos(p: &Params) -> Report {
     let residue = Residue::read(&h);
     let mut report = Report::gather(&h, &ledger, produced, &acked);
     report.params = (p.jobs, p.kills, p.daemons, p.seed);
+    report.pools = p.pools;
     report.kills = kills;
     report.exits = exits;
     report.drained = drained;
@@ -214,9 +245,13 @@ fn run_chaos(p: &Params) -> Report {
 
 /// The daemons, one slot each; a slot's instance is replaced on restart.
 /// They start together, on a new SQLite file, as under `run_worker.sh -n`.
-fn start_slots(h: &Harness, daemons: usize) -> Vec<Slot> {
+fn start_slots(h: &Harness, daemons: usize, pools: bool) -> Vec<Slot> {
+    let pool_of = |i: usize| pools.then_some(if i % 2 == 1 { "a" } else { "b" });
     let mut instances: Vec<_> = (1..=daemons)
-        .map(|i| (i, h.spawn_daemon(&format!("d{i}"), &[], DAEMON_ENV)))
+        .map(|i| {
+            let env = daemon_env(pool_of(i));
+            (i, h.spawn_daemon(&format!("d{i}"), &[], &env))
+        })
         .collect();
     let mut slots: Vec<Slot> = Vec::new();
     for (i, mut current) in instances.drain(..) {
@@ -226,6 +261,7 @@ fn start_slots(h: &Harness, daemons: usize) -> Vec<Slot> {
         slots.push(Slot {
             index: i,
             renames: 0,
+            pool: pool_of(i),
             current,
         });
     }
@@ -423,6 +459,8 @@ struct Residue {
     active: u64,
     scheduled: u64,
     leases: u64,
+    /// In the stage pools' lists (`P:{Q}:pool:*`).
+    pools: u64,
     /// Not part of the total: crash counters of jobs (informational).
     crashes: u64,
 }
@@ -430,14 +468,20 @@ struct Residue {
 impl Residue {
     fn read(h: &Harness) -> Self {
         let active_lists = h.scan_keys(&h.active_key(QUEUE, "*"));
+        let pool_lists = h.scan_keys(&format!("{}:{{{QUEUE}}}:pool:*", h.prefix));
         let mut conn = h.redis.conn();
-        let mut active = 0;
-        for key in &active_lists {
-            active += redis::cmd("LLEN")
-                .arg(key)
-                .query::<u64>(&mut conn)
-                .expect("LLEN");
-        }
+        let mut llen_sum = |keys: &[String]| -> u64 {
+            keys.iter()
+                .map(|key| {
+                    redis::cmd("LLEN")
+                        .arg(key)
+                        .query::<u64>(&mut conn)
+                        .expect("LLEN")
+                })
+                .sum()
+        };
+        let active = llen_sum(&active_lists);
+        let pools = llen_sum(&pool_lists);
         let q = |cmd: &str, key: String, conn: &mut redis::Connection| -> u64 {
             redis::cmd(cmd).arg(key).query(conn).expect(cmd)
         };
@@ -446,18 +490,19 @@ impl Residue {
             active,
             scheduled: q("ZCARD", h.scheduled_key(QUEUE), &mut conn),
             leases: q("HLEN", h.leases_key(QUEUE), &mut conn),
+            pools,
             crashes: q("HLEN", h.crashes_key(QUEUE), &mut conn),
         }
     }
 
     fn total(&self) -> u64 {
-        self.pending + self.active + self.scheduled + self.leases
+        self.pending + self.active + self.scheduled + self.leases + self.pools
     }
 
     fn describe(&self) -> String {
         format!(
-            "pending {}, active {}, scheduled {}, leases {}",
-            self.pending, self.active, self.scheduled, self.leases
+            "pending {}, active {}, scheduled {}, leases {}, pool lists {}",
+            self.pending, self.active, self.scheduled, self.leases, self.pools
         )
     }
 }
@@ -465,7 +510,7 @@ impl Residue {
 // ---------------------------------------------------------------- daemons
 
 /// The daemons' config: test timings and the ledger-writing job type.
-fn config_toml(ledger: &Path) -> String {
+fn config_toml(ledger: &Path, pools: bool) -> String {
     let mut out = format!(
         r#"[worker]
 queues = ["{QUEUE}"]
@@ -480,8 +525,12 @@ kill_grace_secs = 1
 queue = "{QUEUE}"
 "#
     );
-    for stage in STAGES {
+    for (i, stage) in STAGES.into_iter().enumerate() {
         out.push_str(&ledger_stage("chaos", stage, ledger, "sleep 0.02;"));
+        if pools {
+            // The table just written is this stage's: its pool follows.
+            out.push_str(&format!("pool = \"{}\"\n", ["a", "b"][i]));
+        }
     }
     out
 }
@@ -490,7 +539,18 @@ queue = "{QUEUE}"
 struct Slot {
     index: usize,
     renames: usize,
+    /// The stage pool it serves (`CONVEYOR_POOLS`), with pools on.
+    pool: Option<&'static str>,
     current: Daemon,
+}
+
+/// [`DAEMON_ENV`], plus `CONVEYOR_POOLS` for a daemon serving `pool`.
+fn daemon_env(pool: Option<&'static str>) -> Vec<(&'static str, &'static str)> {
+    let mut env = DAEMON_ENV.to_vec();
+    if let Some(pool) = pool {
+        env.push(("CONVEYOR_POOLS", pool));
+    }
+    env
 }
 
 impl Slot {
@@ -498,7 +558,8 @@ impl Slot {
     /// (e.g. the id's registration is still judged live) every second.
     /// Returns how many starts were refused.
     fn restart(&mut self, h: &Harness, id: &str) -> usize {
-        let (next, refused) = h.restart_daemon(id, DAEMON_ENV, START_TIMEOUT, |n, why| {
+        let env = daemon_env(self.pool);
+        let (next, refused) = h.restart_daemon(id, &env, START_TIMEOUT, |n, why| {
             println!("chaos: restart of {id} refused ({n}): {why}");
         });
         self.current = next;
@@ -547,6 +608,10 @@ struct Report {
     stage_commits_twice: BTreeMap<(String, String), usize>,
     /// `PRAGMA integrity_check`.
     integrity: String,
+    /// Stage pools on (asserted then: jobs were handed over).
+    pools: bool,
+    /// `job_handed_over` lines over every daemon process's log.
+    handovers: usize,
     kills: Vec<Kill>,
     exits: Vec<(String, Option<ExitStatus>)>,
     drained: bool,
@@ -602,6 +667,7 @@ impl Report {
         let mut completions: HashMap<String, usize> = HashMap::new();
         for file in &files {
             let text = std::fs::read_to_string(file).unwrap_or_default();
+            r.handovers += text.matches("\"event\":\"job_handed_over\"").count();
             for line in text.lines().filter(|l| l.contains("job_completed")) {
                 // A SIGKILL may cut the last line short: it does not parse.
                 let Ok(v) = serde_json::from_str::<Value>(line) else {
@@ -683,6 +749,11 @@ impl Report {
                 ),
             ),
             ("drained in time", self.drained, self.drained.to_string()),
+            (
+                "handovers between pools (with pools)",
+                !self.pools || self.handovers > 0,
+                self.handovers.to_string(),
+            ),
         ]
     }
 
