@@ -352,3 +352,35 @@ fn shutdown_and_retries_route_the_job_back_to_the_pool_of_its_stage() {
     let job = h.job_ok(&id);
     assert_eq!(job["attempt"], 2, "one retry: {job:#}");
 }
+
+#[test]
+fn a_job_cancelled_while_waiting_in_a_pool_list_is_dropped_by_that_pool() {
+    let stages = [
+        chain_stage("s1", "none", "default", ""),
+        chain_stage("s2", "s1", "b", ""),
+    ];
+    let h = Harness::new(&config(&stages, ""));
+    let db_b = other_db(&h, "b.db");
+    let _plain = host(&h, "host-default", "default", &h.db);
+    let id = enqueue(&h, &["chain"]);
+    wait_until(WAIT, "the job waits in pool b's list", || {
+        llen(&h, &pool_key(&h, "b")) == 1
+    });
+    let out = h.cli(&["cancel", &id], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The daemon of pool b takes it and drops it: s2 never runs.
+    let _b = host(&h, "host-b", "b", &db_b);
+    wait_until(WAIT, "the job recorded cancelled on host b", || {
+        job_status(&db_b, &id).as_deref() == Some("cancelled")
+    });
+    assert_eq!(llen(&h, &pool_key(&h, "b")), 0);
+    let ran_s2 = stage_rows(&db_b, &id)
+        .iter()
+        .any(|r| r.0 == "s2" && r.1 != "pending");
+    assert!(!ran_s2, "{:?}", stage_rows(&db_b, &id));
+    let cancelled: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(format!("{}:{{default}}:cancelled", h.prefix))
+        .query(&mut h.redis.conn())
+        .unwrap();
+    assert!(cancelled.is_empty(), "the flag is forgotten: {cancelled:?}");
+}
