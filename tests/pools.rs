@@ -247,6 +247,16 @@ fn a_pool_without_a_daemon_holds_the_job_until_one_starts() {
     let out = h.cli(&["status"], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("none (nothing runs its stages)"), "{text}");
+    // The dashboard's overview reads the same.
+    let dash = h.dashboard(None);
+    let api = dash.get_json("/api/queues");
+    let pools = api["queues"][0]["pools"].as_array().expect("pools").clone();
+    let b = pools.iter().find(|p| p["name"] == "b").expect("pool b");
+    assert_eq!(
+        (b["depth"].as_u64(), b["workers"].clone()),
+        (Some(1), serde_json::json!([]))
+    );
+    drop(dash);
     // `conveyor doctor` warns, and passes.
     let out = h.cli(&["doctor", "--json"], &[]);
     assert!(
@@ -367,7 +377,11 @@ fn a_job_cancelled_while_waiting_in_a_pool_list_is_dropped_by_that_pool() {
         llen(&h, &pool_key(&h, "b")) == 1
     });
     let out = h.cli(&["cancel", &id], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The daemon of pool b takes it and drops it: s2 never runs.
     let _b = host(&h, "host-b", "b", &db_b);
     wait_until(WAIT, "the job recorded cancelled on host b", || {

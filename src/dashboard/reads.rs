@@ -3,7 +3,7 @@
 //!
 //! | endpoint | answer |
 //! |---|---|
-//! | `GET /api/queues` | per queue: pending, active, scheduled, dead; finished jobs per minute (15 min, SQLite) |
+//! | `GET /api/queues` | per queue: pending, active, scheduled, dead, stage pools (depth, daemons); finished jobs per minute (15 min, SQLite) |
 //! | `GET /api/workers` | live daemons with their heartbeat's age |
 //! | `GET /api/jobs?status=&type=&queue=&q=&page=&limit=` | jobs from SQLite, newest first (`q`: id contains); pending and scheduled ones from Redis |
 //! | `GET /api/jobs/{id}` | one job: record (stages, attempts), live message, whether it is dead |

@@ -179,6 +179,20 @@ function renderLive() {
 const view = () => document.getElementById("view");
 let refreshTimer = null;
 
+// Stage pools of each queue (depth of the pool list, daemons serving it),
+// when a pool other than "default" is in use or jobs wait in a pool list.
+function poolsTable(queues) {
+  const rows = queues.flatMap((q) => (q.pools || []).map((p) => ({ queue: q.name, ...p })));
+  if (!rows.some((p) => p.name !== "default" || p.depth > 0)) return el("span", {});
+  return el("table", { id: "pools" },
+    el("tr", {}, ...["queue", "pool", "waiting", "daemons"].map((h, i) => el("th", { class: i === 2 ? "num" : "" }, h))),
+    ...rows.map((p) => el("tr", {},
+      el("td", {}, p.queue), el("td", { class: "mono" }, p.name),
+      el("td", { class: "num" }, p.depth),
+      el("td", { class: p.workers.length ? "" : "error" },
+        p.workers.length ? p.workers.join(", ") : "none: nothing runs its stages"))));
+}
+
 async function overview() {
   const liveBox = el("div", { id: "live" });
   const queues = el("div", {}, el("p", { class: "muted" }, "loading…"));
@@ -201,7 +215,8 @@ async function overview() {
           el("td", { class: "num" }, r.scheduled),
           el("td", { class: "num" }, el("a", { href: "#/dead?queue=" + encodeURIComponent(r.name) }, r.dead)),
           el("td", { class: "spark", title: (t.by_queue[r.name] || []).join(" ") }, spark(t.by_queue[r.name] || t.minutes.map(() => 0)))))),
-        el("p", { class: "muted" }, `All queues: ${t.completed.reduce((a, b) => a + b, 0)} completed, ${t.failed.reduce((a, b) => a + b, 0)} failed in ${t.minutes.length} min (this host's SQLite).`));
+        el("p", { class: "muted" }, `All queues: ${t.completed.reduce((a, b) => a + b, 0)} completed, ${t.failed.reduce((a, b) => a + b, 0)} failed in ${t.minutes.length} min (this host's SQLite).`),
+        poolsTable(q.queues));
       const w = await api("/api/workers");
       workers.replaceChildren(w.workers.length ? el("table", {},
         el("tr", {}, ...["worker", "host", "heartbeat", "running", "completed", "failed", "queues", "version"].map((h) => el("th", {}, h))),
