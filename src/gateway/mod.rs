@@ -76,6 +76,10 @@ pub fn embedded_config(config: &Config) -> Option<Config> {
     );
     c.worker.queues = queues;
     c.worker.queue_weights.clear();
+    // Remote stages have no pool (refused in the config): the gateway's
+    // daemon runs them all, whatever `[worker] pools` says for this host's
+    // `conveyor worker`.
+    c.worker.pools = vec![crate::config::DEFAULT_POOL.to_owned()];
     c.worker.concurrency = config.gateway.max_jobs;
     c.worker.http = None;
     c.schedules.clear();
@@ -243,4 +247,24 @@ pub async fn serve(
     }
     tracing::info!("gateway_stopped");
     Ok(served?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_daemon_runs_every_remote_stage_whatever_the_hosts_pools() {
+        let config = Config::from_toml(
+            "[worker]\npools = [\"gpu\"]\n[jobs.r]\nremote = true\nqueue = \"r\"\nstages = [{ name = \"s\" }]\n",
+        )
+        .unwrap();
+        let embedded = embedded_config(&config).expect("a remote queue");
+        assert_eq!(embedded.worker.pools, [crate::config::DEFAULT_POOL]);
+        assert!(!embedded.uses_pools());
+        assert_eq!(
+            embedded.jobs["r"].stages[0].pool(),
+            crate::config::DEFAULT_POOL
+        );
+    }
 }
