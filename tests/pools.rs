@@ -398,3 +398,27 @@ fn a_job_cancelled_while_waiting_in_a_pool_list_is_dropped_by_that_pool() {
         .unwrap();
     assert!(cancelled.is_empty(), "the flag is forgotten: {cancelled:?}");
 }
+
+#[test]
+fn with_one_pool_daemons_never_read_a_pool_list() {
+    // No stage names a pool and the daemon serves the default pool only:
+    // it fetches as without pools (pending alone), so an entry someone put
+    // in the default pool's list by hand stays there.
+    let stages = [chain_stage("s1", "none", "default", "")];
+    let h = Harness::new(&config(&stages, ""));
+    let planted = serde_json::json!({"id": "planted", "type": "chain", "payload": {}}).to_string();
+    let _: i64 = redis::cmd("RPUSH")
+        .arg(pool_key(&h, "default"))
+        .arg(&planted)
+        .query(&mut h.redis.conn())
+        .unwrap();
+    let d = host(&h, "host-default", "default", &h.db);
+    let id = enqueue(&h, &["chain"]);
+    wait_until(WAIT, "the pending job completed", || {
+        h.job_status(&id).as_deref() == Some("completed")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(llen(&h, &pool_key(&h, "default")), 1);
+    assert_eq!(h.job_status("planted"), None);
+    assert!(!d.log().contains("job_handed_over"));
+}
