@@ -12,6 +12,7 @@
 //! | `conveyor_jobs_failed_total` | counter | `type`, `queue` (failed for good) |
 //! | `conveyor_jobs_retried_total` | counter | `type`, `queue` |
 //! | `conveyor_jobs_requeued_total` | counter | `type`, `queue` (shutdown) |
+//! | `conveyor_jobs_handed_over_total` | counter | `type`, `queue` (stage pools) |
 //! | `conveyor_jobs_cancelled_total` | counter | `type`, `queue` |
 //! | `conveyor_jobs_dead_lettered_total` | counter | `queue` (failed jobs and poison messages) |
 //! | `conveyor_job_duration_seconds` | histogram | `type`, `queue`, `outcome` |
@@ -48,6 +49,7 @@ pub fn job_outcome(kind: &str, queue: &str, outcome: &'static str, elapsed: Dura
         "failed" => "conveyor_jobs_failed_total",
         "retried" => "conveyor_jobs_retried_total",
         "requeued" => "conveyor_jobs_requeued_total",
+        "handed_over" => "conveyor_jobs_handed_over_total",
         "cancelled" => "conveyor_jobs_cancelled_total",
         _ => return,
     };
@@ -145,6 +147,10 @@ fn describe() {
     describe_counter!(
         "conveyor_jobs_requeued_total",
         "Jobs put back on pending at shutdown"
+    );
+    describe_counter!(
+        "conveyor_jobs_handed_over_total",
+        "Jobs handed over to the stage pool of their next stage"
     );
     describe_counter!(
         "conveyor_jobs_cancelled_total",

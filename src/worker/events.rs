@@ -379,10 +379,11 @@ impl JobHandedOver<'_> {
         );
     }
 
-    /// Logged once settled.
-    pub(crate) fn emit(self) {
+    /// Logged and counted once settled.
+    pub(crate) fn emit(self, job: &JobEvents) {
         tracing::info!(target: LOG_TARGET, stage = %self.stage, pool = %self.pool,
             ran = self.ran, "job_handed_over");
+        job.outcome("handed_over");
     }
 }
 

@@ -50,7 +50,7 @@ impl Run {
             .settle("hand over", Next::HandOver { entry, pool })
             .await
         {
-            event.emit();
+            event.emit(&self.events);
         }
     }
 }
