@@ -133,29 +133,6 @@ impl StageConfig {
 }
 
 impl Config {
-    /// Every pool a stage of `queue` names (the default pool included when
-    /// a stage has no `pool`), sorted.
-    pub fn stage_pools(&self, queue: &str) -> BTreeSet<String> {
-        self.jobs
-            .values()
-            .filter(|job| job.queue == queue && !job.remote)
-            .flat_map(|job| job.stages.iter().map(|s| s.pool().to_owned()))
-            .collect()
-    }
-
-    /// Whether this daemon takes part in stage pools at all: a stage of a
-    /// queue it serves names a pool other than the default, or it serves
-    /// another pool. When not, it fetches and runs exactly as without
-    /// pools (no pool list is read).
-    pub fn uses_pools(&self) -> bool {
-        self.worker.pools.iter().any(|p| p != DEFAULT_POOL)
-            || self
-                .worker
-                .queues
-                .iter()
-                .any(|q| self.stage_pools(q).iter().any(|p| p != DEFAULT_POOL))
-    }
-
     /// Queues that hold remote job types (served by the API only).
     pub fn remote_queues(&self) -> BTreeSet<&str> {
         self.jobs

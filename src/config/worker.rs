@@ -2,7 +2,7 @@
 //! file) and `[retry]` (the retry policy and its backoff), with their
 //! checks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -152,6 +152,29 @@ impl Config {
     /// The worker id in force: configured, or the host name.
     pub fn worker_id(&self) -> String {
         self.worker.id.clone().unwrap_or_else(hostname)
+    }
+
+    /// Every pool a stage of `queue` names (the default pool included when
+    /// a stage has no `pool`), sorted.
+    pub fn stage_pools(&self, queue: &str) -> BTreeSet<String> {
+        self.jobs
+            .values()
+            .filter(|job| job.queue == queue && !job.remote)
+            .flat_map(|job| job.stages.iter().map(|s| s.pool().to_owned()))
+            .collect()
+    }
+
+    /// Whether this daemon takes part in stage pools at all: a stage of a
+    /// queue it serves names a pool other than the default, or it serves
+    /// another pool. When not, it fetches and runs exactly as without
+    /// pools (no pool list is read).
+    pub fn uses_pools(&self) -> bool {
+        self.worker.pools.iter().any(|p| p != super::DEFAULT_POOL)
+            || self
+                .worker
+                .queues
+                .iter()
+                .any(|q| self.stage_pools(q).iter().any(|p| p != super::DEFAULT_POOL))
     }
 
     /// The retry policy of a job type (defaults, then its overrides).
