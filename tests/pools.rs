@@ -422,3 +422,56 @@ fn with_one_pool_daemons_never_read_a_pool_list() {
     assert_eq!(h.job_status("planted"), None);
     assert!(!d.log().contains("job_handed_over"));
 }
+
+#[test]
+fn a_handover_keeps_the_crash_count_for_the_pool_that_runs_the_stage() {
+    // The job's first stage is in pool b. Daemons died max_crashes (3)
+    // times running it: the default daemon takes it from pending and hands
+    // it over without quarantining it (nothing runs there), and the b
+    // daemon, which would run it, quarantines it.
+    let stages = [
+        chain_stage("s1", "none", "b", ""),
+        chain_stage("s2", "s1", "default", ""),
+    ];
+    let h = Harness::new(&config(&stages, ""));
+    let db_b = other_db(&h, "b.db");
+    let id = enqueue(&h, &["chain"]);
+    let crashes = format!("{}:{{default}}:crashes", h.prefix);
+    let _: i64 = redis::cmd("HSET")
+        .arg(&crashes)
+        .arg(&id)
+        .arg(3)
+        .query(&mut h.redis.conn())
+        .unwrap();
+    let plain = host(&h, "host-default", "default", &h.db);
+    wait_until(WAIT, "the job handed over to pool b", || {
+        llen(&h, &pool_key(&h, "b")) == 1
+    });
+    assert!(plain.log().contains("job_handed_over"));
+    assert!(!plain.log().contains("job_quarantined"));
+    assert_eq!(
+        h.job_status(&id),
+        None,
+        "nothing recorded where nothing ran"
+    );
+    let count: Option<u32> = redis::cmd("HGET")
+        .arg(&crashes)
+        .arg(&id)
+        .query(&mut h.redis.conn())
+        .unwrap();
+    assert_eq!(count, Some(3));
+    let b = host(&h, "host-b", "b", &db_b);
+    wait_until(WAIT, "the job quarantined on host b", || {
+        job_status(&db_b, &id).as_deref() == Some("failed")
+    });
+    assert!(b.log().contains("job_quarantined"), "{}", b.log_tail(20));
+    let dead: Vec<String> = redis::cmd("LRANGE")
+        .arg(format!("{}:{{default}}:dead", h.prefix))
+        .arg(0)
+        .arg(-1)
+        .query(&mut h.redis.conn())
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].contains("quarantined"), "{}", dead[0]);
+    assert_eq!(llen(&h, &pool_key(&h, "b")), 0);
+}
