@@ -58,6 +58,10 @@ pub struct StageRecord {
     pub finished_at: Option<String>,
     pub result: Value,
     pub error: Option<String>,
+    /// The daemon that ran it, from the job's record in Redis (this
+    /// host's SQLite does not keep it per stage).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
 }
 
 /// Read-only access for the CLI and tests.
@@ -126,6 +130,7 @@ impl Reader {
                     finished_at: r.get(4)?,
                     result: json_column(r.get(5)?),
                     error: r.get(6)?,
+                    worker_id: None,
                 })
             })?
             .collect::<Result<_, _>>()?;
