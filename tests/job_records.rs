@@ -133,6 +133,16 @@ fn a_job_run_on_host_a_is_shown_in_full_on_host_b_until_retention_ends() {
         );
         assert!(s["error"].is_null(), "{s:#}");
     }
+    // The dashboard of host B (no SQLite file either) shows it too.
+    let board = h.dashboard(None);
+    let page = board.get_json(&format!("/api/jobs/{id}"));
+    assert_eq!(page["status"], "completed", "{page:#}");
+    assert_eq!(
+        page["record"]["stages"][2]["worker_id"], "host-a",
+        "{page:#}"
+    );
+    assert_eq!(page["record"]["stages"][2]["result"]["n"], 3, "{page:#}");
+    drop(board);
     // The record is bounded by the retention.
     let ttl: i64 = redis::cmd("TTL")
         .arg(record_key(&h, &id))

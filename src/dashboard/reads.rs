@@ -286,7 +286,8 @@ pub async fn jobs(State(app): State<Arc<App>>, Query(q): Query<JobsQuery>) -> Ap
     })))
 }
 
-/// `GET /api/jobs/{id}`: SQLite's record, Redis' live state (pending,
+/// `GET /api/jobs/{id}`: the job's record (Redis's, readable from any
+/// host, or this host's SQLite: see [`crate::Client::job`]), Redis' live state (pending,
 /// scheduled, running: as `conveyor job`), the latest progress message,
 /// and whether it sits in a dead list (so it can be retried).
 pub async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
