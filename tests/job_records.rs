@@ -142,6 +142,13 @@ fn a_job_run_on_host_a_is_shown_in_full_on_host_b_until_retention_ends() {
         "{page:#}"
     );
     assert_eq!(page["record"]["stages"][2]["result"]["n"], 3, "{page:#}");
+    // Searched by its id, it is listed too.
+    let list = board.get_json(&format!("/api/jobs?q={id}"));
+    assert_eq!(list["total"], 1, "{list:#}");
+    assert_eq!(list["jobs"][0]["id"], id, "{list:#}");
+    assert_eq!(list["jobs"][0]["status"], "completed", "{list:#}");
+    let other = board.get_json(&format!("/api/jobs?q={id}&status=failed"));
+    assert_eq!(other["total"], 0, "{other:#}");
     drop(board);
     // The record is bounded by the retention.
     let ttl: i64 = redis::cmd("TTL")
