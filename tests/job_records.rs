@@ -402,3 +402,99 @@ fn record_script_branch_by_branch() {
     let ids: Vec<String> = index(c).into_iter().map(|(id, _)| id).collect();
     assert_eq!(ids, ["y"]);
 }
+
+// ------------------------------------------------------------ across daemons
+
+#[test]
+fn a_job_requeued_on_sigterm_and_finished_elsewhere_names_each_stage_daemon() {
+    let h = Harness::new(
+        r#"
+[worker]
+queues = ["default"]
+shutdown_grace_secs = 1
+
+[jobs.two]
+stages = [
+  { name = "first", run = ["sh", "-c", '''cat > /dev/null; echo '{"result": 1}' '''] },
+  { name = "second", run = ["sh", "-c", '''cat > /dev/null; if [ "$SLOW" = 1 ]; then i=0; while [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; fi; echo '{"result": 2}' '''] },
+]
+"#,
+    );
+    let sub = h.subscribe();
+    let mut a = Daemon::start(
+        &h.redis.url(),
+        &h.prefix,
+        &h.path("host-a.db"),
+        &h.config,
+        "host-a",
+        &[("SLOW", "1")],
+    );
+    let id = enqueue(&h, &["two"]);
+    wait_for(LONG, "the second stage running on A", || {
+        job_on(&h, &h.db, &id).filter(|j| j["stages"][1]["status"] == "running")
+    });
+    a.sigterm();
+    assert!(a.wait_exit(LONG).success());
+    let job = job_on(&h, &h.db, &id).expect("the record");
+    assert_eq!(job["status"], "pending", "{job:#}");
+    assert_eq!(job["stages"][0]["status"], "completed", "{job:#}");
+    assert_eq!(job["stages"][1]["status"], "interrupted", "{job:#}");
+    assert_eq!(job["stages"][1]["worker_id"], "host-a", "{job:#}");
+
+    // Host C finishes it; host B (no SQLite) sees who ran what.
+    let _c = Daemon::start(
+        &h.redis.url(),
+        &h.prefix,
+        &h.path("host-c.db"),
+        &h.config,
+        "host-c",
+        &[],
+    );
+    let done = completed_message(&sub, &id);
+    assert_eq!(done["result"], 2, "{done:#}");
+    let job = wait_for(LONG, "the completed record", || {
+        job_on(&h, &h.db, &id).filter(|j| j["status"] == "completed")
+    });
+    let ran: Vec<(&str, &str, &Value)> = job["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let (status, worker) = (
+                s["status"].as_str().unwrap(),
+                s["worker_id"].as_str().unwrap(),
+            );
+            (status, worker, &s["result"])
+        })
+        .collect();
+    assert_eq!(
+        ran,
+        [
+            ("completed", "host-a", &json!(1)),
+            ("completed", "host-c", &json!(2))
+        ],
+        "{job:#}"
+    );
+    assert_eq!(job["worker_id"], "host-c");
+}
+
+#[test]
+fn records_are_written_again_after_the_scripts_are_flushed() {
+    let h = Harness::new(&config("", 0));
+    let sub = h.subscribe();
+    let (_a, _db_a) = host_a(&h);
+    let first = enqueue(&h, &["one"]);
+    completed_message(&sub, &first);
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut h.redis.conn())
+        .unwrap();
+    let second = enqueue(&h, &["one"]);
+    completed_message(&sub, &second);
+    for id in [&first, &second] {
+        let job = wait_for(LONG, "the record", || {
+            job_on(&h, &h.db, id).filter(|j| j["status"] == "completed")
+        });
+        assert_eq!(job["stages"][0]["result"]["n"], 7, "{job:#}");
+    }
+}
