@@ -476,6 +476,18 @@ stages = [
         "{job:#}"
     );
     assert_eq!(job["worker_id"], "host-c");
+    let text = h.cli(&["job", &id], &[]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.trim_start().starts_with("first") && l.ends_with(" on host-a")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.trim_start().starts_with("second") && l.ends_with(" on host-c")),
+        "{text}"
+    );
 }
 
 #[test]

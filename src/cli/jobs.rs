@@ -198,7 +198,12 @@ fn render_job(job: &JobRecord) -> String {
             .as_deref()
             .map(|e| format!(" error: {e}"))
             .unwrap_or_default();
-        let _ = writeln!(out, "  {:<16} {:<12} {result}{error}", s.name, s.status);
+        let on = s
+            .worker_id
+            .as_deref()
+            .map(|w| format!(" on {w}"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "  {:<16} {:<12} {result}{error}{on}", s.name, s.status);
     }
     if !job.attempts.is_empty() {
         let _ = writeln!(out, "attempts");
