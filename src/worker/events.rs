@@ -209,7 +209,12 @@ impl JobEvents {
         ev.progress = *high;
         ev.message = message;
         ev.ts = now_rfc3339();
-        ev.seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        // A record-only message is never heard: it takes no number.
+        ev.seq = if parts.unpublished {
+            self.seq.load(Ordering::Relaxed)
+        } else {
+            self.seq.fetch_add(1, Ordering::Relaxed) + 1
+        };
         finish(&mut ev);
         self.publisher.send(self.channel.clone(), &ev, parts);
     }
