@@ -510,3 +510,65 @@ fn records_are_written_again_after_the_scripts_are_flushed() {
         assert_eq!(job["stages"][0]["result"]["n"], 7, "{job:#}");
     }
 }
+
+#[test]
+fn a_failed_job_has_its_error_and_its_failed_stage_in_the_record() {
+    let h = Harness::new(
+        r#"
+[worker]
+queues = ["default"]
+
+[retry]
+max_attempts = 2
+backoff_ms = 10
+backoff_max_ms = 20
+
+[jobs.broken]
+stages = [
+  { name = "ok", builtin = "noop" },
+  { name = "boom", builtin = "fail", args = { message = "broken on purpose" } },
+]
+"#,
+    );
+    let sub = h.subscribe();
+    let (_a, _db_a) = host_a(&h);
+    let id = enqueue(&h, &["broken"]);
+    sub.wait_status(&id, "failed", LONG);
+    let job = wait_for(LONG, "the failed record", || {
+        job_on(&h, &h.db, &id).filter(|j| j["status"] == "failed")
+    });
+    assert_eq!(job["attempt"], 2, "{job:#}");
+    assert!(
+        job["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("broken on purpose"),
+        "{job:#}"
+    );
+    assert!(job["finished_at"].is_string(), "{job:#}");
+    let boom = &job["stages"][1];
+    assert_eq!(boom["status"], "failed", "{job:#}");
+    assert_eq!(boom["attempt"], 2, "{job:#}");
+    assert_eq!(boom["worker_id"], "host-a", "{job:#}");
+    assert!(
+        boom["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("broken on purpose"),
+        "{job:#}"
+    );
+    assert!(boom["result"].is_null(), "{job:#}");
+    assert_eq!(job["stages"][0]["status"], "completed", "{job:#}");
+    // The stage failures written to the record only took no seq number:
+    // each run's messages are numbered 1, 2, 3… without a gap.
+    let messages = sub.for_job(&id);
+    for attempt in [1, 2] {
+        let seqs: Vec<u64> = messages
+            .iter()
+            .filter(|m| m["attempt"] == attempt)
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect();
+        let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+        assert_eq!(seqs, want, "attempt {attempt}: {messages:#?}");
+    }
+}
