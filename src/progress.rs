@@ -2,12 +2,12 @@
 //!
 //! Every state change and progress report of a job is published as JSON on
 //! `P:progress:<job_id>`. Publishing is fire-and-forget: a stage hands its
-//! event to a bounded channel and goes on; one publisher task drains the
-//! channel and sends what it holds as one pipeline. One task on one
-//! connection, awaiting each pipeline before the next, keeps every job's
-//! messages in order. When Redis is slow and the channel fills, events are
-//! dropped (and counted) rather than blocking a stage: pub/sub is
-//! at-most-once anyway, and SQLite is the source of truth.
+//! event to a channel and goes on; one publisher task drains the channel
+//! and sends what it holds as one pipeline. One task on one connection,
+//! awaiting each pipeline before the next, keeps every job's messages in
+//! order. When Redis is slow and [`CHANNEL_CAPACITY`] messages wait,
+//! progress reports are dropped (and counted) rather than blocking a stage:
+//! pub/sub is at-most-once anyway, and SQLite is the source of truth.
 //!
 //! The same pipeline keeps each running job's latest message in the HASH
 //! `P:live` (job id -> message JSON), for a dashboard that opens late or

@@ -270,8 +270,10 @@ impl Client {
     /// A job as `conveyor job` sees it: its live state in Redis (pending or
     /// scheduled through an enqueue script, or running), and its record:
     /// the one in Redis that any host can read (`[history]`), and the row
-    /// of the SQLite file the client reads, if any (see [`record`] for
-    /// which answers). `None` when none of them knows the id.
+    /// of the SQLite file the client reads, if any (the record answers for
+    /// a job the file does not know, or when it is further along: the job
+    /// went on on another host; otherwise the file's row does, each stage
+    /// naming its daemon from the record). `None` when none of them knows the id.
     pub async fn job(&self, id: &str) -> Result<Option<JobInfo>, ClientError> {
         let queues = self.known_queues().await?;
         let recorded = self.recorded(&queues, id).await?;
