@@ -76,6 +76,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table
     #[arg(long)]
     pub json: bool,
+    /// Run the daemons with the job records off (`[history] retention_secs =
+    /// 0`), to compare with the default (records on)
+    #[arg(long)]
+    pub no_records: bool,
     /// Scenarios, comma-separated [default: all]
     #[arg(long, value_delimiter = ',', value_enum)]
     pub scenarios: Option<Vec<Scenario>>,
@@ -90,6 +94,8 @@ pub struct Options {
     pub runs: u32,
     pub quick: bool,
     pub json: bool,
+    /// Job records in Redis (`[history]`) on, as by default.
+    pub records: bool,
     pub scenarios: Vec<Scenario>,
     pub latency_secs: u64,
     pub memory_small: u64,
@@ -119,6 +125,7 @@ impl Options {
             runs,
             quick,
             json: args.json,
+            records: !args.no_records,
             scenarios,
             latency_secs: if quick { 2 } else { 5 },
             memory_small: 10_000,
@@ -213,7 +220,7 @@ fn say(line: impl AsRef<str>) {
 }
 
 async fn measure(o: &Options) -> Result<Report> {
-    let env = Env::start(o.redis_url.as_deref()).await?;
+    let env = Env::start(o.redis_url.as_deref(), o.records).await?;
     let machine = Machine::probe(&env).await?;
     say(format!(
         "{} CPUs ({}), redis {} ({}), {} build; {} jobs, {} run(s), scenarios {}",
@@ -360,6 +367,7 @@ fn build_report(o: &Options, machine: Machine, workloads: &[Workload], runs: &Ru
             jobs: o.jobs,
             runs: o.runs,
             quick: o.quick,
+            records: o.records,
             scenarios: o.scenarios.iter().map(|s| s.name().to_owned()).collect(),
             ceiling_concurrency: CEILING_CONCURRENCY,
             latency_secs: o.latency_secs,

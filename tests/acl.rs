@@ -100,6 +100,22 @@ fn worker_producer_and_dashboard_run_as_least_privilege_users() {
         h.job_status("s1").as_deref() == Some("cancelled")
     });
     assert_eq!(status(&h, &producer, "o1"), "completed");
+    // The job's record in Redis, written by the worker user's daemon, read
+    // by the producer user on a host without the SQLite file.
+    let empty = h.path("no-such.db");
+    let empty = empty.to_string_lossy();
+    let out = h.cli(
+        &["job", "o1", "--json"],
+        &[("CONVEYOR_REDIS_URL", &producer), ("CONVEYOR_DB", &empty)],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(job["status"], "completed", "{job:#}");
+    assert_eq!(job["stages"][0]["worker_id"], "w1", "{job:#}");
     as_producer(&["status"]);
     as_producer(&["jobs", "--status", "pending"]);
     as_producer(&["watch", "o1"]);

@@ -294,4 +294,19 @@ fn the_page_follows_a_job_to_the_end_without_a_reload() {
         json!(["undefined", 0]),
         "nothing in the job data ran or became markup"
     );
+
+    // The job page names the daemon that ran each stage (from the record).
+    s.run(&format!("location.hash = '#/jobs/{id}'"));
+    let workers_shown = poll_until(LONG, || {
+        let cells = s.run(
+            "return [...document.querySelectorAll('table.timeline tr')].slice(1)\
+             .map(r => r.children[2] && r.children[2].textContent)",
+        );
+        cells.as_array().is_some_and(|c| {
+            c.len() == 3
+                && c.iter()
+                    .all(|w| ["render-1", "render-2"].contains(&w.as_str().unwrap_or("")))
+        })
+    });
+    assert!(workers_shown, "each stage row names its daemon");
 }

@@ -112,6 +112,29 @@ fn cluster_runs_the_main_scenarios() {
         let job = h.job_ok(id);
         assert_eq!(job["status"], "completed", "{job:#}");
     }
+    // The job records (one per queue, so on each master), read by a host
+    // without the SQLite file.
+    let host_b = h.path("host-b.db");
+    let host_b = host_b.to_string_lossy();
+    for id in [&ids[0], &ids[40], &ids[80]] {
+        let out = h.cli(&["job", id, "--json"], &[("CONVEYOR_DB", &host_b)]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let job: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(job["status"], "completed", "{job:#}");
+        let stages = job["stages"].as_array().expect("stages");
+        assert_eq!(stages.len(), 3, "{job:#}");
+        for s in stages {
+            assert_eq!(s["status"], "completed", "{job:#}");
+            assert!(
+                ["w1", "w2"].contains(&s["worker_id"].as_str().unwrap_or("")),
+                "{job:#}"
+            );
+        }
+    }
     let last = sub.wait_status(&ids[ids.len() - 3], "completed", LONG);
     assert_eq!(last["progress"].as_f64(), Some(100.0), "{last}");
 

@@ -245,7 +245,8 @@ pub struct RunSpace {
 }
 
 impl Env {
-    pub async fn start(redis_url: Option<&str>) -> Result<Self> {
+    /// `records`: the job records in Redis on (the default) or off.
+    pub async fn start(redis_url: Option<&str>, records: bool) -> Result<Self> {
         let work = WorkDir::create()?;
         let base_prefix = format!("conveyor-bench-{:08x}", fastrand::u32(..));
         let target = match redis_url {
@@ -257,7 +258,12 @@ impl Env {
         };
         let url = target.url();
         let config = work.path().join("conveyor.toml");
-        std::fs::write(&config, CONFIG).context("cannot write the bench config")?;
+        let text = if records {
+            CONFIG.to_owned()
+        } else {
+            format!("{CONFIG}\n[history]\nretention_secs = 0\n")
+        };
+        std::fs::write(&config, text).context("cannot write the bench config")?;
         let exe = std::env::current_exe().context("cannot find this program's path")?;
         Ok(Self {
             target,

@@ -71,6 +71,8 @@ pub struct Params {
     pub jobs: u64,
     pub runs: u32,
     pub quick: bool,
+    /// Job records in Redis on (`--no-records`: off).
+    pub records: bool,
     pub scenarios: Vec<String>,
     pub ceiling_concurrency: usize,
     pub latency_secs: u64,
@@ -310,10 +312,11 @@ impl Report {
         );
         let _ = writeln!(
             o,
-            "params   {} jobs per throughput run, {} run(s) (median, min-max); scenarios {}",
+            "params   {} jobs per throughput run, {} run(s) (median, min-max); scenarios {}; job records {}",
             p.jobs,
             p.runs,
-            p.scenarios.join(",")
+            p.scenarios.join(","),
+            if p.records { "on" } else { "off" }
         );
         if m.build == "debug" {
             let _ = writeln!(

@@ -240,7 +240,9 @@ fn render_job(job: &JobRecord) -> String {
             .unwrap_or_default();
         let ran = match (&s.worker_id, &s.pool) {
             (Some(w), Some(p)) => format!(" [{w}, pool {p}]"),
-            _ => String::new(),
+            (Some(w), None) => format!(" [{w}]"),
+            (None, Some(p)) => format!(" [pool {p}]"),
+            (None, None) => String::new(),
         };
         let _ = writeln!(
             out,

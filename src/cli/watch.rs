@@ -279,6 +279,10 @@ mod tests {
             message: None,
             ts: "2026-11-23T00:00:00.000Z".into(),
             seq,
+            result: None,
+            result_truncated: None,
+            result_key: None,
+            result_field: None,
         }
     }
 

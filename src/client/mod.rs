@@ -13,6 +13,7 @@ use serde_json::Value;
 
 mod enqueue;
 pub mod inspect;
+mod record;
 
 pub use enqueue::{EnqueueRequest, Enqueued};
 pub(crate) use enqueue::{Prepared, prepare};
@@ -267,12 +268,17 @@ impl Client {
     }
 
     /// A job as `conveyor job` sees it: its live state in Redis (pending or
-    /// scheduled through an enqueue script, or running), and its stored
-    /// record when the client reads a SQLite file. `None` when neither
-    /// knows the id.
+    /// scheduled through an enqueue script, or running), and its record:
+    /// the one in Redis that any host can read (`[history]`), and the row
+    /// of the SQLite file the client reads, if any (the record answers for
+    /// a job the file does not know, or when it is further along: the job
+    /// went on on another host; otherwise the file's row does, each stage
+    /// naming its daemon from the record). `None` when none of them knows the id.
     pub async fn job(&self, id: &str) -> Result<Option<JobInfo>, ClientError> {
-        let record = self.stored(id).await?;
-        let live = self.live(id).await?;
+        let queues = self.known_queues().await?;
+        let recorded = self.recorded(&queues, id).await?;
+        let record = record::choose(self.stored(id).await?, recorded);
+        let live = self.live(&queues, id).await?;
         let stored_status = record
             .as_ref()
             .map(|r| parse_status(&r.status))
@@ -317,9 +323,8 @@ impl Client {
             .find_map(|(q, held)| held.then(|| q.clone())))
     }
 
-    async fn live(&self, id: &str) -> Result<Option<LiveJob>, ClientError> {
-        let queues = self.known_queues().await?;
-        let running = self.running_on(&queues, id).await?;
+    async fn live(&self, queues: &[String], id: &str) -> Result<Option<LiveJob>, ClientError> {
+        let running = self.running_on(queues, id).await?;
         // The enqueue record: on the running job's queue, else any queue.
         let order = running
             .iter()
@@ -406,7 +411,8 @@ pub struct JobInfo {
     pub status: Status,
     /// Its live state in Redis.
     pub live: Option<LiveJob>,
-    /// Its record in SQLite: attempts, stages and their results.
+    /// Its record: stages and their results (and, from this host's
+    /// SQLite, attempts and payload); from Redis for a job another host ran.
     pub record: Option<JobRecord>,
 }
 

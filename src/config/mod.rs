@@ -17,6 +17,7 @@
 //! (`builtin = "..."`) are checked by the pipeline layer, passed in as a
 //! [`BuiltinCheck`].
 
+mod history;
 mod host;
 mod jobs;
 pub(crate) mod locate;
@@ -31,6 +32,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use history::HistoryConfig;
 pub use host::hostname;
 pub use jobs::{BuiltinCheck, JobTypeConfig, StageConfig};
 pub use locate::{ConfigSource, SYSTEM_CONFIG_PATH};
@@ -74,6 +76,8 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub store: StoreConfig,
     pub retry: RetryConfig,
+    /// `[history]`: the job records kept in Redis for every host.
+    pub history: HistoryConfig,
     /// Job types by name: each one is a pipeline of stages.
     pub jobs: BTreeMap<String, JobTypeConfig>,
     /// Periodic jobs (`[[schedules]]`), enqueued by the daemons.
@@ -232,6 +236,7 @@ impl Config {
         self.worker.validate()?;
         worker::validate_retry("retry", &self.retry)?;
         self.store.validate()?;
+        self.history.validate()?;
         for (name, job) in &self.jobs {
             jobs::validate_job_type(name, job, builtin)?;
         }

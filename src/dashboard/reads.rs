@@ -233,6 +233,8 @@ pub struct JobsQuery {
 
 /// `GET /api/jobs`: as `conveyor jobs --json`: from SQLite, and waiting
 /// jobs (`status=pending|scheduled`) from Redis, in the order they will run.
+/// A search (`q`) by the exact id of a job this host's SQLite does not know
+/// shows it from its record in Redis (another host ran it).
 pub async fn jobs(State(app): State<Arc<App>>, Query(q): Query<JobsQuery>) -> ApiResult {
     let limit = q.limit.unwrap_or(50);
     let page = q.page.unwrap_or(1);
@@ -277,16 +279,64 @@ pub async fn jobs(State(app): State<Arc<App>>, Query(q): Query<JobsQuery>) -> Ap
     let found = read(&app, move |r| r.list_jobs(&filter))
         .await?
         .unwrap_or_default();
+    let mut jobs: Vec<Value> = found
+        .jobs
+        .iter()
+        .map(|j| serde_json::to_value(j).unwrap_or(Value::Null))
+        .collect();
+    let mut total = found.total;
+    // A job another host ran is not in this host's SQLite: searched by its
+    // exact id, its record in Redis answers.
+    if let Some(id) = given(&q.q)
+        && page == 1
+        && !found.jobs.iter().any(|j| j.id == id)
+        && let Some(row) = recorded_row(&app, &id, &q).await?
+    {
+        jobs.insert(0, row);
+        jobs.truncate(limit);
+        total += 1;
+    }
     Ok(Json(json!({
-        "total": found.total,
+        "total": total,
         "total_capped": found.total_capped,
         "page": page,
         "limit": limit,
-        "jobs": found.jobs,
+        "jobs": jobs,
     })))
 }
 
-/// `GET /api/jobs/{id}`: SQLite's record, Redis' live state (pending,
+/// The job `id` as a row of `GET /api/jobs` (the fields of
+/// [`crate::store::JobSummary`]), from its record, when it matches the
+/// list's other filters.
+async fn recorded_row(app: &App, id: &str, q: &JobsQuery) -> Result<Option<Value>, ApiError> {
+    let Some(record) = app.client.job(id).await?.and_then(|info| info.record) else {
+        return Ok(None);
+    };
+    let matches = |want: &Option<String>, have: &str| given(want).is_none_or(|w| w == have);
+    if !(matches(&q.status, &record.status)
+        && matches(&q.kind, &record.kind)
+        && matches(&q.queue, &record.queue))
+    {
+        return Ok(None);
+    }
+    Ok(Some(json!({
+        "id": record.id,
+        "type": record.kind,
+        "queue": record.queue,
+        "status": record.status,
+        "attempt": record.attempt,
+        "progress": record.progress,
+        "stage": record.stage,
+        "error": record.error,
+        "worker_id": record.worker_id,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+        "finished_at": record.finished_at,
+    })))
+}
+
+/// `GET /api/jobs/{id}`: the job's record (Redis's, readable from any
+/// host, or this host's SQLite: see [`crate::Client::job`]), Redis' live state (pending,
 /// scheduled, running: as `conveyor job`), the latest progress message,
 /// and whether it sits in a dead list (so it can be retried).
 pub async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {

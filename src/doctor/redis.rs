@@ -248,6 +248,10 @@ fn dry_run_probes(k: &crate::queue::Keys, q: &str) -> Vec<Vec<String>> {
         (k.leases(q), k.crashes(q), k.cancelled(q), k.unique(q));
     let progress = k.progress("doctor");
     let pool = k.pool(q, "doctor");
+    // The job records (`[history]`): written by `record.lua`, read by
+    // `conveyor job`.
+    let record = crate::progress::record::key(k.prefix(), q, "doctor");
+    let records = crate::progress::record::index_key(k.prefix(), q);
     [
         vec!["LMOVE", &pool, &active, "RIGHT", "LEFT"],
         vec!["BLMOVE", &pool, &active, "RIGHT", "LEFT", "1"],
@@ -271,6 +275,11 @@ fn dry_run_probes(k: &crate::queue::Keys, q: &str) -> Vec<Vec<String>> {
         vec!["HGET", &crashes, "id"],
         vec!["HDEL", &cancelled, "id"],
         vec!["HEXISTS", &unique, "id"],
+        vec!["HSET", &record, "job", "x"],
+        vec!["HGETALL", &record],
+        vec!["PEXPIRE", &record, "1000"],
+        vec!["ZREMRANGEBYSCORE", &records, "-inf", "0"],
+        vec!["DEL", &record],
         vec!["HSET", &k.workers(), "id", "x"],
         vec!["HVALS", &k.workers()],
         vec!["SET", &k.worker(w), "x", "PX", "1000", "GET"],

@@ -18,7 +18,8 @@ use super::runner::{LOG_TARGET, Stats, Stop};
 use crate::job::Job;
 use crate::job::Status;
 use crate::pipeline::Pipeline;
-use crate::progress::{ProgressEvent, Publisher};
+use crate::progress::record::{StageFields, stage_json};
+use crate::progress::{ProgressEvent, Publisher, RecordParts};
 use crate::telemetry::metrics;
 use crate::time::now_rfc3339;
 
@@ -36,6 +37,8 @@ pub(crate) struct JobEvents {
     high_water: Mutex<f64>,
     /// When the delivery was claimed (for the duration metrics).
     claimed_at: Instant,
+    /// The same, for the job's record.
+    started_at: String,
 }
 
 impl JobEvents {
@@ -63,6 +66,10 @@ impl JobEvents {
                 message: None,
                 ts: String::new(),
                 seq: 0,
+                result: None,
+                result_truncated: None,
+                result_key: None,
+                result_field: None,
             },
             stage_names: pipeline.stage_names.clone(),
             channel: publisher.channel(job.id()),
@@ -70,7 +77,26 @@ impl JobEvents {
             seq: AtomicU64::new(0),
             high_water: Mutex::new(0.0),
             claimed_at: Instant::now(),
+            started_at: now_rfc3339(),
         }
+    }
+
+    /// A stage's end written into the record only: the job's own event
+    /// (retrying, failed, requeued…) is what subscribers hear.
+    fn record_only(
+        &self,
+        index: usize,
+        status: &str,
+        attempt: u32,
+        times: (Option<&str>, Option<&str>),
+        error: Option<String>,
+        mut parts: RecordParts<'_>,
+    ) {
+        parts.stages = vec![self.stage_field(index, status, attempt, times, None, error)];
+        parts.unpublished = true;
+        let event = format!("stage_{status}");
+        let high = self.high_water();
+        self.publish(Status::Running, &event, Some(index), high, None, parts);
     }
 
     /// The highest whole-job progress published so far.
@@ -86,7 +112,47 @@ impl JobEvents {
         progress: f64,
         message: Option<String>,
     ) {
-        self.publish(Status::Running, "progress", stage_index, progress, message);
+        let parts = self.parts();
+        self.publish(
+            Status::Running,
+            "progress",
+            stage_index,
+            progress,
+            message,
+            parts,
+        );
+    }
+
+    /// What every message of the delivery writes into the job's record.
+    fn parts(&self) -> RecordParts<'_> {
+        RecordParts {
+            stage_names: &self.stage_names,
+            started_at: Some(&self.started_at),
+            ..RecordParts::default()
+        }
+    }
+
+    /// The record's field of stage `index`.
+    fn stage_field(
+        &self,
+        index: usize,
+        status: &str,
+        attempt: u32,
+        times: (Option<&str>, Option<&str>),
+        result: Option<&str>,
+        error: Option<String>,
+    ) -> (usize, String) {
+        let fields = StageFields {
+            name: self.stage_names.get(index).cloned().unwrap_or_default(),
+            status: status.to_owned(),
+            attempt,
+            started_at: times.0.map(str::to_owned),
+            finished_at: times.1.map(str::to_owned),
+            worker_id: self.base.worker_id.clone(),
+            error,
+            result: serde_json::Value::Null,
+        };
+        (index, stage_json(&fields, result))
     }
 
     fn kind(&self) -> &str {
@@ -114,6 +180,22 @@ impl JobEvents {
         stage_index: Option<usize>,
         progress: f64,
         message: Option<String>,
+        parts: RecordParts<'_>,
+    ) {
+        self.publish_with(status, event, stage_index, progress, message, parts, |_| {});
+    }
+
+    /// [`JobEvents::publish`], with `finish` completing the event.
+    #[allow(clippy::too_many_arguments)]
+    fn publish_with(
+        &self,
+        status: Status,
+        event: &str,
+        stage_index: Option<usize>,
+        progress: f64,
+        message: Option<String>,
+        parts: RecordParts<'_>,
+        finish: impl FnOnce(&mut ProgressEvent),
     ) {
         // The lock orders sequence numbers with the high-water mark; it is
         // never held across an await.
@@ -127,8 +209,14 @@ impl JobEvents {
         ev.progress = *high;
         ev.message = message;
         ev.ts = now_rfc3339();
-        ev.seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        self.publisher.publish_on(self.channel.clone(), &ev);
+        // A record-only message is never heard: it takes no number.
+        ev.seq = if parts.unpublished {
+            self.seq.load(Ordering::Relaxed)
+        } else {
+            self.seq.fetch_add(1, Ordering::Relaxed) + 1
+        };
+        finish(&mut ev);
+        self.publisher.send(self.channel.clone(), &ev, parts);
     }
 }
 
@@ -153,7 +241,20 @@ impl JobStarted {
             "job_started"
         );
         metrics::job_started(job.kind(), job.queue());
-        job.publish(Status::Running, "job_started", None, self.progress, None);
+        // The stages still to run start over in the record (an id enqueued
+        // anew, or a resumed job's interrupted stage).
+        let mut parts = job.parts();
+        parts.stages = (self.resume_at..self.stages)
+            .map(|i| job.stage_field(i, "pending", 0, (None, None), None, None))
+            .collect();
+        job.publish(
+            Status::Running,
+            "job_started",
+            None,
+            self.progress,
+            None,
+            parts,
+        );
     }
 }
 
@@ -200,6 +301,8 @@ impl StageWaiting<'_> {
 pub(crate) struct StageStarted<'a> {
     pub stage: &'a str,
     pub index: usize,
+    /// When it started (RFC 3339, as recorded in SQLite).
+    pub started_at: &'a str,
     pub attempt: u32,
     pub progress: f64,
 }
@@ -208,15 +311,26 @@ impl StageStarted<'_> {
     pub(crate) fn emit(self, job: &JobEvents) {
         tracing::info!(target: LOG_TARGET, stage = %self.stage, stage_index = self.index,
             attempt = self.attempt, "stage_started");
+        let mut parts = job.parts();
+        let times = (Some(self.started_at), None);
+        parts.stages =
+            vec![job.stage_field(self.index, "running", self.attempt, times, None, None)];
         let index = Some(self.index);
-        job.publish(Status::Running, "stage_started", index, self.progress, None);
+        job.publish(
+            Status::Running,
+            "stage_started",
+            index,
+            self.progress,
+            None,
+            parts,
+        );
     }
 }
 
 /// How a stage's run ended.
 pub(crate) enum StageEnd {
-    /// With the whole-job progress once it is done.
-    Completed { progress: f64 },
+    /// With the whole-job progress once it is done, and its result (JSON).
+    Completed { progress: f64, result: String },
     /// Stopped from outside; `cause` says why.
     Interrupted { cause: Stop },
     /// `error` is the stage's own message.
@@ -227,6 +341,8 @@ pub(crate) enum StageEnd {
 pub(crate) struct StageFinished<'a> {
     pub stage: &'a str,
     pub index: usize,
+    /// When it started (RFC 3339, as recorded in SQLite).
+    pub started_at: &'a str,
     pub attempt: u32,
     pub elapsed: Duration,
     pub end: StageEnd,
@@ -236,27 +352,33 @@ impl StageFinished<'_> {
     pub(crate) fn emit(self, job: &JobEvents) {
         let (name, index, attempt) = (self.stage, self.index, self.attempt);
         let elapsed_ms = millis(self.elapsed);
+        let now = now_rfc3339();
+        let times = (Some(self.started_at), Some(now.as_str()));
+        let mut parts = job.parts();
         let outcome = match self.end {
-            StageEnd::Completed { progress } => {
+            StageEnd::Completed { progress, result } => {
                 tracing::info!(target: LOG_TARGET, stage = %name, stage_index = index, attempt,
                     elapsed_ms, "stage_completed");
-                job.publish(
-                    Status::Running,
-                    "stage_completed",
-                    Some(index),
-                    progress,
-                    None,
-                );
+                let result = Some(result.as_str());
+                parts.stages =
+                    vec![job.stage_field(index, "completed", attempt, times, result, None)];
+                let (status, at) = (Status::Running, Some(index));
+                job.publish(status, "stage_completed", at, progress, None, parts);
                 "completed"
             }
             StageEnd::Interrupted { cause } => {
                 tracing::info!(target: LOG_TARGET, stage = %name, stage_index = index, attempt,
                     elapsed_ms, cause = ?cause, "stage_interrupted");
+                // A run that lost its lease writes nothing more.
+                if cause != Stop::LeaseLost {
+                    job.record_only(index, "interrupted", attempt, times, None, parts);
+                }
                 "interrupted"
             }
             StageEnd::Failed { error, permanent } => {
                 tracing::warn!(target: LOG_TARGET, stage = %name, stage_index = index, attempt,
                     elapsed_ms, error = %error, permanent, "stage_failed");
+                job.record_only(index, "failed", attempt, times, Some(error), parts);
                 "failed"
             }
         };
@@ -265,18 +387,27 @@ impl StageFinished<'_> {
 }
 
 /// Every stage done; the delivery is acked.
-pub(crate) struct JobCompleted {
+pub(crate) struct JobCompleted<'a> {
     pub attempt: u32,
     pub elapsed: Duration,
+    /// The job's result: its last stage's.
+    pub result: Option<&'a serde_json::Value>,
 }
 
-impl JobCompleted {
+impl JobCompleted<'_> {
     pub(crate) fn emit(self, job: &JobEvents, stats: &Stats) {
         stats.completed.fetch_add(1, Ordering::Relaxed);
         tracing::info!(target: LOG_TARGET, attempt = self.attempt,
             elapsed_ms = millis(self.elapsed), "job_completed");
         job.outcome("completed");
-        job.publish(Status::Completed, "job_completed", None, 100.0, None);
+        let last = job.stage_names.len().saturating_sub(1);
+        let attach = |ev: &mut ProgressEvent| {
+            if let Some(result) = self.result {
+                job.publisher.attach_result(ev, last, result);
+            }
+        };
+        let (status, parts) = (Status::Completed, job.parts());
+        job.publish_with(status, "job_completed", None, 100.0, None, parts, attach);
     }
 }
 
@@ -303,7 +434,16 @@ impl JobRetrying<'_> {
             delay_ms as f64 / 1000.0
         );
         let status = Status::Retrying;
-        job.publish(status, "job_retrying", None, self.progress, Some(message));
+        let mut parts = job.parts();
+        parts.error = Some(self.error);
+        job.publish(
+            status,
+            "job_retrying",
+            None,
+            self.progress,
+            Some(message),
+            parts,
+        );
     }
 }
 
@@ -324,8 +464,17 @@ impl JobFailed {
             permanent = self.permanent, "job_failed");
         job.outcome("failed");
         metrics::dead_lettered(job.queue());
-        let message = Some(self.error);
-        job.publish(Status::Failed, "job_failed", None, self.progress, message);
+        let mut parts = job.parts();
+        parts.error = Some(&self.error);
+        let message = Some(self.error.clone());
+        job.publish(
+            Status::Failed,
+            "job_failed",
+            None,
+            self.progress,
+            message,
+            parts,
+        );
     }
 }
 
@@ -343,12 +492,14 @@ impl JobRequeued {
             finished_stages = self.finished_stages, "job_requeued");
         job.outcome("requeued");
         let message = Some("requeued on shutdown".into());
+        let parts = job.parts();
         job.publish(
             Status::Pending,
             "job_requeued",
             None,
             self.progress,
             message,
+            parts,
         );
     }
 }
@@ -370,12 +521,14 @@ impl JobHandedOver<'_> {
         // Waiting again, as after a requeue: the contract's event names
         // stay as they are, the message says where the job waits.
         let message = format!("waiting for stage {} in pool {}", self.stage, self.pool);
+        let parts = job.parts();
         job.publish(
             Status::Pending,
             "job_requeued",
             None,
             self.progress,
             Some(message),
+            parts,
         );
     }
 
@@ -398,12 +551,14 @@ impl JobCancelled {
         tracing::info!(target: LOG_TARGET, attempt = self.attempt, "job_cancelled");
         job.outcome("cancelled");
         let message = Some("cancelled".into());
+        let parts = job.parts();
         job.publish(
             Status::Cancelled,
             "job_cancelled",
             None,
             self.progress,
             message,
+            parts,
         );
     }
 }
@@ -436,6 +591,10 @@ impl JobCancelledUnstarted<'_> {
             message: Some("cancelled before it ran".into()),
             ts: self.at,
             seq: 1,
+            result: None,
+            result_truncated: None,
+            result_key: None,
+            result_field: None,
         });
     }
 }
@@ -486,6 +645,10 @@ impl JobDeadLettered<'_> {
             message: Some(self.reason),
             ts: self.at,
             seq: 1,
+            result: None,
+            result_truncated: None,
+            result_key: None,
+            result_field: None,
         });
     }
 }

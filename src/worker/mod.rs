@@ -346,6 +346,7 @@ impl Daemon {
             broker.keys().clone(),
             broker.conn(),
             broker.round_trip_counter(),
+            &config.history,
         );
         let publisher_handle = tokio::spawn(publisher_task.run());
         let (batcher, batcher_task) = crate::queue::batch::Batcher::new(broker.clone(), &worker_id);

@@ -175,9 +175,11 @@ impl Run {
         if !self.settle("ack", Next::Finish).await {
             return;
         }
+        let last = self.pipeline.stage_names.last();
         JobCompleted {
             attempt: self.attempt,
             elapsed: started.elapsed(),
+            result: last.and_then(|name| self.results.get(name)),
         }
         .emit(&self.events, &self.env.stats);
     }

@@ -71,6 +71,7 @@ impl Run {
         StageStarted {
             stage: &stage.name,
             index,
+            started_at: &started_at,
             attempt: self.attempt,
             progress: at_start,
         }
@@ -127,11 +128,15 @@ impl Run {
         let (end, ended) = match result {
             Ok((value, stored)) => {
                 let done = self.pipeline.overall_progress(index + 1, 0.0);
-                let stored = Some(stored);
                 self.results.insert(name.to_owned(), value);
-                self.record_stage(index, "completed", ran.started_at, stored, None, done)
+                let at = ran.started_at;
+                self.record_stage(index, "completed", at, Some(stored.clone()), None, done)
                     .await;
-                (StageEnd::Completed { progress: done }, None)
+                let end = StageEnd::Completed {
+                    progress: done,
+                    result: stored,
+                };
+                (end, None)
             }
             Err(err) if err.kind == FailureKind::Interrupted => {
                 let cause = self.stop_cause();
@@ -162,6 +167,7 @@ impl Run {
         StageFinished {
             stage: name,
             index,
+            started_at: ran.started_at,
             attempt: self.attempt,
             elapsed: ran.elapsed,
             end,

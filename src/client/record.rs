@@ -1,0 +1,128 @@
+//! [`Client::job`]'s choice between the job's record in Redis (written by
+//! whichever daemon ran it, readable from any host for `[history]
+//! retention_secs` after it ended; see [`crate::progress::record`]) and
+//! this host's SQLite, the durable local log.
+//!
+//! The rule: without a SQLite row the record answers; without a record
+//! SQLite does. With both, the record wins when it is further along (newer,
+//! and another status, attempt or more progress: the job went on on
+//! another host), with SQLite's payload, attempts and max attempts;
+//! otherwise SQLite's row answers, each stage naming the daemon that ran it
+//! from the record.
+
+use super::{Client, ClientError};
+use crate::progress::record;
+use crate::store::JobRecord;
+
+impl Client {
+    /// The job's record in Redis, looked for on `queues`.
+    pub(super) async fn recorded(
+        &self,
+        queues: &[String],
+        id: &str,
+    ) -> Result<Option<JobRecord>, ClientError> {
+        let prefix = self.broker.keys().prefix();
+        let mut conn = self.broker.conn();
+        match record::read(&mut conn, prefix, queues, id).await {
+            // A Redis user whose rule predates the records (no `HGETALL`):
+            // this host's SQLite and the live state answer, as before.
+            Err(err) if err.code() == Some("NOPERM") => Ok(None),
+            read => Ok(read?),
+        }
+    }
+}
+
+/// The job as `conveyor job` shows it, from the record and SQLite's row.
+pub(super) fn choose(stored: Option<JobRecord>, recorded: Option<JobRecord>) -> Option<JobRecord> {
+    match (stored, recorded) {
+        (None, r) => r,
+        (s, None) => s,
+        (Some(s), Some(r)) if further_along(&r, &s) => Some(JobRecord {
+            payload: s.payload,
+            attempts: s.attempts,
+            max_attempts: s.max_attempts,
+            ..r
+        }),
+        (Some(mut s), Some(r)) => {
+            for (stage, from) in s.stages.iter_mut().zip(&r.stages) {
+                if stage.name == from.name {
+                    stage.worker_id.clone_from(&from.worker_id);
+                }
+            }
+            Some(s)
+        }
+    }
+}
+
+/// Whether the record says more than SQLite's row: newer, and the job's
+/// state moved on.
+fn further_along(r: &JobRecord, s: &JobRecord) -> bool {
+    let newer = crate::time::parse_rfc3339_ms(&r.updated_at).ok()
+        > crate::time::parse_rfc3339_ms(&s.updated_at).ok();
+    newer && (r.status != s.status || r.attempt != s.attempt || r.progress > s.progress)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StageRecord;
+    use serde_json::{Value, json};
+
+    fn job(status: &str, attempt: u32, progress: f64, at: &str, worker: &str) -> JobRecord {
+        JobRecord {
+            id: "j".into(),
+            kind: "t".into(),
+            queue: "q".into(),
+            status: status.into(),
+            attempt,
+            max_attempts: None,
+            progress,
+            stage: None,
+            error: None,
+            worker_id: Some(worker.into()),
+            payload: Value::Null,
+            created_at: String::new(),
+            updated_at: at.into(),
+            started_at: None,
+            finished_at: None,
+            stages: vec![StageRecord {
+                name: "a".into(),
+                status: "completed".into(),
+                attempt,
+                started_at: None,
+                finished_at: None,
+                result: Value::Null,
+                error: None,
+                worker_id: (worker == "redis").then(|| "w-redis".to_owned()),
+                pool: None,
+            }],
+            attempts: Vec::new(),
+            due_at: None,
+            waiting: None,
+        }
+    }
+
+    #[test]
+    fn the_record_answers_alone_or_when_further_along() {
+        let t0 = "2026-12-01T10:00:00.000Z";
+        let t1 = "2026-12-01T10:00:05.000Z";
+        let r = job("completed", 1, 100.0, t1, "redis");
+        assert_eq!(choose(None, Some(r.clone())).unwrap().status, "completed");
+        assert!(choose(None, None).is_none());
+        // SQLite saw the job requeued; another host completed it since.
+        let mut s = job("pending", 1, 50.0, t0, "sqlite");
+        s.payload = json!({"k": 1});
+        let got = choose(Some(s.clone()), Some(r.clone())).unwrap();
+        assert_eq!(got.status, "completed");
+        assert_eq!(got.payload, json!({"k": 1}));
+        // The same end on both: SQLite's row, with the record's daemons.
+        let s = job("completed", 1, 100.0, t0, "sqlite");
+        let got = choose(Some(s), Some(r.clone())).unwrap();
+        assert_eq!(got.worker_id.as_deref(), Some("sqlite"));
+        assert_eq!(got.stages[0].worker_id.as_deref(), Some("w-redis"));
+        // An older record never wins.
+        let s = job("failed", 2, 40.0, t1, "sqlite");
+        let old = job("running", 1, 10.0, t0, "redis");
+        assert_eq!(choose(Some(s), Some(old)).unwrap().status, "failed");
+    }
+}
