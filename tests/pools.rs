@@ -199,6 +199,50 @@ fn alternating_pools_run_each_stage_on_the_daemon_of_its_pool() {
     assert!(da.log().contains("job_handed_over"));
     assert!(db.log().contains("job_handed_over"));
     assert!(!da.log().contains("job_requeued") && !db.log().contains("job_requeued"));
+    // A third host, with no SQLite file, reads all four stages from the record.
+    let third = third_host_job(&h, &id);
+    assert_eq!(third["status"], "completed", "{third:#}");
+    let stages = third["stages"].as_array().expect("stages");
+    assert_eq!(stages.len(), 4, "{third:#}");
+    let chain = ["s1", "s2", "s3", "s4"];
+    for (i, (worker, pool)) in [("host-a", "a"), ("host-b", "b")]
+        .iter()
+        .cycle()
+        .take(4)
+        .enumerate()
+    {
+        let stage = &stages[i];
+        assert_eq!(stage["name"], chain[i], "{third:#}");
+        assert_eq!(stage["status"], "completed", "{third:#}");
+        assert_eq!(stage["worker_id"], *worker, "{third:#}");
+        assert_eq!(stage["pool"], *pool, "{third:#}");
+        assert_eq!(
+            stage["result"],
+            serde_json::json!({"chain": chain[..=i]}),
+            "{third:#}"
+        );
+    }
+}
+
+/// `conveyor job ID --json` on a host whose SQLite file does not exist
+/// (the job's record in Redis answers), once the record says it ended.
+fn third_host_job(h: &Harness, id: &str) -> Value {
+    let none = other_db(h, "third-host-never-created.db");
+    let mut job = Value::Null;
+    wait_until(
+        WAIT,
+        "the record read on a third host says completed",
+        || {
+            let out = h.cli(
+                &["job", id, "--json"],
+                &[("CONVEYOR_DB", none.to_str().unwrap())],
+            );
+            job = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            job["status"] == "completed"
+        },
+    );
+    assert!(!none.exists(), "the third host has no SQLite file");
+    job
 }
 
 #[test]

@@ -47,6 +47,9 @@ pub(super) fn choose(stored: Option<JobRecord>, recorded: Option<JobRecord>) -> 
             for (stage, from) in s.stages.iter_mut().zip(&r.stages) {
                 if stage.name == from.name {
                     stage.worker_id.clone_from(&from.worker_id);
+                    if from.pool.is_some() {
+                        stage.pool.clone_from(&from.pool);
+                    }
                 }
             }
             Some(s)
@@ -94,7 +97,7 @@ mod tests {
                 result: Value::Null,
                 error: None,
                 worker_id: (worker == "redis").then(|| "w-redis".to_owned()),
-                pool: None,
+                pool: (worker == "redis").then(|| "gpu".to_owned()),
             }],
             attempts: Vec::new(),
             due_at: None,
@@ -120,6 +123,7 @@ mod tests {
         let got = choose(Some(s), Some(r.clone())).unwrap();
         assert_eq!(got.worker_id.as_deref(), Some("sqlite"));
         assert_eq!(got.stages[0].worker_id.as_deref(), Some("w-redis"));
+        assert_eq!(got.stages[0].pool.as_deref(), Some("gpu"));
         // An older record never wins.
         let s = job("failed", 2, 40.0, t1, "sqlite");
         let old = job("running", 1, 10.0, t0, "redis");

@@ -10,7 +10,7 @@
 //!   progress, error, worker, times, the stage names, and `result_field`
 //!   (where the job's result is: the last stage's field);
 //! - `stage:<index>` (from 0): one stage ([`StageFields`]): status, times,
-//!   attempt, the daemon that ran it (`worker_id`), result, error;
+//!   attempt, the daemon that ran it (`worker_id`), its `pool`, result, error;
 //! - `created_at`: when the record was first written (kept).
 //!
 //! While the job lives the record's TTL is the retention plus
@@ -91,6 +91,10 @@ pub struct StageFields {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub worker_id: String,
+    /// The stage pool the stage runs in (`pool`, "default" when unset);
+    /// empty in records written before pools were recorded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pool: String,
     pub error: Option<String>,
     /// The stage's result (JSON), once completed.
     #[serde(default)]
@@ -108,6 +112,8 @@ pub fn stage_json(fields: &StageFields, result: Option<&str>) -> String {
         started_at: &'a Option<String>,
         finished_at: &'a Option<String>,
         worker_id: &'a str,
+        #[serde(skip_serializing_if = "str::is_empty")]
+        pool: &'a str,
         error: &'a Option<String>,
     }
     let head = serde_json::to_string(&NoResult {
@@ -117,6 +123,7 @@ pub fn stage_json(fields: &StageFields, result: Option<&str>) -> String {
         started_at: &fields.started_at,
         finished_at: &fields.finished_at,
         worker_id: &fields.worker_id,
+        pool: &fields.pool,
         error: &fields.error,
     })
     .unwrap_or_else(|_| "{}".to_owned());
@@ -239,8 +246,7 @@ pub fn parse(fields: &std::collections::HashMap<String, String>) -> Option<JobRe
                 result: stage.result,
                 error: stage.error,
                 worker_id: (!stage.worker_id.is_empty()).then_some(stage.worker_id),
-                // Not in the record yet (docs/design/job-records.md).
-                pool: None,
+                pool: (!stage.pool.is_empty()).then_some(stage.pool),
             }
         })
         .collect();
@@ -280,6 +286,7 @@ mod tests {
             started_at: Some("t0".into()),
             finished_at: Some("t1".into()),
             worker_id: "w1".into(),
+            pool: "gpu".into(),
             error: None,
             result: Value::Null,
         };
@@ -287,6 +294,7 @@ mod tests {
         let back: StageFields = serde_json::from_str(&text).unwrap();
         assert_eq!(back.result["url"], "s3://x");
         assert_eq!(back.worker_id, "w1");
+        assert_eq!(back.pool, "gpu");
         assert_eq!(back.attempt, 2);
         let none: StageFields = serde_json::from_str(&stage_json(&fields, None)).unwrap();
         assert_eq!(none.result, Value::Null);
@@ -308,6 +316,7 @@ mod tests {
         let a = StageFields {
             status: "completed".into(),
             worker_id: "w2".into(),
+            pool: "gpu".into(),
             ..StageFields::default()
         };
         fields.insert("stage:0".to_owned(), stage_json(&a, Some("7")));
@@ -316,6 +325,8 @@ mod tests {
         assert_eq!(record.stages[0].name, "a");
         assert_eq!(record.stages[0].result, serde_json::json!(7));
         assert_eq!(record.stages[0].worker_id.as_deref(), Some("w2"));
+        assert_eq!(record.stages[0].pool.as_deref(), Some("gpu"));
+        assert_eq!(record.stages[1].pool, None, "a stage not written yet");
         assert_eq!(record.stages[1].status, "pending");
         assert!(parse(&std::collections::HashMap::new()).is_none());
     }

@@ -32,6 +32,8 @@ pub(crate) struct JobEvents {
     base: ProgressEvent,
     channel: String,
     stage_names: Arc<[String]>,
+    /// Each stage's pool, in order (for the record's stage fields).
+    stage_pools: Vec<String>,
     publisher: Publisher,
     seq: AtomicU64,
     high_water: Mutex<f64>,
@@ -72,6 +74,7 @@ impl JobEvents {
                 result_field: None,
             },
             stage_names: pipeline.stage_names.clone(),
+            stage_pools: pipeline.stages.iter().map(|s| s.pool.clone()).collect(),
             channel: publisher.channel(job.id()),
             publisher: publisher.clone(),
             seq: AtomicU64::new(0),
@@ -149,6 +152,7 @@ impl JobEvents {
             started_at: times.0.map(str::to_owned),
             finished_at: times.1.map(str::to_owned),
             worker_id: self.base.worker_id.clone(),
+            pool: self.stage_pools.get(index).cloned().unwrap_or_default(),
             error,
             result: serde_json::Value::Null,
         };
