@@ -345,3 +345,72 @@ fn cluster_master_failover_mid_run() {
         &[&d1, &d2],
     );
 }
+
+/// Stage pools on the cluster while a master fails over: every job's
+/// stages alternate pools `a` and `b` (a/b/a), served by two daemons, so
+/// jobs are handed over between pool lists (in their queue's slot) while
+/// the master of that slot is replaced by its replica (`CLUSTER FAILOVER`,
+/// the coordinated kind an operator runs for maintenance: nothing
+/// acknowledged is lost). 0 lost, and every stage of every job (its last:
+/// the job's completion) completed exactly once.
+#[test]
+fn cluster_failover_with_stage_pools() {
+    let cluster = TestCluster::start(3, 1);
+    let h = Harness::new("");
+    let ledger = h.path("ledger");
+    let queue = "work";
+    let mut c = format!(
+        "[redis]\n{}\n[worker]\n{FAST_WORKER}concurrency = 8\nqueues = [\"{queue}\"]\n\n\
+         [retry]\nbackoff_ms = 50\nbackoff_max_ms = 200\n\n[jobs.t]\nmax_attempts = 25\n",
+        cluster.config()
+    );
+    for (stage, pool) in [("s1", "a"), ("s2", "b"), ("s3", "a")] {
+        let table = ledger_stage("t", stage, &ledger, "sleep 0.01;");
+        c += &table.replacen("run = [", &format!("pool = \"{pool}\"\nrun = ["), 1);
+    }
+    h.write_config(&c);
+    let pending = key(&h, &format!("{{{queue}}}:pending"));
+    let master = cluster.master_of(&pending);
+    let replica = cluster.replicas_of(master)[0];
+    let ids: Vec<String> = (0..150).map(|i| format!("job{i}")).collect();
+    let jobs: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"id": id, "type": "t", "payload": {}}))
+        .collect();
+    lpush_jobs(&mut cluster.conn(), &pending, &jobs);
+    let da = h.daemon("wa", &[("CONVEYOR_POOLS", "a")]);
+    let db = h.daemon("wb", &[("CONVEYOR_POOLS", "b")]);
+    wait_until(LONG, "a third of the jobs to complete", || {
+        h.count_status("completed") >= ids.len() as u64 / 3
+    });
+    let failed_over_at = Instant::now();
+    let _: () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query(&mut cluster.nodes[replica].conn())
+        .expect("CLUSTER FAILOVER");
+    wait_until(LONG, "the replica to be promoted", || {
+        let role: Vec<redis::Value> = redis::cmd("ROLE")
+            .query(&mut cluster.nodes[replica].conn())
+            .unwrap_or_default();
+        matches!(role.first(), Some(redis::Value::BulkString(b)) if b == b"master")
+    });
+    let promoted_after = failed_over_at.elapsed();
+    common::report_failover(
+        "cluster pools",
+        &h,
+        &ids,
+        failed_over_at,
+        promoted_after,
+        &ledger,
+        &[&da, &db],
+    );
+    let (_, ends) = common::ledger_counts_by_stage(&ledger);
+    for id in &ids {
+        for stage in ["s1", "s2", "s3"] {
+            let done = ends.get(&(id.clone(), stage.to_owned())).copied();
+            assert_eq!(done, Some(1), "{id}: completions of {stage}");
+        }
+    }
+    assert!(da.log().contains("job_handed_over"), "{}", da.log_tail(20));
+    assert!(db.log().contains("job_handed_over"), "{}", db.log_tail(20));
+}

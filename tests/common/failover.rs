@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{Daemon, Harness, ledger_counts, poll_until};
+use super::{Daemon, Harness, ledger_counts_by_stage, poll_until};
 
 /// Waits (2 min at most) for every job of `ids` to complete after a
 /// master was killed at `killed_at`, prints one line of what the failover
@@ -25,7 +25,8 @@ pub fn report_failover(
     let done_after = killed_at.elapsed();
     let finished = h.ids_with_status("completed");
     let lost: Vec<&String> = ids.iter().filter(|id| !finished.contains(*id)).collect();
-    let (starts, completions) = ledger_counts(ledger);
+    // Per (job, stage): a job of several stages runs each once.
+    let (starts, completions) = ledger_counts_by_stage(ledger);
     let reruns: usize = starts.values().map(|n| n.saturating_sub(1)).sum();
     let twice: usize = completions.values().map(|n| n.saturating_sub(1)).sum();
     eprintln!(
