@@ -295,18 +295,25 @@ fn the_page_follows_a_job_to_the_end_without_a_reload() {
         "nothing in the job data ran or became markup"
     );
 
-    // The job page names the daemon that ran each stage (from the record).
+    // The job page names the daemon that ran each stage (from the record),
+    // and the stage's pool (these stages name none: "default").
     s.run(&format!("location.hash = '#/jobs/{id}'"));
     let workers_shown = poll_until(LONG, || {
         let cells = s.run(
             "return [...document.querySelectorAll('table.timeline tr')].slice(1)\
-             .map(r => r.children[2] && r.children[2].textContent)",
+             .map(r => [r.children[2] && r.children[2].textContent, \
+                        r.children[3] && r.children[3].textContent])",
         );
         cells.as_array().is_some_and(|c| {
             c.len() == 3
-                && c.iter()
-                    .all(|w| ["render-1", "render-2"].contains(&w.as_str().unwrap_or("")))
+                && c.iter().all(|w| {
+                    ["render-1", "render-2"].contains(&w[0].as_str().unwrap_or(""))
+                        && w[1] == "default"
+                })
         })
     });
-    assert!(workers_shown, "each stage row names its daemon");
+    assert!(
+        workers_shown,
+        "each stage row names its daemon and its pool"
+    );
 }

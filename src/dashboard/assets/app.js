@@ -288,7 +288,7 @@ async function jobDetail(id) {
   const t1 = Math.max(...stages.map((s) => Date.parse(s.finished_at || s.started_at)).filter((x) => !isNaN(x)));
   const span = Math.max(1, t1 - t0);
   box.append(el("h2", {}, "Stages"), el("table", { class: "timeline" },
-    el("tr", {}, ...["stage", "status", "worker", "timeline", "duration", "result", "error"].map((h) => el("th", {}, h))),
+    el("tr", {}, ...["stage", "status", "worker", "pool", "timeline", "duration", "result", "error"].map((h) => el("th", {}, h))),
     ...stages.map((s) => {
       const d = duration(s.started_at, s.finished_at);
       const seg = el("div", { class: "seg " + (s.status === "failed" ? "failed" : "") });
@@ -299,6 +299,7 @@ async function jobDetail(id) {
       }
       return el("tr", {}, el("td", {}, s.name), el("td", {}, statusCell(s.status)),
         el("td", { class: "mono" }, s.worker_id || ""),
+        el("td", { class: "mono" }, s.pool || ""),
         el("td", { class: "tl" }, el("div", { class: "track" }, seg)),
         el("td", { class: "num" }, d === null ? "-" : (d / 1000).toFixed(2) + " s"),
         el("td", {}, s.result === null ? "" : el("pre", {}, JSON.stringify(s.result, null, 2))),
