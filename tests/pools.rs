@@ -222,6 +222,20 @@ fn alternating_pools_run_each_stage_on_the_daemon_of_its_pool() {
             "{third:#}"
         );
     }
+    // So does a dashboard whose SQLite file no daemon wrote (its job page).
+    let dash = h.dashboard(None);
+    let page = dash.get_json(&format!("/api/jobs/{id}"));
+    let shown: Vec<(Value, Value)> = page["record"]["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|s| (s["worker_id"].clone(), s["pool"].clone()))
+        .collect();
+    let want: Vec<(Value, Value)> = ["a", "b", "a", "b"]
+        .iter()
+        .map(|p| (Value::from(format!("host-{p}")), Value::from(*p)))
+        .collect();
+    assert_eq!(shown, want, "{page:#}");
 }
 
 /// `conveyor job ID --json` on a host whose SQLite file does not exist
