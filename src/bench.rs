@@ -3,8 +3,9 @@
 //! session.
 //!
 //! The bench starts a private `redis-server` (unless `--redis-url` is
-//! given), writes a config with three job types (`noop1`, `noop4`,
-//! `exec1`), and runs daemons as child processes of this same binary, each
+//! given), writes a config with four job types (`noop1`, `noop4`,
+//! `exec1`, and `noop4ab` with its stages in pools a and b on a queue of
+//! its own), and runs daemons as child processes of this same binary, each
 //! run on a fresh key prefix and SQLite file. Scenarios run in rounds: each
 //! round runs every selected scenario once, so a "ratio to the ceiling"
 //! compares runs made minutes apart at most. See docs/benchmarks.md for what
@@ -23,7 +24,7 @@ use std::collections::BTreeMap;
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 
-use infra::{Env, Machine};
+use infra::{Env, Machine, POOLS_QUEUE, Serves};
 use report::{
     Ceiling, CpuPerJob, Growth, Latency, MemoryReport, MemorySample, Params, Percentiles,
     RedisCost, Report, Stat, Throughput,
@@ -44,6 +45,9 @@ pub enum Scenario {
     Latency,
     Memory,
     Redis,
+    /// noop4 on 2 daemons in one pool against noop4ab (stages in pools
+    /// a, b, a, b) on 2 daemons, one per pool.
+    Pools,
 }
 
 impl Scenario {
@@ -55,6 +59,7 @@ impl Scenario {
             Scenario::Latency => "latency",
             Scenario::Memory => "memory",
             Scenario::Redis => "redis",
+            Scenario::Pools => "pools",
         }
     }
 }
@@ -145,6 +150,7 @@ impl Options {
             jobs,
             daemons,
             concurrency,
+            serves: &[],
         };
         if self.has(Scenario::Noop) {
             vec![
@@ -174,6 +180,7 @@ impl Options {
                 jobs: self.jobs,
                 daemons: 1,
                 concurrency: 64,
+                serves: &[],
             },
             Workload {
                 name: "exec1",
@@ -181,6 +188,44 @@ impl Options {
                 jobs: (self.jobs / 20).max(100),
                 daemons: 1,
                 concurrency: 64,
+                serves: &[],
+            },
+        ]
+    }
+
+    /// The same four noop stages on two daemons: in one pool (no handover,
+    /// the fetch of a fleet without pools), then alternating pools a and b
+    /// with one daemon per pool (a handover after each stage but the last).
+    fn pools_workloads(&self) -> Vec<Workload> {
+        const AB: &[Serves] = &[
+            Serves {
+                queue: POOLS_QUEUE,
+                pools: Some("a"),
+            },
+            Serves {
+                queue: POOLS_QUEUE,
+                pools: Some("b"),
+            },
+        ];
+        if !self.has(Scenario::Pools) {
+            return Vec::new();
+        }
+        vec![
+            Workload {
+                name: "noop4-1pool-2x64",
+                job_type: "noop4",
+                jobs: self.jobs,
+                daemons: 2,
+                concurrency: 64,
+                serves: &[],
+            },
+            Workload {
+                name: "noop4ab-2pools-2x64",
+                job_type: "noop4ab",
+                jobs: self.jobs,
+                daemons: 2,
+                concurrency: 64,
+                serves: AB,
             },
         ]
     }
@@ -241,6 +286,7 @@ async fn measure(o: &Options) -> Result<Report> {
         .noop_workloads()
         .into_iter()
         .chain(o.pipeline_workloads())
+        .chain(o.pools_workloads())
         .collect();
     let mut runs = Runs::default();
     for round in 1..=o.runs {
@@ -256,8 +302,16 @@ async fn measure(o: &Options) -> Result<Report> {
         for w in &workloads {
             let r = scenarios::throughput(&env, w).await?;
             say(format!(
-                "{tag} {} {} daemon(s) c={} ({} jobs): {:.0} jobs/s, {:.2} round trips/job",
-                w.job_type, w.daemons, w.concurrency, w.jobs, r.jobs_per_sec, r.round_trips_per_job
+                "{tag} {} {} daemon(s) c={} ({} jobs): {:.0} jobs/s, {:.2} round trips/job, {:.2} handovers/job, Redis {} B/job after drain",
+                w.name,
+                w.daemons,
+                w.concurrency,
+                w.jobs,
+                r.jobs_per_sec,
+                r.round_trips_per_job,
+                r.handovers as f64 / w.jobs as f64,
+                r.redis_bytes_per_job
+                    .map_or_else(|| "-".to_owned(), |b| format!("{b:.0}"))
             ));
             runs.throughput.entry(w.name).or_default().push(r);
         }
@@ -339,6 +393,8 @@ fn build_report(o: &Options, machine: Machine, workloads: &[Workload], runs: &Ru
             },
             completed_in_sqlite: rs.iter().map(|r| r.completed_in_sqlite).collect(),
             progress_events_dropped: rs.iter().map(|r| r.events_dropped).sum(),
+            handovers_per_job: stat(rs.iter().map(|r| r.handovers as f64 / w.jobs as f64)),
+            redis_bytes_per_job: opt_stat(rs.iter().map(|r| r.redis_bytes_per_job)),
         })
     };
     let (noop, pipeline): (Vec<&Workload>, Vec<&Workload>) =

@@ -102,7 +102,8 @@ pub struct CpuPerJob {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Throughput {
-    /// Stable name: `c1`, `c16`, `c64`, `2x64`, `4x64`, `noop4`, `exec1`.
+    /// Stable name: `c1`, `c16`, `c64`, `2x64`, `4x64`, `noop4`, `exec1`,
+    /// `noop4-1pool-2x64`, `noop4ab-2pools-2x64`.
     pub name: String,
     pub job_type: String,
     pub daemons: usize,
@@ -118,6 +119,11 @@ pub struct Throughput {
     /// bench fails).
     pub completed_in_sqlite: Vec<u64>,
     pub progress_events_dropped: u64,
+    /// Jobs handed over to a stage pool, per job (`RPUSH` calls).
+    pub handovers_per_job: Stat,
+    /// Redis `used_memory` after the drain minus before the run, per job:
+    /// the retained job records (≈ 0 with `--no-records`).
+    pub redis_bytes_per_job: Option<Stat>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -350,7 +356,7 @@ impl Report {
         }
         let _ = writeln!(
             o,
-            "\nTHROUGHPUT                            jobs     jobs/s                        vs ceiling  rt/job  CPU us/job daemon/redis/bench"
+            "\nTHROUGHPUT                            jobs     jobs/s                        vs ceiling  rt/job  CPU us/job daemon/redis/bench  handovers/job  Redis B/job"
         );
         if let Some(c) = &self.ceiling {
             let _ = writeln!(
@@ -373,9 +379,15 @@ impl Report {
                 if t.daemons == 1 { "" } else { "s" },
                 t.concurrency
             );
+            let cpu = format!(
+                "{}/{}/{}",
+                opt(&t.cpu_us_per_job.daemons, us),
+                opt(&t.cpu_us_per_job.redis, us),
+                opt(&t.cpu_us_per_job.bench, us),
+            );
             let _ = writeln!(
                 o,
-                "  {:<34} {:>7}  {:<29} {:>10}  {:>6}  {}/{}/{}",
+                "  {:<34} {:>7}  {:<29} {:>10}  {:>6}  {:<30} {:>13.2}  {:>11}",
                 label,
                 t.jobs,
                 spread(&t.jobs_per_sec, thousands),
@@ -384,9 +396,11 @@ impl Report {
                     .map(|r| pct(r.median))
                     .unwrap_or_else(|| "-".into()),
                 format!("{:.2}", t.round_trips_per_job.median),
-                opt(&t.cpu_us_per_job.daemons, us),
-                opt(&t.cpu_us_per_job.redis, us),
-                opt(&t.cpu_us_per_job.bench, us),
+                cpu,
+                t.handovers_per_job.median,
+                t.redis_bytes_per_job
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), |b| format!("{:.0}", b.median)),
             );
         }
     }

@@ -15,8 +15,8 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
 use super::infra::{
-    Daemon, Env, QUEUE, command_calls, completed_in_sqlite, cpu_secs, redis_cpu_secs,
-    start_daemons, stop_daemons,
+    Daemon, Env, QUEUE, Serves, command_calls, completed_in_sqlite, cpu_secs, redis_cpu_secs,
+    redis_used_memory, start_daemons, stop_daemons,
 };
 use super::report::percentile;
 use crate::queue::{Broker, Keys};
@@ -145,6 +145,31 @@ pub struct Workload {
     pub jobs: u64,
     pub daemons: usize,
     pub concurrency: usize,
+    /// What daemon i serves (`serves[i % len]`); empty: [`QUEUE`], default pool.
+    pub serves: &'static [Serves],
+}
+
+impl Workload {
+    /// The queue its jobs go through: the first daemon's.
+    fn queue(&self) -> &'static str {
+        self.serves.first().map_or(QUEUE, |s| s.queue)
+    }
+
+    /// The pool lists its daemons take from (empty without `--pools`).
+    fn pool_lists(&self, keys: &Keys) -> Vec<String> {
+        let mut names: Vec<&str> = self
+            .serves
+            .iter()
+            .filter_map(|s| s.pools)
+            .flat_map(|p| p.split(','))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|p| keys.pool(self.queue(), p))
+            .collect()
+    }
 }
 
 /// One run of a [`Workload`].
@@ -159,6 +184,15 @@ pub struct ThroughputRun {
     /// Daemon-side calls by command (the bench's own removed).
     pub commands: BTreeMap<String, u64>,
     pub producer_commands: u64,
+    /// Jobs handed over to a stage pool: `RPUSH` calls (settle.lua's
+    /// handover; its requeue, the other RPUSH, only happens on shutdown,
+    /// after the clock).
+    pub handovers: u64,
+    /// Redis `used_memory` after the queues drained minus before the first
+    /// push, per job: with the queues empty, what stays is the job records
+    /// (and the daemons' registrations), so this is the cost of a retained
+    /// record. `None` when INFO could not be read.
+    pub redis_bytes_per_job: Option<f64>,
 }
 
 /// CPU microseconds per job.
@@ -200,13 +234,17 @@ impl CpuSnapshot {
 /// list only after its commit.
 pub async fn throughput(env: &Env, w: &Workload) -> Result<ThroughputRun> {
     let space = env.run_space(w.name)?;
-    let mut daemons = start_daemons(env, &space, w.daemons, w.concurrency).await?;
+    let mut daemons = start_daemons(env, &space, w.daemons, w.concurrency, w.serves).await?;
     let keys = Keys::new(&space.prefix);
-    let pending = keys.pending(QUEUE);
-    let actives: Vec<String> = daemons.iter().map(|d| keys.active(QUEUE, &d.id)).collect();
+    let queue = w.queue();
+    let pending = keys.pending(queue);
+    // Active lists, then pool lists: every place a job can wait or run.
+    let mut lists: Vec<String> = daemons.iter().map(|d| keys.active(queue, &d.id)).collect();
+    lists.extend(w.pool_lists(&keys));
     let mut ctl = env.connection().await?;
     let producer_conn = env.connection().await?;
     let calls_before = command_calls(&mut ctl).await?;
+    let memory_before = redis_used_memory(&mut ctl).await.ok();
     let cpu_before = CpuSnapshot::take(&mut ctl, &daemons).await;
 
     let start = Instant::now();
@@ -216,11 +254,12 @@ pub async fn throughput(env: &Env, w: &Workload) -> Result<ThroughputRun> {
         w.job_type,
         0..w.jobs,
     ));
-    let polls = wait_drained(&mut ctl, &mut daemons, &pending, &actives, Some(producer)).await?;
+    let polls = wait_drained(&mut ctl, &mut daemons, &pending, &lists, Some(producer)).await?;
     let secs = start.elapsed().as_secs_f64();
 
     let cpu_after = CpuSnapshot::take(&mut ctl, &daemons).await;
     let calls_after = command_calls(&mut ctl).await?;
+    let memory_after = redis_used_memory(&mut ctl).await.ok();
     let peak_rss_kib = daemons
         .iter()
         .filter_map(|d| d.memory())
@@ -240,10 +279,15 @@ pub async fn throughput(env: &Env, w: &Workload) -> Result<ThroughputRun> {
     let by_daemons: u64 = shutdowns.iter().map(|s| s.completed).sum();
     let round_trips: u64 = shutdowns.iter().map(|s| s.round_trips).sum();
     let bench_calls = [
-        ("llen", polls * (1 + actives.len() as u64)),
+        ("llen", polls * (1 + lists.len() as u64)),
         ("lpush", w.jobs),
     ];
     let commands = daemon_commands(&calls_before, &calls_after, &bench_calls);
+    let handovers = commands.get("rpush").copied().unwrap_or(0);
+    let redis_bytes_per_job = match (memory_before, memory_after) {
+        (Some(b), Some(a)) => Some((a as f64 - b as f64) / w.jobs as f64),
+        _ => None,
+    };
     env.clean(space).await?;
     Ok(ThroughputRun {
         jobs_per_sec: w.jobs as f64 / secs,
@@ -254,6 +298,8 @@ pub async fn throughput(env: &Env, w: &Workload) -> Result<ThroughputRun> {
         cpu_us_per_job: cpu_before.per_job(&cpu_after, w.jobs),
         commands,
         producer_commands: w.jobs,
+        handovers,
+        redis_bytes_per_job,
     })
 }
 
@@ -281,7 +327,8 @@ fn daemon_commands(
 }
 
 /// Polls every [`POLL`] until the producer (if any) is done and pending
-/// and every active list are empty; returns how many polls it made.
+/// and every list of `actives` (active and pool lists) are empty; returns
+/// how many polls it made.
 /// Fails when a daemon exits or nothing moves for [`STALL`].
 async fn wait_drained(
     ctl: &mut MultiplexedConnection,
@@ -366,7 +413,7 @@ pub struct LatencyRun {
 /// `job_completed` arrive.
 pub async fn latency(env: &Env, rates: &[u32], secs: u64) -> Result<Vec<LatencyRun>> {
     let space = env.run_space("latency")?;
-    let mut daemons = start_daemons(env, &space, 1, 64).await?;
+    let mut daemons = start_daemons(env, &space, 1, 64, &[]).await?;
     let keys = Keys::new(&space.prefix);
     let pending = keys.pending(QUEUE);
     let subscriber = Subscriber::start(env.url.clone(), keys.progress_pattern()).await?;
@@ -622,7 +669,7 @@ pub async fn memory_growth(
     report: impl Fn(u64, u64),
 ) -> Result<GrowthRun> {
     let space = env.run_space("memory")?;
-    let mut daemons = start_daemons(env, &space, 1, 64).await?;
+    let mut daemons = start_daemons(env, &space, 1, 64, &[]).await?;
     let keys = Keys::new(&space.prefix);
     let pending = keys.pending(QUEUE);
     let actives = [keys.active(QUEUE, &daemons[0].id)];
