@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, wait_until};
+use common::{Harness, stderr_of as err, stdout_of as out, wait_until};
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(30);
@@ -24,14 +24,6 @@ stages = [{ name = "only", builtin = "noop" }]
 queue = "other"
 stages = [{ name = "boom", builtin = "fail", args = { message = "broken on purpose" } }]
 "#;
-
-fn out(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn err(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn json_of(h: &Harness, args: &[&str]) -> Value {
     let o = h.cli(args, &[]);

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Harness, wait_until};
+use common::{Harness, stderr_of as stderr, stdout_of as stdout, wait_until};
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -27,14 +27,6 @@ stages = [{ name = "wait", builtin = "sleep", args = { ms = 60000 } }]
 queue = "other"
 stages = [{ name = "boom", builtin = "fail", args = { message = "broken on purpose" } }]
 "#;
-
-fn stdout(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// Runs a command that must succeed and print exactly one JSON object.
 fn json_ok(h: &Harness, args: &[&str]) -> Value {

@@ -250,6 +250,7 @@ impl Store {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let healthy = Arc::new(AtomicBool::new(true));
         let give_up = Arc::new(AtomicBool::new(false));
+        let checkpointing = writer::CheckpointLock::default();
         let writer = Writer {
             conn,
             rx,
@@ -258,13 +259,15 @@ impl Store {
             gave_up: false,
             wal: wal_path(path),
             wal_limit,
+            checkpointing: checkpointing.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("conveyor-sqlite".into())
             .spawn(move || writer.run())
             .map_err(|e| open_err(format!("cannot start writer thread: {e}")))?;
         let (stop, checkpointer) =
-            Checkpointer::start(path, wal_path(path), wal_limit).map_err(open_err)?;
+            Checkpointer::start(path, wal_path(path), wal_limit, checkpointing)
+                .map_err(open_err)?;
         let closer = StoreCloser {
             writer: handle,
             checkpointer,

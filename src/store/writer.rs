@@ -47,6 +47,25 @@ pub(super) struct Checkpointer;
 /// How often the WAL is checkpointed.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
+/// Held by the checkpointer while its passive checkpoint runs, and by the
+/// writer while it restarts the WAL. SQLite does not wait for another
+/// checkpoint (it answers busy at once), so without it a passive
+/// checkpoint that is running when the WAL crosses the limit, and runs
+/// long on a loaded machine, turns restart after restart into a deferral
+/// while the WAL keeps growing.
+#[derive(Debug, Clone, Default)]
+pub(super) struct CheckpointLock(Arc<std::sync::Mutex<()>>);
+
+impl CheckpointLock {
+    fn hold(&self) -> std::sync::MutexGuard<'_, ()> {
+        // A panic while held poisons nothing worth keeping: the lock guards
+        // no data.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 impl Checkpointer {
     /// Checkpoints `path` passively until stopped, except while its WAL
     /// (`wal`) is past `wal_limit`: then the writer restarts it, and a
@@ -56,6 +75,7 @@ impl Checkpointer {
         path: &Path,
         wal: PathBuf,
         wal_limit: u64,
+        checkpointing: CheckpointLock,
     ) -> Result<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>), String> {
         let conn = Connection::open(path).map_err(|e| e.to_string())?;
         schema::configure(&conn).map_err(|e| e.to_string())?;
@@ -67,6 +87,7 @@ impl Checkpointer {
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(CHECKPOINT_EVERY)
                 {
+                    let _held = checkpointing.hold();
                     if wal_size(&wal) >= wal_limit {
                         continue;
                     }
@@ -101,6 +122,9 @@ pub(super) struct Writer {
     pub(super) wal: PathBuf,
     /// [`WAL_RESTART_BYTES`], smaller in tests.
     pub(super) wal_limit: u64,
+    /// Shared with the [`Checkpointer`]: a restart waits for its passive
+    /// checkpoint to end rather than being refused by it.
+    pub(super) checkpointing: CheckpointLock,
 }
 
 impl Writer {
@@ -122,7 +146,9 @@ impl Writer {
     /// Between batches (nothing of ours is in flight, every answer sent):
     /// once the WAL file passes the limit, a TRUNCATE checkpoint copies
     /// what the passive ones have not yet, and empties the file, so the
-    /// next commit writes the WAL from its start. It waits for readers and
+    /// next commit writes the WAL from its start. It first waits for a
+    /// passive checkpoint of ours that is running ([`CheckpointLock`]:
+    /// SQLite would refuse it at once), then for readers and
     /// other daemons' writers at most [`RESTART_BUSY_TIMEOUT`]; when one
     /// still holds the lock or an old snapshot it gives up and tries again
     /// after the next batch.
@@ -132,6 +158,8 @@ impl Writer {
             return;
         }
         let started = std::time::Instant::now();
+        let checkpointing = self.checkpointing.clone();
+        let _held = checkpointing.hold();
         let _ = self.conn.busy_timeout(RESTART_BUSY_TIMEOUT);
         let outcome = self
             .conn

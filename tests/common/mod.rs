@@ -61,6 +61,16 @@ pub const CRATE_ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// Polls `cond` every 25 ms until it holds or `timeout` passes; returns
 /// whether it held. Ends as soon as the condition is true.
+/// A command's standard output, as text.
+pub fn stdout_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A command's standard error, as text.
+pub fn stderr_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
