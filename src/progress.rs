@@ -21,7 +21,7 @@
 //! again elsewhere; readers skip entries whose worker is not live.
 //!
 //! The same pipeline also writes each job's record (see [`record`]): one
-//! `record.lua` call per job with messages in the pipeline. Only `progress`
+//! `record.lua` call per queue with messages in the pipeline. Only `progress`
 //! reports may be dropped when the channel is full: every state change
 //! (job started, stage started/completed/failed, job completed, failed,
 //! cancelled, retrying, requeued) is always queued, so the record never
@@ -274,7 +274,6 @@ impl Publisher {
         let prefix = self.keys.prefix();
         let write = record::Write {
             key: record::key(prefix, &ev.queue, &ev.job_id),
-            index_key: record::index_key(prefix, &ev.queue),
             job_id: ev.job_id.clone(),
             job: serde_json::to_string(&fields).unwrap_or_default(),
             stages: parts
@@ -287,6 +286,7 @@ impl Publisher {
             } else {
                 0
             },
+            opens: ev.event == "job_started" || ev.status == Status::Pending,
             first_at: ev.ts.clone(),
         };
         (ev.queue.clone(), write)
@@ -328,8 +328,7 @@ impl PublisherTask {
                 retention_secs: 0,
                 max_jobs: 0,
             });
-            for (queue, write) in &writes {
-                let cmd = write.command(&self.prefix, queue, bounds, false);
+            for cmd in self.record_commands(&writes, bounds, false) {
                 pipe.add_command(cmd).ignore();
             }
             self.round_trips.fetch_add(1, Ordering::Relaxed);
@@ -392,6 +391,21 @@ impl PublisherTask {
         pipe
     }
 
+    /// The batch's record writes: one `record.lua` call per queue.
+    fn record_commands(&self, writes: &Writes, bounds: Bounds, eval: bool) -> Vec<redis::Cmd> {
+        let mut queues: Vec<(&str, Vec<&record::Write>)> = Vec::new();
+        for (queue, write) in writes {
+            match queues.iter_mut().find(|(q, _)| q == queue) {
+                Some((_, of_queue)) => of_queue.push(write),
+                None => queues.push((queue, vec![write])),
+            }
+        }
+        queues
+            .iter()
+            .map(|(queue, of_queue)| record::command(of_queue, &self.prefix, queue, bounds, eval))
+            .collect()
+    }
+
     /// Sends the record writes again with the script's text (`EVAL`: the
     /// server may have lost it), up to [`RECORD_TRIES`] times.
     async fn write_records(&mut self, writes: &Writes, bounds: Bounds) {
@@ -400,8 +414,7 @@ impl PublisherTask {
         }
         for attempt in 1..=RECORD_TRIES {
             let mut pipe = redis::pipe();
-            for (queue, write) in writes {
-                let cmd = write.command(&self.prefix, queue, bounds, true);
+            for cmd in self.record_commands(writes, bounds, true) {
                 pipe.add_command(cmd).ignore();
             }
             self.round_trips.fetch_add(1, Ordering::Relaxed);

@@ -3,9 +3,10 @@
 //! after it ends.
 //!
 //! The progress publisher ([`super::PublisherTask`]) is its only writer:
-//! the messages of a job that it sends in one pipeline also write the
-//! job's record, in one call of `record.lua` per job in that pipeline (no
-//! extra round trip). Fields, each a JSON object:
+//! the messages it sends in one pipeline also write their jobs' records,
+//! in one call of `record.lua` per queue in that pipeline (no extra round
+//! trip, the records of a queue share its hash slot). Fields, each a JSON
+//! object:
 //! - `job`: the job's fields ([`JobFields`]): status, type, queue, attempt,
 //!   progress, error, worker, times, the stage names, and `result_field`
 //!   (where the job's result is: the last stage's field);
@@ -14,8 +15,9 @@
 //! - `created_at`: when the record was first written (kept).
 //!
 //! While the job lives the record's TTL is the retention plus
-//! [`LIVE_TTL_SECS`] (refreshed at every write; a job lost with its daemon
-//! still goes away). Once it ends (completed, failed, cancelled) the TTL is
+//! [`LIVE_TTL_SECS`] (set when the record is made and each time the job
+//! starts a run or waits again; a job lost with its daemon still goes
+//! away). Once it ends (completed, failed, cancelled) the TTL is
 //! the retention and the id enters the ZSET `P:{Q}:records` (score: end
 //! ms), which `record.lua` trims to `[history] max_jobs`, oldest first.
 //! [`read`] turns a record back into the [`JobRecord`] `conveyor job`
@@ -136,13 +138,16 @@ pub fn stage_json(fields: &StageFields, result: Option<&str>) -> String {
 #[derive(Debug, Default)]
 pub(crate) struct Write {
     pub key: String,
-    pub index_key: String,
     pub job_id: String,
     /// The job's fields (the last message's).
     pub job: String,
     pub stages: Vec<(String, String)>,
     /// When the job ended (ms); 0 while it lives.
     pub ended_ms: u64,
+    /// A message that starts a run or puts the job back to wait (job
+    /// started, requeued, handed over) is among them: the record gets the
+    /// living TTL and leaves the index of ended records.
+    pub opens: bool,
     /// When the first of these messages was made (RFC 3339).
     pub first_at: String,
 }
@@ -154,46 +159,55 @@ pub(crate) struct Bounds {
     pub max_jobs: u64,
 }
 
-impl Write {
-    /// The `EVALSHA` of `record.lua` for this write (`EVAL` with `eval`,
-    /// for a server that does not know the script yet).
-    pub fn command(&self, prefix: &str, queue: &str, bounds: Bounds, eval: bool) -> redis::Cmd {
-        let mut cmd = if eval {
-            let mut c = redis::cmd("EVAL");
-            c.arg(include_str!("record.lua"));
-            c
-        } else {
-            let mut c = redis::cmd("EVALSHA");
-            c.arg(RECORD.get_hash());
-            c
-        };
-        let ttl = if self.ended_ms > 0 {
-            bounds.retention_secs
-        } else {
-            bounds.retention_secs + LIVE_TTL_SECS
-        };
-        let ttl_ms = ttl.saturating_mul(1000);
-        cmd.arg(2)
-            .arg(&self.key)
-            .arg(&self.index_key)
-            .arg(&self.job_id)
-            .arg(&self.job)
-            .arg(&self.first_at)
-            .arg(self.ended_ms)
-            .arg(ttl_ms)
-            .arg(bounds.max_jobs)
-            .arg(key_prefix(prefix, queue))
-            .arg(bounds.retention_secs.saturating_mul(1000));
-        for (field, value) in &self.stages {
+/// The `EVALSHA` of `record.lua` that writes `writes`, records of `queue`
+/// (`EVAL` with `eval`, for a server that does not know the script yet):
+/// one call for every job of the queue in a pipeline.
+pub(crate) fn command(
+    writes: &[&Write],
+    prefix: &str,
+    queue: &str,
+    bounds: Bounds,
+    eval: bool,
+) -> redis::Cmd {
+    let mut cmd = if eval {
+        let mut c = redis::cmd("EVAL");
+        c.arg(include_str!("record.lua"));
+        c
+    } else {
+        let mut c = redis::cmd("EVALSHA");
+        c.arg(RECORD.get_hash());
+        c
+    };
+    cmd.arg(1 + writes.len()).arg(index_key(prefix, queue));
+    for write in writes {
+        cmd.arg(&write.key);
+    }
+    let retention_ms = bounds.retention_secs.saturating_mul(1000);
+    let living_ms = (bounds.retention_secs + LIVE_TTL_SECS).saturating_mul(1000);
+    cmd.arg(key_prefix(prefix, queue))
+        .arg(bounds.max_jobs)
+        .arg(retention_ms)
+        .arg(living_ms);
+    for write in writes {
+        cmd.arg(&write.job_id)
+            .arg(u8::from(write.opens))
+            .arg(write.ended_ms)
+            .arg(&write.first_at)
+            .arg(&write.job)
+            .arg(write.stages.len());
+        for (field, value) in &write.stages {
             cmd.arg(field).arg(value);
         }
-        cmd
     }
+    cmd
+}
 
+impl Write {
     /// Adds a later message's writes of the same job.
     pub fn merge(&mut self, later: Write) {
         self.job = later.job;
         self.ended_ms = later.ended_ms;
+        self.opens |= later.opens;
         for (field, value) in later.stages {
             match self.stages.iter_mut().find(|(f, _)| *f == field) {
                 Some(slot) => slot.1 = value,

@@ -55,6 +55,7 @@ fn a_full_queue_drops_progress_reports_but_never_a_state_change() {
     assert_eq!(p.dropped(), 1);
     assert!(rx.try_recv().is_err(), "the progress report was dropped");
     for (kind, status) in [
+        ("job_started", Status::Running),
         ("stage_completed", Status::Running),
         ("job_completed", Status::Completed),
         ("job_failed", Status::Failed),
@@ -65,8 +66,12 @@ fn a_full_queue_drops_progress_reports_but_never_a_state_change() {
         let (queue, write) = out.record.expect("with its record write");
         assert_eq!(queue, "q");
         assert_eq!(write.key, "P:{q}:job:j1");
-        assert_eq!(write.index_key, "P:{q}:records");
         assert_eq!(write.ended_ms > 0, status.is_final(), "{kind}");
+        let opens = kind == "job_started" || status == Status::Pending;
+        assert_eq!(
+            write.opens, opens,
+            "a run starts or the job waits again: {kind}"
+        );
         let job: record::JobFields = serde_json::from_str(&write.job).unwrap();
         assert_eq!(job.status, status.as_str());
         assert_eq!(job.stages, names);
