@@ -44,7 +44,7 @@ use redis::aio::PubSub;
 use serde_json::Value;
 
 use crate::queue::{Broker, Keys, RedisConn};
-use record::{Bounds, JobFields};
+use record::{Bounds, JobFields, Opens};
 
 /// Events waiting to be published before new `progress` reports are
 /// dropped (state changes are always queued).
@@ -118,6 +118,8 @@ pub(crate) struct RecordParts<'a> {
     /// The record only: nothing is published (a stage that failed or was
     /// interrupted: the job's own event follows).
     pub unpublished: bool,
+    /// Which writes of the record go through.
+    pub fence: record::Fence,
 }
 
 /// One message on its way: channel (none: the record only), job id, body,
@@ -171,6 +173,7 @@ impl Publisher {
         };
         let task = PublisherTask {
             live_key: keys.live(),
+            keys: keys.clone(),
             prefix: keys.prefix().to_owned(),
             rx,
             conn,
@@ -205,9 +208,9 @@ impl Publisher {
 
     /// Publishes a message of a job with no progress stream (cancelled
     /// before it ran, dead-lettered unclaimed); its record too.
-    pub fn publish(&self, event: &ProgressEvent) {
+    pub(crate) fn publish(&self, event: &ProgressEvent, parts: RecordParts<'_>) {
         let channel = self.keys.progress(&event.job_id);
-        self.send(channel, event, RecordParts::default());
+        self.send(channel, event, parts);
     }
 
     /// The job's channel name (to build once per job, see [`Publisher::publish_on`]).
@@ -286,7 +289,14 @@ impl Publisher {
             } else {
                 0
             },
-            opens: ev.event == "job_started" || ev.status == Status::Pending,
+            opens: if ev.seq == 1 && matches!(parts.fence, record::Fence::Delivery(_)) {
+                Opens::First
+            } else if ev.status == Status::Pending || ev.event == "job_started" {
+                Opens::Waits
+            } else {
+                Opens::No
+            },
+            fence: parts.fence,
             first_at: ev.ts.clone(),
         };
         (ev.queue.clone(), write)
@@ -305,6 +315,7 @@ pub struct PublisherTask {
     live_key: String,
     /// The key prefix (`P`).
     prefix: String,
+    keys: Keys,
     conn: RedisConn,
     dropped: Arc<AtomicU64>,
     queued: Arc<AtomicU64>,
@@ -402,7 +413,10 @@ impl PublisherTask {
         }
         queues
             .iter()
-            .map(|(queue, of_queue)| record::command(of_queue, &self.prefix, queue, bounds, eval))
+            .map(|(queue, of_queue)| {
+                let leases = self.keys.leases(queue);
+                record::command(of_queue, &self.prefix, queue, &leases, bounds, eval)
+            })
             .collect()
     }
 

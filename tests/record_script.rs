@@ -14,16 +14,23 @@ const LIVING_MS: u64 = 600_000;
 struct W<'a> {
     id: &'a str,
     job: &'a str,
-    opens: bool,
+    /// `t:<token>`, `u` or `n` (see the script).
+    fence: &'a str,
+    /// 0, 1 (waits again) or 2 (a delivery's first message).
+    opens: u8,
     ended_ms: u64,
     stages: &'a [(&'a str, &'a str)],
 }
 
+/// A write of delivery `t:A`, which holds no lease: it goes through as its
+/// record's owner (or when the record has none) or as its first message
+/// (`opens` true).
 fn w<'a>(id: &'a str, job: &'a str, opens: bool, ended_ms: u64) -> W<'a> {
     W {
         id,
         job,
-        opens,
+        fence: "t:A",
+        opens: if opens { 2 } else { 0 },
         ended_ms,
         stages: &[],
     }
@@ -34,8 +41,9 @@ fn w<'a>(id: &'a str, job: &'a str, opens: bool, ended_ms: u64) -> W<'a> {
 fn record_call(conn: &mut redis::Connection, writes: &[W], max_jobs: u64) -> i64 {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(RECORD_LUA)
-        .arg(1 + writes.len())
-        .arg("P:{q}:records");
+        .arg(2 + writes.len())
+        .arg("P:{q}:records")
+        .arg("P:{q}:leases");
     for w in writes {
         cmd.arg(format!("P:{{q}}:job:{}", w.id));
     }
@@ -45,7 +53,8 @@ fn record_call(conn: &mut redis::Connection, writes: &[W], max_jobs: u64) -> i64
         .arg(LIVING_MS);
     for w in writes {
         cmd.arg(w.id)
-            .arg(u8::from(w.opens))
+            .arg(w.fence)
+            .arg(w.opens)
             .arg(w.ended_ms)
             .arg(format!("created-{}", w.job))
             .arg(w.job)
@@ -138,9 +147,13 @@ fn a_record_lives_ends_and_lives_again() {
     assert_eq!((a["stage:0"].as_str(), a["stage:1"].as_str()), ("s0", "s1"));
     assert!(pttl(c, "a") <= 500_000, "a plain write leaves the TTL");
 
-    // A write that opens a run (job started, handed over, requeued): the
+    // A write of a job that waits again (requeued, handed over): the
     // living TTL again.
-    one(c, w("a", "j3", true, 0), 3);
+    let write = W {
+        opens: 1,
+        ..w("a", "j3", false, 0)
+    };
+    one(c, write, 3);
     assert!(living_ttl(pttl(c, "a")));
     assert!(index(c).is_empty());
 
@@ -241,4 +254,92 @@ fn one_call_writes_every_record_of_the_queue() {
     assert!(living_ttl(pttl(c, "a")) && living_ttl(pttl(c, "c")));
     assert!(retention_ttl(pttl(c, "b")));
     assert_eq!(ids(c), ["b"]);
+}
+
+fn lease(conn: &mut redis::Connection, id: &str, token: Option<&str>) {
+    let mut cmd = match token {
+        Some(token) => {
+            let mut c = redis::cmd("HSET");
+            c.arg("P:{q}:leases").arg(id).arg(token);
+            c
+        }
+        None => {
+            let mut c = redis::cmd("HDEL");
+            c.arg("P:{q}:leases").arg(id);
+            c
+        }
+    };
+    let _: i64 = cmd.query(conn).unwrap();
+}
+
+fn fenced<'a>(fence: &'a str, opens: u8, job: &'a str, ended_ms: u64) -> W<'a> {
+    W {
+        fence,
+        opens,
+        ..w("a", job, false, ended_ms)
+    }
+}
+
+#[test]
+fn a_late_write_of_an_earlier_delivery_is_fenced_off() {
+    let redis = common::TestRedis::start();
+    let c = &mut redis.conn();
+    let job = |c: &mut redis::Connection| hash(c, "a").get("job").cloned();
+
+    // Delivery A holds the lease: its writes go through, it owns the record.
+    lease(c, "a", Some("A"));
+    one(c, fenced("t:A", 2, "A started", 0), 3);
+    assert_eq!(hash(c, "a")["owner"], "A");
+    // Another delivery's write, even its first message, while A holds it.
+    one(c, fenced("t:B", 2, "B started", 0), 3);
+    assert_eq!(job(c).as_deref(), Some("A started"));
+    // A cancellation as the job was taken, while a delivery holds it.
+    one(c, fenced("u", 0, "cancelled", 5), 3);
+    assert_eq!(job(c).as_deref(), Some("A started"));
+
+    // A settles (requeued): its own write after the settle goes through.
+    lease(c, "a", None);
+    one(c, fenced("t:A", 1, "A requeued", 0), 3);
+    assert_eq!(job(c).as_deref(), Some("A requeued"));
+    // With no lease, a delivery that did not write last is refused unless
+    // it is its first message.
+    one(c, fenced("t:B", 0, "B stage", 0), 3);
+    assert_eq!(job(c).as_deref(), Some("A requeued"));
+    lease(c, "a", Some("B"));
+    one(c, fenced("t:B", 2, "B started", 0), 3);
+    assert_eq!(hash(c, "a")["owner"], "B");
+    // A's late message while B runs the job, then once B has completed it.
+    one(c, fenced("t:A", 1, "A requeued late", 0), 3);
+    assert_eq!(job(c).as_deref(), Some("B started"));
+    lease(c, "a", None);
+    one(c, fenced("t:B", 0, "B completed", 7), 3);
+    one(c, fenced("t:A", 1, "A requeued late", 0), 3);
+    assert_eq!(job(c).as_deref(), Some("B completed"));
+    assert_eq!(ids(c), ["a"], "still ended");
+
+    // A quick delivery whose first message lands after its settle (a
+    // retry of the ended job): it goes through.
+    one(c, fenced("t:C", 2, "C started and completed", 9), 3);
+    assert_eq!(job(c).as_deref(), Some("C started and completed"));
+
+    // A message judged unrunnable with this id: never over a record.
+    one(c, fenced("n", 0, "poison", 11), 3);
+    assert_eq!(job(c).as_deref(), Some("C started and completed"));
+    // A cancellation as the job was taken, with no delivery holding it.
+    one(c, fenced("u", 0, "cancelled", 12), 3);
+    assert_eq!(job(c).as_deref(), Some("cancelled"));
+
+    // Both make a record that does not exist, without an owner.
+    for (id, fence) in [("p", "n"), ("q", "u")] {
+        let write = W {
+            id,
+            fence,
+            ..w(id, "new", false, 13)
+        };
+        one(c, write, 10);
+        let h = hash(c, id);
+        assert_eq!(h["job"], "new", "{fence}");
+        assert!(!h.contains_key("owner"), "{fence}");
+        assert!(retention_ttl(pttl(c, id)), "{fence}");
+    }
 }

@@ -134,6 +134,48 @@ pub fn stage_json(fields: &StageFields, result: Option<&str>) -> String {
     format!("{},\"result\":{result}}}", &head[..head.len() - 1])
 }
 
+/// Which of a job's record writes go through, so that a late message of
+/// an earlier delivery (its publisher was slow, the job went on elsewhere)
+/// does not undo what a later delivery wrote. Checked by `record.lua`
+/// against the queue's leases and the record's `owner`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) enum Fence {
+    /// A delivery's message (its fencing token): written while the
+    /// delivery holds the job's lease; once no delivery holds it, when this
+    /// delivery wrote the record last (or none did), or for its first
+    /// message.
+    Delivery(String),
+    /// A job dropped as it was taken (cancelled): written while no
+    /// delivery holds the lease.
+    Unleased,
+    /// A message judged unrunnable (its id may be a living job's): makes a
+    /// record, never overwrites one.
+    #[default]
+    OnlyNew,
+}
+
+impl Fence {
+    fn arg(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Fence::Delivery(token) => format!("t:{token}").into(),
+            Fence::Unleased => "u".into(),
+            Fence::OnlyNew => "n".into(),
+        }
+    }
+}
+
+/// What a write does to the record's life: see `record.lua`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Opens {
+    /// A message of a run under way.
+    #[default]
+    No = 0,
+    /// The job waits again (requeued, handed over).
+    Waits = 1,
+    /// The delivery's first message (started, or handed over at once).
+    First = 2,
+}
+
 /// One job's writes from one pipeline of messages.
 #[derive(Debug, Default)]
 pub(crate) struct Write {
@@ -144,10 +186,12 @@ pub(crate) struct Write {
     pub stages: Vec<(String, String)>,
     /// When the job ended (ms); 0 while it lives.
     pub ended_ms: u64,
-    /// A message that starts a run or puts the job back to wait (job
-    /// started, requeued, handed over) is among them: the record gets the
-    /// living TTL and leaves the index of ended records.
-    pub opens: bool,
+    /// The most a message among them opens: any but [`Opens::No`] gives
+    /// the record the living TTL and takes it out of the index of ended
+    /// records.
+    pub opens: Opens,
+    /// The last message's fence.
+    pub fence: Fence,
     /// When the first of these messages was made (RFC 3339).
     pub first_at: String,
 }
@@ -160,12 +204,14 @@ pub(crate) struct Bounds {
 }
 
 /// The `EVALSHA` of `record.lua` that writes `writes`, records of `queue`
-/// (`EVAL` with `eval`, for a server that does not know the script yet):
+/// (`EVAL` with `eval`, for a server that does not know the script yet),
+/// fenced by `leases`, the queue's HASH of leases (`P:{Q}:leases`):
 /// one call for every job of the queue in a pipeline.
 pub(crate) fn command(
     writes: &[&Write],
     prefix: &str,
     queue: &str,
+    leases: &str,
     bounds: Bounds,
     eval: bool,
 ) -> redis::Cmd {
@@ -178,7 +224,9 @@ pub(crate) fn command(
         c.arg(RECORD.get_hash());
         c
     };
-    cmd.arg(1 + writes.len()).arg(index_key(prefix, queue));
+    cmd.arg(2 + writes.len())
+        .arg(index_key(prefix, queue))
+        .arg(leases);
     for write in writes {
         cmd.arg(&write.key);
     }
@@ -190,7 +238,8 @@ pub(crate) fn command(
         .arg(living_ms);
     for write in writes {
         cmd.arg(&write.job_id)
-            .arg(u8::from(write.opens))
+            .arg(write.fence.arg().as_ref())
+            .arg(write.opens as u8)
             .arg(write.ended_ms)
             .arg(&write.first_at)
             .arg(&write.job)
@@ -207,7 +256,8 @@ impl Write {
     pub fn merge(&mut self, later: Write) {
         self.job = later.job;
         self.ended_ms = later.ended_ms;
-        self.opens |= later.opens;
+        self.opens = self.opens.max(later.opens);
+        self.fence = later.fence;
         for (field, value) in later.stages {
             match self.stages.iter_mut().find(|(f, _)| *f == field) {
                 Some(slot) => slot.1 = value,

@@ -49,6 +49,7 @@ fn a_full_queue_drops_progress_reports_but_never_a_state_change() {
     let names = ["a".to_owned(), "b".to_owned()];
     let parts = || RecordParts {
         stage_names: &names,
+        fence: record::Fence::Delivery("w1/t".into()),
         ..RecordParts::default()
     };
     p.send("c".into(), &event("progress", Status::Running), parts());
@@ -61,17 +62,25 @@ fn a_full_queue_drops_progress_reports_but_never_a_state_change() {
         ("job_failed", Status::Failed),
         ("job_requeued", Status::Pending),
     ] {
-        p.send("c".into(), &event(kind, status), parts());
+        let mut ev = event(kind, status);
+        // The delivery's first message is its start.
+        ev.seq = if kind == "job_started" { 1 } else { 2 };
+        p.send("c".into(), &ev, parts());
         let out = rx.try_recv().expect("a state change is queued");
         let (queue, write) = out.record.expect("with its record write");
         assert_eq!(queue, "q");
         assert_eq!(write.key, "P:{q}:job:j1");
         assert_eq!(write.ended_ms > 0, status.is_final(), "{kind}");
-        let opens = kind == "job_started" || status == Status::Pending;
+        let opens = match (kind, status) {
+            ("job_started", _) => record::Opens::First,
+            (_, Status::Pending) => record::Opens::Waits,
+            _ => record::Opens::No,
+        };
         assert_eq!(
             write.opens, opens,
             "a run starts or the job waits again: {kind}"
         );
+        assert_eq!(write.fence, record::Fence::Delivery("w1/t".into()));
         let job: record::JobFields = serde_json::from_str(&write.job).unwrap();
         assert_eq!(job.status, status.as_str());
         assert_eq!(job.stages, names);

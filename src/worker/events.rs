@@ -18,7 +18,7 @@ use super::runner::{LOG_TARGET, Stats, Stop};
 use crate::job::Job;
 use crate::job::Status;
 use crate::pipeline::Pipeline;
-use crate::progress::record::{StageFields, stage_json};
+use crate::progress::record::{Fence, StageFields, stage_json};
 use crate::progress::{ProgressEvent, Publisher, RecordParts};
 use crate::telemetry::metrics;
 use crate::time::now_rfc3339;
@@ -41,6 +41,8 @@ pub(crate) struct JobEvents {
     claimed_at: Instant,
     /// The same, for the job's record.
     started_at: String,
+    /// The delivery's fencing token: its record writes are fenced by it.
+    token: String,
 }
 
 impl JobEvents {
@@ -51,6 +53,7 @@ impl JobEvents {
         queue: &str,
         pipeline: &Pipeline,
         attempt: u32,
+        token: &str,
     ) -> Self {
         Self {
             base: ProgressEvent {
@@ -81,6 +84,7 @@ impl JobEvents {
             high_water: Mutex::new(0.0),
             claimed_at: Instant::now(),
             started_at: now_rfc3339(),
+            token: token.to_owned(),
         }
     }
 
@@ -131,6 +135,7 @@ impl JobEvents {
         RecordParts {
             stage_names: &self.stage_names,
             started_at: Some(&self.started_at),
+            fence: Fence::Delivery(self.token.clone()),
             ..RecordParts::default()
         }
     }
@@ -572,6 +577,9 @@ impl JobCancelled {
 pub(crate) struct JobCancelledUnstarted<'a> {
     pub job: &'a Job,
     pub queue: &'a str,
+    /// Its job type's stages: the record keeps listing them (some may have
+    /// run before it waited for a pool).
+    pub stage_names: &'a [String],
     pub worker_id: &'a str,
     /// When it was recorded.
     pub at: String,
@@ -580,7 +588,12 @@ pub(crate) struct JobCancelledUnstarted<'a> {
 impl JobCancelledUnstarted<'_> {
     pub(crate) fn emit(self, publisher: &Publisher) {
         tracing::info!(target: LOG_TARGET, "job_cancelled");
-        publisher.publish(&ProgressEvent {
+        let parts = RecordParts {
+            stage_names: self.stage_names,
+            fence: Fence::Unleased,
+            ..RecordParts::default()
+        };
+        let event = ProgressEvent {
             job_id: self.job.id().to_owned(),
             kind: self.job.kind.clone(),
             queue: self.queue.to_owned(),
@@ -599,7 +612,8 @@ impl JobCancelledUnstarted<'_> {
             result_truncated: None,
             result_key: None,
             result_field: None,
-        });
+        };
+        publisher.publish(&event, parts);
     }
 }
 
@@ -634,7 +648,7 @@ impl JobDeadLettered<'_> {
         let Some(job_id) = self.job_id else {
             return;
         };
-        publisher.publish(&ProgressEvent {
+        let event = ProgressEvent {
             job_id,
             kind: self.kind,
             queue: self.queue.to_owned(),
@@ -653,6 +667,13 @@ impl JobDeadLettered<'_> {
             result_truncated: None,
             result_key: None,
             result_field: None,
-        });
+        };
+        // Its id may be a living job's: the record is only made, never
+        // overwritten.
+        let parts = RecordParts {
+            fence: Fence::OnlyNew,
+            ..RecordParts::default()
+        };
+        publisher.publish(&event, parts);
     }
 }

@@ -69,7 +69,9 @@ pub(super) async fn claim_and_run(
                 })
                 .await;
             }
-            Some(Claim::Cancelled) => cancel_unstarted(env, &job, &queue, &original).await,
+            Some(Claim::Cancelled) => {
+                cancel_unstarted(env, &job, &queue, &original, &pipeline).await
+            }
             Some(Claim::Claimed { crashes }) => {
                 guard.claimed(&id, &token, stop.clone());
                 let mut run = Run::new(env.clone(), job, raw, queue, pipeline, token, stop);
@@ -83,7 +85,7 @@ pub(super) async fn claim_and_run(
 }
 
 /// A cancelled job taken before it ran: record it, drop the delivery.
-async fn cancel_unstarted(env: &JobEnv, job: &Job, queue: &str, raw: &[u8]) {
+async fn cancel_unstarted(env: &JobEnv, job: &Job, queue: &str, raw: &[u8], pipeline: &Pipeline) {
     let now = now_rfc3339();
     let record = RecordJob {
         id: job.id().to_owned(),
@@ -107,6 +109,7 @@ async fn cancel_unstarted(env: &JobEnv, job: &Job, queue: &str, raw: &[u8]) {
         JobCancelledUnstarted {
             job,
             queue,
+            stage_names: &pipeline.stage_names,
             worker_id: &env.worker_id,
             at: now,
         }

@@ -56,6 +56,7 @@ impl Run {
             &queue,
             &pipeline,
             attempt,
+            &token,
         );
         Self {
             results: job.meta.results.clone(),
