@@ -257,7 +257,7 @@ fn one_call_writes_every_record_of_the_queue() {
 }
 
 fn lease(conn: &mut redis::Connection, id: &str, token: Option<&str>) {
-    let mut cmd = match token {
+    let cmd = match token {
         Some(token) => {
             let mut c = redis::cmd("HSET");
             c.arg("P:{q}:leases").arg(id).arg(token);
