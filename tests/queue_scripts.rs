@@ -879,6 +879,10 @@ async fn fetch_from_pools_takes_the_pool_lists_before_pending() {
         c.list(&c.k().active("hi", W)),
         ["hi-p1", "hi-d1", "hi-g2", "hi-g1"]
     );
+    // Each says which list it came from (a `rate` token is taken only for
+    // pending's).
+    let from: Vec<Option<&str>> = got.iter().map(|f| f.pool.as_deref()).collect();
+    assert_eq!(from, [Some("gpu"), Some("gpu"), Some("default"), None]);
     // A pool not served is never read.
     let got = c
         .broker
@@ -892,6 +896,7 @@ async fn fetch_from_pools_takes_the_pool_lists_before_pending() {
     c.set_list(&c.k().pending("hi"), &["hi-p3"]);
     let got = c.broker.fetch_available(&queues, W, 10).await.unwrap();
     assert_eq!(texts(&got), pairs(&[("hi", "hi-p3")]));
+    assert_eq!(got[0].pool, None);
     assert_eq!(c.list(&c.k().pool("hi", "default")), ["hi-d2"]);
 
     // Blocking, on one pool list.
@@ -913,6 +918,7 @@ async fn fetch_from_pools_takes_the_pool_lists_before_pending() {
         .unwrap()
         .expect("the pool list's job");
     assert_eq!(one.raw, b"hi-d2");
+    assert_eq!(one.pool.as_deref(), Some("default"));
     let none = c
         .broker
         .fetch_blocking_from(&mut conn, "hi", Some("gpu"), W, Duration::from_millis(100))
