@@ -9,8 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Harness, chain_config, chain_stage, enqueue, pool_host, pool_key, pool_len, stage_result,
-    toml_str, wait_until,
+    Harness, chain_config, chain_stage, enqueue, job_status_in, pool_host, pool_key, pool_len,
+    stage_result, toml_str, wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -126,4 +126,54 @@ fn a_job_waiting_for_its_token_before_a_handover_goes_back_to_pending_on_shutdow
     assert_eq!(in_b[0]["id"], first.as_str());
     assert_eq!(tokens(&h), 1);
     assert_eq!(h.llen(&h.active_key("default", "host-default")), 0);
+}
+
+/// A job taken from a pool list while the daemon turns quiet (SIGTSTP) is
+/// not started: it goes back onto that pool list, not pending, so it takes
+/// no token when it runs after SIGCONT.
+#[test]
+fn a_job_received_from_a_pool_list_as_quiet_arrives_goes_back_onto_it() {
+    let stages = [
+        chain_stage("s1", "none", "default", ""),
+        chain_stage("s2", "s1", "b", ""),
+    ];
+    let config = chain_config(&stages, "", "rate = \"1/1h\"")
+        .replace("fetch_block_ms = 100\n", "fetch_block_ms = 10000\n");
+    let h = Harness::new(&config);
+    let db_b = h.path("b.db");
+    let d = pool_host(&h, "host-b", "b", &db_b);
+    // Its first BLMOVE (on pool b's list, half the 10 s block: two lists)
+    // is under way.
+    std::thread::sleep(Duration::from_millis(1500));
+    d.signal(libc::SIGTSTP);
+    std::thread::sleep(Duration::from_millis(200));
+    // A job whose s1 ran elsewhere, handed over to pool b.
+    let entry = serde_json::json!({
+        "id": "h1", "type": "chain",
+        "_conveyor": {"results": {"s1": {"chain": ["s1"]}}},
+    });
+    let () = redis::cmd("RPUSH")
+        .arg(pool_key(&h, "b"))
+        .arg(entry.to_string())
+        .query(&mut h.redis.conn())
+        .unwrap();
+    let put_back = || {
+        d.log_events()
+            .iter()
+            .filter(|e| e["event"] == "jobs_put_back")
+            .count()
+    };
+    wait_until(WAIT, "the received job is put back", || put_back() == 1);
+    wait_until(WAIT, "h1 back on pool b's list", || pool_len(&h, "b") == 1);
+    assert_eq!(h.llen(&h.pending_key("default")), 0);
+    assert_eq!(h.llen(&h.active_key("default", "host-b")), 0);
+    d.signal(libc::SIGCONT);
+    wait_until(WAIT, "h1 completes after SIGCONT", || {
+        job_status_in(&db_b, "h1").as_deref() == Some("completed")
+    });
+    assert_eq!(
+        stage_result(&db_b, "h1", "s2"),
+        serde_json::json!({"chain": ["s1", "s2"]})
+    );
+    assert_eq!(tokens(&h), 0, "a continuation takes no token");
 }

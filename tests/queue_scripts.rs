@@ -787,6 +787,45 @@ async fn settle_handover_pushes_onto_the_pool_list_at_the_consuming_end() {
 }
 
 #[tokio::test]
+async fn an_unclaimed_entry_taken_from_a_pool_list_is_put_back_onto_it() {
+    // A daemon stopping with entries fetched but not run yet puts each back
+    // where it came from: one from a pool list with a handover and no token.
+    let c = ctx().await;
+    let j1 = settle_fixture(&c);
+    c.set_list(&c.k().active(Q, W), &["a2", &j1, "u1", "a1"]);
+    let gpu = c.k().pool(Q, "gpu");
+    c.set_list(&gpu, &["g1"]);
+    let next = Next::HandOver {
+        entry: b"u1",
+        pool: "gpu",
+    };
+    let ok = c.broker.settle(Q, W, b"u1", "", "", next).await.unwrap();
+    assert!(ok);
+    assert_eq!(c.list(&c.k().active(Q, W)), ["a2", &j1, "a1"]);
+    assert_eq!(c.list(&gpu), ["g1", "u1"]);
+    assert_eq!(c.rpop(&gpu).as_deref(), Some("u1"), "taken next");
+    // No lease, crash count, cancellation or uniqueness is touched.
+    assert_eq!(
+        c.hash(&c.k().leases(Q)),
+        map(&[("j1", "t1"), ("other", "t-other")])
+    );
+    assert_eq!(
+        c.hash(&c.k().crashes(Q)),
+        map(&[("j1", "2"), ("other", "1")])
+    );
+    assert_eq!(c.hash(&c.k().unique(Q)).len(), 2);
+    assert_eq!(c.list(&c.k().pending(Q)), ["p2", "p1"]);
+    // Gone from the active list meanwhile (recovered): nothing is pushed.
+    let next = Next::HandOver {
+        entry: b"u1",
+        pool: "gpu",
+    };
+    let ok = c.broker.settle(Q, W, b"u1", "", "", next).await.unwrap();
+    assert!(!ok);
+    assert_eq!(c.list(&gpu), ["g1"]);
+}
+
+#[tokio::test]
 async fn settle_handover_without_the_pool_key_is_refused_before_any_change() {
     let c = ctx().await;
     let j1 = settle_fixture(&c);
