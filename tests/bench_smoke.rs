@@ -149,3 +149,66 @@ fn quick_bench_reports_every_figure() {
     assert!(report["memory"].is_null());
     assert!(report["targets"].is_array());
 }
+
+/// The `pipeline` rows of a pools-only bench run, by name.
+fn pool_rows(records: bool, jobs: u64) -> Vec<Value> {
+    let jobs_arg = jobs.to_string();
+    let mut args = vec![
+        "--quick",
+        "--jobs",
+        &jobs_arg,
+        "--runs",
+        "1",
+        "--json",
+        "--scenarios",
+        "pools",
+    ];
+    if !records {
+        args.push("--no-records");
+    }
+    let report = bench(&args);
+    assert_eq!(report["params"]["scenarios"], serde_json::json!(["pools"]));
+    let rows = report["pipeline"].as_array().expect("pipeline is a list");
+    let names: Vec<&str> = rows.iter().filter_map(|t| t["name"].as_str()).collect();
+    assert_eq!(names, ["noop4-1pool-2x64", "noop4ab-2pools-2x64"]);
+    rows.clone()
+}
+
+#[test]
+fn quick_pools_bench_counts_handovers_and_record_memory() {
+    const JOBS: u64 = 1000;
+    for records in [true, false] {
+        let rows = pool_rows(records, JOBS);
+        for t in &rows {
+            let name = format!("{} records={records}", t["name"].as_str().unwrap_or("?"));
+            assert_eq!(t["jobs"], JOBS, "{name}");
+            assert_eq!(t["daemons"], 2, "{name}");
+            assert_eq!(
+                t["completed_in_sqlite"],
+                serde_json::json!([JOBS]),
+                "{name}"
+            );
+            assert!(stat(&t["jobs_per_sec"], &name, 1) > 0.0, "{name}");
+            // One figure per run whatever it is; its sign depends on records.
+            let bytes = stat(&t["redis_bytes_per_job"], &name, 1);
+            if records {
+                assert!(bytes > 500.0, "{name}: {bytes} B/job retained");
+            } else {
+                assert!(bytes.abs() < 200.0, "{name}: {bytes} B/job retained");
+            }
+        }
+        let (one, two) = (&rows[0], &rows[1]);
+        assert_eq!(one["job_type"], "noop4");
+        assert_eq!(two["job_type"], "noop4ab");
+        // One pool: never a handover. Pools a/b/a/b: one after each stage
+        // but the last (3), more when a handed-over job is taken first by
+        // the daemon of the other pool (a first-take handover).
+        let h1 = stat(&one["handovers_per_job"], "1 pool handovers/job", 1);
+        assert_eq!(h1, 0.0, "records={records}");
+        let h2 = stat(&two["handovers_per_job"], "2 pools handovers/job", 1);
+        assert!(
+            (3.0..=4.0).contains(&h2),
+            "records={records}: {h2} handovers/job"
+        );
+    }
+}

@@ -7,7 +7,10 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
-use common::{Harness, free_port, wait_until};
+use common::{
+    Daemon, Harness, chain_config, chain_stage, enqueue, free_port, job_status_in, pool_host,
+    pool_len, wait_until,
+};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -130,6 +133,8 @@ fn health_readiness_and_metrics() {
     assert!(sample(&m, "conveyor_heartbeat_age_seconds").is_some_and(|s| s < 30.0));
     assert_eq!(sample(&m, "conveyor_jobs_in_flight"), Some(0.0));
     assert!(m.contains("# HELP conveyor_jobs_completed_total"), "{m}");
+    // Without stage pools no pool list is read, so none is shown.
+    assert!(!m.contains(r#"list="pool""#), "{m}");
 
     // Draining: still alive, no longer ready, while a job finishes.
     assert!(
@@ -194,4 +199,73 @@ fn a_bad_or_taken_address_stops_the_start_naming_the_key() {
     assert_eq!(d.wait_exit(LONG).code(), Some(1));
     assert!(d.log().contains("worker.http"), "{}", d.log());
     drop(taken);
+}
+
+#[test]
+fn handovers_and_pool_list_depths_are_in_the_metrics() {
+    let port = free_port();
+    let stages = [
+        chain_stage("s1", "none", "a", ""),
+        chain_stage("s2", "s1", "b", ""),
+    ];
+    let http = format!("http = \"127.0.0.1:{port}\"");
+    let h = Harness::new(&chain_config(&stages, &http, ""));
+    // Host b: the same job types, no listener (it would take the port).
+    let b_config = h.path("b.toml");
+    std::fs::write(&b_config, chain_config(&stages, "", "")).unwrap();
+    let mut a = pool_host(&h, "host-a", "a", &h.db);
+    wait_until(LONG, "ready", || {
+        get(port, "/readyz").is_some_and(|r| r.0 == 200)
+    });
+    let handed = r#"conveyor_jobs_handed_over_total{type="chain",queue="default"}"#;
+    let depth = |pool: &str| {
+        format!(r#"conveyor_queue_depth{{queue="default",list="pool",pool="{pool}"}}"#)
+    };
+    let (_, m) = get(port, "/metrics").unwrap();
+    assert_eq!(sample(&m, handed), None, "{m}");
+    // The pools of the queue's stages (a, b) and those it serves (a): not
+    // the default pool, which no stage names and it does not serve.
+    assert_eq!(sample(&m, &depth("a")), Some(0.0), "{m}");
+    assert_eq!(sample(&m, &depth("b")), Some(0.0), "{m}");
+    assert_eq!(sample(&m, &depth("default")), None, "{m}");
+
+    // s1 runs on host a, s2 waits for a daemon of pool b.
+    let ids: Vec<String> = (0..3).map(|_| enqueue(&h, &["chain"])).collect();
+    wait_until(LONG, "three jobs in pool b's list", || {
+        pool_len(&h, "b") == 3
+    });
+    let (_, m) = get(port, "/metrics").unwrap();
+    assert_eq!(sample(&m, handed), Some(3.0), "{m}");
+    assert_eq!(sample(&m, &depth("b")), Some(3.0), "{m}");
+    assert_eq!(sample(&m, &depth("a")), Some(0.0), "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            r#"conveyor_job_duration_seconds_count{type="chain",queue="default",outcome="handed_over"}"#
+        ),
+        Some(3.0),
+        "{m}"
+    );
+
+    // A daemon of pool b takes them: the depth falls back, the count stays.
+    let db_b = h.path("b.db");
+    let mut b = Daemon::start(
+        &h.redis.url(),
+        &h.prefix,
+        &db_b,
+        &b_config,
+        "host-b",
+        &[("CONVEYOR_POOLS", "b")],
+    );
+    wait_until(LONG, "the jobs completed on host b", || {
+        ids.iter()
+            .all(|id| job_status_in(&db_b, id).as_deref() == Some("completed"))
+    });
+    let (_, m) = get(port, "/metrics").unwrap();
+    assert_eq!(sample(&m, &depth("b")), Some(0.0), "{m}");
+    assert_eq!(sample(&m, handed), Some(3.0), "{m}");
+    a.sigterm();
+    b.sigterm();
+    a.wait_exit(LONG);
+    b.wait_exit(LONG);
 }

@@ -787,6 +787,45 @@ async fn settle_handover_pushes_onto_the_pool_list_at_the_consuming_end() {
 }
 
 #[tokio::test]
+async fn an_unclaimed_entry_taken_from_a_pool_list_is_put_back_onto_it() {
+    // A daemon stopping with entries fetched but not run yet puts each back
+    // where it came from: one from a pool list with a handover and no token.
+    let c = ctx().await;
+    let j1 = settle_fixture(&c);
+    c.set_list(&c.k().active(Q, W), &["a2", &j1, "u1", "a1"]);
+    let gpu = c.k().pool(Q, "gpu");
+    c.set_list(&gpu, &["g1"]);
+    let next = Next::HandOver {
+        entry: b"u1",
+        pool: "gpu",
+    };
+    let ok = c.broker.settle(Q, W, b"u1", "", "", next).await.unwrap();
+    assert!(ok);
+    assert_eq!(c.list(&c.k().active(Q, W)), ["a2", &j1, "a1"]);
+    assert_eq!(c.list(&gpu), ["g1", "u1"]);
+    assert_eq!(c.rpop(&gpu).as_deref(), Some("u1"), "taken next");
+    // No lease, crash count, cancellation or uniqueness is touched.
+    assert_eq!(
+        c.hash(&c.k().leases(Q)),
+        map(&[("j1", "t1"), ("other", "t-other")])
+    );
+    assert_eq!(
+        c.hash(&c.k().crashes(Q)),
+        map(&[("j1", "2"), ("other", "1")])
+    );
+    assert_eq!(c.hash(&c.k().unique(Q)).len(), 2);
+    assert_eq!(c.list(&c.k().pending(Q)), ["p2", "p1"]);
+    // Gone from the active list meanwhile (recovered): nothing is pushed.
+    let next = Next::HandOver {
+        entry: b"u1",
+        pool: "gpu",
+    };
+    let ok = c.broker.settle(Q, W, b"u1", "", "", next).await.unwrap();
+    assert!(!ok);
+    assert_eq!(c.list(&gpu), ["g1"]);
+}
+
+#[tokio::test]
 async fn settle_handover_without_the_pool_key_is_refused_before_any_change() {
     let c = ctx().await;
     let j1 = settle_fixture(&c);
@@ -879,6 +918,10 @@ async fn fetch_from_pools_takes_the_pool_lists_before_pending() {
         c.list(&c.k().active("hi", W)),
         ["hi-p1", "hi-d1", "hi-g2", "hi-g1"]
     );
+    // Each says which list it came from (a `rate` token is taken only for
+    // pending's).
+    let from: Vec<Option<&str>> = got.iter().map(|f| f.pool.as_deref()).collect();
+    assert_eq!(from, [Some("gpu"), Some("gpu"), Some("default"), None]);
     // A pool not served is never read.
     let got = c
         .broker
@@ -892,6 +935,7 @@ async fn fetch_from_pools_takes_the_pool_lists_before_pending() {
     c.set_list(&c.k().pending("hi"), &["hi-p3"]);
     let got = c.broker.fetch_available(&queues, W, 10).await.unwrap();
     assert_eq!(texts(&got), pairs(&[("hi", "hi-p3")]));
+    assert_eq!(got[0].pool, None);
     assert_eq!(c.list(&c.k().pool("hi", "default")), ["hi-d2"]);
 
     // Blocking, on one pool list.
@@ -913,6 +957,7 @@ async fn fetch_from_pools_takes_the_pool_lists_before_pending() {
         .unwrap()
         .expect("the pool list's job");
     assert_eq!(one.raw, b"hi-d2");
+    assert_eq!(one.pool.as_deref(), Some("default"));
     let none = c
         .broker
         .fetch_blocking_from(&mut conn, "hi", Some("gpu"), W, Duration::from_millis(100))

@@ -410,9 +410,19 @@ async fn run_probes(broker: &Broker, probes: &[Vec<&str>]) -> Vec<String> {
     refused
 }
 
+/// Every Lua script the daemon and the client run, by file name: the
+/// queue's (`crate::queue::scripts::all`) and the job record's
+/// (`crate::progress::record::RECORD`, a layer above the queue's list).
+fn all_scripts() -> Vec<(&'static str, &'static redis::Script)> {
+    let mut all: Vec<(&'static str, &'static redis::Script)> =
+        crate::queue::scripts::all().into_iter().collect();
+    all.push(("record.lua", &crate::progress::record::RECORD));
+    all
+}
+
 async fn scripts(broker: &Broker) -> Result<String, String> {
     let mut conn = broker.conn();
-    let all = crate::queue::scripts::all();
+    let all = all_scripts();
     for (name, script) in &all {
         let sha: String = script
             .prepare_invoke()
@@ -427,4 +437,43 @@ async fn scripts(broker: &Broker) -> Result<String, String> {
         }
     }
     Ok(format!("{} Lua scripts loaded", all.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    /// The `.lua` files under `dir`, recursively, by file name.
+    fn lua_files(dir: &Path, out: &mut BTreeSet<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                lua_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "lua") {
+                out.insert(path.file_name().unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+
+    #[test]
+    fn doctor_loads_every_lua_script_of_the_crate() {
+        let mut files = BTreeSet::new();
+        lua_files(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut files,
+        );
+        let listed: BTreeSet<String> = super::all_scripts()
+            .iter()
+            .map(|(name, _)| (*name).to_owned())
+            .collect();
+        assert!(files.contains("record.lua"), "{files:?}");
+        assert_eq!(listed, files);
+        // Each name is its script: no two entries share a body.
+        let hashes: BTreeSet<&str> = super::all_scripts()
+            .iter()
+            .map(|(_, s)| s.get_hash())
+            .collect();
+        assert_eq!(hashes.len(), files.len());
+    }
 }

@@ -15,6 +15,9 @@ use super::{Broker, RedisConn, scripts};
 pub struct Fetched {
     pub queue: String,
     pub raw: Vec<u8>,
+    /// The stage pool whose list (`P:{Q}:pool:<name>`) it was taken from:
+    /// a job handed over, under way. `None`: taken from pending.
+    pub pool: Option<String>,
 }
 
 /// The outcome of [`Broker::claim`].
@@ -113,9 +116,9 @@ impl Broker {
             let dst = self.keys.active(queue, worker);
             let sources = pools
                 .iter()
-                .map(|p| self.keys.pool(queue, p))
-                .chain(std::iter::once(self.keys.pending(queue)));
-            for src in sources {
+                .map(|p| (self.keys.pool(queue, p), Some(p)))
+                .chain(std::iter::once((self.keys.pending(queue), None)));
+            for (src, pool) in sources {
                 let want = max - out.len();
                 if want == 0 {
                     return Ok(out);
@@ -133,6 +136,7 @@ impl Broker {
                 out.extend(got.into_iter().flatten().map(|raw| Fetched {
                     queue: queue.clone(),
                     raw,
+                    pool: pool.cloned(),
                 }));
             }
         }
@@ -177,6 +181,7 @@ impl Broker {
         Ok(raw.map(|raw| Fetched {
             queue: queue.to_owned(),
             raw,
+            pool: pool.map(str::to_owned),
         }))
     }
 

@@ -5,15 +5,24 @@
 //! line and the dashboard reach it through [`crate::client::Client`] and
 //! write no Redis command themselves (hibiken/asynq's `internal/rdb/inspect.go`
 //! under its `Inspector` is the model).
+//!
+//! This file owns the status reads (queues' depths, live workers, running
+//! jobs' latest messages); `dead` the dead lists (list, revive, purge) and
+//! `waiting` the pending and scheduled jobs' listing. Stage pools' depths
+//! and where a job waits among them are `super::pools`.
+
+mod dead;
+mod waiting;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use redis::{AsyncCommands, RedisResult};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::Broker;
-use crate::job::{META_FIELD, Meta};
+pub use dead::{DeadEntry, Revival};
+pub use waiting::WaitingQuery;
 
 /// A daemon's entry in `P:workers`: what the reaper needs once it is gone.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,57 +83,6 @@ pub struct StatusReport {
     pub queues: Vec<QueueStatus>,
     /// Workers whose registration has not expired.
     pub workers: Vec<WorkerInfo>,
-}
-
-/// One entry of a dead list, as stored.
-#[derive(Debug, Clone)]
-pub struct DeadEntry {
-    pub queue: String,
-    pub raw: Vec<u8>,
-}
-
-impl DeadEntry {
-    /// The job id, when the entry is a job object with one.
-    pub fn id(&self) -> Option<String> {
-        entry_id(&self.raw)
-    }
-
-    /// The entry as JSON; a message that was not JSON as `{"raw": text}`.
-    pub fn value(&self) -> Value {
-        serde_json::from_slice(&self.raw)
-            .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&self.raw)}))
-    }
-}
-
-/// What [`Broker::revive_entries`] did with one entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Revival {
-    /// Back on its queue's pending list; `id` is empty for a raw message.
-    Requeued { queue: String, id: String },
-    /// Not a job that can be revived (unreadable); left in place.
-    Unreadable { queue: String },
-    /// Gone from the dead list meanwhile (retried or purged by someone else).
-    Gone,
-}
-
-/// Most entries of one queue's pending list or scheduled set that
-/// [`Broker::waiting_jobs`] reads to filter and page through.
-const WAITING_SCAN: isize = 10_000;
-
-/// Which waiting jobs [`Broker::waiting_jobs`] lists.
-#[derive(Debug, Clone, Default)]
-pub struct WaitingQuery {
-    /// One queue, or every known one.
-    pub queue: Option<String>,
-    pub kind: Option<String>,
-    /// Only ids that contain this text.
-    pub id_contains: Option<String>,
-    /// Scheduled jobs due at or after this time (Unix ms).
-    pub since_ms: Option<u64>,
-    /// The scheduled sets, else the pending lists.
-    pub scheduled: bool,
-    pub offset: usize,
-    pub limit: usize,
 }
 
 /// The latest progress message of every running job (`P:live`).
@@ -311,238 +269,5 @@ impl Broker {
             jobs,
             stale: stale.len(),
         })
-    }
-
-    /// Up to `limit` entries of each of `queues`' dead lists, newest first.
-    pub async fn dead_list(&self, queues: &[String], limit: usize) -> RedisResult<Vec<DeadEntry>> {
-        let mut out = Vec::new();
-        if limit == 0 {
-            return Ok(out);
-        }
-        let stop = isize::try_from(limit).unwrap_or(isize::MAX) - 1;
-        for q in queues {
-            for raw in self.dead_entries(q, 0, stop).await? {
-                out.push(DeadEntry {
-                    queue: q.clone(),
-                    raw,
-                });
-            }
-        }
-        Ok(out)
-    }
-
-    /// Dead entries of the chosen queues whose id is in `ids` (all when empty).
-    pub async fn dead_matching(
-        &self,
-        queues: &[String],
-        ids: &[String],
-    ) -> RedisResult<Vec<DeadEntry>> {
-        let mut out = Vec::new();
-        for q in queues {
-            for raw in self.dead_entries(q, 0, -1).await? {
-                let wanted = ids.is_empty() || entry_id(&raw).is_some_and(|id| ids.contains(&id));
-                if wanted {
-                    out.push(DeadEntry {
-                        queue: q.clone(),
-                        raw,
-                    });
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Puts dead entries back on their queues with fresh attempts: the error
-    /// is cleared, the epoch raised, finished stages' results kept (a raw
-    /// message goes back as it was); `each` hears of every entry as it is done.
-    pub async fn revive_entries(
-        &self,
-        entries: Vec<DeadEntry>,
-        mut each: impl FnMut(&Revival),
-    ) -> RedisResult<u64> {
-        let mut n = 0;
-        for DeadEntry { queue, raw } in entries {
-            let Some((id, job)) = revived(&raw) else {
-                each(&Revival::Unreadable { queue });
-                continue;
-            };
-            if self.revive(&queue, &raw, &id, &job).await? {
-                n += 1;
-                each(&Revival::Requeued { queue, id });
-            } else {
-                each(&Revival::Gone);
-            }
-        }
-        Ok(n)
-    }
-
-    /// Deletes the dead entries of `queues` whose id is in `ids`, or every
-    /// entry when `ids` is empty; returns how many went.
-    pub async fn purge_dead_matching(&self, queues: &[String], ids: &[String]) -> RedisResult<u64> {
-        let mut n = 0;
-        if ids.is_empty() {
-            for q in queues {
-                n += self.purge_dead(q).await?;
-            }
-        } else {
-            for entry in self.dead_matching(queues, ids).await? {
-                if self.remove_dead(&entry.queue, &entry.raw).await? {
-                    n += 1;
-                }
-            }
-        }
-        Ok(n)
-    }
-
-    /// Pending or scheduled jobs of `queues`, in the order they will run (at
-    /// most 10,000 per queue are read); one page, and how many match in all.
-    pub async fn waiting_jobs(
-        &self,
-        queues: &[String],
-        q: &WaitingQuery,
-    ) -> RedisResult<(Vec<Value>, u64)> {
-        let mut all = Vec::new();
-        for queue in queues {
-            for (entry, due) in self.waiting_entries(queue, q.scheduled).await? {
-                if let Some(row) = waiting_row(queue, &entry, due, q) {
-                    all.push(row);
-                }
-            }
-        }
-        let total = all.len() as u64;
-        let page = all.into_iter().skip(q.offset).take(q.limit).collect();
-        Ok((page, total))
-    }
-
-    /// The first [`WAITING_SCAN`] entries of a queue's scheduled set (with
-    /// their due time) or pending list, in the order they will run.
-    async fn waiting_entries(
-        &self,
-        queue: &str,
-        scheduled: bool,
-    ) -> RedisResult<Vec<(Vec<u8>, Option<u64>)>> {
-        let mut conn = self.conn();
-        if scheduled {
-            let raw: Vec<(Vec<u8>, f64)> = conn
-                .zrange_withscores(self.keys().scheduled(queue), 0, WAITING_SCAN - 1)
-                .await?;
-            return Ok(raw
-                .into_iter()
-                .map(|(e, due)| (e, Some(due as u64)))
-                .collect());
-        }
-        // Daemons take from the right: the last entry runs first.
-        let mut raw: Vec<Vec<u8>> = conn
-            .lrange(self.keys().pending(queue), -WAITING_SCAN, -1)
-            .await?;
-        raw.reverse();
-        Ok(raw.into_iter().map(|e| (e, None)).collect())
-    }
-}
-
-/// A waiting entry as a row of [`Broker::waiting_jobs`], if `q` wants it.
-fn waiting_row(queue: &str, entry: &[u8], due: Option<u64>, q: &WaitingQuery) -> Option<Value> {
-    let v: Value = serde_json::from_slice(entry).unwrap_or(Value::Null);
-    let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
-    let id = v.get("id").and_then(Value::as_str).unwrap_or("");
-    if q.kind.as_deref().is_some_and(|k| k != kind)
-        || q.id_contains.as_deref().is_some_and(|s| !id.contains(s))
-    {
-        return None;
-    }
-    if let (Some(since), Some(due)) = (q.since_ms, due)
-        && due < since
-    {
-        return None;
-    }
-    Some(json!({
-        "id": id,
-        "type": kind,
-        "queue": queue,
-        "status": if q.scheduled { "scheduled" } else { "pending" },
-        "attempt": v.pointer("/_conveyor/attempt").and_then(Value::as_u64).unwrap_or(0),
-        "due_at": due.map(crate::time::rfc3339_of_ms),
-    }))
-}
-
-/// A dead entry as a job to push back with fresh attempts: the error is
-/// cleared, the epoch raised (so SQLite lets it run again), and the results
-/// of finished stages kept (they do not run again). An entry that was not a
-/// job object (`raw`) goes back as it was.
-fn revived(entry: &[u8]) -> Option<(String, Vec<u8>)> {
-    let mut object: serde_json::Map<String, Value> = serde_json::from_slice(entry).ok()?;
-    if let Some(Value::String(raw)) = object.get("raw") {
-        return Some((String::new(), raw.clone().into_bytes()));
-    }
-    if let Some(Value::String(b64)) = object.get("raw_base64") {
-        use base64::Engine as _;
-        let raw = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
-        return Some((String::new(), raw));
-    }
-    let meta: Meta = object
-        .get(META_FIELD)
-        .and_then(|m| serde_json::from_value(m.clone()).ok())
-        .unwrap_or_default();
-    let fresh = Meta {
-        epoch: meta.epoch + 1,
-        results: meta.results,
-        ..Meta::default()
-    };
-    object.insert(META_FIELD.into(), serde_json::to_value(fresh).ok()?);
-    let id = object
-        .get("id")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_owned();
-    Some((id, Value::Object(object).to_string().into_bytes()))
-}
-
-fn entry_id(entry: &[u8]) -> Option<String> {
-    let v: Value = serde_json::from_slice(entry).ok()?;
-    v.get("id").and_then(Value::as_str).map(str::to_owned)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::job::Job;
-
-    #[test]
-    fn revived_jobs_get_fresh_attempts_and_keep_results() {
-        let entry = json!({"id":"j","type":"t","payload":1,
-            "_conveyor":{"attempt":3,"results":{"a":1},"error":"boom","failed_at":"x","worker_id":"w","epoch":1}});
-        let (id, job) = revived(entry.to_string().as_bytes()).unwrap();
-        assert_eq!(id, "j");
-        let job = Job::parse(&job, 1 << 20).unwrap();
-        assert_eq!(job.meta.attempt, 0);
-        assert_eq!(job.meta.epoch, 2);
-        assert_eq!(job.meta.results["a"], 1);
-        assert_eq!(job.meta.error, None);
-        let (id, raw) = revived(
-            json!({"raw":"{bad","_conveyor":{"error":"x"}})
-                .to_string()
-                .as_bytes(),
-        )
-        .unwrap();
-        assert_eq!((id.as_str(), raw.as_slice()), ("", &b"{bad"[..]));
-    }
-
-    #[test]
-    fn waiting_rows_filter_by_type_id_and_due_time() {
-        let q = WaitingQuery {
-            kind: Some("a".into()),
-            id_contains: Some("7".into()),
-            since_ms: Some(1000),
-            scheduled: true,
-            ..WaitingQuery::default()
-        };
-        let entry = |kind: &str, id: &str| json!({"id": id, "type": kind}).to_string();
-        assert!(waiting_row("q", entry("a", "x7").as_bytes(), Some(1000), &q).is_some());
-        assert!(waiting_row("q", entry("b", "x7").as_bytes(), Some(1000), &q).is_none());
-        assert!(waiting_row("q", entry("a", "x8").as_bytes(), Some(1000), &q).is_none());
-        assert!(waiting_row("q", entry("a", "x7").as_bytes(), Some(999), &q).is_none());
-        let row = waiting_row("q", entry("a", "x7").as_bytes(), Some(1000), &q).unwrap();
-        assert_eq!(row["status"], "scheduled");
-        assert_eq!(row["queue"], "q");
     }
 }

@@ -1,6 +1,6 @@
 //! Stage pools as an operator sees them: the depth of each pool list of a
 //! queue (`P:{Q}:pool:<name>`) with the live daemons serving it, and where
-//! a job waits when it is in one. The lists themselves are filled by the
+//! a job waits when it is in one, and the depths a daemon's metrics show. The lists themselves are filled by the
 //! handover settle (`lua/settle.lua`) and read by the fetch
 //! (`Broker::fetch_available_from`).
 
@@ -80,6 +80,32 @@ impl Broker {
                 depth,
                 workers,
             })
+            .collect())
+    }
+
+    /// The depth of each pool list of `pools` (queue -> pool names), in
+    /// that order: `(queue, pool, LLEN)`. One pipeline; the metrics of
+    /// `conveyor_queue_depth{list="pool"}`.
+    pub async fn pool_list_depths(
+        &self,
+        pools: &BTreeMap<String, BTreeSet<String>>,
+    ) -> RedisResult<Vec<(String, String, u64)>> {
+        let lists: Vec<(&String, &String)> = pools
+            .iter()
+            .flat_map(|(q, names)| names.iter().map(move |p| (q, p)))
+            .collect();
+        if lists.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (queue, pool) in &lists {
+            pipe.llen(self.keys().pool(queue, pool));
+        }
+        let depths: Vec<u64> = pipe.query_async(&mut self.conn()).await?;
+        Ok(lists
+            .into_iter()
+            .zip(depths)
+            .map(|((q, p), n)| (q.clone(), p.clone(), n))
             .collect())
     }
 

@@ -19,7 +19,7 @@
 //! | `conveyor_stage_duration_seconds` | histogram | `type`, `stage`, `outcome` |
 //! | `conveyor_jobs_in_flight` | gauge | |
 //! | `conveyor_fetch_duration_seconds` | histogram | |
-//! | `conveyor_queue_depth` | gauge | `queue`, `list` (pending, scheduled, dead, active) |
+//! | `conveyor_queue_depth` | gauge | `queue`, `list` (pending, scheduled, dead, active; `pool` with a `pool` label) |
 //! | `conveyor_redis_errors_total` | counter | `op` |
 //! | `conveyor_sqlite_errors_total` | counter | |
 //! | `conveyor_heartbeat_age_seconds` | gauge | |

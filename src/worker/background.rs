@@ -3,6 +3,8 @@
 //! background tracker: heartbeat, systemd watchdog, HTTP probe, reaper,
 //! promoter, periodic jobs and the control listener.
 
+#[cfg(feature = "prometheus")]
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 #[cfg(feature = "prometheus")]
 use std::sync::atomic::Ordering;
@@ -183,6 +185,7 @@ impl ProbeServer {
             health: daemon.health.clone(),
             broker: daemon.broker.clone(),
             queues: w.queues.clone(),
+            pools: metric_pools(config),
             worker_id: daemon.worker_id.clone(),
             in_flight: Box::new(move || in_flight.stats.running.load(Ordering::Relaxed)),
             ready_window: Duration::from_secs(w.dead_after_secs),
@@ -193,6 +196,25 @@ impl ProbeServer {
     async fn run(self, token: CancellationToken) {
         probe::serve(self.listener, self.probe, token).await;
     }
+}
+
+/// The pool lists of the queues served whose depth `/metrics` shows: those
+/// the queue's stages name and those this daemon serves; none when it does
+/// not use pools.
+#[cfg(feature = "prometheus")]
+fn metric_pools(config: &Config) -> BTreeMap<String, BTreeSet<String>> {
+    if !config.uses_pools() {
+        return BTreeMap::new();
+    }
+    let w = &config.worker;
+    w.queues
+        .iter()
+        .map(|q| {
+            let mut pools = config.stage_pools(q);
+            pools.extend(w.pools.iter().cloned());
+            (q.clone(), pools)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -316,13 +316,22 @@ impl Fetcher {
 
     async fn put_back(&self, jobs: Vec<Fetched>) {
         let worker = &self.env.worker_id;
-        // Newest first: each goes onto the consuming end of pending, so the
-        // oldest ends up there, taken first again, as it would have been.
+        // Newest first: each goes onto the consuming end of the list it came
+        // from, so the oldest ends up there, taken first again, as it would
+        // have been. One from a stage pool's list goes back there (a handover
+        // of an unclaimed entry): it continues a job that took its `rate`
+        // token, so it must not pass through pending again.
         if !jobs.is_empty() {
             tracing::debug!(count = jobs.len(), "jobs_put_back");
         }
         for job in jobs.into_iter().rev() {
-            let next = Next::Requeue(&job.raw);
+            let next = match &job.pool {
+                Some(pool) => Next::HandOver {
+                    entry: &job.raw,
+                    pool,
+                },
+                None => Next::Requeue(&job.raw),
+            };
             let moved = self
                 .env
                 .broker

@@ -3,6 +3,7 @@
 //! [`crate::telemetry::metrics`]), served by [`crate::http::Server`] like
 //! the dashboard and the gateway.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,10 @@ pub struct Probe {
     pub health: Arc<Health>,
     pub broker: Broker,
     pub queues: Vec<String>,
+    /// The stage pool lists whose depth `/metrics` shows: per queue served,
+    /// the pools its stages name and those this daemon serves. Empty when
+    /// the daemon does not use pools (a one-pool fleet reads no pool list).
+    pub pools: BTreeMap<String, BTreeSet<String>>,
     pub worker_id: String,
     /// Jobs in hand now (the runner's count).
     pub in_flight: Box<dyn Fn() -> u64 + Send + Sync>,
@@ -106,6 +111,26 @@ async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
     }
 }
 
+/// `conveyor_queue_depth{queue, list="pool", pool}` of each pool list the
+/// daemon knows of (none without pools), read like the other depths.
+async fn pool_depths(p: &Probe) {
+    if p.pools.is_empty() {
+        return;
+    }
+    let depths =
+        tokio::time::timeout(Duration::from_secs(2), p.broker.pool_list_depths(&p.pools)).await;
+    match depths {
+        Ok(Ok(rows)) => {
+            for (queue, pool, n) in rows {
+                metrics::gauge!("conveyor_queue_depth", "queue" => queue, "list" => "pool",
+                    "pool" => pool)
+                .set(n as f64);
+            }
+        }
+        Ok(Err(_)) | Err(_) => redis_error("metrics"),
+    }
+}
+
 async fn metrics_page(State(app): State<Arc<App>>) -> impl IntoResponse {
     let p = &app.probe;
     metrics::gauge!("conveyor_jobs_in_flight").set((p.in_flight)() as f64);
@@ -126,6 +151,7 @@ async fn metrics_page(State(app): State<Arc<App>>) -> impl IntoResponse {
         }
         Ok(Err(_)) | Err(_) => redis_error("metrics"),
     }
+    pool_depths(p).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(),

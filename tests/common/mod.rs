@@ -15,7 +15,8 @@
 //! - `http`: the dashboard process and a small HTTP client;
 //! - `certs`: test certificates (openssl) and TLS server arguments;
 //! - `cluster`, `sentinel`: Redis Cluster and Sentinel setups, plain or TLS;
-//! - `failover`: the report of a failover test.
+//! - `failover`: the report of a failover test;
+//! - `pools`: stage pools' job type, hosts and reads of one host's file.
 
 // Each test binary uses a subset of the harness.
 #![allow(dead_code, unused_imports)]
@@ -27,6 +28,7 @@ mod failover;
 mod harness;
 mod http;
 mod ledger;
+mod pools;
 mod progress;
 mod redis;
 mod sentinel;
@@ -47,6 +49,10 @@ pub use self::http::{DashboardProc, GatewayProc, HttpResponse, ServerProc, SseRe
 pub use self::ledger::{
     ledger_count, ledger_counts, ledger_counts_by_stage, ledger_lines, ledger_pid,
     open_sqlite_read_only,
+};
+pub use self::pools::{
+    StageRow, assert_progress_never_goes_back, chain_config, chain_stage, job_status_in, pool_host,
+    pool_key, pool_len, stage_result, stage_rows,
 };
 pub use self::progress::ProgressSub;
 pub use self::redis::TestRedis;

@@ -37,6 +37,7 @@ pub(super) async fn claim_and_run(
 ) {
     let queue = fetched.queue;
     let original = fetched.raw;
+    let from_pending = fetched.pool.is_none();
     let raw = match job.id {
         Some(_) => original.clone(),
         None => {
@@ -76,6 +77,7 @@ pub(super) async fn claim_and_run(
                 guard.claimed(&id, &token, stop.clone());
                 let mut run = Run::new(env.clone(), job, raw, queue, pipeline, token, stop);
                 run.slot = Some(slot);
+                run.from_pending = from_pending;
                 run.start(crashes).await;
             }
         }

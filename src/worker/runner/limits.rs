@@ -1,5 +1,7 @@
-//! Waiting on limits: a job type's `rate` before the first stage, a
-//! stage's `max_concurrent` before that stage. While a run waits it gives
+//! Waiting on limits: a job type's `rate` before the first stage (of a
+//! delivery taken from pending: a stage continuing the job after a handover
+//! to its pool takes no token), a stage's `max_concurrent` before that
+//! stage. While a run waits it gives
 //! its job slot back (when the parking lot has room), so other jobs run
 //! meanwhile; shutdown, a cancellation or a lost lease ends the wait.
 
@@ -7,6 +9,7 @@ use super::delivery::redis_op;
 use super::outcome::Stop;
 use super::run::Run;
 use crate::pipeline::limit::LimitPermit;
+use crate::queue::Next;
 use crate::worker::events::{JobRateLimited, StageWaiting};
 
 impl Run {
@@ -83,12 +86,34 @@ impl Run {
         Ok(Some(permit))
     }
 
-    /// Waits until the job type's `rate` lets this delivery start.
+    /// Before the job is handed over at its first take: its `rate` token
+    /// when it came from pending (the pool's daemon takes none). False when
+    /// it must not be handed over: stopped while waiting (shutdown or
+    /// cancel: put back on pending unchanged, where the next take routes
+    /// it again or drops it as cancelled), lease lost, Redis gone.
+    pub(super) async fn rate_before_handover(&mut self) -> bool {
+        match self.rate_limit_from_pending().await {
+            Ok(()) => true,
+            Err(Some(Stop::Shutdown | Stop::Cancelled)) => {
+                self.settle("put back", Next::Requeue(&self.raw)).await;
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Waits until the job type's `rate` lets this delivery start, when it
+    /// was taken from pending: a new job, or one requeued, retried or
+    /// recovered (each such start takes a token); one taken from a pool
+    /// list continues a job that took its token when it left pending.
     /// `Err(None)` when Redis gave up on us during shutdown.
-    pub(super) async fn rate_limit(&mut self) -> Result<(), Option<Stop>> {
+    pub(super) async fn rate_limit_from_pending(&mut self) -> Result<(), Option<Stop>> {
         let Some((limit, window)) = self.pipeline.rate else {
             return Ok(());
         };
+        if !self.from_pending {
+            return Ok(());
+        }
         let mut said = false;
         loop {
             let wait = redis_op(&self.env, "rate limit", || {

@@ -34,6 +34,10 @@ pub(super) struct Run {
     /// Its place in the parking lot while it has no job slot.
     pub(super) parked: Option<OwnedSemaphorePermit>,
     pub(super) attempt: u32,
+    /// Taken from pending (not from a stage pool's list): this delivery
+    /// starts the job, or starts it again, so it takes a `rate` token.
+    /// A job continued after a handover already took its token.
+    pub(super) from_pending: bool,
     pub(super) results: Map<String, Value>,
     pub(super) events: Arc<JobEvents>,
 }
@@ -70,6 +74,7 @@ impl Run {
             slot: None,
             parked: None,
             attempt,
+            from_pending: true,
             events: Arc::new(events),
         }
     }
@@ -95,7 +100,11 @@ impl Run {
         // Redis, for the daemon that runs it).
         let current = self.pipeline.resume_index(&self.results);
         if let Some(pool) = self.foreign_pool(current) {
-            self.hand_over_unstarted(current, &pool).await;
+            // Its `rate` token is taken here when it came from pending: the
+            // pool's daemon takes it from the pool list, so takes none.
+            if self.rate_before_handover().await {
+                self.hand_over_unstarted(current, &pool).await;
+            }
             return;
         }
         let started = Instant::now();
@@ -120,7 +129,7 @@ impl Run {
             self.conclude(Ended::Failed(err), started).await;
             return;
         }
-        match self.rate_limit().await {
+        match self.rate_limit_from_pending().await {
             Ok(()) => {}
             // Redis gave up on us during shutdown: recovery takes the job.
             Err(None) => return,
