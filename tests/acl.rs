@@ -89,6 +89,12 @@ fn worker_producer_and_dashboard_run_as_least_privilege_users() {
     as_producer(&["enqueue", "bad", "--id", "b1"]);
     as_producer(&["enqueue", "ok", "--id", "d1", "--delay", "1s"]);
     as_producer(&["enqueue", "slow", "--id", "s1"]);
+    // A message that cannot run, with an id: its record is made by the
+    // worker user's daemon too.
+    h.lpush(
+        "default",
+        r#"{"id":"p1","type":"no-such-type","payload":{}}"#,
+    );
     wait_until(LONG, "the jobs ran", || {
         h.job_status("o1").as_deref() == Some("completed")
             && h.job_status("d1").as_deref() == Some("completed")
@@ -116,6 +122,15 @@ fn worker_producer_and_dashboard_run_as_least_privilege_users() {
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(job["status"], "completed", "{job:#}");
     assert_eq!(job["stages"][0]["worker_id"], "w1", "{job:#}");
+    let out = h.cli(
+        &["job", "p1", "--json"],
+        &[("CONVEYOR_REDIS_URL", &producer), ("CONVEYOR_DB", &empty)],
+    );
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(
+        job["status"], "failed",
+        "the poison message's record: {job:#}"
+    );
     as_producer(&["status"]);
     as_producer(&["jobs", "--status", "pending"]);
     as_producer(&["watch", "o1"]);
@@ -132,8 +147,9 @@ fn worker_producer_and_dashboard_run_as_least_privilege_users() {
     }
     let retried = board.post("/api/jobs/b1/retry", Some("t0ken"), "{}");
     assert_eq!(retried.code, 200, "{}", retried.body);
+    // p1 stays in the dead list, b1 goes back to it.
     wait_until(LONG, "b1 failed again", || {
-        h.llen(&h.dead_key("default")) == 1
+        h.llen(&h.dead_key("default")) == 2
     });
     let purged = board.post("/api/dead/purge", Some("t0ken"), r#"{"all": true}"#);
     assert_eq!(purged.code, 200, "{}", purged.body);

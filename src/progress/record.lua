@@ -33,7 +33,8 @@ local last_end, ends = 0, 0
 
 local function admits(key, id, fence, opens)
   if fence == 'n' then
-    return redis.call('EXISTS', key) == 0
+    -- HEXISTS, not EXISTS: the worker's ACL rule grants the former.
+    return redis.call('HEXISTS', key, 'job') == 0
   end
   local lease = redis.call('HGET', KEYS[2], id)
   if fence == 'u' then
