@@ -39,11 +39,18 @@ impl Run {
     }
 
     async fn move_to_pool(&self, index: usize, pool: &str, entry: &[u8], ran: bool) {
+        // Whole-job progress of the stages done: at the first take this
+        // delivery has published nothing yet (its high-water mark is 0),
+        // but earlier deliveries reached at least this much.
+        let progress = self
+            .events
+            .high_water()
+            .max(self.pipeline.overall_progress(index, 0.0));
         let event = JobHandedOver {
             stage: &self.pipeline.stages[index].name,
             pool,
             ran,
-            progress: self.events.high_water(),
+            progress,
         };
         event.announce(&self.events);
         if self
