@@ -151,8 +151,8 @@ fn alternating_pools_run_each_stage_on_the_daemon_of_its_pool() {
         stage_result(&db_b, &id, "s2"),
         serde_json::json!({"chain": ["s1", "s2"]})
     );
-    // Host a's record: waiting again after s3 (handed over), not failed.
-    assert_eq!(job_status(&db_a, &id).as_deref(), Some("pending"));
+    // Host a's record: handed over after s3 (done there), not failed.
+    assert_eq!(job_status(&db_a, &id).as_deref(), Some("handed_over"));
     // `conveyor job --json` on host b shows who ran each stage, in which pool.
     let out = h.cli(
         &["job", &id, "--json"],
@@ -260,7 +260,8 @@ fn a_pool_without_a_daemon_holds_the_job_until_one_starts() {
         llen(&h, &pool_key(&h, "b")) == 1
     });
     assert_eq!(h.stage_status(&id, "s1").as_deref(), Some("completed"));
-    assert_eq!(h.job_status(&id).as_deref(), Some("pending"));
+    // This host's row: handed over (done here); the job itself is pending.
+    assert_eq!(h.job_status(&id).as_deref(), Some("handed_over"));
     // It stays there: nobody else takes it.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(llen(&h, &pool_key(&h, "b")), 1);

@@ -248,7 +248,7 @@ pub async fn jobs(State(app): State<Arc<App>>, Query(q): Query<JobsQuery>) -> Ap
         && Status::parse(s).is_none()
     {
         return Err(ApiError::BadRequest(format!(
-            "status `{s}` is not one of pending, scheduled, running, retrying, completed, failed, cancelled"
+            "status `{s}` is not one of pending, scheduled, running, retrying, completed, failed, cancelled, handed_over"
         )));
     }
     let offset = (page - 1).saturating_mul(limit);

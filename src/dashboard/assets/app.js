@@ -234,7 +234,7 @@ async function overview() {
 
 async function jobs(params) {
   const form = el("form", { class: "filters" },
-    el("select", { name: "status" }, ...["", "pending", "scheduled", "running", "retrying", "completed", "failed", "cancelled"].map((s) =>
+    el("select", { name: "status" }, ...["", "pending", "scheduled", "running", "retrying", "completed", "failed", "cancelled", "handed_over"].map((s) =>
       el("option", { value: s, selected: params.get("status") === s }, s || "any status"))),
     el("input", { name: "type", placeholder: "type", value: params.get("type") || "" }),
     el("input", { name: "queue", placeholder: "queue", value: params.get("queue") || "" }),
@@ -261,7 +261,7 @@ async function jobs(params) {
       ...r.jobs.map((j) => el("tr", { "data-job-id": j.id },
         el("td", {}, jobLink(j.id)), el("td", {}, j.type), el("td", {}, j.queue), el("td", {}, statusCell(j.status)),
         el("td", { class: "num" }, j.progress === undefined ? "-" : Math.round(j.progress) + "%"), el("td", { class: "num" }, j.attempt),
-        el("td", { class: "muted" }, j.due_at ? "due " + j.due_at : j.updated_at || ""), el("td", {}, j.error || (j.stage ? "stage " + j.stage : ""))))), pager);
+        el("td", { class: "muted" }, j.due_at ? "due " + j.due_at : j.updated_at || ""), el("td", {}, j.error || (j.stage ? (j.status === "handed_over" ? "handed on to stage " : "stage ") + j.stage : ""))))), pager);
   } catch (e) {
     table.replaceChildren(el("p", { class: "error" }, e.message));
   }
