@@ -4,7 +4,7 @@
 //! b) for `s2`. Host a's SQLite row is `handed_over` (done there, with the
 //! stage and pool it went to, and an end time for `conveyor cleanup`);
 //! `conveyor job` on host a answers with the job's record in Redis while
-//! there is one.
+//! there is one; a stage not run yet names no daemon.
 
 mod common;
 
@@ -177,4 +177,44 @@ fn without_a_record_the_handing_host_says_handed_over_and_where() {
     let text = stdout_of(&out);
     assert!(text.contains("status    handed_over"), "{text}");
     assert!(text.contains("handed    to stage s2 in pool b"), "{text}");
+}
+
+#[test]
+fn a_stage_not_run_yet_names_no_daemon_on_any_host() {
+    // No daemon of pool b: the job waits for s2 in pool b's list.
+    let h = Harness::new(&config("", ""));
+    let db_a = h.path("a.db");
+    let _da = host(&h, "host-a", "a", &db_a);
+    let id = enqueue(&h, &["ab"]);
+    let list_b = format!("{}:{{default}}:pool:b", h.prefix);
+    wait_until(WAIT, "the job waits in pool b's list", || {
+        redis::cmd("LLEN")
+            .arg(&list_b)
+            .query::<u64>(&mut h.redis.conn())
+            .unwrap()
+            == 1
+    });
+    // The record: s1 by host a; s2, still to run, by nobody.
+    let record: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(format!("{}:{{default}}:job:{id}", h.prefix))
+        .query(&mut h.redis.conn())
+        .unwrap();
+    let s2: Value = serde_json::from_str(&record["stage:1"]).expect("stage:1");
+    assert_eq!(s2["status"], "pending", "{s2}");
+    assert_eq!(s2["worker_id"], "", "{s2}");
+    assert_eq!(s2["pool"], "b", "{s2}");
+    // Host a (its row and the record) and a host without SQLite.
+    let none = h.path("never-created.db");
+    for db in [&db_a, &none] {
+        let job = cli_json(&h, db, &["job", &id]);
+        assert_eq!(job["status"], "pending", "{job:#}");
+        assert_eq!(job["stages"][0]["worker_id"], "host-a", "{job:#}");
+        assert!(job["stages"][1]["worker_id"].is_null(), "{job:#}");
+        assert_eq!(job["stages"][1]["pool"], "b", "{job:#}");
+        let text = stdout_of(&h.cli(&["job", &id], &on(db)));
+        assert!(text.contains("waiting   for stage s2 in pool b"), "{text}");
+        assert!(!text.contains("[host-a, pool b]"), "{text}");
+        assert!(text.contains("[pool b]"), "{text}");
+    }
+    assert!(!none.exists());
 }

@@ -4,11 +4,11 @@
 //! this host's SQLite, the durable local log.
 //!
 //! The rule: without a SQLite row the record answers; without a record
-//! SQLite does. With both, the record wins when it is further along (newer,
-//! and another status, attempt or more progress: the job went on on
-//! another host), with SQLite's payload, attempts and max attempts;
-//! otherwise SQLite's row answers, each stage naming the daemon that ran it
-//! from the record.
+//! SQLite does. With both, the record wins when it is further along (see
+//! [`further_along`]: the job went on on another host), with SQLite's
+//! payload, attempts and max attempts; otherwise SQLite's row answers, each
+//! stage the record shows as run naming the daemon that ran it from the
+//! record. A stage not run yet names no daemon, whichever answers.
 
 use super::{Client, ClientError};
 use crate::progress::record;
@@ -34,6 +34,7 @@ impl Client {
 
 /// The job as `conveyor job` shows it, from the record and SQLite's row.
 pub(super) fn choose(stored: Option<JobRecord>, recorded: Option<JobRecord>) -> Option<JobRecord> {
+    let recorded = recorded.map(without_unrun_daemons);
     match (stored, recorded) {
         (None, r) => r,
         (s, None) => s,
@@ -45,16 +46,37 @@ pub(super) fn choose(stored: Option<JobRecord>, recorded: Option<JobRecord>) -> 
         }),
         (Some(mut s), Some(r)) => {
             for (stage, from) in s.stages.iter_mut().zip(&r.stages) {
-                if stage.name == from.name {
+                if stage.name != from.name {
+                    continue;
+                }
+                // Only a stage the record shows as run names its daemon
+                // (SQLite's own is kept otherwise, never blanked).
+                if ran(&from.status) && from.worker_id.is_some() {
                     stage.worker_id.clone_from(&from.worker_id);
-                    if from.pool.is_some() {
-                        stage.pool.clone_from(&from.pool);
-                    }
+                }
+                if from.pool.is_some() {
+                    stage.pool.clone_from(&from.pool);
                 }
             }
             Some(s)
         }
     }
+}
+
+/// Whether a stage with this record status has run (or is running).
+fn ran(status: &str) -> bool {
+    status != "pending"
+}
+
+/// Records written before stages still to run were left without a daemon
+/// named the daemon that started the job on them.
+fn without_unrun_daemons(mut r: JobRecord) -> JobRecord {
+    for stage in &mut r.stages {
+        if !ran(&stage.status) {
+            stage.worker_id = None;
+        }
+    }
+    r
 }
 
 /// Whether the record says more than SQLite's row: newer, and the job's
@@ -128,5 +150,48 @@ mod tests {
         let s = job("failed", 2, 40.0, t1, "sqlite");
         let old = job("running", 1, 10.0, t0, "redis");
         assert_eq!(choose(Some(s), Some(old)).unwrap().status, "failed");
+    }
+
+    fn stage(name: &str, status: &str, worker: Option<&str>, pool: Option<&str>) -> StageRecord {
+        StageRecord {
+            name: name.into(),
+            status: status.into(),
+            attempt: 1,
+            started_at: None,
+            finished_at: None,
+            result: Value::Null,
+            error: None,
+            worker_id: worker.map(str::to_owned),
+            pool: pool.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn only_a_stage_the_record_shows_as_run_names_a_daemon() {
+        let t0 = "2026-12-01T10:00:00.000Z";
+        // SQLite's row answers (the same end); it knows s0's daemon, the
+        // record does not (written before); s1 ran elsewhere; s2 has not
+        // run, though an old record named the daemon that started the job.
+        let mut s = job("completed", 1, 100.0, t0, "sqlite");
+        s.stages = vec![
+            stage("s0", "completed", Some("w-here"), Some("a")),
+            stage("s1", "pending", None, None),
+            stage("s2", "pending", None, None),
+        ];
+        let mut r = job("completed", 1, 100.0, t0, "redis");
+        r.stages = vec![
+            stage("s0", "completed", None, None),
+            stage("s1", "completed", Some("w-b"), Some("b")),
+            stage("s2", "pending", Some("w-starter"), Some("c")),
+        ];
+        let got = choose(Some(s), Some(r.clone())).unwrap();
+        let daemons: Vec<_> = got.stages.iter().map(|s| s.worker_id.as_deref()).collect();
+        assert_eq!(daemons, [Some("w-here"), Some("w-b"), None]);
+        let pools: Vec<_> = got.stages.iter().map(|s| s.pool.as_deref()).collect();
+        assert_eq!(pools, [Some("a"), Some("b"), Some("c")]);
+        // The record alone: a stage not run names no daemon either.
+        let got = choose(None, Some(r)).unwrap();
+        assert_eq!(got.stages[2].worker_id, None);
+        assert_eq!(got.stages[1].worker_id.as_deref(), Some("w-b"));
     }
 }
