@@ -11,6 +11,7 @@
 //! record. A stage not run yet names no daemon, whichever answers.
 
 use super::{Client, ClientError};
+use crate::job::Status;
 use crate::progress::record;
 use crate::store::JobRecord;
 
@@ -79,9 +80,38 @@ fn without_unrun_daemons(mut r: JobRecord) -> JobRecord {
     r
 }
 
-/// Whether the record says more than SQLite's row: newer, and the job's
-/// state moved on.
+fn is_final(status: &str) -> bool {
+    Status::parse(status).is_some_and(Status::is_final)
+}
+
+/// Whether the record says more than SQLite's row. Clocks of two hosts are
+/// compared last, only when nothing else tells:
+/// - a final record beats a row that is not (the job ended elsewhere after
+///   it left this host, or after this host's daemon died with it);
+/// - neither final: the later attempt wins; at the same attempt, a row of a
+///   job that left this host (`handed_over`, `pending`: requeued) gives way
+///   to the record, which follows the job wherever it went;
+/// - otherwise the record wins when it is newer and the job's state moved
+///   on (another status, attempt, or more progress). A final row and a
+///   living record: the record is behind, or the job was revived (attempts
+///   start again at 1 then, so only the times can tell).
 fn further_along(r: &JobRecord, s: &JobRecord) -> bool {
+    let (r_final, s_final) = (is_final(&r.status), is_final(&s.status));
+    if r_final && !s_final {
+        return true;
+    }
+    if !r_final && !s_final {
+        if r.attempt != s.attempt {
+            return r.attempt > s.attempt;
+        }
+        let left_here = matches!(
+            Status::parse(&s.status),
+            Some(Status::HandedOver | Status::Pending)
+        );
+        if left_here {
+            return true;
+        }
+    }
     let newer = crate::time::parse_rfc3339_ms(&r.updated_at).ok()
         > crate::time::parse_rfc3339_ms(&s.updated_at).ok();
     newer && (r.status != s.status || r.attempt != s.attempt || r.progress > s.progress)
@@ -193,5 +223,53 @@ mod tests {
         let got = choose(None, Some(r)).unwrap();
         assert_eq!(got.stages[2].worker_id, None);
         assert_eq!(got.stages[1].worker_id.as_deref(), Some("w-b"));
+    }
+
+    #[test]
+    fn further_along_trusts_ends_and_attempts_before_clocks() {
+        let (early, late) = ("2026-12-01T10:00:00.000Z", "2026-12-01T10:00:05.000Z");
+        let pick = |s: &JobRecord, r: &JobRecord| {
+            let got = choose(Some(s.clone()), Some(r.clone())).unwrap();
+            if got.worker_id.as_deref() == Some("redis") {
+                "record"
+            } else {
+                "sqlite"
+            }
+        };
+        // A final record beats a row that is not, even by a clock behind.
+        for local in ["running", "pending", "retrying", "handed_over"] {
+            let s = job(local, 1, 50.0, late, "sqlite");
+            let r = job("completed", 1, 100.0, early, "redis");
+            assert_eq!(pick(&s, &r), "record", "{local}");
+        }
+        // Neither final: the later attempt wins, whatever the clocks say.
+        let s = job("running", 2, 10.0, early, "sqlite");
+        let r = job("running", 1, 60.0, late, "redis");
+        assert_eq!(pick(&s, &r), "sqlite");
+        let s = job("retrying", 1, 60.0, late, "sqlite");
+        let r = job("running", 2, 10.0, early, "redis");
+        assert_eq!(pick(&s, &r), "record");
+        // Same attempt, the job left this host (handed over, requeued):
+        // the record follows it, even with an older clock.
+        for local in ["handed_over", "pending"] {
+            let s = job(local, 1, 50.0, late, "sqlite");
+            let r = job("running", 1, 50.0, early, "redis");
+            assert_eq!(pick(&s, &r), "record", "{local}");
+        }
+        // Same attempt, running here: the record must be newer and further.
+        let s = job("running", 1, 50.0, late, "sqlite");
+        let r = job("pending", 1, 50.0, early, "redis");
+        assert_eq!(pick(&s, &r), "sqlite");
+        let s = job("running", 1, 50.0, early, "sqlite");
+        let r = job("running", 1, 75.0, late, "redis");
+        assert_eq!(pick(&s, &r), "record");
+        // A final row and a living record: newer (a revival elsewhere) or
+        // not (the record is behind).
+        let s = job("failed", 3, 50.0, early, "sqlite");
+        let r = job("running", 1, 10.0, late, "redis");
+        assert_eq!(pick(&s, &r), "record");
+        let s = job("completed", 1, 100.0, late, "sqlite");
+        let r = job("running", 1, 50.0, early, "redis");
+        assert_eq!(pick(&s, &r), "sqlite");
     }
 }
