@@ -4,7 +4,8 @@
 //! b) for `s2`. Host a's SQLite row is `handed_over` (done there, with the
 //! stage and pool it went to, and an end time for `conveyor cleanup`);
 //! `conveyor job` on host a answers with the job's record in Redis while
-//! there is one; a stage not run yet names no daemon.
+//! there is one; a stage not run yet names no daemon; `conveyor cancel`
+//! on host a refuses a job host b finished.
 
 mod common;
 
@@ -217,4 +218,29 @@ fn a_stage_not_run_yet_names_no_daemon_on_any_host() {
         assert!(text.contains("[pool b]"), "{text}");
     }
     assert!(!none.exists());
+}
+
+#[test]
+fn cancel_on_the_handing_host_refuses_a_job_another_host_finished() {
+    let h = Harness::new(&config("", ""));
+    let (id, db_a, _db_b, _daemons) = run_one(&h);
+    let none = h.path("never-created.db");
+    // Host a's row says handed_over, a host without SQLite knows nothing:
+    // the record says host b completed it.
+    for db in [&db_a, &none] {
+        let out = h.cli(&["cancel", &id, "--json"], &on(db));
+        assert_eq!(out.status.code(), Some(1), "{}", stdout_of(&out));
+        let err: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        assert_eq!(
+            err["error"],
+            format!("job {id} is already completed"),
+            "{err:#}"
+        );
+    }
+    // No flag was set: an entry with that id would still run.
+    let flags: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(format!("{}:{{default}}:cancelled", h.prefix))
+        .query(&mut h.redis.conn())
+        .unwrap();
+    assert!(flags.is_empty(), "{flags:?}");
 }
