@@ -5,7 +5,8 @@
 //! stage and pool it went to, and an end time for `conveyor cleanup`);
 //! `conveyor job` on host a answers with the job's record in Redis while
 //! there is one; a stage not run yet names no daemon; `conveyor cancel`
-//! on host a refuses a job host b finished.
+//! on host a refuses a job host b finished; the dashboard's job page names
+//! the host of each daemon still registered.
 
 mod common;
 
@@ -243,4 +244,37 @@ fn cancel_on_the_handing_host_refuses_a_job_another_host_finished() {
         .query(&mut h.redis.conn())
         .unwrap();
     assert!(flags.is_empty(), "{flags:?}");
+}
+
+#[test]
+fn the_dashboard_job_page_names_the_host_of_each_registered_daemon() {
+    let h = Harness::new(&config("", ""));
+    let (id, _db_a, _db_b, [_da, db]) = run_one(&h);
+    // The dashboard reads a SQLite file no daemon wrote: the record answers.
+    let dash = h.dashboard(None);
+    let workers = dash.get_json("/api/workers");
+    let host_of = |id: &str| {
+        workers["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .find(|w| w["id"] == id)
+            .map(|w| w["host"].clone())
+            .expect("registered")
+    };
+    let job = dash.get_json(&format!("/api/jobs/{id}"));
+    assert_eq!(job["hosts"]["host-a"], host_of("host-a"), "{job:#}");
+    assert_eq!(job["hosts"]["host-b"], host_of("host-b"), "{job:#}");
+    assert_eq!(
+        job["hosts"].as_object().map(|o| o.len()),
+        Some(2),
+        "{job:#}"
+    );
+    // A daemon that is gone has no host to show.
+    let mut db = db;
+    db.sigterm();
+    db.wait_exit(WAIT);
+    let job = dash.get_json(&format!("/api/jobs/{id}"));
+    assert!(job["hosts"].get("host-b").is_none(), "{job:#}");
+    assert_eq!(job["hosts"]["host-a"], host_of("host-a"), "{job:#}");
 }

@@ -274,10 +274,12 @@ async function jobDetail(id) {
   try { r = await api("/api/jobs/" + encodeURIComponent(id)); } catch (e) { box.append(el("p", { class: "error" }, e.message)); return; }
   const rec = r.record || {};
   const ev = r.live;
+  // The host of a daemon still registered (none for one that is gone).
+  const hostOf = (w) => (w && r.hosts && r.hosts[w]) || "";
   const rows = [["status", statusCell(r.status)], ["type", rec.type || r.type], ["queue", rec.queue || r.queue],
     ["progress", Math.round(ev ? ev.progress : rec.progress || 0) + "%"],
     ["attempt", (rec.attempt ?? "-") + (rec.max_attempts ? " of " + rec.max_attempts : "")],
-    ["worker", rec.worker_id], ["created", rec.created_at], ["finished", rec.finished_at], ["due", r.due_at], ["error", rec.error]];
+    ["worker", rec.worker_id], ["host", hostOf(rec.worker_id)], ["created", rec.created_at], ["finished", rec.finished_at], ["due", r.due_at], ["error", rec.error]];
   box.append(el("table", {}, ...rows.filter(([, v]) => v !== undefined && v !== null && v !== "")
     .map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v)))));
   box.append(el("div", { class: "actions" },
@@ -288,7 +290,7 @@ async function jobDetail(id) {
   const t1 = Math.max(...stages.map((s) => Date.parse(s.finished_at || s.started_at)).filter((x) => !isNaN(x)));
   const span = Math.max(1, t1 - t0);
   box.append(el("h2", {}, "Stages"), el("table", { class: "timeline" },
-    el("tr", {}, ...["stage", "status", "worker", "pool", "timeline", "duration", "result", "error"].map((h) => el("th", {}, h))),
+    el("tr", {}, ...["stage", "status", "worker", "pool", "host", "timeline", "duration", "result", "error"].map((h) => el("th", {}, h))),
     ...stages.map((s) => {
       const d = duration(s.started_at, s.finished_at);
       const seg = el("div", { class: "seg " + (s.status === "failed" ? "failed" : "") });
@@ -300,6 +302,7 @@ async function jobDetail(id) {
       return el("tr", {}, el("td", {}, s.name), el("td", {}, statusCell(s.status)),
         el("td", { class: "mono" }, s.worker_id || ""),
         el("td", { class: "mono" }, s.pool || ""),
+        el("td", { class: "mono" }, hostOf(s.worker_id)),
         el("td", { class: "tl" }, el("div", { class: "track" }, seg)),
         el("td", { class: "num" }, d === null ? "-" : (d / 1000).toFixed(2) + " s"),
         el("td", {}, s.result === null ? "" : el("pre", {}, JSON.stringify(s.result, null, 2))),
