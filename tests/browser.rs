@@ -316,4 +316,13 @@ fn the_page_follows_a_job_to_the_end_without_a_reload() {
         workers_shown,
         "each stage row names its daemon and its pool"
     );
+    // And the host of its daemon, both still registered.
+    let workers = dash.get_json("/api/workers");
+    let host = workers["workers"][0]["host"].clone();
+    assert!(host.as_str().is_some_and(|h| !h.is_empty()), "{workers:#}");
+    let hosts = s.run(
+        "return [...document.querySelectorAll('table.timeline tr')].slice(1)\
+         .map(r => r.children[4] && r.children[4].textContent)",
+    );
+    assert_eq!(hosts, serde_json::json!([host, host, host]), "host column");
 }

@@ -79,6 +79,7 @@ fn a_3_mib_result_reaches_the_next_pool_across_a_requeue_and_a_retry() {
     let marks = tempfile::tempdir().unwrap();
     let h = Harness::new(&config(marks.path()));
     let (db_a, db_b) = (h.path("a.db"), h.path("b.db"));
+    let sub = h.subscribe();
     let da = host(&h, "host-a", "a", &db_a);
     let b1 = host(&h, "host-b", "b", &db_b);
     let id = enqueue(&h, &["big"]);
@@ -127,4 +128,8 @@ fn a_3_mib_result_reaches_the_next_pool_across_a_requeue_and_a_retry() {
     assert_eq!(stages[1]["pool"], "b");
     assert_eq!(stages[1]["result"], json!({"len": BLOB}));
     assert_eq!(job["attempt"], 2, "one retry: {}", job["attempt"]);
+    // Host a's handovers after the requeue and the retry (if it took the
+    // job from pending) say how far the job got, not 0.
+    sub.wait_status(&id, "completed", WAIT);
+    sub.assert_progress_never_goes_back(&id);
 }

@@ -30,7 +30,8 @@ fn a_pool_without_a_daemon_holds_the_job_until_one_starts() {
         pool_len(&h, "b") == 1
     });
     assert_eq!(h.stage_status(&id, "s1").as_deref(), Some("completed"));
-    assert_eq!(h.job_status(&id).as_deref(), Some("pending"));
+    // This host's row: handed over (done here); the job itself is pending.
+    assert_eq!(h.job_status(&id).as_deref(), Some("handed_over"));
     // It stays there: nobody else takes it.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(pool_len(&h, "b"), 1);

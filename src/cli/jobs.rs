@@ -15,7 +15,8 @@ use crate::store::{JobRecord, Reader};
 /// Redis instead.
 #[derive(Debug, Args)]
 pub struct JobsArgs {
-    /// pending, scheduled, running, retrying, completed, failed or cancelled
+    /// pending, scheduled, running, retrying, completed, failed, cancelled or
+    /// handed_over (this host passed the job on to another stage pool)
     #[arg(long)]
     pub status: Option<String>,
     /// Job type
@@ -198,6 +199,22 @@ fn print_job(record: &JobRecord, json: bool) {
     }
 }
 
+/// Where this host's SQLite row says a `handed_over` job went: its
+/// `stage`, and that stage row's pool.
+fn handed_to(job: &JobRecord) -> Option<(&str, &str)> {
+    if job.status != Status::HandedOver.as_str() {
+        return None;
+    }
+    let stage = job.stage.as_deref()?;
+    let pool = job
+        .stages
+        .iter()
+        .find(|s| s.name == stage)
+        .and_then(|s| s.pool.as_deref())
+        .unwrap_or("?");
+    Some((stage, pool))
+}
+
 fn render_job(job: &JobRecord) -> String {
     use std::fmt::Write;
     let mut out = String::new();
@@ -210,6 +227,9 @@ fn render_job(job: &JobRecord) -> String {
     }
     if let Some(w) = &job.waiting {
         let _ = writeln!(out, "waiting   for stage {} in pool {}", w.stage, w.pool);
+    }
+    if let Some((stage, pool)) = handed_to(job) {
+        let _ = writeln!(out, "handed    to stage {stage} in pool {pool}");
     }
     let _ = writeln!(out, "progress  {}%", job.progress);
     let max = job
@@ -286,7 +306,7 @@ pub async fn jobs(config: &Config, args: &JobsArgs) -> CliResult {
         }
         Some(s) if Status::parse(s).is_none() => {
             return Err(Failure::usage(format!(
-                "--status `{s}` is not one of pending, scheduled, running, retrying, completed, failed, cancelled"
+                "--status `{s}` is not one of pending, scheduled, running, retrying, completed, failed, cancelled, handed_over"
             )));
         }
         _ => {

@@ -216,20 +216,24 @@ impl Client {
     /// on every known queue (a pending or scheduled job is dropped when a
     /// daemon takes it, and never runs) and sent to the daemons (a running
     /// job stops). When the job is running, waits up to 3 s for its daemon
-    /// to confirm. Refuses a job the SQLite file (if any) knows as finished.
+    /// to confirm. Refuses a job that is finished as [`Client::job`] sees
+    /// it: by the SQLite file (if any), or by the job's record in Redis
+    /// when another host (stage pools: another pool's daemon) finished it;
+    /// a job live again in Redis (enqueued anew, running) is not refused.
     ///
-    /// Like `conveyor cancel` without a database, a client that reads no
-    /// SQLite file cannot tell a finished job from one that never started:
-    /// the flag is then set anyway. It stays until a job with that id is
-    /// enqueued again through [`Client::enqueue`] (or `conveyor enqueue`),
-    /// which clears it; a raw `LPUSH` of that id would be dropped.
+    /// A client that neither reads a SQLite file knowing the job nor finds
+    /// its record (records off, or past `[history] retention_secs`) cannot
+    /// tell a finished job from one that never started: the flag is then
+    /// set anyway. It stays until a job with that id is enqueued again
+    /// through [`Client::enqueue`] (or `conveyor enqueue`), which clears it;
+    /// a raw `LPUSH` of that id would be dropped.
     pub async fn cancel(&self, id: &str) -> Result<Cancelled, ClientError> {
-        if let Some(record) = self.stored(id).await?
-            && Status::parse(&record.status).is_some_and(Status::is_final)
+        if let Some(info) = self.job(id).await?
+            && info.is_final()
         {
             return Err(ClientError::AlreadyFinished {
                 id: id.to_owned(),
-                status: record.status,
+                status: info.status.as_str().to_owned(),
             });
         }
         // Listen first, so a running job's confirmation is not missed.

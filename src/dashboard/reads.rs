@@ -248,7 +248,7 @@ pub async fn jobs(State(app): State<Arc<App>>, Query(q): Query<JobsQuery>) -> Ap
         && Status::parse(s).is_none()
     {
         return Err(ApiError::BadRequest(format!(
-            "status `{s}` is not one of pending, scheduled, running, retrying, completed, failed, cancelled"
+            "status `{s}` is not one of pending, scheduled, running, retrying, completed, failed, cancelled, handed_over"
         )));
     }
     let offset = (page - 1).saturating_mul(limit);
@@ -338,11 +338,13 @@ async fn recorded_row(app: &App, id: &str, q: &JobsQuery) -> Result<Option<Value
 /// `GET /api/jobs/{id}`: the job's record (Redis's, readable from any
 /// host, or this host's SQLite: see [`crate::Client::job`]), Redis' live state (pending,
 /// scheduled, running: as `conveyor job`), the latest progress message,
-/// and whether it sits in a dead list (so it can be retried).
+/// whether it sits in a dead list (so it can be retried), and `hosts`: the
+/// host of each daemon the record names that is still registered.
 pub async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
     let Some(info) = app.client.job(&id).await? else {
         return Err(ApiError::NotFound(format!("no job `{id}`")));
     };
+    let hosts = daemon_hosts(&app, info.record.as_ref()).await?;
     let live = app.inspector.live_message(&id).await?;
     let dead = if info.status == Status::Failed {
         let queues = known_queues(&app).await?;
@@ -372,7 +374,36 @@ pub async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResu
         "record": info.record,
         "live": live,
         "dead": dead,
+        "hosts": hosts,
     })))
+}
+
+/// Worker id → host of the daemons named by `record` (the job's, each
+/// stage's) that are registered now; a daemon that is gone is left out.
+async fn daemon_hosts(
+    app: &App,
+    record: Option<&crate::store::JobRecord>,
+) -> Result<BTreeMap<String, String>, ApiError> {
+    let Some(record) = record else {
+        return Ok(BTreeMap::new());
+    };
+    let named: std::collections::BTreeSet<&str> = record
+        .stages
+        .iter()
+        .filter_map(|s| s.worker_id.as_deref())
+        .chain(record.worker_id.as_deref())
+        .collect();
+    if named.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    Ok(app
+        .inspector
+        .workers()
+        .await?
+        .into_iter()
+        .filter(|(w, _)| named.contains(w.id.as_str()))
+        .map(|(w, _)| (w.id, w.host))
+        .collect())
 }
 
 #[derive(Debug, Deserialize)]

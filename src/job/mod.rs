@@ -25,6 +25,11 @@ pub enum Status {
     Completed,
     Failed,
     Cancelled,
+    /// Stage pools: this host's last word on a job it handed over to the
+    /// pool of its next stage (SQLite only: never published, never in
+    /// Redis). The job goes on elsewhere; its record in Redis says where.
+    #[serde(rename = "handed_over")]
+    HandedOver,
 }
 
 impl Status {
@@ -37,6 +42,7 @@ impl Status {
             Status::Completed => "completed",
             Status::Failed => "failed",
             Status::Cancelled => "cancelled",
+            Status::HandedOver => "handed_over",
         }
     }
 
@@ -47,6 +53,13 @@ impl Status {
     /// No further change is expected without an operator.
     pub fn is_final(self) -> bool {
         matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+
+    /// Nothing more happens to the job on this host's SQLite row unless
+    /// the job comes back: final, or handed over to another pool.
+    /// `conveyor cleanup` deletes such rows once old enough.
+    pub fn is_done_here(self) -> bool {
+        self.is_final() || self == Status::HandedOver
     }
 }
 

@@ -25,7 +25,8 @@ pub struct CleanupReport {
 /// so running daemons' commits slip in between.
 const CLEANUP_BATCH: i64 = 1000;
 
-/// Deletes finished jobs (completed, failed, cancelled) that finished before
+/// Deletes jobs done on this host (completed, failed, cancelled, or
+/// handed over to another host's stage pool) that finished here before
 /// `cutoff` (RFC 3339, UTC, milliseconds, as stored), with their stages and attempts; then
 /// `PRAGMA optimize`, and `VACUUM` when asked. Safe while daemons run: it
 /// goes through SQLite's locking like any writer, in short batches.
@@ -46,7 +47,7 @@ pub fn cleanup(path: &Path, cutoff: &str, vacuum: bool) -> Result<CleanupReport,
         bytes_before: size(),
         ..Default::default()
     };
-    let finished = "status IN ('completed', 'failed', 'cancelled')
+    let finished = "status IN ('completed', 'failed', 'cancelled', 'handed_over')
                     AND coalesce(finished_at, updated_at) < ?1";
     loop {
         let tx = conn.unchecked_transaction()?;
@@ -127,5 +128,41 @@ mod tests {
         // Nothing more to delete.
         let again = cleanup(&path, "2026-11-23T00:00:00.000Z", false).unwrap();
         assert_eq!(again.jobs_deleted, 0);
+    }
+
+    #[tokio::test]
+    async fn cleanup_deletes_old_handed_over_jobs_but_no_waiting_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = fixture(dir.path()).await;
+        let conn = Connection::open(&path).unwrap();
+        // h0: handed over to another pool on the 20th (done here); p0: a
+        // requeued job (pending: may still come back, no end time);
+        // h1: handed over on the 24th (newer than the cutoff).
+        for (id, status, at, finished) in [
+            ("h0", "handed_over", "2026-11-20T00:00:00.000Z", true),
+            ("p0", "pending", "2026-11-20T00:00:00.000Z", false),
+            ("h1", "handed_over", "2026-11-24T00:00:00.000Z", true),
+        ] {
+            conn.execute(
+                "INSERT INTO jobs (id, type, queue, status, created_at, updated_at, finished_at)
+                 VALUES (?1, 't', 'q', ?2, ?3, ?3, CASE WHEN ?4 THEN ?3 END)",
+                rusqlite::params![id, status, at, finished],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO stages (job_id, idx, name, status) VALUES (?1, 0, 's', 'completed')",
+                [id],
+            )
+            .unwrap();
+        }
+        drop(conn);
+        let report = cleanup(&path, "2026-11-23T00:00:00.000Z", false).unwrap();
+        // j0 and j1 of the fixture, and h0.
+        assert_eq!(report.jobs_deleted, 3);
+        assert_eq!(report.stages_deleted, 3);
+        let r = Reader::open(&path).unwrap();
+        assert!(r.job("h0").unwrap().is_none());
+        assert_eq!(r.job("p0").unwrap().unwrap().status, "pending");
+        assert_eq!(r.job("h1").unwrap().unwrap().status, "handed_over");
     }
 }

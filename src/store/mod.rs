@@ -137,7 +137,8 @@ pub struct StageUpdate {
 }
 
 /// The end of an attempt: completed, failed, retrying, pending (requeued)
-/// or cancelled.
+/// or cancelled; or, with stage pools, the end of its part on this host:
+/// handed over to the pool of its next stage (`handed_to`).
 #[derive(Debug, Clone)]
 pub struct FinishJob {
     pub id: String,
@@ -148,6 +149,17 @@ pub struct FinishJob {
     pub progress: f64,
     pub error: Option<String>,
     pub at: String,
+    /// Where a job handed over went (with [`Status::HandedOver`]).
+    pub handed_to: Option<HandedTo>,
+}
+
+/// The stage a handed-over job goes on with, and that stage's pool: the
+/// job row's `stage`, and the `pool` of that stage's row (still pending).
+#[derive(Debug, Clone)]
+pub struct HandedTo {
+    pub index: usize,
+    pub stage: String,
+    pub pool: String,
 }
 
 /// A job recorded without running: a message that could not run (poison,

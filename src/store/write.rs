@@ -142,13 +142,19 @@ pub(super) fn stage(tx: &Connection, u: &StageUpdate) -> rusqlite::Result<bool> 
 }
 
 pub(super) fn finish(tx: &Connection, f: &FinishJob) -> rusqlite::Result<bool> {
-    let finished_at = f.status.is_final().then_some(&f.at);
+    // A handed-over job is done on this host: it gets its end time, so
+    // `conveyor cleanup` deletes it in time, and its row names the stage it
+    // went on with (a finished job's row names none).
+    let finished_at = f.status.is_done_here().then_some(&f.at);
+    let next_stage = f.handed_to.as_ref().map(|h| &h.stage);
     // Fenced by the lease, which ends with the delivery: nothing more may be
     // written under it.
     let changed = tx
         .prepare_cached(
             "UPDATE jobs SET status = ?3, progress = ?4, error = ?5, updated_at = ?6,
-                finished_at = ?7, stage = CASE WHEN ?7 IS NULL THEN stage END, lease = NULL
+                finished_at = ?7, stage = CASE WHEN ?8 IS NOT NULL THEN ?8
+                                               WHEN ?7 IS NULL THEN stage END,
+                lease = NULL
              WHERE id = ?1 AND lease = ?2",
         )?
         .execute(params![
@@ -158,10 +164,17 @@ pub(super) fn finish(tx: &Connection, f: &FinishJob) -> rusqlite::Result<bool> {
             f.progress,
             f.error,
             f.at,
-            finished_at
+            finished_at,
+            next_stage
         ])?;
     if changed == 0 {
         return Ok(false);
+    }
+    if let Some(h) = &f.handed_to {
+        tx.prepare_cached(
+            "UPDATE stages SET pool = ?3 WHERE job_id = ?1 AND idx = ?2 AND status = 'pending'",
+        )?
+        .execute(params![f.id, h.index as i64, h.pool])?;
     }
     let attempt_status = match f.status {
         Status::Pending => "interrupted",
@@ -217,6 +230,7 @@ pub(super) fn record(tx: &Connection, r: &RecordJob) -> rusqlite::Result<()> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::store::HandedTo;
     use crate::store::{Reader, Store, schema};
 
     pub(crate) fn begin_job(id: &str, lease: &str) -> BeginJob {
@@ -265,6 +279,7 @@ pub(super) mod tests {
             progress: 100.0,
             error: None,
             at: "2026-01-01T00:00:02.000Z".into(),
+            handed_to: None,
         }
     }
 
@@ -452,5 +467,43 @@ pub(super) mod tests {
         let p1 = reader.job("p1").unwrap().unwrap();
         assert_eq!(p1.status, "failed");
         assert_eq!(p1.error.as_deref(), Some("unknown job type `nope`"));
+    }
+
+    #[tokio::test]
+    async fn a_handed_over_job_is_done_here_until_it_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let (store, closer) = Store::open(&path).unwrap();
+        store.begin(begin_job("j1", "a")).await.unwrap();
+        store.stage(stage_done("j1", "a", 0, "s0")).await.unwrap();
+        let mut handed = finish("j1", "a", Status::HandedOver);
+        handed.progress = 50.0;
+        handed.handed_to = Some(HandedTo {
+            index: 1,
+            stage: "s1".into(),
+            pool: "b".into(),
+        });
+        assert!(store.finish(handed).await.unwrap());
+        let reader = Reader::open(&path).unwrap();
+        let job = reader.job("j1").unwrap().unwrap();
+        assert_eq!(job.status, "handed_over");
+        assert_eq!(job.finished_at.as_deref(), Some("2026-01-01T00:00:02.000Z"));
+        // The stage it went on with, in its pool; no daemon named for it.
+        assert_eq!(job.stage.as_deref(), Some("s1"));
+        assert_eq!(job.stages[1].status, "pending");
+        assert_eq!(job.stages[1].pool.as_deref(), Some("b"));
+        assert_eq!(job.stages[1].worker_id, None);
+        assert_eq!(job.stages[0].status, "completed");
+        assert_eq!(job.attempts[0].status, "handed_over");
+        // The job comes back (a later stage in this host's pool): not a
+        // duplicate of a finished job; it runs again, with no end time.
+        let prior = store.begin(begin_job("j1", "b")).await.unwrap();
+        assert_eq!(prior.status, Some(Status::HandedOver));
+        assert!(!prior.finished_for(0));
+        assert_eq!(prior.results["s0"], serde_json::json!({"ok": true}));
+        let job = reader.job("j1").unwrap().unwrap();
+        assert_eq!((job.status.as_str(), job.finished_at), ("running", None));
+        drop(store);
+        closer.close().await;
     }
 }

@@ -140,7 +140,7 @@ impl JobEvents {
         }
     }
 
-    /// The record's field of stage `index`.
+    /// The record's field of stage `index`, run by this daemon.
     fn stage_field(
         &self,
         index: usize,
@@ -151,17 +151,30 @@ impl JobEvents {
         error: Option<String>,
     ) -> (usize, String) {
         let fields = StageFields {
-            name: self.stage_names.get(index).cloned().unwrap_or_default(),
             status: status.to_owned(),
             attempt,
             started_at: times.0.map(str::to_owned),
             finished_at: times.1.map(str::to_owned),
             worker_id: self.base.worker_id.clone(),
-            pool: self.stage_pools.get(index).cloned().unwrap_or_default(),
             error,
-            result: serde_json::Value::Null,
+            ..self.unrun_stage(index)
         };
         (index, stage_json(&fields, result))
+    }
+
+    /// The record's field of stage `index` still to run: no daemon yet (the
+    /// stage may run on another host, in its pool).
+    fn pending_stage_field(&self, index: usize) -> (usize, String) {
+        (index, stage_json(&self.unrun_stage(index), None))
+    }
+
+    fn unrun_stage(&self, index: usize) -> StageFields {
+        StageFields {
+            name: self.stage_names.get(index).cloned().unwrap_or_default(),
+            status: "pending".to_owned(),
+            pool: self.stage_pools.get(index).cloned().unwrap_or_default(),
+            ..StageFields::default()
+        }
     }
 
     fn kind(&self) -> &str {
@@ -254,7 +267,7 @@ impl JobStarted {
         // anew, or a resumed job's interrupted stage).
         let mut parts = job.parts();
         parts.stages = (self.resume_at..self.stages)
-            .map(|i| job.stage_field(i, "pending", 0, (None, None), None, None))
+            .map(|i| job.pending_stage_field(i))
             .collect();
         job.publish(
             Status::Running,

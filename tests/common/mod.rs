@@ -51,8 +51,8 @@ pub use self::ledger::{
     open_sqlite_read_only,
 };
 pub use self::pools::{
-    StageRow, assert_progress_never_goes_back, chain_config, chain_stage, job_status_in, pool_host,
-    pool_key, pool_len, stage_result, stage_rows,
+    StageRow, chain_config, chain_stage, job_status_in, pool_host, pool_key, pool_len,
+    stage_result, stage_rows,
 };
 pub use self::progress::ProgressSub;
 pub use self::redis::TestRedis;

@@ -98,16 +98,3 @@ pub fn pool_key(h: &Harness, pool: &str) -> String {
 pub fn pool_len(h: &Harness, pool: &str) -> u64 {
     h.llen(&pool_key(h, pool))
 }
-
-/// Progress of one job never goes down, whichever daemon published it.
-pub fn assert_progress_never_goes_back(messages: &[Value]) {
-    let mut high = 0.0;
-    for m in messages {
-        let p = m["progress"].as_f64().expect("progress");
-        assert!(
-            p >= high,
-            "progress went back from {high} to {p}: {messages:#?}"
-        );
-        high = p;
-    }
-}

@@ -73,6 +73,21 @@ impl ProgressSub {
             .collect()
     }
 
+    /// The whole-job progress of `id`'s messages never goes down, whichever
+    /// daemon (host, pool) published them.
+    pub fn assert_progress_never_goes_back(&self, id: &str) {
+        let messages = self.for_job(id);
+        let mut high = 0.0;
+        for m in &messages {
+            let p = m["progress"].as_f64().expect("progress");
+            assert!(
+                p >= high,
+                "progress went back from {high} to {p}: {messages:#?}"
+            );
+            high = p;
+        }
+    }
+
     /// Waits until a message of `id` has `status`; returns it.
     pub fn wait_status(&self, id: &str, status: &str, timeout: Duration) -> Value {
         wait_for(

@@ -234,7 +234,7 @@ async function overview() {
 
 async function jobs(params) {
   const form = el("form", { class: "filters" },
-    el("select", { name: "status" }, ...["", "pending", "scheduled", "running", "retrying", "completed", "failed", "cancelled"].map((s) =>
+    el("select", { name: "status" }, ...["", "pending", "scheduled", "running", "retrying", "completed", "failed", "cancelled", "handed_over"].map((s) =>
       el("option", { value: s, selected: params.get("status") === s }, s || "any status"))),
     el("input", { name: "type", placeholder: "type", value: params.get("type") || "" }),
     el("input", { name: "queue", placeholder: "queue", value: params.get("queue") || "" }),
@@ -261,7 +261,7 @@ async function jobs(params) {
       ...r.jobs.map((j) => el("tr", { "data-job-id": j.id },
         el("td", {}, jobLink(j.id)), el("td", {}, j.type), el("td", {}, j.queue), el("td", {}, statusCell(j.status)),
         el("td", { class: "num" }, j.progress === undefined ? "-" : Math.round(j.progress) + "%"), el("td", { class: "num" }, j.attempt),
-        el("td", { class: "muted" }, j.due_at ? "due " + j.due_at : j.updated_at || ""), el("td", {}, j.error || (j.stage ? "stage " + j.stage : ""))))), pager);
+        el("td", { class: "muted" }, j.due_at ? "due " + j.due_at : j.updated_at || ""), el("td", {}, j.error || (j.stage ? (j.status === "handed_over" ? "handed on to stage " : "stage ") + j.stage : ""))))), pager);
   } catch (e) {
     table.replaceChildren(el("p", { class: "error" }, e.message));
   }
@@ -274,10 +274,12 @@ async function jobDetail(id) {
   try { r = await api("/api/jobs/" + encodeURIComponent(id)); } catch (e) { box.append(el("p", { class: "error" }, e.message)); return; }
   const rec = r.record || {};
   const ev = r.live;
+  // The host of a daemon still registered (none for one that is gone).
+  const hostOf = (w) => (w && r.hosts && r.hosts[w]) || "";
   const rows = [["status", statusCell(r.status)], ["type", rec.type || r.type], ["queue", rec.queue || r.queue],
     ["progress", Math.round(ev ? ev.progress : rec.progress || 0) + "%"],
     ["attempt", (rec.attempt ?? "-") + (rec.max_attempts ? " of " + rec.max_attempts : "")],
-    ["worker", rec.worker_id], ["created", rec.created_at], ["finished", rec.finished_at], ["due", r.due_at], ["error", rec.error]];
+    ["worker", rec.worker_id], ["host", hostOf(rec.worker_id)], ["created", rec.created_at], ["finished", rec.finished_at], ["due", r.due_at], ["error", rec.error]];
   box.append(el("table", {}, ...rows.filter(([, v]) => v !== undefined && v !== null && v !== "")
     .map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v)))));
   box.append(el("div", { class: "actions" },
@@ -288,7 +290,7 @@ async function jobDetail(id) {
   const t1 = Math.max(...stages.map((s) => Date.parse(s.finished_at || s.started_at)).filter((x) => !isNaN(x)));
   const span = Math.max(1, t1 - t0);
   box.append(el("h2", {}, "Stages"), el("table", { class: "timeline" },
-    el("tr", {}, ...["stage", "status", "worker", "pool", "timeline", "duration", "result", "error"].map((h) => el("th", {}, h))),
+    el("tr", {}, ...["stage", "status", "worker", "pool", "host", "timeline", "duration", "result", "error"].map((h) => el("th", {}, h))),
     ...stages.map((s) => {
       const d = duration(s.started_at, s.finished_at);
       const seg = el("div", { class: "seg " + (s.status === "failed" ? "failed" : "") });
@@ -300,6 +302,7 @@ async function jobDetail(id) {
       return el("tr", {}, el("td", {}, s.name), el("td", {}, statusCell(s.status)),
         el("td", { class: "mono" }, s.worker_id || ""),
         el("td", { class: "mono" }, s.pool || ""),
+        el("td", { class: "mono" }, hostOf(s.worker_id)),
         el("td", { class: "tl" }, el("div", { class: "track" }, seg)),
         el("td", { class: "num" }, d === null ? "-" : (d / 1000).toFixed(2) + " s"),
         el("td", {}, s.result === null ? "" : el("pre", {}, JSON.stringify(s.result, null, 2))),

@@ -12,7 +12,7 @@ use crate::config::RetryConfig;
 use crate::job::Status;
 use crate::pipeline::{FailureKind, StageError};
 use crate::queue::Next;
-use crate::store::FinishJob;
+use crate::store::{FinishJob, HandedTo};
 use crate::time::now_rfc3339;
 use crate::worker::events::{JobCancelled, JobCompleted, JobFailed, JobRequeued, JobRetrying};
 
@@ -120,6 +120,17 @@ impl Run {
         progress: f64,
         error: Option<String>,
     ) -> bool {
+        self.finish_record_to(status, progress, error, None).await
+    }
+
+    /// [`Run::finish_record`], naming where a handed-over job went.
+    pub(super) async fn finish_record_to(
+        &self,
+        status: Status,
+        progress: f64,
+        error: Option<String>,
+        handed_to: Option<HandedTo>,
+    ) -> bool {
         let record = FinishJob {
             id: self.job.id().to_owned(),
             lease: self.token.clone(),
@@ -129,6 +140,7 @@ impl Run {
             progress,
             error,
             at: now_rfc3339(),
+            handed_to,
         };
         match self.env.store.finish(record).await {
             Ok(true) => true,
