@@ -745,7 +745,7 @@ async fn settle_removes_one_copy_only() {
 }
 
 #[tokio::test]
-async fn settle_handover_pushes_onto_the_pool_list_at_the_consuming_end() {
+async fn settle_handover_pushes_onto_the_far_end_of_the_pool_list() {
     let c = ctx().await;
     let j1 = settle_fixture(&c);
     let gpu = c.k().pool(Q, "gpu");
@@ -761,12 +761,12 @@ async fn settle_handover_pushes_onto_the_pool_list_at_the_consuming_end() {
         .unwrap();
     assert!(ok);
     assert_eq!(c.list(&c.k().active(Q, W)), ["a2", "a1"]);
-    assert_eq!(c.list(&gpu), ["g2", "g1", "j1-with-results"]);
-    assert_eq!(
-        c.rpop(&gpu).as_deref(),
-        Some("j1-with-results"),
-        "taken next"
-    );
+    // FIFO: the entries handed over before it are taken first (from the
+    // right), it last.
+    assert_eq!(c.list(&gpu), ["j1-with-results", "g2", "g1"]);
+    assert_eq!(c.rpop(&gpu).as_deref(), Some("g1"), "the oldest first");
+    assert_eq!(c.rpop(&gpu).as_deref(), Some("g2"));
+    assert_eq!(c.rpop(&gpu).as_deref(), Some("j1-with-results"));
     // The lease goes; no crash is counted and the job's story goes on: its
     // crash count and cancellation stay, its id stays live.
     assert_eq!(c.hash(&c.k().leases(Q)), map(&[("other", "t-other")]));
@@ -849,6 +849,68 @@ async fn batched_handovers_go_to_their_own_pool_lists() {
     assert!(c.list(&c.k().pending(Q)).is_empty());
     drop(batcher);
     runner.await.unwrap();
+}
+
+#[tokio::test]
+async fn the_job_handed_over_first_is_taken_first_from_a_pool_list() {
+    // Three jobs handed over to pool gpu one after the other (j1 first),
+    // while the pool's daemons are busy: they are taken in that order, by
+    // the non-blocking fetch and by the blocking one.
+    let c = ctx().await;
+    let (j1, j2, j3) = (job("j1"), job("j2"), job("j3"));
+    c.set_list(&c.k().active(Q, "w0"), &[&j3, &j2, &j1]);
+    for id in ["j1", "j2", "j3"] {
+        c.hset(&c.k().leases(Q), id, &format!("w0/{id}"));
+    }
+    for (raw, id) in [(&j1, "j1"), (&j2, "j2"), (&j3, "j3")] {
+        let next = Next::HandOver {
+            entry: raw.as_bytes(),
+            pool: "gpu",
+        };
+        let token = format!("w0/{id}");
+        let ok = c
+            .broker
+            .settle(Q, "w0", raw.as_bytes(), id, &token, next)
+            .await
+            .unwrap();
+        assert!(ok, "{id}");
+    }
+    let gpu = c.k().pool(Q, "gpu");
+    assert_eq!(c.list(&gpu), [j3.clone(), j2.clone(), j1.clone()]);
+    let got = c
+        .broker
+        .fetch_available_from(&[Q.to_owned()], &["gpu".to_owned()], W, 2)
+        .await
+        .unwrap();
+    assert_eq!(texts(&got), pairs(&[(Q, &j1), (Q, &j2)]), "oldest first");
+    // A job handed over while j3 waits goes after it.
+    c.set_list(&c.k().active(Q, "w0"), &[&j1]);
+    c.hset(&c.k().leases(Q), "j1", "w0/j1-again");
+    let next = Next::HandOver {
+        entry: j1.as_bytes(),
+        pool: "gpu",
+    };
+    let ok = c
+        .broker
+        .settle(Q, "w0", j1.as_bytes(), "j1", "w0/j1-again", next)
+        .await
+        .unwrap();
+    assert!(ok);
+    let mut conn = c
+        .broker
+        .blocking_connection(Duration::from_secs(2))
+        .await
+        .unwrap();
+    for want in [&j3, &j1] {
+        let one = c
+            .broker
+            .fetch_blocking_from(&mut conn, Q, Some("gpu"), W, Duration::from_millis(200))
+            .await
+            .unwrap()
+            .expect("a job in the pool list");
+        assert_eq!(String::from_utf8(one.raw).unwrap(), *want);
+    }
+    assert!(c.list(&gpu).is_empty());
 }
 
 #[tokio::test]

@@ -77,8 +77,10 @@ pub enum Next<'a> {
     Requeue(&'a [u8]),
     /// To the scheduled set, due `delay_ms` after Redis' clock now.
     Retry { entry: &'a [u8], delay_ms: u64 },
-    /// To the consuming end of stage pool `pool`'s list: the job's next
-    /// stage runs on a daemon serving that pool. The pool list is the
+    /// To the far end of stage pool `pool`'s list (`LPUSH`; taken from the
+    /// right like pending, so a pool list is FIFO: the job handed over
+    /// first is taken first): the job's next stage runs on a daemon
+    /// serving that pool. The pool list is the
     /// script's KEYS[9]: the batcher groups handovers by pool.
     HandOver { entry: &'a [u8], pool: &'a str },
 }

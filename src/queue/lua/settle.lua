@@ -21,8 +21,10 @@
 --         "requeue" RPUSH it onto pending (consuming end: taken next)
 --         "retry"   ZADD it to scheduled at Redis TIME (ms) + delay
 --         "revive"  LPUSH it onto pending, the job's history forgotten
---         "handover" RPUSH it onto the pool list KEYS[9] (its next stage
---                   runs in that pool; no attempt, requeue or crash counted)
+--         "handover" LPUSH it onto the pool list KEYS[9], the end away
+--                   from the consuming one: pool lists are FIFO, the job
+--                   handed over first is taken first (its next stage runs
+--                   in that pool; no attempt, requeue or crash counted)
 --   entry to push; delay in ms (for "retry")
 --
 -- Returns 1 or 0 per item. 0: the token is no longer the job's lease (the
@@ -67,7 +69,7 @@ for i = 1, #ARGV, 6 do
     elseif mode == 'revive' then
       redis.call('LPUSH', KEYS[5], entry)
     elseif mode == 'handover' then
-      redis.call('RPUSH', KEYS[9], entry)
+      redis.call('LPUSH', KEYS[9], entry)
     elseif mode == 'retry' then
       if not now_ms then
         local t = redis.call('TIME')
