@@ -461,7 +461,10 @@ fn a_job_cancelled_while_waiting_in_a_pool_list_is_dropped_by_that_pool() {
 fn with_one_pool_daemons_never_read_a_pool_list() {
     // No stage names a pool and the daemon serves the default pool only:
     // it fetches as without pools (pending alone), so an entry someone put
-    // in the default pool's list by hand stays there.
+    // in the default pool's list by hand stays there. Nothing can hand a
+    // job of such a queue over: a daemon that fetches it serves the
+    // default pool, and one serving other pools only does not fetch it
+    // (tests/pool_fetch.rs, the second review's finding 1).
     let stages = [chain_stage("s1", "none", "default", "")];
     let h = Harness::new(&config(&stages, ""));
     let planted = serde_json::json!({"id": "planted", "type": "chain", "payload": {}}).to_string();
@@ -479,6 +482,7 @@ fn with_one_pool_daemons_never_read_a_pool_list() {
     assert_eq!(llen(&h, &pool_key(&h, "default")), 1);
     assert_eq!(h.job_status("planted"), None);
     assert!(!d.log().contains("job_handed_over"));
+    assert!(!d.log().contains("queue_not_fetched"));
 }
 
 #[test]
@@ -502,10 +506,10 @@ fn a_handover_keeps_the_crash_count_for_the_pool_that_runs_the_stage() {
         .query(&mut h.redis.conn())
         .unwrap();
     let plain = host(&h, "host-default", "default", &h.db);
+    // The log line follows the settle's reply: wait for both.
     wait_until(WAIT, "the job handed over to pool b", || {
-        llen(&h, &pool_key(&h, "b")) == 1
+        llen(&h, &pool_key(&h, "b")) == 1 && plain.log().contains("job_handed_over")
     });
-    assert!(plain.log().contains("job_handed_over"));
     assert!(!plain.log().contains("job_quarantined"));
     assert_eq!(
         h.job_status(&id),

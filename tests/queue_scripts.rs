@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{TestRedis, unique_prefix};
-use conveyor::queue::{Broker, Claim, Enqueued, Fetched, Keys, Next, When};
+use conveyor::queue::{Broker, Claim, Enqueued, Fetched, Keys, Next, QueuePlan, When};
 
 struct Ctx {
     redis: TestRedis,
@@ -879,7 +879,7 @@ async fn the_job_handed_over_first_is_taken_first_from_a_pool_list() {
     assert_eq!(c.list(&gpu), [j3.clone(), j2.clone(), j1.clone()]);
     let got = c
         .broker
-        .fetch_available_from(&[Q.to_owned()], &["gpu".to_owned()], W, 2)
+        .fetch_available_from(&[QueuePlan::new(Q, &["gpu"])], W, 2)
         .await
         .unwrap();
     assert_eq!(texts(&got), pairs(&[(Q, &j1), (Q, &j2)]), "oldest first");
@@ -917,17 +917,18 @@ async fn the_job_handed_over_first_is_taken_first_from_a_pool_list() {
 async fn fetch_from_pools_takes_the_pool_lists_before_pending() {
     let c = ctx().await;
     let queues = vec!["hi".to_owned(), "lo".to_owned()];
-    let pools = vec!["gpu".to_owned(), "default".to_owned()];
+    // Each queue's own pools: on `lo`, gpu only.
+    let plans = [
+        QueuePlan::new("hi", &["gpu", "default"]),
+        QueuePlan::new("lo", &["gpu"]),
+    ];
     c.set_list(&c.k().pending("hi"), &["hi-p2", "hi-p1"]);
     c.set_list(&c.k().pool("hi", "default"), &["hi-d1"]);
     c.set_list(&c.k().pool("hi", "gpu"), &["hi-g2", "hi-g1"]);
     c.set_list(&c.k().pool("hi", "other"), &["hi-o1"]);
     c.set_list(&c.k().pool("lo", "gpu"), &["lo-g1"]);
-    let got = c
-        .broker
-        .fetch_available_from(&queues, &pools, W, 4)
-        .await
-        .unwrap();
+    c.set_list(&c.k().pool("lo", "default"), &["lo-d1"]);
+    let got = c.broker.fetch_available_from(&plans, W, 4).await.unwrap();
     assert_eq!(
         texts(&got),
         pairs(&[
@@ -941,14 +942,11 @@ async fn fetch_from_pools_takes_the_pool_lists_before_pending() {
         c.list(&c.k().active("hi", W)),
         ["hi-p1", "hi-d1", "hi-g2", "hi-g1"]
     );
-    // A pool not served is never read.
-    let got = c
-        .broker
-        .fetch_available_from(&queues, &pools, W, 10)
-        .await
-        .unwrap();
+    // A pool not in the queue's plan is never read.
+    let got = c.broker.fetch_available_from(&plans, W, 10).await.unwrap();
     assert_eq!(texts(&got), pairs(&[("hi", "hi-p2"), ("lo", "lo-g1")]));
     assert_eq!(c.list(&c.k().pool("hi", "other")), ["hi-o1"]);
+    assert_eq!(c.list(&c.k().pool("lo", "default")), ["lo-d1"]);
     // Without pools, only pending is read (a fleet with one pool).
     c.set_list(&c.k().pool("hi", "default"), &["hi-d2"]);
     c.set_list(&c.k().pending("hi"), &["hi-p3"]);
@@ -989,10 +987,9 @@ async fn a_cancelled_job_taken_from_a_pool_list_is_not_claimed() {
     let j1 = job("j1");
     c.set_list(&c.k().pool(Q, "gpu"), &[&j1]);
     c.hset(&c.k().cancelled(Q), "j1", "100");
-    let pools = vec!["gpu".to_owned()];
     let got = c
         .broker
-        .fetch_available_from(&[Q.to_owned()], &pools, W, 1)
+        .fetch_available_from(&[QueuePlan::new(Q, &["gpu"])], W, 1)
         .await
         .unwrap();
     assert_eq!(texts(&got), pairs(&[(Q, &j1)]));

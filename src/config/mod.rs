@@ -39,7 +39,7 @@ pub use locate::{ConfigSource, SYSTEM_CONFIG_PATH};
 pub use redis::{RedisConfig, RedisMode, redact_url};
 pub use schedules::ScheduleConfig;
 pub use servers::{DashboardConfig, GatewayConfig};
-pub use worker::{RetryConfig, StoreConfig, WorkerConfig};
+pub use worker::{QueueFetch, RetryConfig, StoreConfig, WorkerConfig};
 
 /// A configuration problem, reported with the key it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -357,7 +357,11 @@ pub(crate) mod tests {
         c.validate().unwrap();
         assert_eq!(c.jobs["t"].stages[0].pool(), "gpu-1_x");
         assert!(c.stage_pools("default").contains("gpu-1_x"));
-        assert!(c.uses_pools(), "a stage in another pool");
+        assert_eq!(
+            c.queue_fetch("default"),
+            QueueFetch::Skip(vec!["gpu-1_x".to_owned()]),
+            "its one stage in another pool: the default daemon leaves the queue to that pool's"
+        );
         for bad in ["", "a.b", "a b", "gpu{x}", &"p".repeat(65)] {
             let e = err(&stage(bad));
             assert!(
@@ -376,13 +380,20 @@ pub(crate) mod tests {
                 .unwrap();
         assert_eq!(plain.worker.pools, [DEFAULT_POOL]);
         assert_eq!(plain.jobs["t"].stages[0].pool(), DEFAULT_POOL);
-        assert!(!plain.uses_pools(), "one pool: nothing changes");
+        assert_eq!(
+            plain.queue_fetch("default"),
+            QueueFetch::Fetch(Vec::new()),
+            "one pool: pending alone, as without pools"
+        );
         let mut c = plain.clone();
         c.apply(&Overrides {
             pools: Some(vec!["gpu".into()]),
             ..Default::default()
         });
         assert_eq!(c.worker.pools, ["gpu"]);
-        assert!(c.uses_pools());
+        assert_eq!(
+            c.queue_fetch("default"),
+            QueueFetch::Skip(vec![DEFAULT_POOL.to_owned()])
+        );
     }
 }

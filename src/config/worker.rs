@@ -148,6 +148,20 @@ impl RetryConfig {
     }
 }
 
+/// How a daemon fetches one queue it serves ([`Config::queue_fetch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueFetch {
+    /// Fetched: the lists of these pools (those of the queue's stages this
+    /// daemon serves) first, then pending. Empty when no stage of the
+    /// queue names a pool other than the default: pending alone, as
+    /// without pools (no daemon ever hands a job of it over).
+    Fetch(Vec<String>),
+    /// Not fetched: this daemon serves none of the pools the queue's jobs
+    /// run in (these), so it could only hand every job over; the daemons
+    /// of those pools take them from pending.
+    Skip(Vec<String>),
+}
+
 impl Config {
     /// The worker id in force: configured, or the host name.
     pub fn worker_id(&self) -> String {
@@ -164,17 +178,35 @@ impl Config {
             .collect()
     }
 
-    /// Whether this daemon takes part in stage pools at all: a stage of a
-    /// queue it serves names a pool other than the default, or it serves
-    /// another pool. When not, it fetches and runs exactly as without
-    /// pools (no pool list is read).
-    pub fn uses_pools(&self) -> bool {
-        self.worker.pools.iter().any(|p| p != super::DEFAULT_POOL)
-            || self
-                .worker
-                .queues
-                .iter()
-                .any(|q| self.stage_pools(q).iter().any(|p| p != super::DEFAULT_POOL))
+    /// The pools `queue`'s jobs run in: those its stages name, or the
+    /// default pool alone when no (local) job type of the config is on it.
+    pub fn queue_pools(&self, queue: &str) -> BTreeSet<String> {
+        let pools = self.stage_pools(queue);
+        match pools.is_empty() {
+            true => BTreeSet::from([super::DEFAULT_POOL.to_owned()]),
+            false => pools,
+        }
+    }
+
+    /// How this daemon fetches `queue` (one it serves), by its pools and
+    /// the queue's ([`Config::queue_pools`]); the same on every daemon
+    /// with the same config. See [`QueueFetch`].
+    pub fn queue_fetch(&self, queue: &str) -> QueueFetch {
+        let used = self.queue_pools(queue);
+        let served: Vec<String> = self
+            .worker
+            .pools
+            .iter()
+            .filter(|p| used.contains(*p))
+            .cloned()
+            .collect();
+        if served.is_empty() {
+            return QueueFetch::Skip(used.into_iter().collect());
+        }
+        match used.iter().any(|p| p != super::DEFAULT_POOL) {
+            true => QueueFetch::Fetch(served),
+            false => QueueFetch::Fetch(Vec::new()),
+        }
     }
 
     /// The retry policy of a job type (defaults, then its overrides).
@@ -347,5 +379,58 @@ mod tests {
         let e =
             err("[jobs.x]\nmax_attempts = 0\nstages = [{ name = \"a\", builtin = \"noop\" }]\n");
         assert!(e.starts_with("config key `jobs.\"x\".max_attempts`"), "{e}");
+    }
+
+    #[test]
+    fn a_daemon_fetches_a_queue_only_when_it_serves_a_pool_of_its_stages() {
+        // Queue `video`: a default stage, then a gpu one. Queue `emails`:
+        // default stages only. Queue `misc`: no job type at all.
+        let toml = "[worker]\nqueues = [\"video\", \"emails\", \"misc\"]\n\
+            [jobs.v]\nqueue = \"video\"\nstages = [{ name = \"a\", builtin = \"noop\" }, \
+            { name = \"b\", builtin = \"noop\", pool = \"gpu\" }]\n\
+            [jobs.e]\nqueue = \"emails\"\nstages = [{ name = \"s\", builtin = \"noop\" }]\n";
+        let mut c = Config::from_toml(toml).unwrap();
+        c.validate().unwrap();
+        let fetch = |c: &Config| ["video", "emails", "misc"].map(|q| c.queue_fetch(q));
+        let names = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            c.queue_pools("misc"),
+            BTreeSet::from(["default".to_owned()])
+        );
+        // The default daemon: video's pool lists (its own pool's), the
+        // others' pending alone.
+        assert_eq!(
+            fetch(&c),
+            [
+                QueueFetch::Fetch(names(&["default"])),
+                QueueFetch::Fetch(Vec::new()),
+                QueueFetch::Fetch(Vec::new()),
+            ]
+        );
+        // A gpu daemon: video only. It never takes an emails job it could
+        // only hand over to `default`'s list, which no daemon of a queue
+        // without pooled stages reads (the second review's finding 1).
+        c.worker.pools = names(&["gpu"]);
+        assert_eq!(
+            fetch(&c),
+            [
+                QueueFetch::Fetch(names(&["gpu"])),
+                QueueFetch::Skip(names(&["default"])),
+                QueueFetch::Skip(names(&["default"])),
+            ]
+        );
+        // Both pools, in the order the daemon lists them.
+        c.worker.pools = names(&["gpu", "default"]);
+        assert_eq!(fetch(&c)[0], QueueFetch::Fetch(names(&["gpu", "default"])));
+        assert_eq!(fetch(&c)[1], QueueFetch::Fetch(Vec::new()));
+        // A queue whose every stage is in gpu: a default daemon skips it.
+        let only_gpu = Config::from_toml(
+            "[jobs.g]\nstages = [{ name = \"a\", builtin = \"noop\", pool = \"gpu\" }]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            only_gpu.queue_fetch("default"),
+            QueueFetch::Skip(names(&["gpu"]))
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! The checks of `conveyor doctor`: each one a named line, passed or
 //! failed with a detail; the command line prints them (`crate::cli`).
 //!
-//! Checks: the config loads; Redis answers, is 6.2 or newer and will not
+//! Checks: the config loads (and the daemon it describes fetches every
+//! queue it serves: `fetch`, a warning); Redis answers, is 6.2 or newer and will not
 //! evict keys; the Redis user may run every command conveyor sends, on
 //! keys shaped like conveyor's (`ACL DRYRUN`, Redis 7+); the Lua scripts
 //! load; the SQLite file has a schema this build knows and is in WAL mode.
@@ -15,7 +16,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::config::{Config, ConfigSource};
+use crate::config::{Config, ConfigSource, QueueFetch};
 
 /// One check: its name, whether it passed, and what was found.
 #[derive(Debug, Serialize)]
@@ -63,6 +64,7 @@ impl Report {
 pub async fn run(config: Result<Config, String>, source: &ConfigSource) -> Report {
     let mut report = Report::default();
     if let Some(config) = config_check(config, source, &mut report) {
+        fetch(&config, &mut report);
         sqlite(&config, &mut report);
         redis::checks(&config, &mut report).await;
     }
@@ -73,8 +75,45 @@ pub async fn run(config: Result<Config, String>, source: &ConfigSource) -> Repor
 /// SQLite, so it can run before a daemon starts (`ExecStartPre=`).
 pub fn run_config_only(config: Result<Config, String>, source: &ConfigSource) -> Report {
     let mut report = Report::default();
-    config_check(config, source, &mut report);
+    if let Some(config) = config_check(config, source, &mut report) {
+        fetch(&config, &mut report);
+    }
     report
+}
+
+/// The `fetch` line, only when this daemon (its `[worker] pools`, or
+/// `--pools`) would not fetch a queue it serves: none of the pools the
+/// queue's stages run in is among its own (`Config::queue_fetch`). A
+/// warning even when that is every queue (then `conveyor worker` refuses
+/// to start): a host that runs no daemon may share the config.
+fn fetch(config: &Config, report: &mut Report) {
+    let w = &config.worker;
+    let skipped: Vec<String> = w
+        .queues
+        .iter()
+        .filter_map(|q| match config.queue_fetch(q) {
+            QueueFetch::Skip(runs_in) => {
+                Some(format!("`{q}` (its stages run in {})", runs_in.join(", ")))
+            }
+            QueueFetch::Fetch(_) => None,
+        })
+        .collect();
+    if skipped.is_empty() {
+        return;
+    }
+    let end = match skipped.len() == w.queues.len() {
+        true => "; with no queue left, `conveyor worker` refuses to start",
+        false => "",
+    };
+    report.warn(
+        "fetch",
+        format!(
+            "a daemon serving pools {} does not take the jobs of queue {}: it serves none of \
+             their pools; the daemons of those pools take them{end}",
+            w.pools.join(","),
+            skipped.join(", ")
+        ),
+    );
 }
 
 /// The `config` line, naming the file and how it was chosen; the config

@@ -17,6 +17,23 @@ pub struct Fetched {
     pub raw: Vec<u8>,
 }
 
+/// A queue a daemon fetches, with the stage pools whose lists of it it
+/// reads before pending (none: pending alone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuePlan {
+    pub queue: String,
+    pub pools: Vec<String>,
+}
+
+impl QueuePlan {
+    pub fn new(queue: &str, pools: &[&str]) -> Self {
+        Self {
+            queue: queue.to_owned(),
+            pools: pools.iter().map(|p| (*p).to_owned()).collect(),
+        }
+    }
+}
+
 /// The outcome of [`Broker::claim`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
@@ -95,25 +112,27 @@ impl Broker {
         worker: &str,
         max: usize,
     ) -> RedisResult<Vec<Fetched>> {
-        self.fetch_available_from(queues, &[], worker, max).await
+        let plans: Vec<QueuePlan> = queues.iter().map(|q| QueuePlan::new(q, &[])).collect();
+        self.fetch_available_from(&plans, worker, max).await
     }
 
     /// [`Broker::fetch_available`] for a daemon serving stage pools: per
-    /// queue, the lists of `pools` first (jobs already under way finish
-    /// first), then pending. One round trip per list visited; with no
-    /// `pools`, exactly [`Broker::fetch_available`].
+    /// queue, in `plans`' order, the lists of its plan's pools first (jobs
+    /// already under way finish first), then pending. One round trip per
+    /// list visited; a plan without pools reads pending alone.
     pub async fn fetch_available_from(
         &self,
-        queues: &[String],
-        pools: &[String],
+        plans: &[QueuePlan],
         worker: &str,
         max: usize,
     ) -> RedisResult<Vec<Fetched>> {
         let mut conn = self.conn.clone();
         let mut out = Vec::new();
-        for queue in queues {
+        for plan in plans {
+            let queue = &plan.queue;
             let dst = self.keys.active(queue, worker);
-            let sources = pools
+            let sources = plan
+                .pools
                 .iter()
                 .map(|p| self.keys.pool(queue, p))
                 .chain(std::iter::once(self.keys.pending(queue)));

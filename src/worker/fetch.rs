@@ -13,8 +13,8 @@ use tokio_util::task::TaskTracker;
 
 use super::health::Health;
 use super::runner::{self, JobEnv};
-use crate::config::WorkerConfig;
-use crate::queue::{Fetched, Next};
+use crate::config::{Config, QueueFetch, WorkerConfig};
+use crate::queue::{Fetched, Next, QueuePlan};
 use crate::retry::reconnect_backoff;
 
 /// How often the fetch loop puts back entries of its active lists that no
@@ -38,11 +38,12 @@ impl Weights {
         )
     }
 
-    /// The queues in a random order where each queue comes first with a
-    /// probability proportional to its weight (and so on for the rest):
-    /// weighted sampling without replacement, by keys `u^(1/w)`.
-    fn order(&self, queues: &[String]) -> Vec<String> {
-        let mut keyed: Vec<(f64, &String)> = queues
+    /// The queues (or their plans) in a random order where each queue
+    /// comes first with a probability proportional to its weight (and so
+    /// on for the rest): weighted sampling without replacement, by keys
+    /// `u^(1/w)`.
+    fn order<T: Clone>(&self, queues: &[T]) -> Vec<T> {
+        let mut keyed: Vec<(f64, &T)> = queues
             .iter()
             .zip(&self.0)
             .map(|(q, w)| (fastrand::f64().powf(1.0 / w), q))
@@ -55,10 +56,11 @@ impl Weights {
 /// Takes jobs while slots are free; see the module docs.
 pub(super) struct Fetcher {
     env: Arc<JobEnv>,
-    queues: Vec<String>,
-    /// Stage pools whose lists are read, before pending, per queue; empty
-    /// when pools are not in use (then nothing but pending is read).
-    pools: Vec<String>,
+    /// The queues fetched, in `worker.queues` order, each with the stage
+    /// pools whose lists are read before its pending list (none when no
+    /// stage of the queue names a pool other than the default); see
+    /// [`plans`].
+    plans: Vec<QueuePlan>,
     /// Weighted mode (`worker.queue_weights`); strict priority when `None`.
     weights: Option<Weights>,
     slots: Arc<Semaphore>,
@@ -72,16 +74,15 @@ impl Fetcher {
     /// `jobs`.
     pub(super) fn new(
         w: &WorkerConfig,
-        pools: Vec<String>,
+        plans: Vec<QueuePlan>,
         env: Arc<JobEnv>,
         health: Arc<Health>,
         jobs: TaskTracker,
     ) -> Self {
+        let queues: Vec<String> = plans.iter().map(|p| p.queue.clone()).collect();
         Self {
-            queues: w.queues.clone(),
-            pools,
-            weights: (!w.queue_weights.is_empty())
-                .then(|| Weights::new(&w.queues, &w.queue_weights)),
+            weights: (!w.queue_weights.is_empty()).then(|| Weights::new(&queues, &w.queue_weights)),
+            plans,
             slots: env.slots.clone(),
             block: Duration::from_millis(w.fetch_block_ms),
             env,
@@ -91,6 +92,11 @@ impl Fetcher {
     }
 
     pub(super) async fn run(self, shutdown: CancellationToken) {
+        if self.plans.is_empty() {
+            // Refused at the start (see `plans`); nothing to take.
+            shutdown.cancelled().await;
+            return;
+        }
         let mut blocking = None;
         let mut backoff = reconnect_backoff();
         let mut failing = false;
@@ -214,19 +220,17 @@ impl Fetcher {
         // not one per free slot.
         let want = max.min(*probe);
         let weighted;
-        let queues = match &self.weights {
+        let plans = match &self.weights {
             Some(w) => {
-                weighted = w.order(&self.queues);
+                weighted = w.order(&self.plans);
                 &weighted
             }
-            None => &self.queues,
+            None => &self.plans,
         };
         // The latency of a fetch that finds jobs or not, without the
         // blocking wait for a job to arrive.
         let started = std::time::Instant::now();
-        let jobs = broker
-            .fetch_available_from(queues, &self.pools, worker, want)
-            .await?;
+        let jobs = broker.fetch_available_from(plans, worker, want).await?;
         crate::telemetry::metrics::fetched(started.elapsed());
         *probe = if jobs.len() == want {
             (*probe).max(want * 2).min(FETCH_BATCH)
@@ -239,20 +243,23 @@ impl Fetcher {
         // With several queues (and pool lists), each block is shorter so
         // that a job arriving on any list waits at most `fetch_block_ms` in
         // all.
-        let lists = self.queues.len() * (self.pools.len() + 1);
+        let lists: usize = self.plans.iter().map(|p| p.pools.len() + 1).sum();
         let block = (self.block / lists as u32).max(Duration::from_millis(10));
         let conn = match blocking {
             Some(conn) => conn,
             None => blocking.insert(broker.blocking_connection(self.block).await?),
         };
         // The turn goes over every list: each queue's pool lists, then its
-        // pending list.
-        let sources = self.pools.len() + 1;
-        let queue = match &self.weights {
-            Some(_) => &queues[0],
-            None => &self.queues[(*turn / sources) % self.queues.len()],
+        // pending list (weighted: the lists of the queue drawn first).
+        let (plan, pool) = match &self.weights {
+            Some(_) => {
+                let plan = &plans[0];
+                (plan, *turn % (plan.pools.len() + 1))
+            }
+            None => nth_list(&self.plans, *turn % lists),
         };
-        let pool = self.pools.get(*turn % sources).map(String::as_str);
+        let queue = &plan.queue;
+        let pool = plan.pools.get(pool).map(String::as_str);
         *turn = turn.wrapping_add(1);
         self.health.fetch_loop_alive();
         let job = broker
@@ -284,7 +291,7 @@ impl Fetcher {
     async fn reconcile(&self) {
         let worker = &self.env.worker_id;
         let broker = &self.env.broker;
-        for queue in &self.queues {
+        for queue in self.plans.iter().map(|p| &p.queue) {
             let key = broker.keys().active(queue, worker);
             let mut conn = broker.conn();
             let entries: Vec<Vec<u8>> = match redis::cmd("LRANGE")
@@ -333,6 +340,55 @@ impl Fetcher {
             }
         }
     }
+}
+
+/// List `n` of `plans` counted over each plan's pool lists, then its
+/// pending list: the plan and the index of the pool in it (the pool count:
+/// pending). `n` is less than the number of lists.
+fn nth_list(plans: &[QueuePlan], mut n: usize) -> (&QueuePlan, usize) {
+    for plan in plans {
+        let lists = plan.pools.len() + 1;
+        if n < lists {
+            return (plan, n);
+        }
+        n -= lists;
+    }
+    (&plans[0], plans[0].pools.len())
+}
+
+/// The queues this daemon fetches ([`Config::queue_fetch`]), in
+/// `worker.queues` order. A queue whose jobs run only in pools it does not
+/// serve is skipped, and said once (`queue_not_fetched`): taking its jobs
+/// could only hand them over. `Err` (naming them) when every queue is.
+pub(super) fn plans(config: &Config) -> Result<Vec<QueuePlan>, String> {
+    let w = &config.worker;
+    let mut plans = Vec::new();
+    let mut skipped = Vec::new();
+    for queue in &w.queues {
+        match config.queue_fetch(queue) {
+            QueueFetch::Fetch(pools) => plans.push(QueuePlan {
+                queue: queue.clone(),
+                pools,
+            }),
+            QueueFetch::Skip(runs_in) => {
+                tracing::warn!(queue = %queue, pools = ?w.pools, runs_in = ?runs_in,
+                    "queue_not_fetched");
+                skipped.push(format!(
+                    "`{queue}` (its stages run in {})",
+                    runs_in.join(", ")
+                ));
+            }
+        }
+    }
+    if plans.is_empty() {
+        return Err(format!(
+            "this daemon serves pools {} and none of its queues has a stage in them: {}; \
+             serve one of those pools (`--pools`) or a queue with stages in yours",
+            w.pools.join(","),
+            skipped.join(", ")
+        ));
+    }
+    Ok(plans)
 }
 
 #[cfg(test)]

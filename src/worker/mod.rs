@@ -101,6 +101,9 @@ pub enum WorkerError {
     Signals(std::io::Error),
     #[error("{0}")]
     Http(String),
+    /// None of the queues served has a stage in a pool served.
+    #[error("{0}")]
+    NothingToFetch(String),
     /// The drain did not finish within its bound (module docs, step 4).
     #[error(
         "shutdown gave up after {after_secs} s (fetch_block_ms + shutdown_grace_secs + kill_grace_secs + 10 s) with Redis or SQLite not answering; {}; jobs not recorded stay in this worker's active list and are recovered when it starts again with the same worker id (or by another daemon's reaper)",
@@ -167,12 +170,14 @@ pub(crate) async fn run_with_registry(
     quiet: quiet::Quiet,
 ) -> Result<(), WorkerError> {
     let worker_id = config.worker_id();
+    let plans = fetch::plans(&config).map_err(WorkerError::NothingToFetch)?;
     let http = background::bind_http(&config).await?;
     let Some((store, store_closer, broker)) = open(&config, &shutdown).await? else {
         tracing::info!("redis_wait_stopped");
         return Ok(());
     };
-    let info = register(&broker, &config, &worker_id).await?;
+    let fetched: Vec<String> = plans.iter().map(|p| p.queue.clone()).collect();
+    let info = register(&broker, &config, &worker_id, fetched).await?;
     let daemon = Daemon::start(&config, registry, &shutdown, broker, store, info, quiet);
     let tracker = TaskTracker::new();
     let background = CancellationToken::new();
@@ -190,7 +195,7 @@ pub(crate) async fn run_with_registry(
         sqlite: daemon.store.give_up_switch(),
     };
     let drain = async {
-        let jobs = daemon.fetch(&config, &shutdown).await;
+        let jobs = daemon.fetch(&config, plans, &shutdown).await;
         // Shutdown: the fetch loop has stopped taking jobs.
         daemon.wait_for_jobs(&config, jobs).await;
         background.cancel();
@@ -287,6 +292,7 @@ async fn register(
     broker: &Broker,
     config: &Config,
     worker_id: &str,
+    fetched: Vec<String>,
 ) -> Result<WorkerInfo, WorkerError> {
     let w = &config.worker;
     let info = WorkerInfo {
@@ -295,7 +301,8 @@ async fn register(
         pid: std::process::id(),
         instance: uuid::Uuid::now_v7().to_string(),
         started_at: crate::time::now_rfc3339(),
-        queues: w.queues.clone(),
+        // The queues it takes jobs of (a queue it skips is not served).
+        queues: fetched,
         pools: w.pools.clone(),
         concurrency: w.concurrency,
         running: 0,
@@ -386,19 +393,22 @@ impl Daemon {
         }
     }
 
-    /// Runs the fetch loop until `shutdown`; the job tasks it spawned.
-    async fn fetch(&self, config: &Config, shutdown: &CancellationToken) -> TaskTracker {
+    /// Runs the fetch loop on `plans` until `shutdown`; the job tasks it
+    /// spawned.
+    async fn fetch(
+        &self,
+        config: &Config,
+        plans: Vec<crate::queue::QueuePlan>,
+        shutdown: &CancellationToken,
+    ) -> TaskTracker {
         let jobs = TaskTracker::new();
         let health = self.health.clone();
-        // Pool lists are read only when pools are in use: a fleet with one
-        // pool fetches exactly as before.
-        let pool_lists = match config.uses_pools() {
-            true => config.worker.pools.clone(),
-            false => Vec::new(),
-        };
+        // A queue's pool lists are read only when a stage of it names a
+        // pool other than the default: a fleet with one pool fetches
+        // exactly as before.
         fetch::Fetcher::new(
             &config.worker,
-            pool_lists,
+            plans,
             self.env.clone(),
             health,
             jobs.clone(),

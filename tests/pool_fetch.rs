@@ -1,0 +1,169 @@
+//! Which queues a daemon with stage pools fetches (docs/concepts.md,
+//! "Stage pools"; second review of issue 15, finding 1): a daemon takes a
+//! queue's jobs only when it serves a pool the queue's stages run in, so
+//! it never takes a job it could only hand over to a pool list that no
+//! daemon reads. Real Redis, the real binary, one SQLite file per host.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Daemon, Harness, enqueue, open_sqlite_read_only, stdout_of, wait_until};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Queue `video`: job type `render`, one stage in pool `gpu`. Queue
+/// `emails`: job type `mail`, no stage naming a pool. Every daemon's
+/// config serves both queues.
+const CONFIG: &str = r#"
+[worker]
+queues = ["video", "emails"]
+fetch_block_ms = 100
+shutdown_grace_secs = 1
+kill_grace_secs = 1
+
+[jobs.render]
+queue = "video"
+stages = [{ name = "encode", builtin = "noop", pool = "gpu" }]
+
+[jobs.mail]
+queue = "emails"
+stages = [{ name = "send", builtin = "noop" }]
+"#;
+
+fn completed_in(db: &std::path::Path) -> u64 {
+    let Some(conn) = open_sqlite_read_only(db) else {
+        return 0;
+    };
+    conn.query_row(
+        "SELECT count(*) FROM jobs WHERE status = 'completed'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .unwrap_or(0) as u64
+}
+
+fn llen(h: &Harness, key: &str) -> u64 {
+    redis::cmd("LLEN")
+        .arg(key)
+        .query(&mut h.redis.conn())
+        .unwrap()
+}
+
+/// Entries in every stage pool list of every queue.
+fn in_pool_lists(h: &Harness) -> u64 {
+    h.scan_keys(&format!("{}:*:pool:*", h.prefix))
+        .iter()
+        .map(|k| llen(h, k))
+        .sum()
+}
+
+fn events<'a>(events: &'a [Value], name: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["event"] == name).collect()
+}
+
+fn doctor_fetch_check(h: &Harness, pools: &str) -> Option<Value> {
+    let out = h.cli(
+        &["doctor", "--config-only", "--json"],
+        &[("CONVEYOR_POOLS", pools)],
+    );
+    assert!(out.status.success(), "{}", stdout_of(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "fetch")
+        .cloned()
+}
+
+#[test]
+fn a_gpu_daemon_leaves_a_queue_without_gpu_stages_to_the_default_daemons() {
+    // The reviewer's fleet: a GPU host (`--pools gpu`) and a CPU host
+    // (default pool, queue emails only). Before the fix the GPU daemon
+    // took emails jobs from pending and handed each over to emails'
+    // default pool list, which the CPU daemon (no pooled stage on emails)
+    // never read: they stayed there forever.
+    let h = Harness::new(CONFIG);
+    let gpu_db = h.path("gpu.db");
+    let mails: Vec<String> = (0..10).map(|_| enqueue(&h, &["mail"])).collect();
+    let renders: Vec<String> = (0..3).map(|_| enqueue(&h, &["render"])).collect();
+    let gpu = Daemon::start(
+        &h.redis.url(),
+        &h.prefix,
+        &gpu_db,
+        &h.config,
+        "host-gpu",
+        &[("CONVEYOR_POOLS", "gpu")],
+    );
+    wait_until(WAIT, "the render jobs completed on the GPU host", || {
+        completed_in(&gpu_db) == renders.len() as u64
+    });
+    // Several fetch rounds (fetch_block_ms = 100) later, the GPU daemon
+    // has left every emails job in pending.
+    std::thread::sleep(Duration::from_millis(500));
+    let emails_pending = format!("{}:{{emails}}:pending", h.prefix);
+    assert_eq!(llen(&h, &emails_pending), mails.len() as u64);
+    assert_eq!(in_pool_lists(&h), 0);
+    let log = gpu.log_events();
+    let skipped = events(&log, "queue_not_fetched");
+    assert_eq!(skipped.len(), 1, "said once: {skipped:?}");
+    assert_eq!(skipped[0]["queue"], "emails");
+    assert_eq!(skipped[0]["level"], "warn", "{:?}", skipped[0]);
+    // It registered for the queue it fetches only.
+    let status = h.status();
+    let me = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["id"] == "host-gpu")
+        .cloned()
+        .expect("registered");
+    assert_eq!(me["queues"], serde_json::json!(["video"]));
+
+    let cpu = h.daemon("host-cpu", &[("CONVEYOR_QUEUES", "emails")]);
+    wait_until(WAIT, "every emails job completed on the CPU host", || {
+        completed_in(&h.db) == mails.len() as u64
+    });
+    for id in &mails {
+        assert_eq!(h.job_status(id).as_deref(), Some("completed"), "{id}");
+    }
+    assert_eq!(in_pool_lists(&h), 0, "nothing left in a pool list");
+    assert_eq!(llen(&h, &emails_pending), 0);
+    for d in [&gpu, &cpu] {
+        assert!(events(&d.log_events(), "job_handed_over").is_empty());
+    }
+    assert!(events(&cpu.log_events(), "queue_not_fetched").is_empty());
+}
+
+#[test]
+fn doctor_warns_about_a_queue_the_daemon_would_not_fetch() {
+    let h = Harness::new(CONFIG);
+    // The GPU host's pools: emails is left to others.
+    let check = doctor_fetch_check(&h, "gpu").expect("a fetch line");
+    assert_eq!(check["ok"], true);
+    assert_eq!(check["warning"], true);
+    let detail = check["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("`emails` (its stages run in default)"),
+        "{detail}"
+    );
+    assert!(!detail.contains("video"), "{detail}");
+    // Both pools: every queue fetched, no line.
+    assert!(doctor_fetch_check(&h, "gpu,default").is_none());
+    // A pool no stage uses: nothing to fetch; doctor warns, the daemon
+    // refuses to start and says why.
+    let check = doctor_fetch_check(&h, "tpu").expect("a fetch line");
+    let detail = check["detail"].as_str().unwrap();
+    assert!(detail.contains("refuses to start"), "{detail}");
+    let mut d = h.spawn_daemon("host-tpu", &[], &[("CONVEYOR_POOLS", "tpu")]);
+    let status = d.wait_exit(WAIT);
+    assert!(!status.success());
+    let log = d.log();
+    assert!(
+        log.contains("none of its queues has a stage in them") && log.contains("`emails`"),
+        "{log}"
+    );
+    assert!(!log.contains("worker_started"), "{log}");
+}
