@@ -981,6 +981,96 @@ async fn fetch_from_pools_takes_the_pool_lists_before_pending() {
     assert!(none.is_none());
 }
 
+/// Bytes Redis has sent to its clients so far (`INFO stats`).
+fn net_output_bytes(c: &Ctx) -> u64 {
+    let info: String = c.cmd(redis::cmd("INFO").arg("stats"));
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("total_net_output_bytes")
+}
+
+#[tokio::test]
+async fn finding_a_job_in_the_pool_lists_reads_a_bounded_part_of_them() {
+    use conveyor::queue::pools::{POOL_SCAN_BYTES, POOL_SCAN_ENTRIES};
+    use std::collections::BTreeSet;
+    let c = ctx().await;
+    let pools: BTreeSet<String> = ["a", "gpu"].map(String::from).into();
+    // Small entries: found past the first chunks, in the second list.
+    let small: Vec<String> = (0..2_500).map(|i| job(&format!("s{i}"))).collect();
+    let refs: Vec<&str> = small.iter().map(String::as_str).collect();
+    c.set_list(&c.k().pool(Q, "gpu"), &refs);
+    let found = c.broker.find_in_pools(Q, &pools, "s2300").await.unwrap();
+    let (pool, entry) = found.expect("s2300 is in gpu's list");
+    assert_eq!(pool, "gpu");
+    assert_eq!(entry, small[2300].as_bytes());
+    assert!(
+        c.broker
+            .find_in_pools(Q, &pools, "nope")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Past POOL_SCAN_ENTRIES from the left: not looked for.
+    let many: Vec<String> = (0..POOL_SCAN_ENTRIES + 100)
+        .map(|i| job(&format!("m{i}")))
+        .collect();
+    let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+    for part in refs.chunks(1_000) {
+        let _: i64 = c.cmd(redis::cmd("RPUSH").arg(c.k().pool(Q, "a")).arg(part));
+    }
+    let last = format!("m{}", POOL_SCAN_ENTRIES + 50);
+    assert!(
+        c.broker
+            .find_in_pools(Q, &pools, &last)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let within = format!("m{}", POOL_SCAN_ENTRIES - 1);
+    let (pool, _) = c
+        .broker
+        .find_in_pools(Q, &pools, &within)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pool, "a");
+
+    // Large entries (finished stages' results): the scan stops at about
+    // POOL_SCAN_BYTES, whatever the list holds (100 x 1 MiB here).
+    c.set_list(&c.k().pool(Q, "a"), &[]);
+    let blob = "x".repeat(1 << 20);
+    let big: Vec<String> = (0..100)
+        .map(|i| {
+            serde_json::json!({"id": format!("b{i}"), "type": "t", "payload": {"r": blob}})
+                .to_string()
+        })
+        .collect();
+    for e in &big {
+        let _: i64 = c.cmd(redis::cmd("RPUSH").arg(c.k().pool(Q, "a")).arg(e));
+    }
+    let before = net_output_bytes(&c);
+    assert!(
+        c.broker
+            .find_in_pools(Q, &pools, "b99")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let sent = net_output_bytes(&c) - before;
+    assert!(
+        sent >= POOL_SCAN_BYTES as u64 && sent <= POOL_SCAN_BYTES as u64 + (3 << 20),
+        "{sent} bytes read for a bound of {POOL_SCAN_BYTES}"
+    );
+    let (pool, entry) = c
+        .broker
+        .find_in_pools(Q, &pools, "b10")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((pool.as_str(), entry.len()), ("a", big[10].len()));
+}
+
 #[tokio::test]
 async fn a_cancelled_job_taken_from_a_pool_list_is_not_claimed() {
     let c = ctx().await;
