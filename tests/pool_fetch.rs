@@ -167,3 +167,47 @@ fn doctor_warns_about_a_queue_the_daemon_would_not_fetch() {
     );
     assert!(!log.contains("worker_started"), "{log}");
 }
+
+/// Calls of `command` Redis has run so far (`INFO commandstats`).
+fn calls(h: &Harness, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut h.redis.conn())
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[test]
+fn an_idle_daemon_only_blocks_and_its_turn_reaches_every_list() {
+    // Serving gpu and default: video's gpu list and pending, emails'
+    // pending (3 lists). Idle, it sends BLMOVEs in turn and no LMOVE (the
+    // second review's finding 12: it used to send one LMOVE per list
+    // before each BLMOVE); a job put on any of the lists is taken.
+    let h = Harness::new(CONFIG);
+    let d = h.daemon("host-both", &[("CONVEYOR_POOLS", "gpu,default")]);
+    std::thread::sleep(Duration::from_millis(500));
+    let (lmove, blmove) = (calls(&h, "lmove"), calls(&h, "blmove"));
+    std::thread::sleep(Duration::from_millis(1_000));
+    assert_eq!(calls(&h, "lmove"), lmove, "no LMOVE while idle");
+    assert!(calls(&h, "blmove") > blmove, "it blocks in turn");
+    // One job on each list.
+    let handed = serde_json::json!({"id": "handed", "type": "render", "payload": {}}).to_string();
+    let _: i64 = redis::cmd("LPUSH")
+        .arg(format!("{}:{{video}}:pool:gpu", h.prefix))
+        .arg(&handed)
+        .query(&mut h.redis.conn())
+        .unwrap();
+    let render = enqueue(&h, &["render"]);
+    let mail = enqueue(&h, &["mail"]);
+    wait_until(WAIT, "the three jobs completed", || {
+        ["handed", render.as_str(), mail.as_str()]
+            .iter()
+            .all(|id| h.job_status(id).as_deref() == Some("completed"))
+    });
+    assert!(events(&d.log_events(), "job_handed_over").is_empty());
+    assert_eq!(in_pool_lists(&h), 0);
+}

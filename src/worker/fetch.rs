@@ -53,6 +53,18 @@ impl Weights {
     }
 }
 
+/// Where the fetch loop stands between two fetches.
+#[derive(Debug)]
+struct Turns {
+    /// The next list of the blocking rotation ([`nth_list`]).
+    turn: usize,
+    /// How many jobs the next non-blocking pass asks for.
+    probe: usize,
+    /// The last BLMOVE timed out: the next fetch goes straight to the next
+    /// list's BLMOVE.
+    idle: bool,
+}
+
 /// Takes jobs while slots are free; see the module docs.
 pub(super) struct Fetcher {
     env: Arc<JobEnv>,
@@ -100,8 +112,11 @@ impl Fetcher {
         let mut blocking = None;
         let mut backoff = reconnect_backoff();
         let mut failing = false;
-        let mut turn = 0usize;
-        let mut probe = 1usize;
+        let mut turns = Turns {
+            turn: 0,
+            probe: 1,
+            idle: false,
+        };
         let mut reconciled = tokio::time::Instant::now();
         loop {
             let quiet = self.health.quiet();
@@ -115,9 +130,7 @@ impl Fetcher {
                 // Quiet came while waiting for a slot: back to the gate.
                 continue;
             }
-            let result = self
-                .fetch(permits.len(), &mut blocking, &mut turn, &mut probe)
-                .await;
+            let result = self.fetch(permits.len(), &mut blocking, &mut turns).await;
             if shutdown.is_cancelled() || quiet.is_quiet() {
                 // A job taken while the stop (or quiet) arrived is not
                 // started: it goes back to pending, the next one taken.
@@ -159,6 +172,7 @@ impl Fetcher {
                 Err(err) => {
                     crate::telemetry::metrics::redis_error("fetch");
                     blocking = None;
+                    turns.idle = false;
                     let delay = backoff.next().unwrap_or(Duration::from_secs(5));
                     tracing::warn!(url = %self.env.broker.target(), error = %err, retry_in_ms = delay.as_millis() as u64, "fetch_failed");
                     failing = true;
@@ -204,20 +218,57 @@ impl Fetcher {
     }
 
     /// Up to `max` jobs without blocking, in priority order; when there are
-    /// none, one blocking BLMOVE on one queue (rotating over the queues).
+    /// none, one blocking BLMOVE on one list (rotating over every list).
+    /// While idle (the last BLMOVE timed out) the non-blocking pass is
+    /// skipped: the rotation alone visits every list within
+    /// `fetch_block_ms`, so an idle daemon sends one BLMOVE per block, not
+    /// one LMOVE per list as well.
     async fn fetch(
         &self,
         max: usize,
         blocking: &mut Option<crate::queue::RedisConn>,
-        turn: &mut usize,
+        turns: &mut Turns,
+    ) -> redis::RedisResult<Vec<Fetched>> {
+        if !turns.idle {
+            let jobs = self.fetch_available(max, &mut turns.probe).await?;
+            if !jobs.is_empty() {
+                return Ok(jobs);
+            }
+        }
+        let broker = &self.env.broker;
+        // With several queues (and pool lists), each block is shorter so
+        // that a job arriving on any list waits at most `fetch_block_ms` in
+        // all (10 ms at least: past 100 lists at the default 1 s, a turn
+        // takes longer).
+        let lists: usize = self.plans.iter().map(|p| p.pools.len() + 1).sum();
+        let block = (self.block / lists as u32).max(Duration::from_millis(10));
+        let conn = match blocking {
+            Some(conn) => conn,
+            None => blocking.insert(broker.blocking_connection(self.block).await?),
+        };
+        // The turn goes over every list: each queue's pool lists, then its
+        // pending list (weighted or not: weights choose among jobs when
+        // there are more than slots, in the pass above).
+        let (plan, pool) = nth_list(&self.plans, turns.turn % lists);
+        let pool = plan.pools.get(pool).map(String::as_str);
+        turns.turn = turns.turn.wrapping_add(1);
+        self.health.fetch_loop_alive();
+        let job = broker
+            .fetch_blocking_from(conn, &plan.queue, pool, &self.env.worker_id, block)
+            .await?;
+        turns.idle = job.is_none();
+        Ok(job.into_iter().collect())
+    }
+
+    /// The non-blocking pass: up to `max` jobs, in priority (or weighted)
+    /// order. It asks for as many jobs as the queues have been giving
+    /// (`probe`): after they ran dry one LMOVE a list probes them, and the
+    /// batch doubles while it comes back full.
+    async fn fetch_available(
+        &self,
+        max: usize,
         probe: &mut usize,
     ) -> redis::RedisResult<Vec<Fetched>> {
-        let broker = &self.env.broker;
-        let worker = &self.env.worker_id;
-        // Ask for as many jobs as the queue has been giving: after it ran
-        // dry one LMOVE probes it, and the batch doubles while it comes back
-        // full. An idle daemon thus sends one non-blocking LMOVE per BLMOVE,
-        // not one per free slot.
         let want = max.min(*probe);
         let weighted;
         let plans = match &self.weights {
@@ -230,42 +281,18 @@ impl Fetcher {
         // The latency of a fetch that finds jobs or not, without the
         // blocking wait for a job to arrive.
         let started = std::time::Instant::now();
-        let jobs = broker.fetch_available_from(plans, worker, want).await?;
+        let jobs = self
+            .env
+            .broker
+            .fetch_available_from(plans, &self.env.worker_id, want)
+            .await?;
         crate::telemetry::metrics::fetched(started.elapsed());
         *probe = if jobs.len() == want {
             (*probe).max(want * 2).min(FETCH_BATCH)
         } else {
             jobs.len().max(1)
         };
-        if !jobs.is_empty() {
-            return Ok(jobs);
-        }
-        // With several queues (and pool lists), each block is shorter so
-        // that a job arriving on any list waits at most `fetch_block_ms` in
-        // all.
-        let lists: usize = self.plans.iter().map(|p| p.pools.len() + 1).sum();
-        let block = (self.block / lists as u32).max(Duration::from_millis(10));
-        let conn = match blocking {
-            Some(conn) => conn,
-            None => blocking.insert(broker.blocking_connection(self.block).await?),
-        };
-        // The turn goes over every list: each queue's pool lists, then its
-        // pending list (weighted: the lists of the queue drawn first).
-        let (plan, pool) = match &self.weights {
-            Some(_) => {
-                let plan = &plans[0];
-                (plan, *turn % (plan.pools.len() + 1))
-            }
-            None => nth_list(&self.plans, *turn % lists),
-        };
-        let queue = &plan.queue;
-        let pool = plan.pools.get(pool).map(String::as_str);
-        *turn = turn.wrapping_add(1);
-        self.health.fetch_loop_alive();
-        let job = broker
-            .fetch_blocking_from(conn, queue, pool, worker, block)
-            .await?;
-        Ok(job.into_iter().collect())
+        Ok(jobs)
     }
 
     fn spawn_jobs(&self, jobs: Vec<Fetched>, mut permits: Vec<OwnedSemaphorePermit>) {
