@@ -1,8 +1,11 @@
-//! Which queues a daemon with stage pools fetches (docs/concepts.md,
-//! "Stage pools"; second review of issue 15, finding 1): a daemon takes a
-//! queue's jobs only when it serves a pool the queue's stages run in, so
-//! it never takes a job it could only hand over to a pool list that no
-//! daemon reads. Real Redis, the real binary, one SQLite file per host.
+//! How a daemon with stage pools fetches, and how a job waiting in a pool
+//! list is found (docs/concepts.md, "Stage pools"; second review of issue
+//! 15): a daemon takes a queue's jobs only when it serves a pool the
+//! queue's stages run in, so it never takes a job it could only hand over
+//! to a pool list that no daemon reads (finding 1); idle, it only blocks,
+//! in turn on every list (finding 12); `conveyor job` finds a job in a
+//! pool list by a bounded search, records on or off (finding 7). Real
+//! Redis, the real binary, one SQLite file per host.
 
 mod common;
 
@@ -210,4 +213,56 @@ fn an_idle_daemon_only_blocks_and_its_turn_reaches_every_list() {
     });
     assert!(events(&d.log_events(), "job_handed_over").is_empty());
     assert_eq!(in_pool_lists(&h), 0);
+}
+
+#[test]
+fn conveyor_job_finds_a_job_waiting_in_a_pool_list_without_records() {
+    // Records off: `conveyor job` finds where the job waits by its bounded
+    // search of the pool lists (the second review's finding 7), here past
+    // 3,000 entries handed over after it (read newest first, in chunks).
+    let toml = format!(
+        "{CONFIG}\n[history]\nretention_secs = 0\n\n[jobs.two]\nqueue = \"video\"\nstages = [\
+         {{ name = \"cut\", builtin = \"noop\" }}, {{ name = \"grade\", builtin = \"noop\", pool = \"gpu\" }}]\n"
+    );
+    let h = Harness::new(&toml);
+    let d = h.daemon("host-default", &[("CONVEYOR_QUEUES", "video")]);
+    let id = enqueue(&h, &["two"]);
+    let gpu = format!("{}:{{video}}:pool:gpu", h.prefix);
+    wait_until(WAIT, "the job handed over to pool gpu", || {
+        llen(&h, &gpu) == 1 && d.log().contains("job_handed_over")
+    });
+    assert!(
+        h.scan_keys(&format!("{}:*:job:*", h.prefix)).is_empty(),
+        "no record"
+    );
+    let later: Vec<String> = (0..3_000)
+        .map(|i| {
+            serde_json::json!({"id": format!("later-{i}"), "type": "two", "payload": {}})
+                .to_string()
+        })
+        .collect();
+    for part in later.chunks(500) {
+        let _: i64 = redis::cmd("LPUSH")
+            .arg(&gpu)
+            .arg(part)
+            .query(&mut h.redis.conn())
+            .unwrap();
+    }
+    let job = h.job_ok(&id);
+    assert_eq!(job["status"], "pending", "{job:#}");
+    assert_eq!(
+        job["waiting"],
+        serde_json::json!({"stage": "grade", "pool": "gpu"}),
+        "{job:#}"
+    );
+    let out = h.cli(&["job", &id], &[]);
+    assert!(
+        stdout_of(&out).contains("waiting   for stage grade in pool gpu"),
+        "{}",
+        stdout_of(&out)
+    );
+    // A job not in any pool list: no `waiting`.
+    let fresh = enqueue(&h, &["mail"]);
+    let job = h.job_ok(&fresh);
+    assert!(job.get("waiting").is_none_or(Value::is_null), "{job:#}");
 }
