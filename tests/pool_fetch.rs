@@ -1,8 +1,8 @@
 //! How a daemon with stage pools fetches, and how a job waiting in a pool
 //! list is found (docs/concepts.md, "Stage pools"; second review of issue
-//! 15): a daemon takes a queue's jobs only when it serves a pool the
-//! queue's stages run in, so it never takes a job it could only hand over
-//! to a pool list that no daemon reads (finding 1); idle, it only blocks,
+//! 15): once a stage names a pool, every daemon reads its pools' lists on
+//! every queue it serves, so no job is handed over to a list no daemon
+//! reads, whatever queue it is on (finding 1); idle, it only blocks,
 //! in turn on every list (finding 12); `conveyor job` finds a job in a
 //! pool list by a bounded search, records on or off (finding 7). Real
 //! Redis, the real binary, one SQLite file per host.
@@ -82,12 +82,14 @@ fn doctor_fetch_check(h: &Harness, pools: &str) -> Option<Value> {
 }
 
 #[test]
-fn a_gpu_daemon_leaves_a_queue_without_gpu_stages_to_the_default_daemons() {
-    // The reviewer's fleet: a GPU host (`--pools gpu`) and a CPU host
-    // (default pool, queue emails only). Before the fix the GPU daemon
-    // took emails jobs from pending and handed each over to emails'
-    // default pool list, which the CPU daemon (no pooled stage on emails)
-    // never read: they stayed there forever.
+fn jobs_a_gpu_daemon_takes_from_a_queue_without_pooled_stages_reach_the_default_daemons() {
+    // The reviewer's fleet: a GPU host (`--pools gpu`) serving video and
+    // emails, and a CPU host (default pool) serving emails only; no stage
+    // of emails names a pool. Before the fix the GPU daemon took emails
+    // jobs from pending and handed each over to emails' default pool list,
+    // which the CPU daemon (no pooled stage on its queues) never read:
+    // they stayed there forever. Now every daemon reads its pools' lists
+    // on every queue once a stage of the config names a pool.
     let h = Harness::new(CONFIG);
     let gpu_db = h.path("gpu.db");
     let mails: Vec<String> = (0..10).map(|_| enqueue(&h, &["mail"])).collect();
@@ -100,30 +102,16 @@ fn a_gpu_daemon_leaves_a_queue_without_gpu_stages_to_the_default_daemons() {
         "host-gpu",
         &[("CONVEYOR_POOLS", "gpu")],
     );
-    wait_until(WAIT, "the render jobs completed on the GPU host", || {
+    let default_list = format!("{}:{{emails}}:pool:default", h.prefix);
+    wait_until(WAIT, "the GPU host's jobs done or handed over", || {
         completed_in(&gpu_db) == renders.len() as u64
+            && llen(&h, &default_list) == mails.len() as u64
     });
-    // Several fetch rounds (fetch_block_ms = 100) later, the GPU daemon
-    // has left every emails job in pending.
-    std::thread::sleep(Duration::from_millis(500));
-    let emails_pending = format!("{}:{{emails}}:pending", h.prefix);
-    assert_eq!(llen(&h, &emails_pending), mails.len() as u64);
-    assert_eq!(in_pool_lists(&h), 0);
     let log = gpu.log_events();
-    let skipped = events(&log, "queue_not_fetched");
-    assert_eq!(skipped.len(), 1, "said once: {skipped:?}");
-    assert_eq!(skipped[0]["queue"], "emails");
-    assert_eq!(skipped[0]["level"], "warn", "{:?}", skipped[0]);
-    // It registered for the queue it fetches only.
-    let status = h.status();
-    let me = status["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["id"] == "host-gpu")
-        .cloned()
-        .expect("registered");
-    assert_eq!(me["queues"], serde_json::json!(["video"]));
+    let advice = events(&log, "queue_handover_only");
+    assert_eq!(advice.len(), 1, "said once: {advice:?}");
+    assert_eq!(advice[0]["queue"], "emails");
+    assert_eq!(advice[0]["level"], "warn", "{:?}", advice[0]);
 
     let cpu = h.daemon("host-cpu", &[("CONVEYOR_QUEUES", "emails")]);
     wait_until(WAIT, "every emails job completed on the CPU host", || {
@@ -133,30 +121,28 @@ fn a_gpu_daemon_leaves_a_queue_without_gpu_stages_to_the_default_daemons() {
         assert_eq!(h.job_status(id).as_deref(), Some("completed"), "{id}");
     }
     assert_eq!(in_pool_lists(&h), 0, "nothing left in a pool list");
-    assert_eq!(llen(&h, &emails_pending), 0);
-    for d in [&gpu, &cpu] {
-        assert!(events(&d.log_events(), "job_handed_over").is_empty());
-    }
-    assert!(events(&cpu.log_events(), "queue_not_fetched").is_empty());
+    assert_eq!(llen(&h, &format!("{}:{{emails}}:pending", h.prefix)), 0);
+    assert!(events(&cpu.log_events(), "job_handed_over").is_empty());
+    assert!(events(&cpu.log_events(), "queue_handover_only").is_empty());
 }
 
 #[test]
-fn doctor_warns_about_a_queue_the_daemon_would_not_fetch() {
+fn doctor_warns_about_a_daemon_that_would_only_hand_jobs_over() {
     let h = Harness::new(CONFIG);
-    // The GPU host's pools: emails is left to others.
+    // The GPU host's pools: emails' jobs would only be handed over.
     let check = doctor_fetch_check(&h, "gpu").expect("a fetch line");
     assert_eq!(check["ok"], true);
     assert_eq!(check["warning"], true);
     let detail = check["detail"].as_str().unwrap();
     assert!(
-        detail.contains("`emails` (its stages run in default)"),
+        detail.contains("`emails` (its job types run in default)"),
         "{detail}"
     );
     assert!(!detail.contains("video"), "{detail}");
-    // Both pools: every queue fetched, no line.
+    // Both pools: no line.
     assert!(doctor_fetch_check(&h, "gpu,default").is_none());
-    // A pool no stage uses: nothing to fetch; doctor warns, the daemon
-    // refuses to start and says why.
+    // A pool no stage uses: doctor warns, the daemon refuses to start and
+    // says why.
     let check = doctor_fetch_check(&h, "tpu").expect("a fetch line");
     let detail = check["detail"].as_str().unwrap();
     assert!(detail.contains("refuses to start"), "{detail}");
@@ -165,10 +151,41 @@ fn doctor_warns_about_a_queue_the_daemon_would_not_fetch() {
     assert!(!status.success());
     let log = d.log();
     assert!(
-        log.contains("none of its queues has a stage in them") && log.contains("`emails`"),
+        log.contains("no stage of the config runs in them") && log.contains("default, gpu"),
         "{log}"
     );
     assert!(!log.contains("worker_started"), "{log}");
+}
+
+#[test]
+fn a_job_type_pushed_on_another_queue_still_reaches_its_pool() {
+    // `jobs."T".queue` is only where `conveyor enqueue` puts T: a job of T
+    // on another queue (`--queue`, a raw producer) runs there, and a
+    // handover on that queue must reach the daemons of the stage's pool.
+    // `render` (gpu) pushed on emails: the default daemon takes it from
+    // emails' pending and hands it over; the GPU daemon, serving emails
+    // too, reads emails' gpu list.
+    let h = Harness::new(CONFIG);
+    let gpu_db = h.path("gpu.db");
+    let cpu = h.daemon("host-cpu", &[("CONVEYOR_QUEUES", "emails")]);
+    let id = enqueue(&h, &["render", "--queue", "emails"]);
+    wait_until(WAIT, "handed over to emails' gpu list", || {
+        cpu.log().contains("job_handed_over")
+    });
+    let _gpu = Daemon::start(
+        &h.redis.url(),
+        &h.prefix,
+        &gpu_db,
+        &h.config,
+        "host-gpu",
+        &[("CONVEYOR_POOLS", "gpu")],
+    );
+    wait_until(WAIT, "the job completed on the GPU host", || {
+        completed_in(&gpu_db) == 1
+    });
+    let job = h.job_ok(&id);
+    assert_eq!(job["status"], "completed", "{job:#}");
+    assert_eq!(in_pool_lists(&h), 0);
 }
 
 /// Calls of `command` Redis has run so far (`INFO commandstats`).

@@ -462,9 +462,9 @@ fn with_one_pool_daemons_never_read_a_pool_list() {
     // No stage names a pool and the daemon serves the default pool only:
     // it fetches as without pools (pending alone), so an entry someone put
     // in the default pool's list by hand stays there. Nothing can hand a
-    // job of such a queue over: a daemon that fetches it serves the
-    // default pool, and one serving other pools only does not fetch it
-    // (tests/pool_fetch.rs, the second review's finding 1).
+    // job over in such a fleet: a daemon serving none of the config's
+    // pools (here: `default` alone) refuses to start (tests/pool_fetch.rs,
+    // the second review's finding 1).
     let stages = [chain_stage("s1", "none", "default", "")];
     let h = Harness::new(&config(&stages, ""));
     let planted = serde_json::json!({"id": "planted", "type": "chain", "payload": {}}).to_string();
@@ -482,7 +482,7 @@ fn with_one_pool_daemons_never_read_a_pool_list() {
     assert_eq!(llen(&h, &pool_key(&h, "default")), 1);
     assert_eq!(h.job_status("planted"), None);
     assert!(!d.log().contains("job_handed_over"));
-    assert!(!d.log().contains("queue_not_fetched"));
+    assert!(!d.log().contains("queue_handover_only"));
 }
 
 #[test]

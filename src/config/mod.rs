@@ -39,7 +39,7 @@ pub use locate::{ConfigSource, SYSTEM_CONFIG_PATH};
 pub use redis::{RedisConfig, RedisMode, redact_url};
 pub use schedules::ScheduleConfig;
 pub use servers::{DashboardConfig, GatewayConfig};
-pub use worker::{QueueFetch, RetryConfig, StoreConfig, WorkerConfig};
+pub use worker::{RetryConfig, StoreConfig, WorkerConfig};
 
 /// A configuration problem, reported with the key it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -358,9 +358,9 @@ pub(crate) mod tests {
         assert_eq!(c.jobs["t"].stages[0].pool(), "gpu-1_x");
         assert!(c.stage_pools("default").contains("gpu-1_x"));
         assert_eq!(
-            c.queue_fetch("default"),
-            QueueFetch::Skip(vec!["gpu-1_x".to_owned()]),
-            "its one stage in another pool: the default daemon leaves the queue to that pool's"
+            c.pool_lists(),
+            Err(vec!["gpu-1_x".to_owned()]),
+            "its one stage in another pool: the default daemon could only hand jobs over"
         );
         for bad in ["", "a.b", "a b", "gpu{x}", &"p".repeat(65)] {
             let e = err(&stage(bad));
@@ -381,8 +381,8 @@ pub(crate) mod tests {
         assert_eq!(plain.worker.pools, [DEFAULT_POOL]);
         assert_eq!(plain.jobs["t"].stages[0].pool(), DEFAULT_POOL);
         assert_eq!(
-            plain.queue_fetch("default"),
-            QueueFetch::Fetch(Vec::new()),
+            plain.pool_lists(),
+            Ok(Vec::new()),
             "one pool: pending alone, as without pools"
         );
         let mut c = plain.clone();
@@ -391,9 +391,6 @@ pub(crate) mod tests {
             ..Default::default()
         });
         assert_eq!(c.worker.pools, ["gpu"]);
-        assert_eq!(
-            c.queue_fetch("default"),
-            QueueFetch::Skip(vec![DEFAULT_POOL.to_owned()])
-        );
+        assert_eq!(c.pool_lists(), Err(vec![DEFAULT_POOL.to_owned()]));
     }
 }

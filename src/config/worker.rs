@@ -148,20 +148,6 @@ impl RetryConfig {
     }
 }
 
-/// How a daemon fetches one queue it serves ([`Config::queue_fetch`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum QueueFetch {
-    /// Fetched: the lists of these pools (those of the queue's stages this
-    /// daemon serves) first, then pending. Empty when no stage of the
-    /// queue names a pool other than the default: pending alone, as
-    /// without pools (no daemon ever hands a job of it over).
-    Fetch(Vec<String>),
-    /// Not fetched: this daemon serves none of the pools the queue's jobs
-    /// run in (these), so it could only hand every job over; the daemons
-    /// of those pools take them from pending.
-    Skip(Vec<String>),
-}
-
 impl Config {
     /// The worker id in force: configured, or the host name.
     pub fn worker_id(&self) -> String {
@@ -178,21 +164,28 @@ impl Config {
             .collect()
     }
 
-    /// The pools `queue`'s jobs run in: those its stages name, or the
-    /// default pool alone when no (local) job type of the config is on it.
-    pub fn queue_pools(&self, queue: &str) -> BTreeSet<String> {
-        let pools = self.stage_pools(queue);
-        match pools.is_empty() {
-            true => BTreeSet::from([super::DEFAULT_POOL.to_owned()]),
-            false => pools,
-        }
+    /// Every pool a stage of the config's (local) job types runs in, the
+    /// default pool included when a stage has no `pool`.
+    pub fn config_pools(&self) -> BTreeSet<String> {
+        self.jobs
+            .values()
+            .filter(|job| !job.remote)
+            .flat_map(|job| job.stages.iter().map(|s| s.pool().to_owned()))
+            .collect()
     }
 
-    /// How this daemon fetches `queue` (one it serves), by its pools and
-    /// the queue's ([`Config::queue_pools`]); the same on every daemon
-    /// with the same config. See [`QueueFetch`].
-    pub fn queue_fetch(&self, queue: &str) -> QueueFetch {
-        let used = self.queue_pools(queue);
+    /// The stage pool lists this daemon reads on every queue it fetches,
+    /// before pending, in `worker.pools` order: none when no stage names a
+    /// pool other than the default (a fleet with one pool fetches as
+    /// without pools), else those of its pools a stage runs in. The same
+    /// rule on every daemon with the same config, and for every queue: a
+    /// job type is not bound to a queue (`jobs."T".queue` is only where
+    /// `conveyor enqueue` puts it), so a job handed over on any queue is
+    /// in a list the daemons of its pool read. `Err(config_pools)` when
+    /// the config's stages run in pools and this daemon serves none of
+    /// them: it could only hand every job over (refused at the start).
+    pub fn pool_lists(&self) -> Result<Vec<String>, Vec<String>> {
+        let used = self.config_pools();
         let served: Vec<String> = self
             .worker
             .pools
@@ -200,13 +193,30 @@ impl Config {
             .filter(|p| used.contains(*p))
             .cloned()
             .collect();
-        if served.is_empty() {
-            return QueueFetch::Skip(used.into_iter().collect());
+        if served.is_empty() && !used.is_empty() {
+            return Err(used.into_iter().collect());
         }
         match used.iter().any(|p| p != super::DEFAULT_POOL) {
-            true => QueueFetch::Fetch(served),
-            false => QueueFetch::Fetch(Vec::new()),
+            true => Ok(served),
+            false => Ok(Vec::new()),
         }
+    }
+
+    /// The queues this daemon serves whose job types (those whose `queue`
+    /// it is) all run in pools it does not serve, each with those pools:
+    /// it takes their jobs from pending only to hand them over at once.
+    /// Advice for the operator (serve those queues from the daemons of
+    /// those pools), not a rule: a job of any type may be on any queue.
+    pub fn handover_only_queues(&self) -> Vec<(String, Vec<String>)> {
+        self.worker
+            .queues
+            .iter()
+            .filter_map(|q| {
+                let pools = self.stage_pools(q);
+                let served = self.worker.pools.iter().any(|p| pools.contains(p));
+                (!pools.is_empty() && !served).then(|| (q.clone(), pools.into_iter().collect()))
+            })
+            .collect()
     }
 
     /// The retry policy of a job type (defaults, then its overrides).
@@ -382,55 +392,50 @@ mod tests {
     }
 
     #[test]
-    fn a_daemon_fetches_a_queue_only_when_it_serves_a_pool_of_its_stages() {
+    fn every_daemon_reads_the_pool_lists_of_its_pools_on_every_queue_once_a_stage_names_one() {
         // Queue `video`: a default stage, then a gpu one. Queue `emails`:
-        // default stages only. Queue `misc`: no job type at all.
-        let toml = "[worker]\nqueues = [\"video\", \"emails\", \"misc\"]\n\
+        // default stages only.
+        let toml = "[worker]\nqueues = [\"video\", \"emails\"]\n\
             [jobs.v]\nqueue = \"video\"\nstages = [{ name = \"a\", builtin = \"noop\" }, \
             { name = \"b\", builtin = \"noop\", pool = \"gpu\" }]\n\
             [jobs.e]\nqueue = \"emails\"\nstages = [{ name = \"s\", builtin = \"noop\" }]\n";
         let mut c = Config::from_toml(toml).unwrap();
         c.validate().unwrap();
-        let fetch = |c: &Config| ["video", "emails", "misc"].map(|q| c.queue_fetch(q));
         let names = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         assert_eq!(
-            c.queue_pools("misc"),
-            BTreeSet::from(["default".to_owned()])
+            c.config_pools(),
+            BTreeSet::from(["default".into(), "gpu".into()])
         );
-        // The default daemon: video's pool lists (its own pool's), the
-        // others' pending alone.
-        assert_eq!(
-            fetch(&c),
-            [
-                QueueFetch::Fetch(names(&["default"])),
-                QueueFetch::Fetch(Vec::new()),
-                QueueFetch::Fetch(Vec::new()),
-            ]
-        );
-        // A gpu daemon: video only. It never takes an emails job it could
-        // only hand over to `default`'s list, which no daemon of a queue
-        // without pooled stages reads (the second review's finding 1).
+        // The default daemon reads its list on every queue (emails too:
+        // a gpu daemon hands emails jobs over to it, second review's
+        // finding 1), and has no advice.
+        assert_eq!(c.pool_lists(), Ok(names(&["default"])));
+        assert!(c.handover_only_queues().is_empty());
+        // A gpu daemon: its list; emails' types run in default only.
         c.worker.pools = names(&["gpu"]);
+        assert_eq!(c.pool_lists(), Ok(names(&["gpu"])));
         assert_eq!(
-            fetch(&c),
-            [
-                QueueFetch::Fetch(names(&["gpu"])),
-                QueueFetch::Skip(names(&["default"])),
-                QueueFetch::Skip(names(&["default"])),
-            ]
+            c.handover_only_queues(),
+            [("emails".to_owned(), names(&["default"]))]
         );
-        // Both pools, in the order the daemon lists them.
-        c.worker.pools = names(&["gpu", "default"]);
-        assert_eq!(fetch(&c)[0], QueueFetch::Fetch(names(&["gpu", "default"])));
-        assert_eq!(fetch(&c)[1], QueueFetch::Fetch(Vec::new()));
-        // A queue whose every stage is in gpu: a default daemon skips it.
-        let only_gpu = Config::from_toml(
-            "[jobs.g]\nstages = [{ name = \"a\", builtin = \"noop\", pool = \"gpu\" }]\n",
-        )
-        .unwrap();
-        assert_eq!(
-            only_gpu.queue_fetch("default"),
-            QueueFetch::Skip(names(&["gpu"]))
-        );
+        // Both, in the daemon's order; a pool no stage uses is not read.
+        c.worker.pools = names(&["tpu", "gpu", "default"]);
+        assert_eq!(c.pool_lists(), Ok(names(&["gpu", "default"])));
+        // Only pools no stage uses: it could only hand jobs over.
+        c.worker.pools = names(&["tpu"]);
+        assert_eq!(c.pool_lists(), Err(names(&["default", "gpu"])));
+        // No stage names a pool: nothing read (one pool, as before), and a
+        // daemon not serving the default pool is refused.
+        let plain =
+            Config::from_toml("[jobs.t]\nstages = [{ name = \"a\", builtin = \"noop\" }]\n")
+                .unwrap();
+        assert_eq!(plain.pool_lists(), Ok(Vec::new()));
+        let mut gpu_only = plain.clone();
+        gpu_only.worker.pools = names(&["gpu"]);
+        assert_eq!(gpu_only.pool_lists(), Err(names(&["default"])));
+        // No job type at all: nothing to hand over, nothing read.
+        let mut none = Config::from_toml("").unwrap();
+        none.worker.pools = names(&["gpu"]);
+        assert_eq!(none.pool_lists(), Ok(Vec::new()));
     }
 }

@@ -1,8 +1,8 @@
 //! The checks of `conveyor doctor`: each one a named line, passed or
 //! failed with a detail; the command line prints them (`crate::cli`).
 //!
-//! Checks: the config loads (and the daemon it describes fetches every
-//! queue it serves: `fetch`, a warning); Redis answers, is 6.2 or newer and will not
+//! Checks: the config loads (and the daemon it describes runs a stage of
+//! every queue it serves: `fetch`, a warning); Redis answers, is 6.2 or newer and will not
 //! evict keys; the Redis user may run every command conveyor sends, on
 //! keys shaped like conveyor's (`ACL DRYRUN`, Redis 7+); the Lua scripts
 //! load; the SQLite file has a schema this build knows and is in WAL mode.
@@ -16,7 +16,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::config::{Config, ConfigSource, QueueFetch};
+use crate::config::{Config, ConfigSource};
 
 /// One check: its name, whether it passed, and what was found.
 #[derive(Debug, Serialize)]
@@ -81,37 +81,41 @@ pub fn run_config_only(config: Result<Config, String>, source: &ConfigSource) ->
     report
 }
 
-/// The `fetch` line, only when this daemon (its `[worker] pools`, or
-/// `--pools`) would not fetch a queue it serves: none of the pools the
-/// queue's stages run in is among its own (`Config::queue_fetch`). A
-/// warning even when that is every queue (then `conveyor worker` refuses
-/// to start): a host that runs no daemon may share the config.
+/// The `fetch` line, only when a daemon with this config and its pools
+/// (`[worker] pools`, or `--pools`) would serve a queue whose job types
+/// all run in pools it does not serve (it takes their jobs only to hand
+/// them over: `Config::handover_only_queues`), or none of the config's
+/// pools at all (`conveyor worker` refuses to start). A warning either
+/// way: a host that runs no daemon may share the config.
 fn fetch(config: &Config, report: &mut Report) {
     let w = &config.worker;
-    let skipped: Vec<String> = w
-        .queues
-        .iter()
-        .filter_map(|q| match config.queue_fetch(q) {
-            QueueFetch::Skip(runs_in) => {
-                Some(format!("`{q}` (its stages run in {})", runs_in.join(", ")))
-            }
-            QueueFetch::Fetch(_) => None,
-        })
-        .collect();
-    if skipped.is_empty() {
+    if let Err(runs_in) = config.pool_lists() {
+        report.warn(
+            "fetch",
+            format!(
+                "a daemon serving pools {} runs no stage of this config (they run in {}): \
+                 `conveyor worker` refuses to start",
+                w.pools.join(","),
+                runs_in.join(", ")
+            ),
+        );
         return;
     }
-    let end = match skipped.len() == w.queues.len() {
-        true => "; with no queue left, `conveyor worker` refuses to start",
-        false => "",
-    };
+    let only: Vec<String> = config
+        .handover_only_queues()
+        .into_iter()
+        .map(|(q, runs_in)| format!("`{q}` (its job types run in {})", runs_in.join(", ")))
+        .collect();
+    if only.is_empty() {
+        return;
+    }
     report.warn(
         "fetch",
         format!(
-            "a daemon serving pools {} does not take the jobs of queue {}: it serves none of \
-             their pools; the daemons of those pools take them{end}",
+            "a daemon serving pools {} takes the jobs of queue {} only to hand them over to \
+             the daemons of those pools; leave those queues to them (`--queues`)",
             w.pools.join(","),
-            skipped.join(", ")
+            only.join(", ")
         ),
     );
 }

@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use super::health::Health;
 use super::runner::{self, JobEnv};
-use crate::config::{Config, QueueFetch, WorkerConfig};
+use crate::config::{Config, WorkerConfig};
 use crate::queue::{Fetched, Next, QueuePlan};
 use crate::retry::reconnect_backoff;
 
@@ -70,8 +70,7 @@ pub(super) struct Fetcher {
     env: Arc<JobEnv>,
     /// The queues fetched, in `worker.queues` order, each with the stage
     /// pools whose lists are read before its pending list (none when no
-    /// stage of the queue names a pool other than the default); see
-    /// [`plans`].
+    /// stage names a pool other than the default); see [`plans`].
     plans: Vec<QueuePlan>,
     /// Weighted mode (`worker.queue_weights`); strict priority when `None`.
     weights: Option<Weights>,
@@ -383,39 +382,32 @@ fn nth_list(plans: &[QueuePlan], mut n: usize) -> (&QueuePlan, usize) {
     (&plans[0], plans[0].pools.len())
 }
 
-/// The queues this daemon fetches ([`Config::queue_fetch`]), in
-/// `worker.queues` order. A queue whose jobs run only in pools it does not
-/// serve is skipped, and said once (`queue_not_fetched`): taking its jobs
-/// could only hand them over. `Err` (naming them) when every queue is.
+/// Every queue this daemon serves, in `worker.queues` order, each with the
+/// stage pool lists read before its pending ([`Config::pool_lists`]). Says
+/// once (`queue_handover_only`) which queues' job types all run in pools
+/// it does not serve (it will only hand their jobs over). `Err` (saying
+/// why) when it serves none of the pools the config's stages run in.
 pub(super) fn plans(config: &Config) -> Result<Vec<QueuePlan>, String> {
     let w = &config.worker;
-    let mut plans = Vec::new();
-    let mut skipped = Vec::new();
-    for queue in &w.queues {
-        match config.queue_fetch(queue) {
-            QueueFetch::Fetch(pools) => plans.push(QueuePlan {
-                queue: queue.clone(),
-                pools,
-            }),
-            QueueFetch::Skip(runs_in) => {
-                tracing::warn!(queue = %queue, pools = ?w.pools, runs_in = ?runs_in,
-                    "queue_not_fetched");
-                skipped.push(format!(
-                    "`{queue}` (its stages run in {})",
-                    runs_in.join(", ")
-                ));
-            }
-        }
-    }
-    if plans.is_empty() {
-        return Err(format!(
-            "this daemon serves pools {} and none of its queues has a stage in them: {}; \
-             serve one of those pools (`--pools`) or a queue with stages in yours",
+    let pools = config.pool_lists().map_err(|runs_in| {
+        format!(
+            "this daemon serves pools {} and no stage of the config runs in them (they run in {}): \
+             it could only hand every job over; serve one of those pools (`--pools`)",
             w.pools.join(","),
-            skipped.join(", ")
-        ));
+            runs_in.join(", ")
+        )
+    })?;
+    for (queue, runs_in) in config.handover_only_queues() {
+        tracing::warn!(queue = %queue, pools = ?w.pools, runs_in = ?runs_in,
+            "queue_handover_only");
     }
-    Ok(plans)
+    Ok(w.queues
+        .iter()
+        .map(|queue| QueuePlan {
+            queue: queue.clone(),
+            pools: pools.clone(),
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -101,9 +101,9 @@ pub enum WorkerError {
     Signals(std::io::Error),
     #[error("{0}")]
     Http(String),
-    /// None of the queues served has a stage in a pool served.
+    /// The daemon serves none of the pools the config's stages run in.
     #[error("{0}")]
-    NothingToFetch(String),
+    NoPoolToRun(String),
     /// The drain did not finish within its bound (module docs, step 4).
     #[error(
         "shutdown gave up after {after_secs} s (fetch_block_ms + shutdown_grace_secs + kill_grace_secs + 10 s) with Redis or SQLite not answering; {}; jobs not recorded stay in this worker's active list and are recovered when it starts again with the same worker id (or by another daemon's reaper)",
@@ -170,14 +170,13 @@ pub(crate) async fn run_with_registry(
     quiet: quiet::Quiet,
 ) -> Result<(), WorkerError> {
     let worker_id = config.worker_id();
-    let plans = fetch::plans(&config).map_err(WorkerError::NothingToFetch)?;
+    let plans = fetch::plans(&config).map_err(WorkerError::NoPoolToRun)?;
     let http = background::bind_http(&config).await?;
     let Some((store, store_closer, broker)) = open(&config, &shutdown).await? else {
         tracing::info!("redis_wait_stopped");
         return Ok(());
     };
-    let fetched: Vec<String> = plans.iter().map(|p| p.queue.clone()).collect();
-    let info = register(&broker, &config, &worker_id, fetched).await?;
+    let info = register(&broker, &config, &worker_id).await?;
     let daemon = Daemon::start(&config, registry, &shutdown, broker, store, info, quiet);
     let tracker = TaskTracker::new();
     let background = CancellationToken::new();
@@ -292,7 +291,6 @@ async fn register(
     broker: &Broker,
     config: &Config,
     worker_id: &str,
-    fetched: Vec<String>,
 ) -> Result<WorkerInfo, WorkerError> {
     let w = &config.worker;
     let info = WorkerInfo {
@@ -301,8 +299,7 @@ async fn register(
         pid: std::process::id(),
         instance: uuid::Uuid::now_v7().to_string(),
         started_at: crate::time::now_rfc3339(),
-        // The queues it takes jobs of (a queue it skips is not served).
-        queues: fetched,
+        queues: w.queues.clone(),
         pools: w.pools.clone(),
         concurrency: w.concurrency,
         running: 0,
@@ -403,9 +400,8 @@ impl Daemon {
     ) -> TaskTracker {
         let jobs = TaskTracker::new();
         let health = self.health.clone();
-        // A queue's pool lists are read only when a stage of it names a
-        // pool other than the default: a fleet with one pool fetches
-        // exactly as before.
+        // Pool lists are read only when a stage names a pool other than
+        // the default: a fleet with one pool fetches exactly as before.
         fetch::Fetcher::new(
             &config.worker,
             plans,
