@@ -1,6 +1,6 @@
 //! The Redis side of a queue, through the library (`conveyor::queue::Broker`)
 //! against a private Redis: every branch of the Lua scripts (claim, settle,
-//! recover, promote), the fetch commands, cancellation and the dead list.
+//! recover, promote, fetch), the fetch commands, cancellation and the dead list.
 //!
 //! "Changes nothing" is checked exactly: a snapshot of every key of the
 //! test's prefix is taken before and after the call.
@@ -911,6 +911,41 @@ async fn the_job_handed_over_first_is_taken_first_from_a_pool_list() {
         assert_eq!(String::from_utf8(one.raw).unwrap(), *want);
     }
     assert!(c.list(&gpu).is_empty());
+}
+
+#[tokio::test]
+async fn fetch_script_takes_from_its_lists_in_order_up_to_max() {
+    // fetch.lua, branch by branch: a source emptied from its right before
+    // the next; the max reached inside a source (the rest stays); reached
+    // at a source's end (the later sources untouched); every source empty
+    // or absent (nothing moves).
+    let c = ctx().await;
+    let plan = [QueuePlan::new(Q, &["gpu", "default"])];
+    let (gpu, def, pending, active) = (
+        c.k().pool(Q, "gpu"),
+        c.k().pool(Q, "default"),
+        c.k().pending(Q),
+        c.k().active(Q, W),
+    );
+    c.set_list(&gpu, &["g3", "g2", "g1"]);
+    c.set_list(&pending, &["p1"]);
+    let got = c.broker.fetch_available_from(&plan, W, 2).await.unwrap();
+    assert_eq!(texts(&got), pairs(&[(Q, "g1"), (Q, "g2")]));
+    assert_eq!(c.list(&gpu), ["g3"]);
+    assert_eq!(c.list(&pending), ["p1"], "not read: the max was reached");
+    let got = c.broker.fetch_available_from(&plan, W, 1).await.unwrap();
+    assert_eq!(texts(&got), pairs(&[(Q, "g3")]));
+    assert!(c.list(&gpu).is_empty());
+    assert_eq!(c.list(&pending), ["p1"], "the max reached at gpu's end");
+    // gpu empty, default absent: on to pending.
+    let got = c.broker.fetch_available_from(&plan, W, 5).await.unwrap();
+    assert_eq!(texts(&got), pairs(&[(Q, "p1")]));
+    assert_eq!(c.list(&active), ["p1", "g3", "g2", "g1"]);
+    let before = c.snapshot();
+    let got = c.broker.fetch_available_from(&plan, W, 5).await.unwrap();
+    assert!(got.is_empty());
+    assert_eq!(c.snapshot(), before, "nothing moves");
+    assert!(c.list(&def).is_empty());
 }
 
 #[tokio::test]

@@ -119,7 +119,8 @@ impl Broker {
     /// [`Broker::fetch_available`] for a daemon serving stage pools: per
     /// queue, in `plans`' order, the lists of its plan's pools first (jobs
     /// already under way finish first), then pending. One round trip per
-    /// list visited; a plan without pools reads pending alone.
+    /// queue visited: a plan without pools pipelines LMOVEs on pending; one
+    /// with pools takes from all its lists in one `fetch.lua` call.
     pub async fn fetch_available_from(
         &self,
         plans: &[QueuePlan],
@@ -129,33 +130,37 @@ impl Broker {
         let mut conn = self.conn.clone();
         let mut out = Vec::new();
         for plan in plans {
+            let want = max - out.len();
+            if want == 0 {
+                break;
+            }
             let queue = &plan.queue;
             let dst = self.keys.active(queue, worker);
-            let sources = plan
-                .pools
-                .iter()
-                .map(|p| self.keys.pool(queue, p))
-                .chain(std::iter::once(self.keys.pending(queue)));
-            for src in sources {
-                let want = max - out.len();
-                if want == 0 {
-                    return Ok(out);
-                }
+            self.trip();
+            let got: Vec<Vec<u8>> = if plan.pools.is_empty() {
                 let mut pipe = redis::pipe();
                 for _ in 0..want {
                     pipe.cmd("LMOVE")
-                        .arg(&src)
+                        .arg(self.keys.pending(queue))
                         .arg(&dst)
                         .arg("RIGHT")
                         .arg("LEFT");
                 }
-                self.trip();
                 let got: Vec<Option<Vec<u8>>> = pipe.query_async(&mut conn).await?;
-                out.extend(got.into_iter().flatten().map(|raw| Fetched {
-                    queue: queue.clone(),
-                    raw,
-                }));
-            }
+                got.into_iter().flatten().collect()
+            } else {
+                let mut invocation = scripts::FETCH.prepare_invoke();
+                invocation.key(&dst);
+                for pool in &plan.pools {
+                    invocation.key(self.keys.pool(queue, pool));
+                }
+                invocation.key(self.keys.pending(queue)).arg(want);
+                invocation.invoke_async(&mut conn).await?
+            };
+            out.extend(got.into_iter().map(|raw| Fetched {
+                queue: queue.clone(),
+                raw,
+            }));
         }
         Ok(out)
     }
