@@ -96,7 +96,12 @@ fn a_job_takes_a_rate_token_when_it_leaves_pending_not_at_each_pool() {
 
 #[test]
 fn a_job_waiting_for_its_token_before_a_handover_goes_back_to_pending_on_shutdown() {
-    let stages = [chain_stage("s1", "none", "b", "")];
+    // s2 in the default pool: a daemon serving no pool of the config
+    // refuses to start.
+    let stages = [
+        chain_stage("s1", "none", "b", ""),
+        chain_stage("s2", "s1", "default", ""),
+    ];
     let h = Harness::new(&chain_config(&stages, "", "rate = \"1/1h\""));
     // Only the default pool is served: each job is handed over to b at its
     // first take, after its token. The second waits for one.

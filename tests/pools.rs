@@ -268,7 +268,10 @@ fn a_job_cancelled_while_waiting_in_a_pool_list_is_dropped_by_that_pool() {
 fn with_one_pool_daemons_never_read_a_pool_list() {
     // No stage names a pool and the daemon serves the default pool only:
     // it fetches as without pools (pending alone), so an entry someone put
-    // in the default pool's list by hand stays there.
+    // in the default pool's list by hand stays there. Nothing can hand a
+    // job over in such a fleet: a daemon serving none of the config's
+    // pools (here: `default` alone) refuses to start (tests/pool_fetch.rs,
+    // the second review's finding 1).
     let stages = [chain_stage("s1", "none", "default", "")];
     let h = Harness::new(&chain_config(&stages, "", ""));
     let planted = serde_json::json!({"id": "planted", "type": "chain", "payload": {}}).to_string();
@@ -286,6 +289,7 @@ fn with_one_pool_daemons_never_read_a_pool_list() {
     assert_eq!(pool_len(&h, "default"), 1);
     assert_eq!(h.job_status("planted"), None);
     assert!(!d.log().contains("job_handed_over"));
+    assert!(!d.log().contains("queue_handover_only"));
 }
 
 #[test]
@@ -309,10 +313,10 @@ fn a_handover_keeps_the_crash_count_for_the_pool_that_runs_the_stage() {
         .query(&mut h.redis.conn())
         .unwrap();
     let plain = host(&h, "host-default", "default", &h.db);
+    // The log line follows the settle's reply: wait for both.
     wait_until(WAIT, "the job handed over to pool b", || {
-        pool_len(&h, "b") == 1
+        pool_len(&h, "b") == 1 && plain.log().contains("job_handed_over")
     });
-    assert!(plain.log().contains("job_handed_over"));
     assert!(!plain.log().contains("job_quarantined"));
     assert_eq!(
         h.job_status(&id),

@@ -1,6 +1,6 @@
 //! The Redis side of a queue, through the library (`conveyor::queue::Broker`)
 //! against a private Redis: every branch of the Lua scripts (claim, settle,
-//! recover, promote), the fetch commands, cancellation and the dead list.
+//! recover, promote, fetch), the fetch commands, cancellation and the dead list.
 //!
 //! "Changes nothing" is checked exactly: a snapshot of every key of the
 //! test's prefix is taken before and after the call.
@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{TestRedis, unique_prefix};
-use conveyor::queue::{Broker, Claim, Enqueued, Fetched, Keys, Next, When};
+use conveyor::queue::{Broker, Claim, Enqueued, Fetched, Keys, Next, QueuePlan, When};
 
 struct Ctx {
     redis: TestRedis,
@@ -745,7 +745,7 @@ async fn settle_removes_one_copy_only() {
 }
 
 #[tokio::test]
-async fn settle_handover_pushes_onto_the_pool_list_at_the_consuming_end() {
+async fn settle_handover_pushes_onto_the_far_end_of_the_pool_list() {
     let c = ctx().await;
     let j1 = settle_fixture(&c);
     let gpu = c.k().pool(Q, "gpu");
@@ -761,12 +761,12 @@ async fn settle_handover_pushes_onto_the_pool_list_at_the_consuming_end() {
         .unwrap();
     assert!(ok);
     assert_eq!(c.list(&c.k().active(Q, W)), ["a2", "a1"]);
-    assert_eq!(c.list(&gpu), ["g2", "g1", "j1-with-results"]);
-    assert_eq!(
-        c.rpop(&gpu).as_deref(),
-        Some("j1-with-results"),
-        "taken next"
-    );
+    // FIFO: the entries handed over before it are taken first (from the
+    // right), it last.
+    assert_eq!(c.list(&gpu), ["j1-with-results", "g2", "g1"]);
+    assert_eq!(c.rpop(&gpu).as_deref(), Some("g1"), "the oldest first");
+    assert_eq!(c.rpop(&gpu).as_deref(), Some("g2"));
+    assert_eq!(c.rpop(&gpu).as_deref(), Some("j1-with-results"));
     // The lease goes; no crash is counted and the job's story goes on: its
     // crash count and cancellation stay, its id stays live.
     assert_eq!(c.hash(&c.k().leases(Q)), map(&[("other", "t-other")]));
@@ -789,13 +789,14 @@ async fn settle_handover_pushes_onto_the_pool_list_at_the_consuming_end() {
 #[tokio::test]
 async fn an_unclaimed_entry_taken_from_a_pool_list_is_put_back_onto_it() {
     // A daemon stopping with entries fetched but not run yet puts each back
-    // where it came from: one from a pool list with a handover and no token.
+    // where it came from: one from a pool list onto its consuming end
+    // ("return", no token), taken next as it would have been.
     let c = ctx().await;
     let j1 = settle_fixture(&c);
     c.set_list(&c.k().active(Q, W), &["a2", &j1, "u1", "a1"]);
     let gpu = c.k().pool(Q, "gpu");
     c.set_list(&gpu, &["g1"]);
-    let next = Next::HandOver {
+    let next = Next::ReturnToPool {
         entry: b"u1",
         pool: "gpu",
     };
@@ -830,30 +831,32 @@ async fn settle_handover_without_the_pool_key_is_refused_before_any_change() {
     let c = ctx().await;
     let j1 = settle_fixture(&c);
     // A batch whose first item is a plain requeue and whose second is a
-    // handover, sent without KEYS[9]: the script refuses the whole call,
-    // the requeue included.
+    // handover (or a return to a pool list), sent without KEYS[9]: the
+    // script refuses the whole call, the requeue included.
     let script = redis::Script::new(include_str!("../src/queue/lua/settle.lua"));
     let k = c.k();
     let before = c.snapshot();
-    let mut inv = script.prepare_invoke();
-    inv.key(k.active(Q, W))
-        .key(k.leases(Q))
-        .key(k.crashes(Q))
-        .key(k.cancelled(Q))
-        .key(k.pending(Q))
-        .key(k.dead(Q))
-        .key(k.scheduled(Q))
-        .key(k.unique(Q));
-    for arg in ["a1", "", "", "requeue", "a1", "0"] {
-        inv.arg(arg);
+    for mode in ["handover", "return"] {
+        let mut inv = script.prepare_invoke();
+        inv.key(k.active(Q, W))
+            .key(k.leases(Q))
+            .key(k.crashes(Q))
+            .key(k.cancelled(Q))
+            .key(k.pending(Q))
+            .key(k.dead(Q))
+            .key(k.scheduled(Q))
+            .key(k.unique(Q));
+        for arg in ["a1", "", "", "requeue", "a1", "0"] {
+            inv.arg(arg);
+        }
+        for arg in [j1.as_str(), "j1", "t1", mode, "x", "0"] {
+            inv.arg(arg);
+        }
+        let got: redis::RedisResult<Vec<i64>> = inv.invoke(&mut c.redis.conn());
+        let err = got.unwrap_err().to_string();
+        assert!(err.contains("KEYS[9]") && err.contains(mode), "{err}");
+        assert_eq!(c.snapshot(), before, "{mode}");
     }
-    for arg in [j1.as_str(), "j1", "t1", "handover", "x", "0"] {
-        inv.arg(arg);
-    }
-    let got: redis::RedisResult<Vec<i64>> = inv.invoke(&mut c.redis.conn());
-    let err = got.unwrap_err().to_string();
-    assert!(err.contains("KEYS[9]"), "{err}");
-    assert_eq!(c.snapshot(), before);
 }
 
 #[tokio::test]
@@ -891,20 +894,120 @@ async fn batched_handovers_go_to_their_own_pool_lists() {
 }
 
 #[tokio::test]
+async fn the_job_handed_over_first_is_taken_first_from_a_pool_list() {
+    // Three jobs handed over to pool gpu one after the other (j1 first),
+    // while the pool's daemons are busy: they are taken in that order, by
+    // the non-blocking fetch and by the blocking one.
+    let c = ctx().await;
+    let (j1, j2, j3) = (job("j1"), job("j2"), job("j3"));
+    c.set_list(&c.k().active(Q, "w0"), &[&j3, &j2, &j1]);
+    for id in ["j1", "j2", "j3"] {
+        c.hset(&c.k().leases(Q), id, &format!("w0/{id}"));
+    }
+    for (raw, id) in [(&j1, "j1"), (&j2, "j2"), (&j3, "j3")] {
+        let next = Next::HandOver {
+            entry: raw.as_bytes(),
+            pool: "gpu",
+        };
+        let token = format!("w0/{id}");
+        let ok = c
+            .broker
+            .settle(Q, "w0", raw.as_bytes(), id, &token, next)
+            .await
+            .unwrap();
+        assert!(ok, "{id}");
+    }
+    let gpu = c.k().pool(Q, "gpu");
+    assert_eq!(c.list(&gpu), [j3.clone(), j2.clone(), j1.clone()]);
+    let got = c
+        .broker
+        .fetch_available_from(&[QueuePlan::new(Q, &["gpu"])], W, 2)
+        .await
+        .unwrap();
+    assert_eq!(texts(&got), pairs(&[(Q, &j1), (Q, &j2)]), "oldest first");
+    // A job handed over while j3 waits goes after it.
+    c.set_list(&c.k().active(Q, "w0"), &[&j1]);
+    c.hset(&c.k().leases(Q), "j1", "w0/j1-again");
+    let next = Next::HandOver {
+        entry: j1.as_bytes(),
+        pool: "gpu",
+    };
+    let ok = c
+        .broker
+        .settle(Q, "w0", j1.as_bytes(), "j1", "w0/j1-again", next)
+        .await
+        .unwrap();
+    assert!(ok);
+    let mut conn = c
+        .broker
+        .blocking_connection(Duration::from_secs(2))
+        .await
+        .unwrap();
+    for want in [&j3, &j1] {
+        let one = c
+            .broker
+            .fetch_blocking_from(&mut conn, Q, Some("gpu"), W, Duration::from_millis(200))
+            .await
+            .unwrap()
+            .expect("a job in the pool list");
+        assert_eq!(String::from_utf8(one.raw).unwrap(), *want);
+    }
+    assert!(c.list(&gpu).is_empty());
+}
+
+#[tokio::test]
+async fn fetch_script_takes_from_its_lists_in_order_up_to_max() {
+    // fetch.lua, branch by branch: a source emptied from its right before
+    // the next; the max reached inside a source (the rest stays); reached
+    // at a source's end (the later sources untouched); every source empty
+    // or absent (nothing moves).
+    let c = ctx().await;
+    let plan = [QueuePlan::new(Q, &["gpu", "default"])];
+    let (gpu, def, pending, active) = (
+        c.k().pool(Q, "gpu"),
+        c.k().pool(Q, "default"),
+        c.k().pending(Q),
+        c.k().active(Q, W),
+    );
+    c.set_list(&gpu, &["g3", "g2", "g1"]);
+    c.set_list(&pending, &["p1"]);
+    let got = c.broker.fetch_available_from(&plan, W, 2).await.unwrap();
+    assert_eq!(texts(&got), pairs(&[(Q, "g1"), (Q, "g2")]));
+    assert!(got.iter().all(|f| f.pool.as_deref() == Some("gpu")));
+    assert_eq!(c.list(&gpu), ["g3"]);
+    assert_eq!(c.list(&pending), ["p1"], "not read: the max was reached");
+    let got = c.broker.fetch_available_from(&plan, W, 1).await.unwrap();
+    assert_eq!(texts(&got), pairs(&[(Q, "g3")]));
+    assert!(c.list(&gpu).is_empty());
+    assert_eq!(c.list(&pending), ["p1"], "the max reached at gpu's end");
+    // gpu empty, default absent: on to pending.
+    let got = c.broker.fetch_available_from(&plan, W, 5).await.unwrap();
+    assert_eq!(texts(&got), pairs(&[(Q, "p1")]));
+    assert_eq!(got[0].pool, None, "taken from pending");
+    assert_eq!(c.list(&active), ["p1", "g3", "g2", "g1"]);
+    let before = c.snapshot();
+    let got = c.broker.fetch_available_from(&plan, W, 5).await.unwrap();
+    assert!(got.is_empty());
+    assert_eq!(c.snapshot(), before, "nothing moves");
+    assert!(c.list(&def).is_empty());
+}
+
+#[tokio::test]
 async fn fetch_from_pools_takes_the_pool_lists_before_pending() {
     let c = ctx().await;
     let queues = vec!["hi".to_owned(), "lo".to_owned()];
-    let pools = vec!["gpu".to_owned(), "default".to_owned()];
+    // Each queue's own pools: on `lo`, gpu only.
+    let plans = [
+        QueuePlan::new("hi", &["gpu", "default"]),
+        QueuePlan::new("lo", &["gpu"]),
+    ];
     c.set_list(&c.k().pending("hi"), &["hi-p2", "hi-p1"]);
     c.set_list(&c.k().pool("hi", "default"), &["hi-d1"]);
     c.set_list(&c.k().pool("hi", "gpu"), &["hi-g2", "hi-g1"]);
     c.set_list(&c.k().pool("hi", "other"), &["hi-o1"]);
     c.set_list(&c.k().pool("lo", "gpu"), &["lo-g1"]);
-    let got = c
-        .broker
-        .fetch_available_from(&queues, &pools, W, 4)
-        .await
-        .unwrap();
+    c.set_list(&c.k().pool("lo", "default"), &["lo-d1"]);
+    let got = c.broker.fetch_available_from(&plans, W, 4).await.unwrap();
     assert_eq!(
         texts(&got),
         pairs(&[
@@ -922,14 +1025,11 @@ async fn fetch_from_pools_takes_the_pool_lists_before_pending() {
     // pending's).
     let from: Vec<Option<&str>> = got.iter().map(|f| f.pool.as_deref()).collect();
     assert_eq!(from, [Some("gpu"), Some("gpu"), Some("default"), None]);
-    // A pool not served is never read.
-    let got = c
-        .broker
-        .fetch_available_from(&queues, &pools, W, 10)
-        .await
-        .unwrap();
+    // A pool not in the queue's plan is never read.
+    let got = c.broker.fetch_available_from(&plans, W, 10).await.unwrap();
     assert_eq!(texts(&got), pairs(&[("hi", "hi-p2"), ("lo", "lo-g1")]));
     assert_eq!(c.list(&c.k().pool("hi", "other")), ["hi-o1"]);
+    assert_eq!(c.list(&c.k().pool("lo", "default")), ["lo-d1"]);
     // Without pools, only pending is read (a fleet with one pool).
     c.set_list(&c.k().pool("hi", "default"), &["hi-d2"]);
     c.set_list(&c.k().pending("hi"), &["hi-p3"]);
@@ -966,16 +1066,105 @@ async fn fetch_from_pools_takes_the_pool_lists_before_pending() {
     assert!(none.is_none());
 }
 
+/// Bytes Redis has sent to its clients so far (`INFO stats`).
+fn net_output_bytes(c: &Ctx) -> u64 {
+    let info: String = c.cmd(redis::cmd("INFO").arg("stats"));
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("total_net_output_bytes")
+}
+
+#[tokio::test]
+async fn finding_a_job_in_the_pool_lists_reads_a_bounded_part_of_them() {
+    use conveyor::queue::pools::{POOL_SCAN_BYTES, POOL_SCAN_ENTRIES};
+    use std::collections::BTreeSet;
+    let c = ctx().await;
+    let pools: BTreeSet<String> = ["a", "gpu"].map(String::from).into();
+    // Small entries: found past the first chunks, in the second list.
+    let small: Vec<String> = (0..2_500).map(|i| job(&format!("s{i}"))).collect();
+    let refs: Vec<&str> = small.iter().map(String::as_str).collect();
+    c.set_list(&c.k().pool(Q, "gpu"), &refs);
+    let found = c.broker.find_in_pools(Q, &pools, "s2300").await.unwrap();
+    let (pool, entry) = found.expect("s2300 is in gpu's list");
+    assert_eq!(pool, "gpu");
+    assert_eq!(entry, small[2300].as_bytes());
+    assert!(
+        c.broker
+            .find_in_pools(Q, &pools, "nope")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Past POOL_SCAN_ENTRIES from the left: not looked for.
+    let many: Vec<String> = (0..POOL_SCAN_ENTRIES + 100)
+        .map(|i| job(&format!("m{i}")))
+        .collect();
+    let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+    for part in refs.chunks(1_000) {
+        let _: i64 = c.cmd(redis::cmd("RPUSH").arg(c.k().pool(Q, "a")).arg(part));
+    }
+    let last = format!("m{}", POOL_SCAN_ENTRIES + 50);
+    assert!(
+        c.broker
+            .find_in_pools(Q, &pools, &last)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let within = format!("m{}", POOL_SCAN_ENTRIES - 1);
+    let (pool, _) = c
+        .broker
+        .find_in_pools(Q, &pools, &within)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pool, "a");
+
+    // Large entries (finished stages' results): the scan stops at about
+    // POOL_SCAN_BYTES, whatever the list holds (100 x 1 MiB here).
+    c.set_list(&c.k().pool(Q, "a"), &[]);
+    let blob = "x".repeat(1 << 20);
+    let big: Vec<String> = (0..100)
+        .map(|i| {
+            serde_json::json!({"id": format!("b{i}"), "type": "t", "payload": {"r": blob}})
+                .to_string()
+        })
+        .collect();
+    for e in &big {
+        let _: i64 = c.cmd(redis::cmd("RPUSH").arg(c.k().pool(Q, "a")).arg(e));
+    }
+    let before = net_output_bytes(&c);
+    assert!(
+        c.broker
+            .find_in_pools(Q, &pools, "b99")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let sent = net_output_bytes(&c) - before;
+    assert!(
+        sent >= POOL_SCAN_BYTES as u64 && sent <= POOL_SCAN_BYTES as u64 + (3 << 20),
+        "{sent} bytes read for a bound of {POOL_SCAN_BYTES}"
+    );
+    let (pool, entry) = c
+        .broker
+        .find_in_pools(Q, &pools, "b10")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((pool.as_str(), entry.len()), ("a", big[10].len()));
+}
+
 #[tokio::test]
 async fn a_cancelled_job_taken_from_a_pool_list_is_not_claimed() {
     let c = ctx().await;
     let j1 = job("j1");
     c.set_list(&c.k().pool(Q, "gpu"), &[&j1]);
     c.hset(&c.k().cancelled(Q), "j1", "100");
-    let pools = vec!["gpu".to_owned()];
     let got = c
         .broker
-        .fetch_available_from(&[Q.to_owned()], &pools, W, 1)
+        .fetch_available_from(&[QueuePlan::new(Q, &["gpu"])], W, 1)
         .await
         .unwrap();
     assert_eq!(texts(&got), pairs(&[(Q, &j1)]));

@@ -119,7 +119,7 @@ pub struct Throughput {
     /// bench fails).
     pub completed_in_sqlite: Vec<u64>,
     pub progress_events_dropped: u64,
-    /// Jobs handed over to a stage pool, per job (`RPUSH` calls).
+    /// Jobs handed over to a stage pool, per job (the daemons' `LPUSH` calls).
     pub handovers_per_job: Stat,
     /// Redis `used_memory` after the drain minus before the run, per job:
     /// the retained job records (≈ 0 with `--no-records`).

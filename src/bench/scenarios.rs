@@ -184,9 +184,9 @@ pub struct ThroughputRun {
     /// Daemon-side calls by command (the bench's own removed).
     pub commands: BTreeMap<String, u64>,
     pub producer_commands: u64,
-    /// Jobs handed over to a stage pool: `RPUSH` calls (settle.lua's
-    /// handover; its requeue, the other RPUSH, only happens on shutdown,
-    /// after the clock).
+    /// Jobs handed over to a stage pool: the daemons' `LPUSH` calls
+    /// (settle.lua's handover; the producer's LPUSHes are the bench's own,
+    /// and nothing is dead-lettered or revived in a bench run).
     pub handovers: u64,
     /// Redis `used_memory` after the queues drained minus before the first
     /// push, per job: with the queues empty, what stays is the job records
@@ -283,7 +283,7 @@ pub async fn throughput(env: &Env, w: &Workload) -> Result<ThroughputRun> {
         ("lpush", w.jobs),
     ];
     let commands = daemon_commands(&calls_before, &calls_after, &bench_calls);
-    let handovers = commands.get("rpush").copied().unwrap_or(0);
+    let handovers = commands.get("lpush").copied().unwrap_or(0);
     let redis_bytes_per_job = match (memory_before, memory_after) {
         (Some(b), Some(a)) => Some((a as f64 - b as f64) / w.jobs as f64),
         _ => None,

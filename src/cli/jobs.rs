@@ -161,8 +161,9 @@ pub async fn job(config: &Config, id: &str, json: bool) -> CliResult {
 }
 
 /// The stage pool list a pending job waits in, if any, and its next stage
-/// (the first the entry carries no result of). Best effort: a Redis error
-/// here leaves the line out.
+/// (the first the entry carries no result of). Best effort: a Redis error,
+/// or a job past the bounded search (`Broker::find_in_pools`), leaves the
+/// line out.
 async fn pool_wait(
     config: &Config,
     client: &crate::client::Client,

@@ -149,6 +149,10 @@ pub enum Command {
         /// loads, 2 if not; for `ExecStartPre=` and before a reload
         #[arg(long)]
         config_only: bool,
+        /// The stage pools of the daemon to check, comma-separated, as
+        /// `conveyor worker --pools` [default: `[worker] pools`]
+        #[arg(long, env = "CONVEYOR_POOLS", value_delimiter = ',')]
+        pools: Option<Vec<String>>,
     },
     /// Delete finished jobs older than a duration from SQLite, then
     /// `PRAGMA optimize` (and `VACUUM` with --vacuum)
@@ -254,6 +258,9 @@ impl Cli {
             o.concurrency = w.concurrency;
             o.shutdown_grace_secs = w.shutdown_grace_secs;
         }
+        if let Command::Doctor { pools, .. } = &self.command {
+            o.pools = pools.clone();
+        }
         o
     }
 
@@ -326,7 +333,9 @@ pub async fn run(cli: Cli) -> ExitCode {
                 Ok(())
             }
             Command::Man { out } => man::write_pages(out),
-            Command::Doctor { json, config_only } => doctor::run(&cli, *json, *config_only).await,
+            Command::Doctor {
+                json, config_only, ..
+            } => doctor::run(&cli, *json, *config_only).await,
         },
     };
     exit_code(result, output::json_errors(&cli.command))

@@ -357,7 +357,11 @@ pub(crate) mod tests {
         c.validate().unwrap();
         assert_eq!(c.jobs["t"].stages[0].pool(), "gpu-1_x");
         assert!(c.stage_pools("default").contains("gpu-1_x"));
-        assert!(c.uses_pools(), "a stage in another pool");
+        assert_eq!(
+            c.pool_lists(),
+            Err(vec!["gpu-1_x".to_owned()]),
+            "its one stage in another pool: the default daemon could only hand jobs over"
+        );
         for bad in ["", "a.b", "a b", "gpu{x}", &"p".repeat(65)] {
             let e = err(&stage(bad));
             assert!(
@@ -376,13 +380,17 @@ pub(crate) mod tests {
                 .unwrap();
         assert_eq!(plain.worker.pools, [DEFAULT_POOL]);
         assert_eq!(plain.jobs["t"].stages[0].pool(), DEFAULT_POOL);
-        assert!(!plain.uses_pools(), "one pool: nothing changes");
+        assert_eq!(
+            plain.pool_lists(),
+            Ok(Vec::new()),
+            "one pool: pending alone, as without pools"
+        );
         let mut c = plain.clone();
         c.apply(&Overrides {
             pools: Some(vec!["gpu".into()]),
             ..Default::default()
         });
         assert_eq!(c.worker.pools, ["gpu"]);
-        assert!(c.uses_pools());
+        assert_eq!(c.pool_lists(), Err(vec![DEFAULT_POOL.to_owned()]));
     }
 }

@@ -164,17 +164,59 @@ impl Config {
             .collect()
     }
 
-    /// Whether this daemon takes part in stage pools at all: a stage of a
-    /// queue it serves names a pool other than the default, or it serves
-    /// another pool. When not, it fetches and runs exactly as without
-    /// pools (no pool list is read).
-    pub fn uses_pools(&self) -> bool {
-        self.worker.pools.iter().any(|p| p != super::DEFAULT_POOL)
-            || self
-                .worker
-                .queues
-                .iter()
-                .any(|q| self.stage_pools(q).iter().any(|p| p != super::DEFAULT_POOL))
+    /// Every pool a stage of the config's (local) job types runs in, the
+    /// default pool included when a stage has no `pool`.
+    pub fn config_pools(&self) -> BTreeSet<String> {
+        self.jobs
+            .values()
+            .filter(|job| !job.remote)
+            .flat_map(|job| job.stages.iter().map(|s| s.pool().to_owned()))
+            .collect()
+    }
+
+    /// The stage pool lists this daemon reads on every queue it fetches,
+    /// before pending, in `worker.pools` order: none when no stage names a
+    /// pool other than the default (a fleet with one pool fetches as
+    /// without pools), else those of its pools a stage runs in. The same
+    /// rule on every daemon with the same config, and for every queue: a
+    /// job type is not bound to a queue (`jobs."T".queue` is only where
+    /// `conveyor enqueue` puts it), so a job handed over on any queue is
+    /// in a list the daemons of its pool read. `Err(config_pools)` when
+    /// the config's stages run in pools and this daemon serves none of
+    /// them: it could only hand every job over (refused at the start).
+    pub fn pool_lists(&self) -> Result<Vec<String>, Vec<String>> {
+        let used = self.config_pools();
+        let served: Vec<String> = self
+            .worker
+            .pools
+            .iter()
+            .filter(|p| used.contains(*p))
+            .cloned()
+            .collect();
+        if served.is_empty() && !used.is_empty() {
+            return Err(used.into_iter().collect());
+        }
+        match used.iter().any(|p| p != super::DEFAULT_POOL) {
+            true => Ok(served),
+            false => Ok(Vec::new()),
+        }
+    }
+
+    /// The queues this daemon serves whose job types (those whose `queue`
+    /// it is) all run in pools it does not serve, each with those pools:
+    /// it takes their jobs from pending only to hand them over at once.
+    /// Advice for the operator (serve those queues from the daemons of
+    /// those pools), not a rule: a job of any type may be on any queue.
+    pub fn handover_only_queues(&self) -> Vec<(String, Vec<String>)> {
+        self.worker
+            .queues
+            .iter()
+            .filter_map(|q| {
+                let pools = self.stage_pools(q);
+                let served = self.worker.pools.iter().any(|p| pools.contains(p));
+                (!pools.is_empty() && !served).then(|| (q.clone(), pools.into_iter().collect()))
+            })
+            .collect()
     }
 
     /// The retry policy of a job type (defaults, then its overrides).
@@ -347,5 +389,53 @@ mod tests {
         let e =
             err("[jobs.x]\nmax_attempts = 0\nstages = [{ name = \"a\", builtin = \"noop\" }]\n");
         assert!(e.starts_with("config key `jobs.\"x\".max_attempts`"), "{e}");
+    }
+
+    #[test]
+    fn every_daemon_reads_the_pool_lists_of_its_pools_on_every_queue_once_a_stage_names_one() {
+        // Queue `video`: a default stage, then a gpu one. Queue `emails`:
+        // default stages only.
+        let toml = "[worker]\nqueues = [\"video\", \"emails\"]\n\
+            [jobs.v]\nqueue = \"video\"\nstages = [{ name = \"a\", builtin = \"noop\" }, \
+            { name = \"b\", builtin = \"noop\", pool = \"gpu\" }]\n\
+            [jobs.e]\nqueue = \"emails\"\nstages = [{ name = \"s\", builtin = \"noop\" }]\n";
+        let mut c = Config::from_toml(toml).unwrap();
+        c.validate().unwrap();
+        let names = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            c.config_pools(),
+            BTreeSet::from(["default".into(), "gpu".into()])
+        );
+        // The default daemon reads its list on every queue (emails too:
+        // a gpu daemon hands emails jobs over to it, second review's
+        // finding 1), and has no advice.
+        assert_eq!(c.pool_lists(), Ok(names(&["default"])));
+        assert!(c.handover_only_queues().is_empty());
+        // A gpu daemon: its list; emails' types run in default only.
+        c.worker.pools = names(&["gpu"]);
+        assert_eq!(c.pool_lists(), Ok(names(&["gpu"])));
+        assert_eq!(
+            c.handover_only_queues(),
+            [("emails".to_owned(), names(&["default"]))]
+        );
+        // Both, in the daemon's order; a pool no stage uses is not read.
+        c.worker.pools = names(&["tpu", "gpu", "default"]);
+        assert_eq!(c.pool_lists(), Ok(names(&["gpu", "default"])));
+        // Only pools no stage uses: it could only hand jobs over.
+        c.worker.pools = names(&["tpu"]);
+        assert_eq!(c.pool_lists(), Err(names(&["default", "gpu"])));
+        // No stage names a pool: nothing read (one pool, as before), and a
+        // daemon not serving the default pool is refused.
+        let plain =
+            Config::from_toml("[jobs.t]\nstages = [{ name = \"a\", builtin = \"noop\" }]\n")
+                .unwrap();
+        assert_eq!(plain.pool_lists(), Ok(Vec::new()));
+        let mut gpu_only = plain.clone();
+        gpu_only.worker.pools = names(&["gpu"]);
+        assert_eq!(gpu_only.pool_lists(), Err(names(&["default"])));
+        // No job type at all: nothing to hand over, nothing read.
+        let mut none = Config::from_toml("").unwrap();
+        none.worker.pools = names(&["gpu"]);
+        assert_eq!(none.pool_lists(), Ok(Vec::new()));
     }
 }

@@ -1,7 +1,8 @@
 //! The checks of `conveyor doctor`: each one a named line, passed or
 //! failed with a detail; the command line prints them (`crate::cli`).
 //!
-//! Checks: the config loads; Redis answers, is 6.2 or newer and will not
+//! Checks: the config loads (and the daemon it describes runs a stage of
+//! every queue it serves: `fetch`, a warning); Redis answers, is 6.2 or newer and will not
 //! evict keys; the Redis user may run every command conveyor sends, on
 //! keys shaped like conveyor's (`ACL DRYRUN`, Redis 7+); the Lua scripts
 //! load; the SQLite file has a schema this build knows and is in WAL mode.
@@ -63,6 +64,7 @@ impl Report {
 pub async fn run(config: Result<Config, String>, source: &ConfigSource) -> Report {
     let mut report = Report::default();
     if let Some(config) = config_check(config, source, &mut report) {
+        fetch(&config, &mut report);
         sqlite(&config, &mut report);
         redis::checks(&config, &mut report).await;
     }
@@ -73,8 +75,49 @@ pub async fn run(config: Result<Config, String>, source: &ConfigSource) -> Repor
 /// SQLite, so it can run before a daemon starts (`ExecStartPre=`).
 pub fn run_config_only(config: Result<Config, String>, source: &ConfigSource) -> Report {
     let mut report = Report::default();
-    config_check(config, source, &mut report);
+    if let Some(config) = config_check(config, source, &mut report) {
+        fetch(&config, &mut report);
+    }
     report
+}
+
+/// The `fetch` line, only when a daemon with this config and its pools
+/// (`[worker] pools`, or `--pools`) would serve a queue whose job types
+/// all run in pools it does not serve (it takes their jobs only to hand
+/// them over: `Config::handover_only_queues`), or none of the config's
+/// pools at all (`conveyor worker` refuses to start). A warning either
+/// way: a host that runs no daemon may share the config.
+fn fetch(config: &Config, report: &mut Report) {
+    let w = &config.worker;
+    if let Err(runs_in) = config.pool_lists() {
+        report.warn(
+            "fetch",
+            format!(
+                "a daemon serving pools {} runs no stage of this config (they run in {}): \
+                 `conveyor worker` refuses to start",
+                w.pools.join(","),
+                runs_in.join(", ")
+            ),
+        );
+        return;
+    }
+    let only: Vec<String> = config
+        .handover_only_queues()
+        .into_iter()
+        .map(|(q, runs_in)| format!("`{q}` (its job types run in {})", runs_in.join(", ")))
+        .collect();
+    if only.is_empty() {
+        return;
+    }
+    report.warn(
+        "fetch",
+        format!(
+            "a daemon serving pools {} takes the jobs of queue {} only to hand them over to \
+             the daemons of those pools; leave those queues to them (`--queues`)",
+            w.pools.join(","),
+            only.join(", ")
+        ),
+    );
 }
 
 /// The `config` line, naming the file and how it was chosen; the config

@@ -255,7 +255,7 @@ fn dry_run_probes(k: &crate::queue::Keys, q: &str) -> Vec<Vec<String>> {
     [
         vec!["LMOVE", &pool, &active, "RIGHT", "LEFT"],
         vec!["BLMOVE", &pool, &active, "RIGHT", "LEFT", "1"],
-        vec!["RPUSH", &pool, "x"],
+        vec!["LPUSH", &pool, "x"],
         vec!["LLEN", &pool],
         vec!["LMOVE", &pending, &active, "RIGHT", "LEFT"],
         vec!["BLMOVE", &pending, &active, "RIGHT", "LEFT", "1"],

@@ -261,7 +261,7 @@ mod tests {
         .unwrap();
         let embedded = embedded_config(&config).expect("a remote queue");
         assert_eq!(embedded.worker.pools, [crate::config::DEFAULT_POOL]);
-        assert!(!embedded.uses_pools());
+        assert_eq!(embedded.pool_lists(), Ok(Vec::new()), "pending alone");
         assert_eq!(
             embedded.jobs["r"].stages[0].pool(),
             crate::config::DEFAULT_POOL

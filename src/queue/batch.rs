@@ -113,10 +113,7 @@ impl Batcher {
         next: Next<'_>,
     ) -> RedisResult<bool> {
         let args = settle_args(raw, job_id, token, next).into();
-        let pool = match next {
-            Next::HandOver { pool, .. } => Some(pool),
-            _ => None,
-        };
+        let pool = next.pool();
         Ok(self.call(Kind::Settle, queue, pool, args).await? == 1)
     }
 }

@@ -20,6 +20,23 @@ pub struct Fetched {
     pub pool: Option<String>,
 }
 
+/// A queue a daemon fetches, with the stage pools whose lists of it it
+/// reads before pending (none: pending alone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuePlan {
+    pub queue: String,
+    pub pools: Vec<String>,
+}
+
+impl QueuePlan {
+    pub fn new(queue: &str, pools: &[&str]) -> Self {
+        Self {
+            queue: queue.to_owned(),
+            pools: pools.iter().map(|p| (*p).to_owned()).collect(),
+        }
+    }
+}
+
 /// The outcome of [`Broker::claim`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
@@ -56,6 +73,7 @@ pub(crate) fn settle_args(raw: &[u8], job_id: &str, token: &str, next: Next<'_>)
         Next::Requeue(e) => ("requeue", e, 0),
         Next::Retry { entry, delay_ms } => ("retry", entry, delay_ms),
         Next::HandOver { entry, .. } => ("handover", entry, 0),
+        Next::ReturnToPool { entry, .. } => ("return", entry, 0),
     };
     [
         raw.to_vec(),
@@ -80,10 +98,26 @@ pub enum Next<'a> {
     Requeue(&'a [u8]),
     /// To the scheduled set, due `delay_ms` after Redis' clock now.
     Retry { entry: &'a [u8], delay_ms: u64 },
-    /// To the consuming end of stage pool `pool`'s list: the job's next
-    /// stage runs on a daemon serving that pool. The pool list is the
+    /// To the far end of stage pool `pool`'s list (`LPUSH`; taken from the
+    /// right like pending, so a pool list is FIFO: the job handed over
+    /// first is taken first): the job's next stage runs on a daemon
+    /// serving that pool. The pool list is the
     /// script's KEYS[9]: the batcher groups handovers by pool.
     HandOver { entry: &'a [u8], pool: &'a str },
+    /// Back to the consuming end of stage pool `pool`'s list, where an
+    /// entry never claimed was taken from (the daemon stops): taken next,
+    /// as it would have been.
+    ReturnToPool { entry: &'a [u8], pool: &'a str },
+}
+
+impl Next<'_> {
+    /// The stage pool whose list this settle pushes onto, if any.
+    pub fn pool(&self) -> Option<&str> {
+        match self {
+            Next::HandOver { pool, .. } | Next::ReturnToPool { pool, .. } => Some(pool),
+            _ => None,
+        }
+    }
 }
 
 impl Broker {
@@ -96,49 +130,62 @@ impl Broker {
         worker: &str,
         max: usize,
     ) -> RedisResult<Vec<Fetched>> {
-        self.fetch_available_from(queues, &[], worker, max).await
+        let plans: Vec<QueuePlan> = queues.iter().map(|q| QueuePlan::new(q, &[])).collect();
+        self.fetch_available_from(&plans, worker, max).await
     }
 
     /// [`Broker::fetch_available`] for a daemon serving stage pools: per
-    /// queue, the lists of `pools` first (jobs already under way finish
-    /// first), then pending. One round trip per list visited; with no
-    /// `pools`, exactly [`Broker::fetch_available`].
+    /// queue, in `plans`' order, the lists of its plan's pools first (jobs
+    /// already under way finish first), then pending. One round trip per
+    /// queue visited: a plan without pools pipelines LMOVEs on pending; one
+    /// with pools takes from all its lists in one `fetch.lua` call.
     pub async fn fetch_available_from(
         &self,
-        queues: &[String],
-        pools: &[String],
+        plans: &[QueuePlan],
         worker: &str,
         max: usize,
     ) -> RedisResult<Vec<Fetched>> {
         let mut conn = self.conn.clone();
         let mut out = Vec::new();
-        for queue in queues {
+        for plan in plans {
+            let want = max - out.len();
+            if want == 0 {
+                break;
+            }
+            let queue = &plan.queue;
             let dst = self.keys.active(queue, worker);
-            let sources = pools
-                .iter()
-                .map(|p| (self.keys.pool(queue, p), Some(p)))
-                .chain(std::iter::once((self.keys.pending(queue), None)));
-            for (src, pool) in sources {
-                let want = max - out.len();
-                if want == 0 {
-                    return Ok(out);
-                }
+            self.trip();
+            // Each entry with the pool whose list it came from (`None`:
+            // pending).
+            let got: Vec<(Option<String>, Vec<u8>)> = if plan.pools.is_empty() {
                 let mut pipe = redis::pipe();
                 for _ in 0..want {
                     pipe.cmd("LMOVE")
-                        .arg(&src)
+                        .arg(self.keys.pending(queue))
                         .arg(&dst)
                         .arg("RIGHT")
                         .arg("LEFT");
                 }
-                self.trip();
                 let got: Vec<Option<Vec<u8>>> = pipe.query_async(&mut conn).await?;
-                out.extend(got.into_iter().flatten().map(|raw| Fetched {
-                    queue: queue.clone(),
-                    raw,
-                    pool: pool.cloned(),
-                }));
-            }
+                got.into_iter().flatten().map(|raw| (None, raw)).collect()
+            } else {
+                let mut invocation = scripts::FETCH.prepare_invoke();
+                invocation.key(&dst);
+                for pool in &plan.pools {
+                    invocation.key(self.keys.pool(queue, pool));
+                }
+                invocation.key(self.keys.pending(queue)).arg(want);
+                let taken: Vec<(usize, Vec<u8>)> = invocation.invoke_async(&mut conn).await?;
+                taken
+                    .into_iter()
+                    .map(|(source, raw)| (plan.pools.get(source).cloned(), raw))
+                    .collect()
+            };
+            out.extend(got.into_iter().map(|(pool, raw)| Fetched {
+                queue: queue.clone(),
+                raw,
+                pool,
+            }));
         }
         Ok(out)
     }
@@ -218,7 +265,7 @@ impl Broker {
     ) -> RedisResult<bool> {
         let source = self.keys.active(queue, worker);
         let mut invocation = self.settle_invocation(&source, queue);
-        if let Next::HandOver { pool, .. } = next {
+        if let Some(pool) = next.pool() {
             invocation.key(self.keys.pool(queue, pool));
         }
         for arg in settle_args(raw, job_id, token, next) {

@@ -28,8 +28,9 @@ impl Keys {
 
     /// LIST `P:{Q}:pool:<pool>`: jobs handed over to a stage pool (their
     /// next stage runs in it), taken by the daemons serving that pool
-    /// before `pending`. Same end convention as pending: pushed on the
-    /// right (`RPUSH`, taken next), taken from the right.
+    /// before `pending`. FIFO, like pending for new jobs: pushed on the
+    /// left (`LPUSH`), taken from the right, so the job handed over first
+    /// is taken first.
     pub fn pool(&self, queue: &str, pool: &str) -> String {
         format!("{}:{{{queue}}}:pool:{pool}", self.prefix)
     }

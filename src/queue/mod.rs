@@ -52,7 +52,7 @@ use redis::RedisResult;
 pub use conn::{Connector, RedisConn};
 use delivery::claim_from_code;
 pub(crate) use delivery::settle_args;
-pub use delivery::{Claim, Fetched, Next};
+pub use delivery::{Claim, Fetched, Next, QueuePlan};
 pub use keys::Keys;
 pub use ops::{Enqueued, LiveEntry, When};
 pub use wait::ConnectError;

@@ -16,8 +16,73 @@ use super::inspect::WorkerInfo;
 /// without `pools` (older than pools) serves.
 const DEFAULT_POOL: &str = "default";
 
-/// Most entries of one pool list [`Broker::find_in_pools`] reads.
-const POOL_SCAN: isize = 10_000;
+/// Most entries [`Broker::find_in_pools`] reads, over every list it scans.
+pub const POOL_SCAN_ENTRIES: usize = 10_000;
+
+/// About the most bytes [`Broker::find_in_pools`] reads, over every list
+/// it scans: it stops once past this (the last `LRANGE` may pass it by
+/// what its entries hold beyond their expected size).
+pub const POOL_SCAN_BYTES: usize = 32 << 20;
+
+/// Most entries of one `LRANGE`; fewer when entries are large (about
+/// [`CHUNK_BYTES`] by the average entry seen so far).
+const CHUNK_ENTRIES: usize = 1_000;
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// The first `LRANGE`, before any entry's size is known.
+const FIRST_CHUNK: usize = 8;
+
+/// What a bounded scan of pool lists has left to read, and how much the
+/// next `LRANGE` asks for.
+#[derive(Debug)]
+struct ScanBudget {
+    entries_read: usize,
+    bytes_read: usize,
+}
+
+impl ScanBudget {
+    fn new() -> Self {
+        Self {
+            entries_read: 0,
+            bytes_read: 0,
+        }
+    }
+
+    /// Entries for the next `LRANGE`; `None` once the budget is spent.
+    fn next_chunk(&self) -> Option<usize> {
+        let entries_left = POOL_SCAN_ENTRIES.saturating_sub(self.entries_read);
+        let bytes_left = POOL_SCAN_BYTES.saturating_sub(self.bytes_read);
+        if entries_left == 0 || bytes_left == 0 {
+            return None;
+        }
+        let n = match self.bytes_read.checked_div(self.entries_read) {
+            None => FIRST_CHUNK,
+            Some(avg) => {
+                let avg = avg.max(1);
+                (CHUNK_BYTES / avg)
+                    .min(bytes_left / avg)
+                    .clamp(1, CHUNK_ENTRIES)
+            }
+        };
+        Some(n.min(entries_left))
+    }
+
+    fn spend(&mut self, entries: &[Vec<u8>]) {
+        self.entries_read += entries.len();
+        self.bytes_read += entries.iter().map(Vec::len).sum::<usize>();
+    }
+}
+
+/// Whether a list entry is the job `id` (a JSON object whose `id` it is);
+/// the other fields are skipped, not built.
+fn entry_is(entry: &[u8], id: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct IdOnly<'a> {
+        #[serde(borrow)]
+        id: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<IdOnly>(entry).is_ok_and(|e| e.id.as_deref() == Some(id))
+}
 
 /// One stage pool of one queue.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -110,27 +175,38 @@ impl Broker {
     }
 
     /// The pool list of `queue`, among `pools`, holding job `id`, with the
-    /// entry (its first `POOL_SCAN` entries of each list are read).
+    /// entry. Bounded, as `conveyor job` must not pull whole lists of
+    /// entries carrying finished stages' results: each list is read from
+    /// its left (the newest end; an entry that stays is never skipped,
+    /// one pushed meanwhile only shifts the rest) in `LRANGE`s of at most
+    /// 1,000 entries and about 1 MiB, [`POOL_SCAN_ENTRIES`] entries and
+    /// about [`POOL_SCAN_BYTES`] in all; `None` when not found within that.
     pub async fn find_in_pools(
         &self,
         queue: &str,
         pools: &BTreeSet<String>,
         id: &str,
     ) -> RedisResult<Option<(String, Vec<u8>)>> {
+        let mut budget = ScanBudget::new();
         for pool in pools {
-            let entries: Vec<Vec<u8>> = redis::cmd("LRANGE")
-                .arg(self.keys().pool(queue, pool))
-                .arg(-POOL_SCAN)
-                .arg(-1)
-                .query_async(&mut self.conn())
-                .await?;
-            let found = entries.into_iter().find(|e| {
-                serde_json::from_slice::<serde_json::Value>(e)
-                    .ok()
-                    .is_some_and(|v| v.get("id").and_then(|i| i.as_str()) == Some(id))
-            });
-            if let Some(entry) = found {
-                return Ok(Some((pool.clone(), entry)));
+            let key = self.keys().pool(queue, pool);
+            let mut start = 0;
+            while let Some(n) = budget.next_chunk() {
+                let entries: Vec<Vec<u8>> = redis::cmd("LRANGE")
+                    .arg(&key)
+                    .arg(start)
+                    .arg(start + n - 1)
+                    .query_async(&mut self.conn())
+                    .await?;
+                budget.spend(&entries);
+                let read = entries.len();
+                if let Some(entry) = entries.into_iter().find(|e| entry_is(e, id)) {
+                    return Ok(Some((pool.clone(), entry)));
+                }
+                if read < n {
+                    break;
+                }
+                start += read;
             }
         }
         Ok(None)
@@ -147,6 +223,42 @@ mod tests {
             "queues": queues, "pools": pools, "concurrency": 1, "version": "0",
         });
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_scan_budget_sizes_chunks_by_the_entries_seen_and_stops_at_its_bounds() {
+        let mut b = ScanBudget::new();
+        assert_eq!(b.next_chunk(), Some(FIRST_CHUNK));
+        // Small entries: the most a chunk asks for.
+        b.spend(&vec![vec![0u8; 100]; 8]);
+        assert_eq!(b.next_chunk(), Some(CHUNK_ENTRIES));
+        // 256 KiB entries: 4 a chunk (about 1 MiB).
+        let mut b = ScanBudget::new();
+        b.spend(&vec![vec![0u8; 256 << 10]; 8]);
+        assert_eq!(b.next_chunk(), Some(4));
+        // Entries over 1 MiB: one at a time.
+        let mut b = ScanBudget::new();
+        b.spend(&[vec![0u8; 3 << 20]]);
+        assert_eq!(b.next_chunk(), Some(1));
+        // The bytes bound.
+        let mut b = ScanBudget::new();
+        b.spend(&vec![vec![0u8; 1 << 20]; POOL_SCAN_BYTES >> 20]);
+        assert_eq!(b.next_chunk(), None);
+        // The entries bound: what is left of it, then nothing.
+        let mut b = ScanBudget::new();
+        b.spend(&vec![vec![0u8; 10]; POOL_SCAN_ENTRIES - 5]);
+        assert_eq!(b.next_chunk(), Some(5));
+        b.spend(&vec![vec![0u8; 10]; 5]);
+        assert_eq!(b.next_chunk(), None);
+    }
+
+    #[test]
+    fn an_entry_is_matched_by_its_id_field_only() {
+        assert!(entry_is(br#"{"id":"j1","payload":{"big":[1,2,3]}}"#, "j1"));
+        assert!(entry_is(br#"{"payload":{"id":"x"},"id":"j\u0031"}"#, "j1"));
+        assert!(!entry_is(br#"{"payload":{"id":"j1"},"id":"j2"}"#, "j1"));
+        assert!(!entry_is(br#"{"payload":{"id":"j1"}}"#, "j1"));
+        assert!(!entry_is(b"not json j1", "j1"));
     }
 
     #[test]

@@ -29,9 +29,14 @@ pub static ENQUEUE: LazyLock<Script> =
 /// A start of a rate-limited job type, or how long to wait for one.
 pub static RATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/rate.lua")));
 
+/// Up to N jobs of one queue from its pool lists, then pending, in one
+/// round trip (a daemon reading pool lists).
+pub static FETCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/fetch.lua")));
+
 /// Every script, by file name (for `conveyor doctor`).
-pub fn all() -> [(&'static str, &'static Script); 6] {
+pub fn all() -> [(&'static str, &'static Script); 7] {
     [
+        ("fetch.lua", &FETCH),
         ("claim.lua", &CLAIM),
         ("settle.lua", &SETTLE),
         ("recover.lua", &RECOVER),

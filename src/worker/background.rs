@@ -203,7 +203,7 @@ impl ProbeServer {
 /// not use pools.
 #[cfg(feature = "prometheus")]
 fn metric_pools(config: &Config) -> BTreeMap<String, BTreeSet<String>> {
-    if !config.uses_pools() {
+    if !matches!(config.pool_lists(), Ok(lists) if !lists.is_empty()) {
         return BTreeMap::new();
     }
     let w = &config.worker;

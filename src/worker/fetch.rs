@@ -13,8 +13,8 @@ use tokio_util::task::TaskTracker;
 
 use super::health::Health;
 use super::runner::{self, JobEnv};
-use crate::config::WorkerConfig;
-use crate::queue::{Fetched, Next};
+use crate::config::{Config, WorkerConfig};
+use crate::queue::{Fetched, Next, QueuePlan};
 use crate::retry::reconnect_backoff;
 
 /// How often the fetch loop puts back entries of its active lists that no
@@ -38,11 +38,12 @@ impl Weights {
         )
     }
 
-    /// The queues in a random order where each queue comes first with a
-    /// probability proportional to its weight (and so on for the rest):
-    /// weighted sampling without replacement, by keys `u^(1/w)`.
-    fn order(&self, queues: &[String]) -> Vec<String> {
-        let mut keyed: Vec<(f64, &String)> = queues
+    /// The queues (or their plans) in a random order where each queue
+    /// comes first with a probability proportional to its weight (and so
+    /// on for the rest): weighted sampling without replacement, by keys
+    /// `u^(1/w)`.
+    fn order<T: Clone>(&self, queues: &[T]) -> Vec<T> {
+        let mut keyed: Vec<(f64, &T)> = queues
             .iter()
             .zip(&self.0)
             .map(|(q, w)| (fastrand::f64().powf(1.0 / w), q))
@@ -52,13 +53,25 @@ impl Weights {
     }
 }
 
+/// Where the fetch loop stands between two fetches.
+#[derive(Debug)]
+struct Turns {
+    /// The next list of the blocking rotation ([`nth_list`]).
+    turn: usize,
+    /// How many jobs the next non-blocking pass asks for.
+    probe: usize,
+    /// The last BLMOVE timed out: the next fetch goes straight to the next
+    /// list's BLMOVE.
+    idle: bool,
+}
+
 /// Takes jobs while slots are free; see the module docs.
 pub(super) struct Fetcher {
     env: Arc<JobEnv>,
-    queues: Vec<String>,
-    /// Stage pools whose lists are read, before pending, per queue; empty
-    /// when pools are not in use (then nothing but pending is read).
-    pools: Vec<String>,
+    /// The queues fetched, in `worker.queues` order, each with the stage
+    /// pools whose lists are read before its pending list (none when no
+    /// stage names a pool other than the default); see [`plans`].
+    plans: Vec<QueuePlan>,
     /// Weighted mode (`worker.queue_weights`); strict priority when `None`.
     weights: Option<Weights>,
     slots: Arc<Semaphore>,
@@ -72,16 +85,15 @@ impl Fetcher {
     /// `jobs`.
     pub(super) fn new(
         w: &WorkerConfig,
-        pools: Vec<String>,
+        plans: Vec<QueuePlan>,
         env: Arc<JobEnv>,
         health: Arc<Health>,
         jobs: TaskTracker,
     ) -> Self {
+        let queues: Vec<String> = plans.iter().map(|p| p.queue.clone()).collect();
         Self {
-            queues: w.queues.clone(),
-            pools,
-            weights: (!w.queue_weights.is_empty())
-                .then(|| Weights::new(&w.queues, &w.queue_weights)),
+            weights: (!w.queue_weights.is_empty()).then(|| Weights::new(&queues, &w.queue_weights)),
+            plans,
             slots: env.slots.clone(),
             block: Duration::from_millis(w.fetch_block_ms),
             env,
@@ -91,11 +103,19 @@ impl Fetcher {
     }
 
     pub(super) async fn run(self, shutdown: CancellationToken) {
+        if self.plans.is_empty() {
+            // Refused at the start (see `plans`); nothing to take.
+            shutdown.cancelled().await;
+            return;
+        }
         let mut blocking = None;
         let mut backoff = reconnect_backoff();
         let mut failing = false;
-        let mut turn = 0usize;
-        let mut probe = 1usize;
+        let mut turns = Turns {
+            turn: 0,
+            probe: 1,
+            idle: false,
+        };
         let mut reconciled = tokio::time::Instant::now();
         loop {
             let quiet = self.health.quiet();
@@ -109,9 +129,7 @@ impl Fetcher {
                 // Quiet came while waiting for a slot: back to the gate.
                 continue;
             }
-            let result = self
-                .fetch(permits.len(), &mut blocking, &mut turn, &mut probe)
-                .await;
+            let result = self.fetch(permits.len(), &mut blocking, &mut turns).await;
             if shutdown.is_cancelled() || quiet.is_quiet() {
                 // A job taken while the stop (or quiet) arrived is not
                 // started: it goes back to pending, the next one taken.
@@ -153,6 +171,7 @@ impl Fetcher {
                 Err(err) => {
                     crate::telemetry::metrics::redis_error("fetch");
                     blocking = None;
+                    turns.idle = false;
                     let delay = backoff.next().unwrap_or(Duration::from_secs(5));
                     tracing::warn!(url = %self.env.broker.target(), error = %err, retry_in_ms = delay.as_millis() as u64, "fetch_failed");
                     failing = true;
@@ -198,34 +217,73 @@ impl Fetcher {
     }
 
     /// Up to `max` jobs without blocking, in priority order; when there are
-    /// none, one blocking BLMOVE on one queue (rotating over the queues).
+    /// none, one blocking BLMOVE on one list (rotating over every list).
+    /// While idle (the last BLMOVE timed out) the non-blocking pass is
+    /// skipped: the rotation alone visits every list within
+    /// `fetch_block_ms`, so an idle daemon sends one BLMOVE per block, not
+    /// one LMOVE per list as well.
     async fn fetch(
         &self,
         max: usize,
         blocking: &mut Option<crate::queue::RedisConn>,
-        turn: &mut usize,
+        turns: &mut Turns,
+    ) -> redis::RedisResult<Vec<Fetched>> {
+        if !turns.idle {
+            let jobs = self.fetch_available(max, &mut turns.probe).await?;
+            if !jobs.is_empty() {
+                return Ok(jobs);
+            }
+        }
+        let broker = &self.env.broker;
+        // With several queues (and pool lists), each block is shorter so
+        // that a job arriving on any list waits at most `fetch_block_ms` in
+        // all (10 ms at least: past 100 lists at the default 1 s, a turn
+        // takes longer).
+        let lists: usize = self.plans.iter().map(|p| p.pools.len() + 1).sum();
+        let block = (self.block / lists as u32).max(Duration::from_millis(10));
+        let conn = match blocking {
+            Some(conn) => conn,
+            None => blocking.insert(broker.blocking_connection(self.block).await?),
+        };
+        // The turn goes over every list: each queue's pool lists, then its
+        // pending list (weighted or not: weights choose among jobs when
+        // there are more than slots, in the pass above).
+        let (plan, pool) = nth_list(&self.plans, turns.turn % lists);
+        let pool = plan.pools.get(pool).map(String::as_str);
+        turns.turn = turns.turn.wrapping_add(1);
+        self.health.fetch_loop_alive();
+        let job = broker
+            .fetch_blocking_from(conn, &plan.queue, pool, &self.env.worker_id, block)
+            .await?;
+        turns.idle = job.is_none();
+        Ok(job.into_iter().collect())
+    }
+
+    /// The non-blocking pass: up to `max` jobs, in priority (or weighted)
+    /// order. It asks for as many jobs as the queues have been giving
+    /// (`probe`): after they ran dry one LMOVE a list probes them, and the
+    /// batch doubles while it comes back full.
+    async fn fetch_available(
+        &self,
+        max: usize,
         probe: &mut usize,
     ) -> redis::RedisResult<Vec<Fetched>> {
-        let broker = &self.env.broker;
-        let worker = &self.env.worker_id;
-        // Ask for as many jobs as the queue has been giving: after it ran
-        // dry one LMOVE probes it, and the batch doubles while it comes back
-        // full. An idle daemon thus sends one non-blocking LMOVE per BLMOVE,
-        // not one per free slot.
         let want = max.min(*probe);
         let weighted;
-        let queues = match &self.weights {
+        let plans = match &self.weights {
             Some(w) => {
-                weighted = w.order(&self.queues);
+                weighted = w.order(&self.plans);
                 &weighted
             }
-            None => &self.queues,
+            None => &self.plans,
         };
         // The latency of a fetch that finds jobs or not, without the
         // blocking wait for a job to arrive.
         let started = std::time::Instant::now();
-        let jobs = broker
-            .fetch_available_from(queues, &self.pools, worker, want)
+        let jobs = self
+            .env
+            .broker
+            .fetch_available_from(plans, &self.env.worker_id, want)
             .await?;
         crate::telemetry::metrics::fetched(started.elapsed());
         *probe = if jobs.len() == want {
@@ -233,32 +291,7 @@ impl Fetcher {
         } else {
             jobs.len().max(1)
         };
-        if !jobs.is_empty() {
-            return Ok(jobs);
-        }
-        // With several queues (and pool lists), each block is shorter so
-        // that a job arriving on any list waits at most `fetch_block_ms` in
-        // all.
-        let lists = self.queues.len() * (self.pools.len() + 1);
-        let block = (self.block / lists as u32).max(Duration::from_millis(10));
-        let conn = match blocking {
-            Some(conn) => conn,
-            None => blocking.insert(broker.blocking_connection(self.block).await?),
-        };
-        // The turn goes over every list: each queue's pool lists, then its
-        // pending list.
-        let sources = self.pools.len() + 1;
-        let queue = match &self.weights {
-            Some(_) => &queues[0],
-            None => &self.queues[(*turn / sources) % self.queues.len()],
-        };
-        let pool = self.pools.get(*turn % sources).map(String::as_str);
-        *turn = turn.wrapping_add(1);
-        self.health.fetch_loop_alive();
-        let job = broker
-            .fetch_blocking_from(conn, queue, pool, worker, block)
-            .await?;
-        Ok(job.into_iter().collect())
+        Ok(jobs)
     }
 
     fn spawn_jobs(&self, jobs: Vec<Fetched>, mut permits: Vec<OwnedSemaphorePermit>) {
@@ -284,7 +317,7 @@ impl Fetcher {
     async fn reconcile(&self) {
         let worker = &self.env.worker_id;
         let broker = &self.env.broker;
-        for queue in &self.queues {
+        for queue in self.plans.iter().map(|p| &p.queue) {
             let key = broker.keys().active(queue, worker);
             let mut conn = broker.conn();
             let entries: Vec<Vec<u8>> = match redis::cmd("LRANGE")
@@ -318,15 +351,15 @@ impl Fetcher {
         let worker = &self.env.worker_id;
         // Newest first: each goes onto the consuming end of the list it came
         // from, so the oldest ends up there, taken first again, as it would
-        // have been. One from a stage pool's list goes back there (a handover
-        // of an unclaimed entry): it continues a job that took its `rate`
-        // token, so it must not pass through pending again.
+        // have been. One from a stage pool's list goes back there: it
+        // continues a job that took its `rate` token, so it must not pass
+        // through pending again.
         if !jobs.is_empty() {
             tracing::debug!(count = jobs.len(), "jobs_put_back");
         }
         for job in jobs.into_iter().rev() {
             let next = match &job.pool {
-                Some(pool) => Next::HandOver {
+                Some(pool) => Next::ReturnToPool {
                     entry: &job.raw,
                     pool,
                 },
@@ -342,6 +375,48 @@ impl Fetcher {
             }
         }
     }
+}
+
+/// List `n` of `plans` counted over each plan's pool lists, then its
+/// pending list: the plan and the index of the pool in it (the pool count:
+/// pending). `n` is less than the number of lists.
+fn nth_list(plans: &[QueuePlan], mut n: usize) -> (&QueuePlan, usize) {
+    for plan in plans {
+        let lists = plan.pools.len() + 1;
+        if n < lists {
+            return (plan, n);
+        }
+        n -= lists;
+    }
+    (&plans[0], plans[0].pools.len())
+}
+
+/// Every queue this daemon serves, in `worker.queues` order, each with the
+/// stage pool lists read before its pending ([`Config::pool_lists`]). Says
+/// once (`queue_handover_only`) which queues' job types all run in pools
+/// it does not serve (it will only hand their jobs over). `Err` (saying
+/// why) when it serves none of the pools the config's stages run in.
+pub(super) fn plans(config: &Config) -> Result<Vec<QueuePlan>, String> {
+    let w = &config.worker;
+    let pools = config.pool_lists().map_err(|runs_in| {
+        format!(
+            "this daemon serves pools {} and no stage of the config runs in them (they run in {}): \
+             it could only hand every job over; serve one of those pools (`--pools`)",
+            w.pools.join(","),
+            runs_in.join(", ")
+        )
+    })?;
+    for (queue, runs_in) in config.handover_only_queues() {
+        tracing::warn!(queue = %queue, pools = ?w.pools, runs_in = ?runs_in,
+            "queue_handover_only");
+    }
+    Ok(w.queues
+        .iter()
+        .map(|queue| QueuePlan {
+            queue: queue.clone(),
+            pools: pools.clone(),
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -101,6 +101,9 @@ pub enum WorkerError {
     Signals(std::io::Error),
     #[error("{0}")]
     Http(String),
+    /// The daemon serves none of the pools the config's stages run in.
+    #[error("{0}")]
+    NoPoolToRun(String),
     /// The drain did not finish within its bound (module docs, step 4).
     #[error(
         "shutdown gave up after {after_secs} s (fetch_block_ms + shutdown_grace_secs + kill_grace_secs + 10 s) with Redis or SQLite not answering; {}; jobs not recorded stay in this worker's active list and are recovered when it starts again with the same worker id (or by another daemon's reaper)",
@@ -167,6 +170,7 @@ pub(crate) async fn run_with_registry(
     quiet: quiet::Quiet,
 ) -> Result<(), WorkerError> {
     let worker_id = config.worker_id();
+    let plans = fetch::plans(&config).map_err(WorkerError::NoPoolToRun)?;
     let http = background::bind_http(&config).await?;
     let Some((store, store_closer, broker)) = open(&config, &shutdown).await? else {
         tracing::info!("redis_wait_stopped");
@@ -190,7 +194,7 @@ pub(crate) async fn run_with_registry(
         sqlite: daemon.store.give_up_switch(),
     };
     let drain = async {
-        let jobs = daemon.fetch(&config, &shutdown).await;
+        let jobs = daemon.fetch(&config, plans, &shutdown).await;
         // Shutdown: the fetch loop has stopped taking jobs.
         daemon.wait_for_jobs(&config, jobs).await;
         background.cancel();
@@ -386,19 +390,21 @@ impl Daemon {
         }
     }
 
-    /// Runs the fetch loop until `shutdown`; the job tasks it spawned.
-    async fn fetch(&self, config: &Config, shutdown: &CancellationToken) -> TaskTracker {
+    /// Runs the fetch loop on `plans` until `shutdown`; the job tasks it
+    /// spawned.
+    async fn fetch(
+        &self,
+        config: &Config,
+        plans: Vec<crate::queue::QueuePlan>,
+        shutdown: &CancellationToken,
+    ) -> TaskTracker {
         let jobs = TaskTracker::new();
         let health = self.health.clone();
-        // Pool lists are read only when pools are in use: a fleet with one
-        // pool fetches exactly as before.
-        let pool_lists = match config.uses_pools() {
-            true => config.worker.pools.clone(),
-            false => Vec::new(),
-        };
+        // Pool lists are read only when a stage names a pool other than
+        // the default: a fleet with one pool fetches exactly as before.
         fetch::Fetcher::new(
             &config.worker,
-            pool_lists,
+            plans,
             self.env.clone(),
             health,
             jobs.clone(),

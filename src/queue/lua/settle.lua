@@ -9,8 +9,8 @@
 -- KEYS[5]  LIST  pending   KEYS[6] LIST dead   KEYS[7] ZSET scheduled
 -- KEYS[8]  HASH  unique: job id -> state of a job enqueued through conveyor
 -- KEYS[9]  LIST  a stage pool's list `P:{Q}:pool:<name>` (only for
---          "handover"; a call with a "handover" item and no KEYS[9] is
---          refused before anything changes)
+--          "handover" and "return"; a call with such an item and no
+--          KEYS[9] is refused before anything changes)
 -- ARGV     6 per item:
 --   entry to remove; job id ("" when unknown: an unparsable message);
 --   fencing token ("" for a delivery never claimed: poison, duplicate,
@@ -21,8 +21,13 @@
 --         "requeue" RPUSH it onto pending (consuming end: taken next)
 --         "retry"   ZADD it to scheduled at Redis TIME (ms) + delay
 --         "revive"  LPUSH it onto pending, the job's history forgotten
---         "handover" RPUSH it onto the pool list KEYS[9] (its next stage
---                   runs in that pool; no attempt, requeue or crash counted)
+--         "handover" LPUSH it onto the pool list KEYS[9], the end away
+--                   from the consuming one: pool lists are FIFO, the job
+--                   handed over first is taken first (its next stage runs
+--                   in that pool; no attempt, requeue or crash counted)
+--         "return"  RPUSH it onto the pool list KEYS[9], the consuming
+--                   end: an entry taken from that list and not run (the
+--                   daemon stops) goes back where it was, taken next
 --   entry to push; delay in ms (for "retry")
 --
 -- Returns 1 or 0 per item. 0: the token is no longer the job's lease (the
@@ -32,8 +37,8 @@
 -- job's story here: its crash count and cancellation are forgotten, and
 -- its id is free to enqueue again ("revive" makes it live, so taken).
 for i = 4, #ARGV, 6 do
-  if ARGV[i] == 'handover' and not KEYS[9] then
-    return redis.error_reply('settle.lua: "handover" needs the pool list as KEYS[9]')
+  if (ARGV[i] == 'handover' or ARGV[i] == 'return') and not KEYS[9] then
+    return redis.error_reply('settle.lua: "' .. ARGV[i] .. '" needs the pool list as KEYS[9]')
   end
 end
 local out = {}
@@ -67,6 +72,8 @@ for i = 1, #ARGV, 6 do
     elseif mode == 'revive' then
       redis.call('LPUSH', KEYS[5], entry)
     elseif mode == 'handover' then
+      redis.call('LPUSH', KEYS[9], entry)
+    elseif mode == 'return' then
       redis.call('RPUSH', KEYS[9], entry)
     elseif mode == 'retry' then
       if not now_ms then
