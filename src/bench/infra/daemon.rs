@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
-use super::{DAEMON_LOG_FILTER, Env, Memory, QUEUE, RunSpace, cpu_secs};
+use super::{DAEMON_LOG_FILTER, Env, Memory, POOLS_QUEUE, QUEUE, RunSpace, cpu_secs};
 
 /// A `conveyor worker` child process, SIGKILLed on drop unless stopped.
 pub struct Daemon {
@@ -63,7 +63,11 @@ impl Daemon {
         }
         cmd.arg("worker")
             .arg("--config")
-            .arg(&env.config)
+            .arg(if serves.queue == POOLS_QUEUE {
+                &env.pools_config
+            } else {
+                &env.config
+            })
             // In the environment, not argv: `ps` shows argv to every user.
             .env("CONVEYOR_REDIS_URL", &env.url)
             .args(["--prefix", &space.prefix])
