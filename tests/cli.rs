@@ -150,7 +150,7 @@ fn doctor_passes_on_a_healthy_setup_and_names_what_is_wrong() {
     }
     // Every script is loaded, the job record's included: none is left to
     // fail on first use under a user that may not load scripts.
-    assert!(text.contains("7 Lua scripts loaded"), "{text}");
+    assert!(text.contains("8 Lua scripts loaded"), "{text}");
     let record = redis::Script::new(include_str!("../src/progress/record.lua"));
     let loaded: Vec<bool> = redis::cmd("SCRIPT")
         .arg("EXISTS")
