@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::HistoryConfig;
 use crate::job::Status;
@@ -132,6 +132,9 @@ struct Outgoing {
     body: String,
     running: bool,
     record: Option<(String, record::Write)>,
+    /// A marker of [`Publisher::flushed`]: told once the pipeline holding
+    /// it (and every message queued before it) has been sent.
+    flushed: Option<oneshot::Sender<()>>,
 }
 
 /// Cheap handle used by job tasks to publish events.
@@ -241,6 +244,7 @@ impl Publisher {
             body,
             running: event.status == Status::Running,
             record: self.records.map(|_| self.record_write(event, parts)),
+            flushed: None,
         };
         self.queued.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(outgoing).is_err() {
@@ -289,7 +293,12 @@ impl Publisher {
             } else {
                 0
             },
-            opens: if ev.seq == 1 && matches!(parts.fence, record::Fence::Delivery(_)) {
+            // The delivery's first message: `job_started`, or its first one
+            // (a handover at the first take; a rate-limit report before
+            // `job_started` may have been dropped, so not by number alone).
+            opens: if matches!(parts.fence, record::Fence::Delivery(_))
+                && (ev.seq == 1 || ev.event == "job_started")
+            {
                 Opens::First
             } else if ev.status == Status::Pending || ev.event == "job_started" {
                 Opens::Waits
@@ -300,6 +309,33 @@ impl Publisher {
             first_at: ev.ts.clone(),
         };
         (ev.queue.clone(), write)
+    }
+
+    /// Waits, at most `timeout`, until every message queued before this
+    /// call has been sent to Redis (or its send has failed). Before a
+    /// delivery lets another one take its job (a requeue, a retry, a
+    /// handover), so that its record writes land before the next
+    /// delivery's, which the record's fence would otherwise refuse (see
+    /// `record.lua`). Returns at once when records are off.
+    pub async fn flushed(&self, timeout: std::time::Duration) -> bool {
+        if !self.records_on() {
+            return true;
+        }
+        let (tx, rx) = oneshot::channel();
+        let marker = Outgoing {
+            channel: None,
+            job_id: String::new(),
+            body: String::new(),
+            running: false,
+            record: None,
+            flushed: Some(tx),
+        };
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(marker).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
     }
 
     /// Events dropped so far because Redis could not keep up.
@@ -361,6 +397,11 @@ impl PublisherTask {
                     }
                     failures += 1;
                     self.write_records(&writes, bounds).await;
+                }
+            }
+            for out in &mut batch {
+                if let Some(done) = out.flushed.take() {
+                    let _ = done.send(());
                 }
             }
             batch.clear();
@@ -443,8 +484,9 @@ impl PublisherTask {
     }
 }
 
-/// Takes the batch's record writes, merged per job (its last `job` field,
-/// each stage's last field, whether it ended by the last message).
+/// Takes the batch's record writes, merged per job and fence (its last
+/// `job` field, each stage's last field, whether it ended by the last
+/// message).
 fn merge_writes(batch: &mut [Outgoing]) -> Writes {
     let mut writes: Writes = Vec::new();
     let mut at: HashMap<String, usize> = HashMap::new();
@@ -452,9 +494,12 @@ fn merge_writes(batch: &mut [Outgoing]) -> Writes {
         let Some((queue, write)) = out.record.take() else {
             continue;
         };
+        // Merged into the job's last write when fenced alike (the same
+        // delivery's messages); else a write of its own after it, so that
+        // each is let through or not on its own.
         match at.get(&write.key) {
-            Some(&i) => writes[i].1.merge(write),
-            None => {
+            Some(&i) if writes[i].1.fence == write.fence => writes[i].1.merge(write),
+            _ => {
                 at.insert(write.key.clone(), writes.len());
                 writes.push((queue, write));
             }

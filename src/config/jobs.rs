@@ -200,6 +200,10 @@ impl Config {
     }
 }
 
+/// Most stages of one job type: a job's record write carries a field per
+/// stage in one Redis command (Lua's `unpack` takes some 8,000 values).
+pub const MAX_STAGES: usize = 1000;
+
 pub(super) fn validate_job_type(
     name: &str,
     job: &JobTypeConfig,
@@ -228,6 +232,12 @@ pub(super) fn validate_job_type(
         return Err(invalid(
             format!("{key}.stages"),
             "a job type needs at least one stage",
+        ));
+    }
+    if job.stages.len() > MAX_STAGES {
+        return Err(invalid(
+            format!("{key}.stages"),
+            format!("at most {MAX_STAGES} stages (this one has {})", job.stages.len()),
         ));
     }
     for i in 0..job.stages.len() {
@@ -444,6 +454,19 @@ mod tests {
     fn unknown_field_in_job_type_is_named() {
         let e = err("[jobs.x]\nstages = [{ name = \"a\", builtin = \"noop\" }]\nretries = 3\n");
         assert!(e.contains("retries"), "{e}");
+    }
+
+    #[test]
+    fn too_many_stages_are_refused() {
+        let stage = |i: usize| format!("{{ name = \"s{i}\", builtin = \"noop\" }}");
+        let many = |n: usize| (0..n).map(stage).collect::<Vec<_>>().join(", ");
+        let e = err(&format!("[jobs.x]\nstages = [{}]\n", many(MAX_STAGES + 1)));
+        assert_eq!(
+            e,
+            "config key `jobs.\"x\".stages`: at most 1000 stages (this one has 1001)"
+        );
+        let text = format!("[jobs.x]\nstages = [{}]\n", many(MAX_STAGES));
+        assert!(Config::from_toml(&text).is_ok());
     }
 
     #[test]

@@ -149,3 +149,62 @@ fn the_completed_message_carries_a_small_result_and_points_at_a_big_one() {
     assert_eq!(ev.result_truncated, Some(true));
     assert!(ev.result_key.is_none() && ev.result_field.is_none());
 }
+
+#[tokio::test]
+async fn flushed_waits_for_the_messages_queued_before_it() {
+    let (p, mut rx) = publisher(&HistoryConfig::default());
+    let names = ["a".to_owned()];
+    let parts = || RecordParts {
+        stage_names: &names,
+        fence: record::Fence::Delivery("w1/t".into()),
+        ..RecordParts::default()
+    };
+    p.send("c".into(), &event("stage_completed", Status::Running), parts());
+    // The task: the message first, then the marker, told once "sent".
+    let task = tokio::spawn(async move {
+        let first = rx.recv().await.unwrap();
+        assert!(first.record.is_some() && first.flushed.is_none());
+        let marker = rx.recv().await.unwrap();
+        assert!(marker.channel.is_none() && marker.record.is_none());
+        marker.flushed.unwrap().send(()).unwrap();
+        // A second marker nobody answers: the wait gives up.
+        let unanswered = rx.recv().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        drop(unanswered);
+    });
+    assert!(p.flushed(std::time::Duration::from_secs(5)).await);
+    assert!(!p.flushed(std::time::Duration::from_millis(50)).await);
+    task.await.unwrap();
+    // Records off: nothing to wait for.
+    let off = HistoryConfig {
+        retention_secs: 0,
+        ..HistoryConfig::default()
+    };
+    let (p, _rx) = publisher(&off);
+    assert!(p.flushed(std::time::Duration::from_millis(1)).await);
+}
+
+#[test]
+fn writes_of_one_job_merge_only_when_fenced_alike() {
+    let (p, mut rx) = publisher(&HistoryConfig::default());
+    let names = ["a".to_owned()];
+    let with = |fence: record::Fence| RecordParts {
+        stage_names: &names,
+        fence,
+        ..RecordParts::default()
+    };
+    let a = || record::Fence::Delivery("w1/a".into());
+    p.send("c".into(), &event("stage_started", Status::Running), with(a()));
+    p.send("c".into(), &event("stage_completed", Status::Running), with(a()));
+    // A message judged unrunnable with the same id, then the job's own.
+    p.send("c".into(), &event("job_failed", Status::Failed), with(record::Fence::OnlyNew));
+    p.send("c".into(), &event("job_completed", Status::Completed), with(a()));
+    let mut batch = Vec::new();
+    while let Ok(out) = rx.try_recv() {
+        batch.push(out);
+    }
+    let writes = merge_writes(&mut batch);
+    let fences: Vec<&record::Fence> = writes.iter().map(|(_, w)| &w.fence).collect();
+    assert_eq!(fences, [&a(), &record::Fence::OnlyNew, &a()]);
+    assert!(writes[2].1.ended_ms > 0, "the last write ends the job");
+}

@@ -3,7 +3,7 @@
 //! then the delivery settled in Redis (both fenced by the lease), then the
 //! outcome's event.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::LOG_TARGET;
 use super::delivery::redis_op;
@@ -14,6 +14,10 @@ use crate::pipeline::{FailureKind, StageError};
 use crate::queue::Next;
 use crate::store::{FinishJob, HandedTo};
 use crate::time::now_rfc3339;
+
+/// The longest a requeue, a retry or a handover waits for this delivery's
+/// record writes to be sent before it lets the job go.
+const RECORD_FLUSH_WAIT: Duration = Duration::from_secs(1);
 use crate::worker::events::{JobCancelled, JobCompleted, JobFailed, JobRequeued, JobRetrying};
 
 /// How an attempt's run ended, before anything is decided.
@@ -162,6 +166,16 @@ impl Run {
     /// Settles the delivery in Redis (fenced by the lease). True when done.
     pub(super) async fn settle(&self, what: &str, next: Next<'_>) -> bool {
         self.stop.begin_settling();
+        if matches!(
+            next,
+            Next::Requeue(_) | Next::Retry { .. } | Next::HandOver { .. }
+        ) {
+            // Another delivery may take the job right after: this one's
+            // record writes go first (bounded: a slow Redis does not hold
+            // the settle back for long; a write later than that is fenced
+            // off once the next delivery holds the job).
+            self.env.publisher.flushed(RECORD_FLUSH_WAIT).await;
+        }
         let settled = redis_op(&self.env, what, || {
             let id = self.job.id();
             self.env
