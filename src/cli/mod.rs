@@ -105,7 +105,7 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Push a job; prints its id
     Enqueue(EnqueueArgs),
-    /// Show a job and its stages (from SQLite)
+    /// Show a job and its stages (its record in Redis, readable from any host, and this host's SQLite)
     Job {
         id: String,
         #[arg(long)]

@@ -237,7 +237,10 @@ pub(super) fn validate_job_type(
     if job.stages.len() > MAX_STAGES {
         return Err(invalid(
             format!("{key}.stages"),
-            format!("at most {MAX_STAGES} stages (this one has {})", job.stages.len()),
+            format!(
+                "at most {MAX_STAGES} stages (this one has {})",
+                job.stages.len()
+            ),
         ));
     }
     for i in 0..job.stages.len() {

@@ -159,7 +159,11 @@ async fn flushed_waits_for_the_messages_queued_before_it() {
         fence: record::Fence::Delivery("w1/t".into()),
         ..RecordParts::default()
     };
-    p.send("c".into(), &event("stage_completed", Status::Running), parts());
+    p.send(
+        "c".into(),
+        &event("stage_completed", Status::Running),
+        parts(),
+    );
     // The task: the message first, then the marker, told once "sent".
     let task = tokio::spawn(async move {
         let first = rx.recv().await.unwrap();
@@ -194,11 +198,27 @@ fn writes_of_one_job_merge_only_when_fenced_alike() {
         ..RecordParts::default()
     };
     let a = || record::Fence::Delivery("w1/a".into());
-    p.send("c".into(), &event("stage_started", Status::Running), with(a()));
-    p.send("c".into(), &event("stage_completed", Status::Running), with(a()));
+    p.send(
+        "c".into(),
+        &event("stage_started", Status::Running),
+        with(a()),
+    );
+    p.send(
+        "c".into(),
+        &event("stage_completed", Status::Running),
+        with(a()),
+    );
     // A message judged unrunnable with the same id, then the job's own.
-    p.send("c".into(), &event("job_failed", Status::Failed), with(record::Fence::OnlyNew));
-    p.send("c".into(), &event("job_completed", Status::Completed), with(a()));
+    p.send(
+        "c".into(),
+        &event("job_failed", Status::Failed),
+        with(record::Fence::OnlyNew),
+    );
+    p.send(
+        "c".into(),
+        &event("job_completed", Status::Completed),
+        with(a()),
+    );
     let mut batch = Vec::new();
     while let Ok(out) = rx.try_recv() {
         batch.push(out);
